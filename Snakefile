@@ -1,0 +1,20 @@
+# LoRA/QLoRA efficiency study: one adapter per configuration, then tables.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/prepare.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/aggregate.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

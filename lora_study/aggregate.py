@@ -1,0 +1,79 @@
+"""One row per evaluated run: every config field and every metric."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lora_study.io import atomic_path
+
+CONFIG_COLUMNS = ("run_id", "is_baseline", "rank", "alpha", "modules", "quantization", "double_quant")
+# The readable subset shown in runs.md; runs.csv has every column.
+SUMMARY_COLUMNS = (
+    "run_id",
+    "rank",
+    "alpha",
+    "modules",
+    "quantization",
+    "perplexity",
+    "accuracy",
+    "peak_memory_gb",
+    "memory_kind",
+    "train_wall_s",
+    "train_tokens_per_s",
+    "trainable_params",
+    "adapter_size_mb",
+)
+
+
+def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}{key}": value for key, value in values.items()}
+
+
+def run_row(run: dict[str, Any], evaluation: dict[str, Any], training: dict[str, Any] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {key: run[key] for key in CONFIG_COLUMNS}
+    row["modules"] = ",".join(run["modules"])
+    row.update(_flatten("training.", run["training"]))
+    eval_metrics = {k: v for k, v in evaluation.items() if k not in ("run_id", "memory", "accuracy_by_family", "device")}
+    row.update(eval_metrics)
+    row.update(_flatten("accuracy.", evaluation["accuracy_by_family"]))
+    row.update(_flatten("eval_", evaluation["memory"]))
+    if training is not None:
+        train_metrics = {k: v for k, v in training.items() if k not in ("run_id", "memory")}
+        train_metrics["target_modules"] = _join(train_metrics["target_modules"])
+        row.update(train_metrics)
+        row.update(training["memory"])
+    else:
+        row.update({"status": "ok", "trainable_params": 0, "adapter_size_mb": 0.0, "device": evaluation["device"]})
+    return row
+
+
+def _join(value: list[str] | str) -> str:
+    return value if isinstance(value, str) else ",".join(value)
+
+
+def runs_table(
+    runs: list[dict[str, Any]], evaluations: list[dict[str, Any]], trainings: list[dict[str, Any]]
+) -> pd.DataFrame:
+    """Runs in config order (baseline first), joined with their metrics by run id."""
+    eval_by_id = {e["run_id"]: e for e in evaluations}
+    train_by_id = {t["run_id"]: t for t in trainings}
+    missing = [r["run_id"] for r in runs if r["run_id"] not in eval_by_id]
+    if missing:
+        raise ValueError(f"no evaluation for runs {missing}")
+    rows = [run_row(r, eval_by_id[r["run_id"]], train_by_id.get(r["run_id"])) for r in runs]
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame, columns: tuple[str, ...] = SUMMARY_COLUMNS) -> str:
+    shown = table[[c for c in columns if c in table.columns]]
+    return shown.to_markdown(index=False, floatfmt=".4g") + "\n"
+
+
+def write_table(table: pd.DataFrame, csv_path: str | Path, markdown_path: str | Path) -> None:
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(markdown_path) as tmp:
+        tmp.write_text(to_markdown(table))

@@ -1,0 +1,158 @@
+"""Evaluate a run (or the base model): perplexity on held-out responses and
+exact-match accuracy of greedy answers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_study.batching import collate
+from lora_study.data import load_split
+from lora_study.io import atomic_path, write_json
+from lora_study.loading import device_name, load_base_model, pick_device, set_threads
+from lora_study.metrics import EvalMetrics, PeakMemory, perplexity
+from lora_study.train import response_loss_sum
+
+log = logging.getLogger("lora_study")
+
+
+def normalize_answer(text: str) -> str:
+    """First line, inner whitespace collapsed, trailing period dropped."""
+    first_line = text.strip().split("\n", 1)[0]
+    return " ".join(first_line.split()).rstrip(".")
+
+
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def response_nll(model, rows, batch_size: int, pad_id: int, device) -> tuple[float, int]:
+    """Summed NLL (float64) and count over all response tokens of `rows`."""
+    total_nll, total_tokens = 0.0, 0
+    lengths = [len(r["input_ids"]) for r in rows]
+    for indices in batches_by_length(lengths, batch_size):
+        batch = collate([rows[i] for i in indices], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss_sum, count = response_loss_sum(model, batch)
+        total_nll += float(loss_sum.double())
+        total_tokens += count
+    return total_nll, total_tokens
+
+
+@torch.inference_mode()
+def greedy_answers(
+    model, rows, batch_size: int, max_new_tokens: int, tokenizer, pad_id: int, device
+) -> list[str]:
+    """Greedy completions of each row's prompt, batched with left padding."""
+    prompts = [{"input_ids": r["input_ids"][: r["prompt_length"]], "prompt_length": 0} for r in rows]
+    answers: list[str] = [""] * len(rows)
+    for indices in batches_by_length([len(p["input_ids"]) for p in prompts], batch_size):
+        batch = collate([prompts[i] for i in indices], pad_id, padding_side="left")
+        generated = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+            # Only the first line is scored (normalize_answer): stop there.
+            stop_strings=["\n"],
+            tokenizer=tokenizer,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
+        for index, tokens in zip(indices, new_tokens):
+            answers[index] = tokenizer.decode(tokens, skip_special_tokens=True)
+    return answers
+
+
+def exact_match(predictions: list[str], rows) -> tuple[float, dict[str, float]]:
+    hits = [normalize_answer(p) == normalize_answer(r["answer"]) for p, r in zip(predictions, rows)]
+    by_family: dict[str, list[bool]] = defaultdict(list)
+    for hit, row in zip(hits, rows):
+        by_family[row["family"] or "all"].append(hit)
+    family_accuracy = {name: sum(v) / len(v) for name, v in sorted(by_family.items())}
+    return sum(hits) / len(hits), family_accuracy
+
+
+def evaluate_run(
+    run: dict[str, Any],
+    evaluation: dict[str, Any],
+    compute_settings: dict[str, Any],
+    manifest: dict[str, Any],
+    splits_dir: Path,
+    adapter_dir: Path | None,
+    metrics_path: Path,
+    predictions_path: Path,
+    threads: int,
+) -> EvalMetrics:
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    start = time.perf_counter()
+    set_threads(threads)
+    device = pick_device()
+    log.info("evaluating %s on %s", run["run_id"], device_name(device))
+    rows = list(load_split(splits_dir, "validation"))
+    tokenizer = AutoTokenizer.from_pretrained(manifest["path"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    with PeakMemory(device) as memory:
+        model = load_base_model(
+            manifest,
+            run["quantization"],
+            run["double_quant"],
+            compute_settings["compute_dtype"],
+            compute_settings["attn_implementation"],
+            device,
+        )
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model.eval()
+
+        nll_start = time.perf_counter()
+        total_nll, tokens = response_nll(model, rows, evaluation["batch_size"], pad_id, device)
+        nll_seconds = time.perf_counter() - nll_start
+        eval_tokens = sum(len(r["input_ids"]) for r in rows)
+        log.info("perplexity %.4f over %d response tokens", perplexity(total_nll, tokens), tokens)
+
+        scored = [r for r in rows if r["family"]][: evaluation["exact_match_examples"]]
+        accuracy, by_family, predictions = None, {}, []
+        if scored:
+            predictions = greedy_answers(
+                model, scored, evaluation["batch_size"], evaluation["max_new_tokens"],
+                tokenizer, pad_id, device,
+            )
+            accuracy, by_family = exact_match(predictions, scored)
+            log.info("exact-match accuracy %.3f on %d prompts", accuracy, len(scored))
+
+    _write_predictions(predictions_path, scored, predictions)
+    metrics = EvalMetrics(
+        run_id=run["run_id"],
+        device=device.type,
+        eval_loss=total_nll / tokens,
+        perplexity=perplexity(total_nll, tokens),
+        eval_tokens=eval_tokens,
+        eval_tokens_per_s=eval_tokens / nll_seconds,
+        accuracy=accuracy,
+        accuracy_n=len(scored),
+        accuracy_by_family=by_family,
+        eval_wall_s=time.perf_counter() - start,
+        memory=memory.report(),
+    )
+    write_json(metrics_path, metrics.to_dict())
+    return metrics
+
+
+def _write_predictions(path: Path, rows, predictions: list[str]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w") as handle:
+        for row, prediction in zip(rows, predictions):
+            record = {"family": row["family"], "answer": row["answer"], "prediction": prediction}
+            handle.write(json.dumps(record) + "\n")

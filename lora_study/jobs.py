@@ -1,0 +1,34 @@
+"""What every rule script does around its one call: logging, quiet progress bars,
+and a failure that is written to the job's log before the job exits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from lora_study.io import setup_logging
+
+
+@contextmanager
+def job(snakemake: Any) -> Iterator[logging.Logger]:
+    # Byte-level progress bars make unreadable logs; our own progress lines remain.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    log = setup_logging(snakemake.log[0] if snakemake.log else None)
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        yield log
+    except Exception:
+        log.exception("job failed")
+        raise

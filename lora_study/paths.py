@@ -1,0 +1,30 @@
+"""Every result path of the workflow, defined once (rules and scripts import these)."""
+
+from __future__ import annotations
+
+RESULTS = "results"
+LOGS = "logs"
+
+MODEL_DIR = f"{RESULTS}/model"
+MODEL_MANIFEST = f"{MODEL_DIR}/model.json"
+DATA_DIR = f"{RESULTS}/data"
+DATA_SUMMARY = f"{DATA_DIR}/summary.json"
+DATA_SPLITS = f"{DATA_DIR}/splits"
+
+RUN_DIR = f"{RESULTS}/runs/{{run}}"
+ADAPTER = f"{RUN_DIR}/adapter"
+TRAIN_METRICS = f"{RUN_DIR}/train_metrics.json"
+LOSS_CURVE = f"{RUN_DIR}/loss_curve.csv"
+EVAL_METRICS = f"{RUN_DIR}/eval_metrics.json"
+PREDICTIONS = f"{RUN_DIR}/predictions.jsonl"
+
+TABLES = f"{RESULTS}/tables"
+RUNS_CSV = f"{TABLES}/runs.csv"
+RUNS_MD = f"{TABLES}/runs.md"
+
+TRAIN_LOG = f"{LOGS}/train/{{run}}.log"
+EVAL_LOG = f"{LOGS}/evaluate/{{run}}.log"
+
+
+def for_run(template: str, run_id: str) -> str:
+    return template.format(run=run_id)

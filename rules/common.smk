@@ -1,0 +1,51 @@
+# Everything that reads the config lives here: validation, the run table, params.
+import os
+import re
+import sys
+
+from snakemake.exceptions import WorkflowError
+
+sys.path.insert(0, workflow.basedir)
+# Jobs import the package too (also under --sdm conda and on cluster nodes).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+)
+
+from lora_study import paths
+from lora_study.config import ConfigError, canonical_json, validate_config
+from lora_study.sweep import all_evaluated, expand_study
+
+try:
+    validate_config(config)
+    RUNS = expand_study(config)
+    EVALUATED = all_evaluated(config)
+except ConfigError as error:
+    raise WorkflowError(f"invalid config: {error}") from None
+
+
+wildcard_constraints:
+    run="|".join(map(re.escape, EVALUATED)),
+
+
+def final_outputs():
+    return [paths.RUNS_CSV, paths.RUNS_MD]
+
+
+def run_params(wildcards):
+    """One run's full settings as canonical JSON, so only real edits rerun it."""
+    return canonical_json(EVALUATED[wildcards.run].as_params())
+
+
+def compute_params(wildcards):
+    """Settings evaluation shares with training: how the base model is computed."""
+    spec = EVALUATED[wildcards.run]
+    training = spec.training or config["training"]
+    keys = ("compute_dtype", "attn_implementation")
+    return canonical_json({key: training[key] for key in keys})
+
+
+def evaluation_inputs(wildcards):
+    inputs = {"manifest": paths.MODEL_MANIFEST, "splits": paths.DATA_SPLITS}
+    if not EVALUATED[wildcards.run].is_baseline:
+        inputs["adapter"] = paths.for_run(paths.ADAPTER, wildcards.run)
+    return inputs

@@ -1,0 +1,42 @@
+# Model and data are prepared once, where the network is (local rules).
+
+
+localrules:
+    prepare_model,
+    prepare_data,
+
+
+rule prepare_model:
+    output:
+        manifest=paths.MODEL_MANIFEST,
+    log:
+        f"{paths.LOGS}/prepare_model.log",
+    params:
+        model=canonical_json(config["model"]),
+        converted_dir=f"{paths.MODEL_DIR}/hf",
+    threads: 2
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/study.yaml"
+    script:
+        "../scripts/prepare_model.py"
+
+
+rule prepare_data:
+    input:
+        manifest=paths.MODEL_MANIFEST,
+    output:
+        splits=directory(paths.DATA_SPLITS),
+        summary=paths.DATA_SUMMARY,
+    log:
+        f"{paths.LOGS}/prepare_data.log",
+    params:
+        dataset=canonical_json(config["dataset"]),
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../envs/study.yaml"
+    script:
+        "../scripts/prepare_data.py"

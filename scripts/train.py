@@ -1,0 +1,19 @@
+"""Rule train: one LoRA/QLoRA adapter for one configuration."""
+
+import json
+from pathlib import Path
+
+from lora_study.io import read_json
+from lora_study.jobs import job
+from lora_study.train import train_run
+
+with job(snakemake):  # noqa: F821 (injected by Snakemake)
+    train_run(
+        run=json.loads(snakemake.params.run),
+        manifest=read_json(snakemake.input.manifest),
+        splits_dir=Path(snakemake.input.splits),
+        adapter_dir=Path(snakemake.output.adapter),
+        metrics_path=Path(snakemake.output.metrics),
+        loss_curve_path=Path(snakemake.output.loss_curve),
+        threads=snakemake.threads,
+    )
