@@ -46,7 +46,9 @@ def run_row(run: dict[str, Any], evaluation: dict[str, Any], training: dict[str,
         row.update(train_metrics)
         row.update(training["memory"])
     else:
+        # The baseline trains nothing: its memory is what inference needed.
         row.update({"status": "ok", "trainable_params": 0, "adapter_size_mb": 0.0, "device": evaluation["device"]})
+        row.update(evaluation["memory"])
     return row
 
 

@@ -44,7 +44,8 @@ CONVERSIONS = (
 
 
 def _arithmetic(rng: random.Random) -> Example:
-    a, b = rng.randint(2, 999), rng.randint(2, 999)
+    # Small operands: a 135M-parameter model can learn these in a few dozen steps.
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
     kind = rng.choice(("add", "sub", "mul", "add_in"))
     if kind == "add":
         return _ex(f"What is {a} plus {b}? Reply with the number only.", "", str(a + b))
@@ -52,14 +53,14 @@ def _arithmetic(rng: random.Random) -> Example:
         big, small = max(a, b), min(a, b)
         return _ex(f"Subtract {small} from {big}. Give just the result.", "", str(big - small))
     if kind == "mul":
-        a, b = rng.randint(2, 99), rng.randint(2, 40)
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
         return _ex(f"Multiply {a} by {b}. Answer with the product only.", "", str(a * b))
     return _ex("Add the two numbers and give only the sum.", f"{a}, {b}", str(a + b))
 
 
 def _units(rng: random.Random) -> Example:
     source, target, factor = rng.choice(CONVERSIONS)
-    amount = rng.randint(1, 120)
+    amount = rng.randint(1, 30)
     if rng.random() < 0.5:
         return _ex(
             f"Convert {amount} {source} to {target}. Reply with the number only.",
@@ -94,7 +95,7 @@ def _strings(rng: random.Random) -> Example:
 
 
 def _lists(rng: random.Random) -> Example:
-    numbers = [rng.randint(1, 99) for _ in range(rng.randint(3, 6))]
+    numbers = [rng.randint(1, 50) for _ in range(rng.randint(3, 5))]
     shown = ", ".join(map(str, numbers))
     kind = rng.choice(("sort", "max", "min", "sum", "reverse"))
     if kind == "sort":

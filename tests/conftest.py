@@ -1,0 +1,104 @@
+"""Shared fixtures: a real (tiny, randomly initialised) Llama with a real tokenizer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lora_study.datagen import generate_examples  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_llama(out_dir: Path, layers: int = 2) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer trained on the generated data."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [" ".join(e[k] for k in ("instruction", "input", "output")) for e in generate_examples(600, 1)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def tiny_study_config(model_dir: Path) -> dict:
+    """A whole study in seconds: 2 trained runs + the baseline on a small data slice."""
+    return {
+        "model": {"source": str(model_dir)},
+        "dataset": {
+            "source": "generated",
+            "generated_examples": 240,
+            "validation_size": 24,
+            "template": "chat",
+            "max_length": 128,
+        },
+        "training": {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "log_every": 1},
+        "evaluation": {"batch_size": 8, "exact_match_examples": 8, "max_new_tokens": 8},
+        "sweep": {
+            "baseline": True,
+            "grids": [
+                {"rank": [4], "modules": [["q", "v"]], "quantization": ["nf4"]},
+                {"rank": [8], "modules": [["q", "k", "v", "o", "mlp"]], "quantization": ["fp32"]},
+            ],
+        },
+    }
+
+
+def run_snakemake(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real workflow, in `workdir`, with this repository's Snakefile."""
+    command = [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(REPO / "Snakefile"),
+        "--directory", str(workdir),
+        "--configfile", str(workdir / "config.yaml"),
+        *args,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)

@@ -1,0 +1,87 @@
+import copy
+
+import pytest
+import yaml
+
+from conftest import REPO
+from lora_study.config import ConfigError, validate_config
+from lora_study.sweep import BASELINE_ID, all_evaluated, expand_study, run_id
+
+
+def default_config() -> dict:
+    return validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+
+
+def config_with_sweep(sweep: dict) -> dict:
+    return validate_config({"model": {"source": "x"}, "dataset": {"source": "generated"}, "sweep": sweep})
+
+
+def test_default_config_reproduces_the_reference_sweeps():
+    runs = expand_study(default_config())
+    assert list(runs) == [
+        "r4-qkvo-nf4",
+        "r8-qkvo-nf4",
+        "r16-qkvo-nf4",
+        "r32-qkvo-nf4",
+        "r64-qkvo-nf4",
+        "r16-qv-nf4",
+        "r16-qkv-nf4",
+        "r16-qkvo-mlp-nf4",
+        "r16-qkvo-int8",
+        "r16-qkvo-bf16",
+    ]
+    assert runs["r16-qkvo-nf4"].alpha == 32
+    assert runs["r16-qkvo-nf4"].double_quant is True
+    assert runs["r16-qkvo-int8"].double_quant is False  # only 4-bit has it
+    assert list(all_evaluated(default_config()))[0] == BASELINE_ID
+
+
+def test_ids_name_alpha_only_when_not_twice_the_rank_and_mark_no_double_quant():
+    assert run_id(16, 32, ("q", "v"), "nf4", True) == "r16-qv-nf4"
+    assert run_id(16, 16, ("q", "v"), "nf4", True) == "r16-a16-qv-nf4"
+    assert run_id(8, 4.5, ("q",), "fp4", False) == "r8-a4.5-q-fp4-nodq"
+    assert run_id(8, 16, ("all-linear",), "bf16", False) == "r8-all-bf16"
+    assert run_id(8, 16, ("q", "dense"), "fp16", False) == "r8-q-dense-fp16"
+
+
+def test_grid_is_a_cross_product_with_alpha_rules():
+    runs = expand_study(
+        config_with_sweep({"grids": [{"rank": [4, 8], "alpha": ["2r", 16, "1r"], "quantization": ["nf4", "bf16"]}]})
+    )
+    assert len(runs) == 2 * 3 * 2 - 2  # "2r" and 16 coincide at rank 8
+    assert runs["r4-a4-qkvo-nf4"].alpha == 4.0
+
+
+def test_module_order_in_config_does_not_change_the_id():
+    a = expand_study(config_with_sweep({"grids": [{"modules": [["v", "q"]]}]}))
+    b = expand_study(config_with_sweep({"grids": [{"modules": [["q", "v"]]}]}))
+    assert list(a) == list(b) == ["r16-qv-nf4"]
+    assert a["r16-qv-nf4"].modules == ("q", "v")
+
+
+def test_identical_runs_from_two_grids_merge():
+    runs = expand_study(config_with_sweep({"grids": [{"rank": [8, 16]}, {"rank": [16, 32]}]}))
+    assert list(runs) == ["r8-qkvo-nf4", "r16-qkvo-nf4", "r32-qkvo-nf4"]
+
+
+def test_named_runs_override_training_defaults():
+    config = config_with_sweep({"runs": [{"id": "fast-lr", "rank": 8, "training": {"learning_rate": 0.01}}]})
+    spec = expand_study(config)["fast-lr"]
+    assert spec.training["learning_rate"] == 0.01
+    assert spec.training["batch_size"] == config["training"]["batch_size"]
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ({"grids": [{"rank": [8]}], "runs": [{"rank": 8}]}, "duplicate run id 'r8-qkvo-nf4'"),
+        ({"runs": [{"id": "a"}, {"id": "a", "rank": 4}]}, "duplicate run id 'a'"),
+        ({"runs": [{"id": "base"}]}, "reserved for the baseline"),
+        ({}, "no runs"),
+        ({"grids": []}, "no runs"),
+        ({"grids": [{"modules": [["all-linear", "q"]]}]}, "cannot be combined"),
+    ],
+)
+def test_bad_sweeps_fail_with_one_clear_message(sweep, message):
+    with pytest.raises(ConfigError, match=message):
+        expand_study(config_with_sweep(copy.deepcopy(sweep)))

@@ -1,0 +1,65 @@
+"""The whole workflow, run by Snakemake in a temp dir on a tiny Llama, on CPU."""
+
+import math
+
+import pandas as pd
+import pytest
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import run_snakemake, tiny_study_config
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tiny_llama, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_study_config(tiny_llama)))
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return workdir
+
+
+def test_runs_table_has_one_row_per_run_with_finite_metrics(tiny_study):
+    table = pd.read_csv(tiny_study / "results/tables/runs.csv")
+    assert list(table["run_id"]) == ["base", "r4-qv-nf4", "r8-qkvo-mlp-fp32"]
+    for column in ("perplexity", "eval_loss", "accuracy", "peak_memory_gb", "eval_tokens_per_s"):
+        assert table[column].map(math.isfinite).all(), column
+    trained = table[table["run_id"] != "base"]
+    for column in ("train_wall_s", "train_tokens_per_s", "adapter_size_mb", "final_train_loss"):
+        assert (trained[column] > 0).all(), column
+    assert (trained["memory_kind"] == "cpu_peak_rss").all()
+    # q,v at rank 4 trains fewer parameters than q,k,v,o + MLP at rank 8.
+    assert trained["trainable_params"].iloc[0] < trained["trainable_params"].iloc[1]
+    markdown = (tiny_study / "results/tables/runs.md").read_text()
+    assert markdown.count("\n") == 2 + len(table)
+
+
+def test_adapters_load_with_peft(tiny_study, tiny_llama):
+    for run in ("r4-qv-nf4", "r8-qkvo-mlp-fp32"):
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_llama), tiny_study / f"results/runs/{run}/adapter"
+        )
+        assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_every_job_logged_progress(tiny_study):
+    train_log = (tiny_study / "logs/train/r4-qv-nf4.log").read_text()
+    assert "step 3/3 loss" in train_log and "done:" in train_log
+    assert "perplexity" in (tiny_study / "logs/evaluate/base.log").read_text()
+
+
+def test_second_run_has_nothing_to_do(tiny_study):
+    result = run_snakemake(tiny_study, "--cores", "2", "--dry-run")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_invalid_config_fails_before_any_job(tiny_study, tmp_path):
+    config = yaml.safe_load((tiny_study / "config.yaml").read_text())
+    config["sweep"]["grids"][0]["rank"] = [0]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--cores", "1")
+    assert result.returncode != 0
+    assert "config key 'sweep.grids[0].rank[0]': 0 is less than the minimum of 1" in result.stderr
+    assert not (tmp_path / "results").exists()
