@@ -36,7 +36,9 @@ def run_row(run: dict[str, Any], evaluation: dict[str, Any], training: dict[str,
     row: dict[str, Any] = {key: run[key] for key in CONFIG_COLUMNS}
     row["modules"] = ",".join(run["modules"])
     row.update(_flatten("training.", run["training"]))
-    eval_metrics = {k: v for k, v in evaluation.items() if k not in ("run_id", "memory", "accuracy_by_family", "device")}
+    eval_metrics = {
+        k: v for k, v in evaluation.items() if k not in ("run_id", "memory", "accuracy_by_family", "device")
+    }
     row.update(eval_metrics)
     row.update(_flatten("accuracy.", evaluation["accuracy_by_family"]))
     row.update(_flatten("eval_", evaluation["memory"]))
@@ -79,3 +81,11 @@ def write_table(table: pd.DataFrame, csv_path: str | Path, markdown_path: str | 
         table.to_csv(tmp, index=False)
     with atomic_path(markdown_path) as tmp:
         tmp.write_text(to_markdown(table))
+
+
+def combine_loss_curves(curve_paths: list[str], run_ids: list[str], out_path: str | Path) -> None:
+    """Every run's loss curve in one long table (run_id, step, loss, ...)."""
+    frames = [pd.read_csv(path).assign(run_id=run_id) for path, run_id in zip(curve_paths, run_ids, strict=True)]
+    combined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "step", "loss"])
+    with atomic_path(out_path) as tmp:
+        combined.to_csv(tmp, index=False)

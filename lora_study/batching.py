@@ -13,9 +13,7 @@ IGNORE_INDEX = -100
 GROUP_WINDOW_BATCHES = 32
 
 
-def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, seed: int
-) -> list[list[int]]:
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
     """One epoch of index batches: shuffled, then sorted by length within windows.
 
     Padding only reaches the longest row of a batch, so little compute is spent
@@ -41,9 +39,7 @@ def endless_batches(lengths: Sequence[int], batch_size: int, seed: int) -> Itera
         epoch += 1
 
 
-def collate(
-    rows: Sequence[dict[str, Any]], pad_id: int, padding_side: str = "right"
-) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[dict[str, Any]], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad to the batch's longest row; labels only on response tokens."""
     longest = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)

@@ -24,9 +24,7 @@ ALPACA_WITH_INPUT = (
     ALPACA_PREAMBLE.format(context=", paired with an input that provides further context")
     + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-ALPACA_NO_INPUT = (
-    ALPACA_PREAMBLE.format(context="") + "### Instruction:\n{instruction}\n\n### Response:\n"
-)
+ALPACA_NO_INPUT = ALPACA_PREAMBLE.format(context="") + "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 class DataError(ValueError):
@@ -65,9 +63,7 @@ def _check_columns(rows: list[dict[str, Any]], source: str) -> list[dict[str, st
         raise DataError(f"dataset.source: {source} has no rows")
     missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
     if missing:
-        raise DataError(
-            f"dataset.source: {source} lacks column(s) {missing}; has {sorted(rows[0])}"
-        )
+        raise DataError(f"dataset.source: {source} lacks column(s) {missing}; has {sorted(rows[0])}")
     return [
         {
             "instruction": str(row["instruction"]),
@@ -112,17 +108,14 @@ def split_records(
     random.Random(seed).shuffle(order)
     if len(order) <= validation_size:
         raise DataError(
-            f"dataset.validation_size {validation_size} leaves no training rows "
-            f"(only {len(order)} usable rows)"
+            f"dataset.validation_size {validation_size} leaves no training rows (only {len(order)} usable rows)"
         )
     validation = [tokenized[i] for i in order[:validation_size]]
     train = [tokenized[i] for i in order[validation_size:]]
     return (train[:max_train] if max_train else train), validation
 
 
-def prepare_data(
-    dataset_config: dict[str, Any], tokenizer, out_dir: Path
-) -> dict[str, Any]:
+def prepare_data(dataset_config: dict[str, Any], tokenizer, out_dir: Path) -> dict[str, Any]:
     """Tokenize once, drop over-long rows, split, save both splits; return a summary."""
     from datasets import Dataset
 
@@ -136,7 +129,9 @@ def prepare_data(
     if not any(len(r["input_ids"]) > r["prompt_length"] for r in kept):
         raise DataError("dataset.source: no row has a response to train on")
     train, validation = split_records(
-        kept, dataset_config["validation_size"], dataset_config["max_train_examples"],
+        kept,
+        dataset_config["validation_size"],
+        dataset_config["max_train_examples"],
         dataset_config["seed"],
     )
     for name, rows in (("train", train), ("validation", validation)):

@@ -13,22 +13,114 @@ from collections.abc import Callable
 
 Example = dict[str, str]
 
-WORDS = (
-    "apple river stone cloud garden window rocket pencil forest candle "
-    "bridge silver ocean market planet yellow castle winter summer thunder "
-    "basket dragon mirror violin coffee anchor shadow meadow island harbor "
-    "lantern puzzle falcon copper marble orchid pepper saddle tunnel velvet "
-    "whistle zebra cactus dolphin engine feather glacier hammer jungle kettle "
-    "ladder magnet needle orbit parrot quartz ribbon spider tiger umbrella "
-    "valley walnut yogurt button carpet desert elbow fabric goblet helmet "
-    "iceberg jacket kitten lemon mango napkin otter pillow rabbit sandal "
-    "teapot unicorn vessel wagon blossom comet dune ember fossil grove"
-).split()
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "garden",
+    "window",
+    "rocket",
+    "pencil",
+    "forest",
+    "candle",
+    "bridge",
+    "silver",
+    "ocean",
+    "market",
+    "planet",
+    "yellow",
+    "castle",
+    "winter",
+    "summer",
+    "thunder",
+    "basket",
+    "dragon",
+    "mirror",
+    "violin",
+    "coffee",
+    "anchor",
+    "shadow",
+    "meadow",
+    "island",
+    "harbor",
+    "lantern",
+    "puzzle",
+    "falcon",
+    "copper",
+    "marble",
+    "orchid",
+    "pepper",
+    "saddle",
+    "tunnel",
+    "velvet",
+    "whistle",
+    "zebra",
+    "cactus",
+    "dolphin",
+    "engine",
+    "feather",
+    "glacier",
+    "hammer",
+    "jungle",
+    "kettle",
+    "ladder",
+    "magnet",
+    "needle",
+    "orbit",
+    "parrot",
+    "quartz",
+    "ribbon",
+    "spider",
+    "tiger",
+    "umbrella",
+    "valley",
+    "walnut",
+    "yogurt",
+    "button",
+    "carpet",
+    "desert",
+    "elbow",
+    "fabric",
+    "goblet",
+    "helmet",
+    "iceberg",
+    "jacket",
+    "kitten",
+    "lemon",
+    "mango",
+    "napkin",
+    "otter",
+    "pillow",
+    "rabbit",
+    "sandal",
+    "teapot",
+    "unicorn",
+    "vessel",
+    "wagon",
+    "blossom",
+    "comet",
+    "dune",
+    "ember",
+    "fossil",
+    "grove",
+]
 
-MONTHS = (
-    "January February March April May June July August September October November December"
-).split()
-WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
 # (instruction, unit from, unit to, factor)
 CONVERSIONS = (

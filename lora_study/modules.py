@@ -102,9 +102,7 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     names = {
-        _LAYER_INDEX.sub("", name)
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, Conv1D))
+        _LAYER_INDEX.sub("", name) for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))
     }
     return sorted(names)
 
@@ -114,9 +112,7 @@ def _matches(target: str, layer_names: Iterable[str]) -> bool:
     return any(name == target or name.endswith("." + target) for name in layer_names)
 
 
-def resolve_target_modules(
-    model_type: str, requested: Sequence[str], layer_names: Sequence[str]
-) -> list[str] | str:
+def resolve_target_modules(model_type: str, requested: Sequence[str], layer_names: Sequence[str]) -> list[str] | str:
     """Map logical groups to this architecture's module names and check they exist.
 
     Returns PEFT's `target_modules`: a sorted name list, or "all-linear".

@@ -21,6 +21,14 @@ PREDICTIONS = f"{RUN_DIR}/predictions.jsonl"
 TABLES = f"{RESULTS}/tables"
 RUNS_CSV = f"{TABLES}/runs.csv"
 RUNS_MD = f"{TABLES}/runs.md"
+LOSS_CURVES_CSV = f"{TABLES}/loss_curves.csv"
+DERIVED_TABLES = f"{TABLES}/derived"
+CHARTS = f"{RESULTS}/charts"
+REPORT_DIR = f"{RESULTS}/report"
+FINDINGS_MD = f"{REPORT_DIR}/findings.md"
+FINDINGS_HTML = f"{REPORT_DIR}/findings.html"
+
+BENCHMARKS = "benchmarks"
 
 TRAIN_LOG = f"{LOGS}/train/{{run}}.log"
 EVAL_LOG = f"{LOGS}/evaluate/{{run}}.log"
@@ -28,3 +36,8 @@ EVAL_LOG = f"{LOGS}/evaluate/{{run}}.log"
 
 def for_run(template: str, run_id: str) -> str:
     return template.format(run=run_id)
+
+
+def benchmark(rule: str, per_run: bool = False) -> str:
+    """Snakemake's per-job wall time / RSS record (benchmark: directive)."""
+    return f"{BENCHMARKS}/{rule}/{{run}}.tsv" if per_run else f"{BENCHMARKS}/{rule}.tsv"

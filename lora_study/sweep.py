@@ -51,9 +51,7 @@ def _format_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def run_id(
-    rank: int, alpha: float, modules: tuple[str, ...], quantization: str, double_quant: bool
-) -> str:
+def run_id(rank: int, alpha: float, modules: tuple[str, ...], quantization: str, double_quant: bool) -> str:
     """`r16-qkvo-nf4`; alpha appears only when it is not 2 x rank."""
     parts = [f"r{rank}"]
     if alpha != 2 * rank:
@@ -90,12 +88,9 @@ def _make_spec(
 
 
 def _grid_specs(grid: dict[str, Any], training: dict[str, Any]) -> list[RunSpec]:
-    axes = itertools.product(
-        grid["rank"], grid["alpha"], grid["modules"], grid["quantization"], grid["double_quant"]
-    )
+    axes = itertools.product(grid["rank"], grid["alpha"], grid["modules"], grid["quantization"], grid["double_quant"])
     return [
-        _make_spec(None, rank, alpha, list(modules), quant, dq, training)
-        for rank, alpha, modules, quant, dq in axes
+        _make_spec(None, rank, alpha, list(modules), quant, dq, training) for rank, alpha, modules, quant, dq in axes
     ]
 
 
@@ -115,9 +110,7 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
             raise ConfigError(f"{origin}: run id '{BASELINE_ID}' is reserved for the baseline")
         previous = runs.get(spec.run_id)
         if previous is not None and (previous != spec or origin.startswith("sweep.runs")):
-            raise ConfigError(
-                f"duplicate run id '{spec.run_id}' from {origins[spec.run_id]} and {origin}"
-            )
+            raise ConfigError(f"duplicate run id '{spec.run_id}' from {origins[spec.run_id]} and {origin}")
         runs.setdefault(spec.run_id, spec)
         origins.setdefault(spec.run_id, origin)
 

@@ -125,9 +125,7 @@ def train_run(
         log.info("trainable params %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=training["learning_rate"], weight_decay=training["weight_decay"]
-        )
+        optimizer = torch.optim.AdamW(params, lr=training["learning_rate"], weight_decay=training["weight_decay"])
         batch_size = training["batch_size"]
         accumulation = training["gradient_accumulation_steps"]
         steps = total_steps(training, math.ceil(len(lengths) / batch_size))
@@ -203,9 +201,7 @@ def _loop(model, optimizer, scheduler, batches, steps, accumulation, device, tra
             step_loss += loss_sum.item()
             train_tokens += int(batch["attention_mask"].sum())
         loss_tokens += step_tokens
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], training["max_grad_norm"]
-        )
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], training["max_grad_norm"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -225,7 +221,11 @@ def _loop(model, optimizer, scheduler, batches, steps, accumulation, device, tra
         if step % training["log_every"] == 0 or step == steps:
             log.info(
                 "step %d/%d loss %.4f lr %.2e %.0f tokens/s",
-                step, steps, last_loss, scheduler.get_last_lr()[0], train_tokens / elapsed,
+                step,
+                steps,
+                last_loss,
+                scheduler.get_last_lr()[0],
+                train_tokens / elapsed,
             )
     return curve, train_tokens, loss_tokens, time.perf_counter() - start, last_loss
 

@@ -9,16 +9,21 @@ rule aggregate:
     input:
         evaluations=expand(paths.EVAL_METRICS, run=EVALUATED),
         trainings=expand(paths.TRAIN_METRICS, run=RUNS),
+        loss_curves=expand(paths.LOSS_CURVE, run=RUNS),
         data_summary=paths.DATA_SUMMARY,
         manifest=paths.MODEL_MANIFEST,
     output:
         csv=report(paths.RUNS_CSV, caption="../report/runs.rst", category="Tables"),
         markdown=paths.RUNS_MD,
+        loss_curves=paths.LOSS_CURVES_CSV,
     log:
         f"{paths.LOGS}/aggregate.log",
-    params:
-        runs=canonical_json([spec.as_params() for spec in EVALUATED.values()]),
+    benchmark:
+        paths.benchmark("aggregate")
     conda:
         "../envs/study.yaml"
+    params:
+        runs=canonical_json([spec.as_params() for spec in EVALUATED.values()]),
+        runs_trained=canonical_json(list(RUNS)),
     script:
         "../scripts/aggregate.py"

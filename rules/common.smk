@@ -1,15 +1,12 @@
 # Everything that reads the config lives here: validation, the run table, params.
-import os
 import re
 import sys
 
 from snakemake.exceptions import WorkflowError
 
+# The Snakefile imports the package from the checkout; jobs use the installed one
+# (pip install -e . in the venv, or envs/study.yaml under --sdm conda).
 sys.path.insert(0, workflow.basedir)
-# Jobs import the package too (also under --sdm conda and on cluster nodes).
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
-)
 
 from lora_study import paths
 from lora_study.config import ConfigError, canonical_json, validate_config
@@ -28,7 +25,7 @@ wildcard_constraints:
 
 
 def final_outputs():
-    return [paths.RUNS_CSV, paths.RUNS_MD]
+    return [paths.RUNS_CSV, paths.RUNS_MD, paths.FINDINGS_MD, paths.FINDINGS_HTML]
 
 
 def run_params(wildcards):

@@ -9,16 +9,18 @@ rule evaluate:
         predictions=paths.PREDICTIONS,
     log:
         paths.EVAL_LOG,
-    params:
-        run=run_params,
-        compute=compute_params,
-        evaluation=canonical_json(config["evaluation"]),
+    benchmark:
+        paths.benchmark("evaluate", per_run=True)
+    conda:
+        "../envs/study.yaml"
     threads: 2
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=60,
-    conda:
-        "../envs/study.yaml"
+    params:
+        run=run_params,
+        compute=compute_params,
+        evaluation=canonical_json(config["evaluation"]),
     script:
         "../scripts/evaluate.py"

@@ -11,14 +11,16 @@ rule prepare_model:
         manifest=paths.MODEL_MANIFEST,
     log:
         f"{paths.LOGS}/prepare_model.log",
-    params:
-        model=canonical_json(config["model"]),
-        converted_dir=f"{paths.MODEL_DIR}/hf",
+    benchmark:
+        paths.benchmark("prepare_model")
+    conda:
+        "../envs/study.yaml"
     threads: 2
     resources:
         mem_mb=4000,
-    conda:
-        "../envs/study.yaml"
+    params:
+        model=canonical_json(config["model"]),
+        converted_dir=f"{paths.MODEL_DIR}/hf",
     script:
         "../scripts/prepare_model.py"
 
@@ -31,12 +33,14 @@ rule prepare_data:
         summary=paths.DATA_SUMMARY,
     log:
         f"{paths.LOGS}/prepare_data.log",
-    params:
-        dataset=canonical_json(config["dataset"]),
+    benchmark:
+        paths.benchmark("prepare_data")
+    conda:
+        "../envs/study.yaml"
     threads: 1
     resources:
         mem_mb=2000,
-    conda:
-        "../envs/study.yaml"
+    params:
+        dataset=canonical_json(config["dataset"]),
     script:
         "../scripts/prepare_data.py"

@@ -11,14 +11,16 @@ rule train:
         loss_curve=paths.LOSS_CURVE,
     log:
         paths.TRAIN_LOG,
-    params:
-        run=run_params,
+    benchmark:
+        paths.benchmark("train", per_run=True)
+    conda:
+        "../envs/study.yaml"
     threads: 2
     resources:
         gpu=1,
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../envs/study.yaml"
+    params:
+        run=run_params,
     script:
         "../scripts/train.py"

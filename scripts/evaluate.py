@@ -1,20 +1,21 @@
 """Rule evaluate: perplexity and exact-match accuracy of one run or the base model."""
 
-import json
-from pathlib import Path
-
-from lora_study.evaluate import evaluate_run
-from lora_study.io import read_json
 from lora_study.jobs import job
 
-with job(snakemake):  # noqa: F821 (injected by Snakemake)
+with job(snakemake):
+    import json
+    from pathlib import Path
+
+    from lora_study.evaluate import evaluate_run
+    from lora_study.io import read_json
+
     evaluate_run(
         run=json.loads(snakemake.params.run),
         evaluation=json.loads(snakemake.params.evaluation),
         compute_settings=json.loads(snakemake.params.compute),
         manifest=read_json(snakemake.input.manifest),
         splits_dir=Path(snakemake.input.splits),
-        adapter_dir=Path(snakemake.input.adapter) if "adapter" in snakemake.input.keys() else None,
+        adapter_dir=Path(snakemake.input.adapter) if hasattr(snakemake.input, "adapter") else None,
         metrics_path=Path(snakemake.output.metrics),
         predictions_path=Path(snakemake.output.predictions),
         threads=snakemake.threads,

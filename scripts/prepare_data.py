@@ -1,15 +1,16 @@
 """Rule prepare_data: format, tokenize and split the data set once."""
 
-import json
-from pathlib import Path
-
-from transformers import AutoTokenizer
-
-from lora_study.data import prepare_data
-from lora_study.io import atomic_path, read_json, write_json
 from lora_study.jobs import job
 
-with job(snakemake) as log:  # noqa: F821 (injected by Snakemake)
+with job(snakemake) as log:
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from lora_study.data import prepare_data
+    from lora_study.io import atomic_path, read_json, write_json
+
     manifest = read_json(snakemake.input.manifest)
     tokenizer = AutoTokenizer.from_pretrained(manifest["path"])
     with atomic_path(snakemake.output.splits) as tmp:

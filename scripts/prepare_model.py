@@ -1,13 +1,14 @@
 """Rule prepare_model: the configured model as a local directory + manifest."""
 
-import json
-from pathlib import Path
-
-from lora_study.io import write_json
 from lora_study.jobs import job
-from lora_study.model_source import prepare_model
 
-with job(snakemake) as log:  # noqa: F821 (injected by Snakemake)
+with job(snakemake) as log:
+    import json
+    from pathlib import Path
+
+    from lora_study.io import write_json
+    from lora_study.model_source import prepare_model
+
     manifest = prepare_model(json.loads(snakemake.params.model), Path(snakemake.params.converted_dir))
     write_json(snakemake.output.manifest, manifest)
     log.info("model %s (%s, %d parameters)", manifest["path"], manifest["model_type"], manifest["num_parameters"])

@@ -1,13 +1,14 @@
 """Rule train: one LoRA/QLoRA adapter for one configuration."""
 
-import json
-from pathlib import Path
-
-from lora_study.io import read_json
 from lora_study.jobs import job
-from lora_study.train import train_run
 
-with job(snakemake):  # noqa: F821 (injected by Snakemake)
+with job(snakemake):
+    import json
+    from pathlib import Path
+
+    from lora_study.io import read_json
+    from lora_study.train import train_run
+
     train_run(
         run=json.loads(snakemake.params.run),
         manifest=read_json(snakemake.input.manifest),

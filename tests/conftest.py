@@ -69,7 +69,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 def tiny_study_config(model_dir: Path) -> dict:
-    """A whole study in seconds: 2 trained runs + the baseline on a small data slice."""
+    """A whole study in seconds on a small data slice: every sweep axis, 4 trained runs + baseline."""
     return {
         "model": {"source": str(model_dir)},
         "dataset": {
@@ -84,8 +84,9 @@ def tiny_study_config(model_dir: Path) -> dict:
         "sweep": {
             "baseline": True,
             "grids": [
-                {"rank": [4], "modules": [["q", "v"]], "quantization": ["nf4"]},
-                {"rank": [8], "modules": [["q", "k", "v", "o", "mlp"]], "quantization": ["fp32"]},
+                {"rank": [4, 8], "modules": [["q", "v"]], "quantization": ["nf4"]},
+                {"rank": [4], "modules": [["q", "v"], ["q", "k", "v", "o", "mlp"]], "quantization": ["nf4"]},
+                {"rank": [4], "modules": [["q", "v"]], "quantization": ["fp32"]},
             ],
         },
     }
@@ -102,3 +103,15 @@ def run_snakemake(workdir: Path, *args: str, timeout: float = 300) -> subprocess
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tiny_llama, tmp_path_factory) -> Path:
+    """The whole workflow run once on the tiny Llama; tests read its results."""
+    import yaml
+
+    workdir = tmp_path_factory.mktemp("study")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_study_config(tiny_llama)))
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return workdir

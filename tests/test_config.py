@@ -26,7 +26,12 @@ def test_shipped_configs_are_valid():
     "section, key, value, message",
     [
         ("training", "learnig_rate", 0.1, r"config key 'training': .*'learnig_rate' was unexpected"),
-        ("training", "learning_rate", "fast", r"config key 'training.learning_rate': 'fast' is not of type 'number'"),
+        (
+            "training",
+            "learning_rate",
+            "fast",
+            r"config key 'training.learning_rate': 'fast' is not of type 'number'",
+        ),
         ("training", "batch_size", 0, r"config key 'training.batch_size': 0 is less than the minimum"),
         ("dataset", "template", "vicuna", r"config key 'dataset.template': 'vicuna' is not one of"),
     ],

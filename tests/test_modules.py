@@ -31,7 +31,11 @@ def lora_layers(model, targets, fan_in_fan_out=False) -> set[str]:
     """The layers PEFT actually wrapped, by per-layer name."""
     torch.manual_seed(0)
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, fan_in_fan_out=fan_in_fan_out))
-    wrapped = {name.split(".layers.")[-1].split(".h.")[-1] for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    wrapped = {
+        name.split(".layers.")[-1].split(".h.")[-1]
+        for name, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and len(m.lora_A)
+    }
     return {name.split(".", 1)[1] for name in wrapped}
 
 
@@ -39,9 +43,17 @@ def lora_layers(model, targets, fan_in_fan_out=False) -> set[str]:
     "build, groups, expected",
     [
         (llama, ["q", "v"], {"self_attn.q_proj", "self_attn.v_proj"}),
-        (llama, ["q", "k", "v", "o"], {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}),
+        (
+            llama,
+            ["q", "k", "v", "o"],
+            {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"},
+        ),
         (llama, ["mlp"], {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
-        (phi, ["q", "k", "v", "o"], {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"}),
+        (
+            phi,
+            ["q", "k", "v", "o"],
+            {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"},
+        ),
         (phi, ["mlp"], {"mlp.fc1", "mlp.fc2"}),
         (gpt2, ["q", "k", "v"], {"attn.c_attn"}),
         (gpt2, ["o"], {"attn.c_proj"}),
@@ -58,7 +70,9 @@ def test_groups_wrap_exactly_the_right_layers(build, groups, expected):
 def test_phi2_output_projection_is_dense_not_o_proj():
     model = phi()
     assert resolve_target_modules("phi", ["o"], linear_layer_names(model)) == ["dense"]
-    with pytest.raises(ModuleResolutionError, match=r"\['o_proj'\] not found in phi; its linear layers: .*self_attn.dense"):
+    with pytest.raises(
+        ModuleResolutionError, match=r"\['o_proj'\] not found in phi; its linear layers: .*self_attn.dense"
+    ):
         resolve_target_modules("phi", ["o_proj"], linear_layer_names(model))
 
 
@@ -70,10 +84,15 @@ def test_gpt2_fused_qkv_cannot_be_split():
 def test_explicit_names_and_all_linear():
     model = llama()
     names = linear_layer_names(model)
-    assert resolve_target_modules("llama", ["q_proj", "mlp"], names) == ["down_proj", "gate_proj", "q_proj", "up_proj"]
+    assert resolve_target_modules("llama", ["q_proj", "mlp"], names) == [
+        "down_proj",
+        "gate_proj",
+        "q_proj",
+        "up_proj",
+    ]
     assert resolve_target_modules("llama", ["all-linear"], names) == "all-linear"
 
 
 def test_unknown_architecture_lists_its_linear_layers():
-    with pytest.raises(ModuleResolutionError, match="not defined for architecture 'mamba'.*q_proj"):
+    with pytest.raises(ModuleResolutionError, match=r"not defined for architecture 'mamba'.*q_proj"):
         resolve_target_modules("mamba", ["q"], ["self_attn.q_proj"])

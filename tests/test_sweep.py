@@ -33,7 +33,7 @@ def test_default_config_reproduces_the_reference_sweeps():
     assert runs["r16-qkvo-nf4"].alpha == 32
     assert runs["r16-qkvo-nf4"].double_quant is True
     assert runs["r16-qkvo-int8"].double_quant is False  # only 4-bit has it
-    assert list(all_evaluated(default_config()))[0] == BASELINE_ID
+    assert next(iter(all_evaluated(default_config()))) == BASELINE_ID
 
 
 def test_ids_name_alpha_only_when_not_twice_the_rank_and_mark_no_double_quant():

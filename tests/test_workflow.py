@@ -3,40 +3,31 @@
 import math
 
 import pandas as pd
-import pytest
 import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import run_snakemake, tiny_study_config
-
-
-@pytest.fixture(scope="module")
-def tiny_study(tiny_llama, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("study")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_study_config(tiny_llama)))
-    result = run_snakemake(workdir, "--cores", "2")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return workdir
+from conftest import run_snakemake
 
 
 def test_runs_table_has_one_row_per_run_with_finite_metrics(tiny_study):
     table = pd.read_csv(tiny_study / "results/tables/runs.csv")
-    assert list(table["run_id"]) == ["base", "r4-qv-nf4", "r8-qkvo-mlp-fp32"]
+    assert list(table["run_id"]) == ["base", "r4-qv-nf4", "r8-qv-nf4", "r4-qkvo-mlp-nf4", "r4-qv-fp32"]
     for column in ("perplexity", "eval_loss", "accuracy", "peak_memory_gb", "eval_tokens_per_s"):
         assert table[column].map(math.isfinite).all(), column
     trained = table[table["run_id"] != "base"]
     for column in ("train_wall_s", "train_tokens_per_s", "adapter_size_mb", "final_train_loss"):
         assert (trained[column] > 0).all(), column
     assert (trained["memory_kind"] == "cpu_peak_rss").all()
-    # q,v at rank 4 trains fewer parameters than q,k,v,o + MLP at rank 8.
-    assert trained["trainable_params"].iloc[0] < trained["trainable_params"].iloc[1]
+    params = dict(zip(trained["run_id"], trained["trainable_params"], strict=True))
+    assert params["r4-qv-nf4"] * 2 == params["r8-qv-nf4"]  # LoRA parameters grow linearly with rank
+    assert params["r4-qv-nf4"] == params["r4-qv-fp32"] < params["r4-qkvo-mlp-nf4"]
     markdown = (tiny_study / "results/tables/runs.md").read_text()
     assert markdown.count("\n") == 2 + len(table)
 
 
 def test_adapters_load_with_peft(tiny_study, tiny_llama):
-    for run in ("r4-qv-nf4", "r8-qkvo-mlp-fp32"):
+    for run in ("r4-qv-nf4", "r4-qkvo-mlp-nf4", "r4-qv-fp32"):
         model = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(tiny_llama), tiny_study / f"results/runs/{run}/adapter"
         )
@@ -47,6 +38,23 @@ def test_every_job_logged_progress(tiny_study):
     train_log = (tiny_study / "logs/train/r4-qv-nf4.log").read_text()
     assert "step 3/3 loss" in train_log and "done:" in train_log
     assert "perplexity" in (tiny_study / "logs/evaluate/base.log").read_text()
+
+
+def test_report_is_built_by_the_same_run(tiny_study):
+    results = tiny_study / "results"
+    findings = (results / "report/findings.md").read_text()
+    assert "## Headline findings" in findings and "Best run:" in findings
+    assert "peak CPU memory (process RSS; no GPU was used)" in findings
+    tables = {p.stem for p in (results / "tables/derived").glob("*.csv")}
+    assert tables == {
+        "rank", "modules", "quantization", "diminishing_returns", "time_memory",
+        "pareto_memory", "pareto_time", "decision",
+    }  # fmt: skip
+    charts = {p.stem for p in (results / "charts").glob("*.svg")}
+    assert len(charts) == 7
+    for stem in charts:
+        for fmt in ("html", "svg", "png"):
+            assert (results / f"charts/{stem}.{fmt}").stat().st_size > 1000, (stem, fmt)
 
 
 def test_second_run_has_nothing_to_do(tiny_study):

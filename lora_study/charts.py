@@ -1,0 +1,199 @@
+"""Altair charts of the study, saved as self-contained HTML, SVG and PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+
+from lora_study.findings import pareto_front, prepare, trained_runs
+from lora_study.io import atomic_path
+
+CHART_FORMATS = ("html", "svg", "png")
+WIDTH, HEIGHT = 360, 240
+
+
+def _fitting_trained(table: pd.DataFrame) -> pd.DataFrame:
+    runs = trained_runs(prepare(table))
+    return runs[runs["fits"]]
+
+
+def quality_vs_rank(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
+    ranks = tables.get("rank")
+    if ranks is None:
+        return None
+    metrics = [m for m in ("perplexity", "accuracy") if m in ranks]
+    long = ranks.melt(id_vars=["rank"], value_vars=metrics, var_name="metric", value_name="value")
+    return (
+        alt.Chart(long, title="Quality vs rank")
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("rank:Q", scale=alt.Scale(type="log", base=2), title="LoRA rank"),
+            y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+            tooltip=["rank", "metric", alt.Tooltip("value:Q", format=".4g")],
+        )
+        .properties(width=WIDTH, height=HEIGHT)
+        .facet(column=alt.Column("metric:N", title=None))
+        .resolve_scale(y="independent")
+    )
+
+
+def memory_vs_rank(tables: dict[str, pd.DataFrame], memory_title: str) -> alt.Chart | None:
+    ranks = tables.get("rank")
+    if ranks is None:
+        return None
+    return (
+        alt.Chart(ranks, title="Peak memory vs rank")
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("rank:Q", scale=alt.Scale(type="log", base=2), title="LoRA rank"),
+            y=alt.Y("peak_memory_gb:Q", title=memory_title, scale=alt.Scale(zero=False)),
+            tooltip=["rank", alt.Tooltip("peak_memory_gb:Q", format=".3f")],
+        )
+        .properties(width=WIDTH, height=HEIGHT)
+    )
+
+
+def memory_vs_perplexity(table: pd.DataFrame, memory_title: str) -> alt.Chart | None:
+    runs = _fitting_trained(table)
+    if runs.empty:
+        return None
+    front = pareto_front(runs, "peak_memory_gb", "perplexity")
+    points = (
+        alt.Chart(runs[["run_id", "peak_memory_gb", "perplexity", "quant_label"]])
+        .mark_point(filled=True, size=70)
+        .encode(
+            x=alt.X("peak_memory_gb:Q", title=memory_title, scale=alt.Scale(zero=False)),
+            y=alt.Y("perplexity:Q", scale=alt.Scale(zero=False)),
+            color=alt.Color("quant_label:N", title="quantization"),
+            tooltip=[
+                "run_id",
+                alt.Tooltip("peak_memory_gb:Q", format=".3f"),
+                alt.Tooltip("perplexity:Q", format=".4g"),
+            ],
+        )
+    )
+    frontier = (
+        alt.Chart(front[["run_id", "peak_memory_gb", "perplexity"]])
+        .mark_line(interpolate="step-after", color="black", strokeDash=[4, 3])
+        .encode(x="peak_memory_gb:Q", y="perplexity:Q")
+    )
+    labels = (
+        alt.Chart(front[["run_id", "peak_memory_gb", "perplexity"]])
+        .mark_text(align="left", dx=6, dy=-6, fontSize=10)
+        .encode(x="peak_memory_gb:Q", y="perplexity:Q", text="run_id:N")
+    )
+    return (points + frontier + labels).properties(
+        title="Memory vs perplexity (dashed: Pareto frontier)", width=WIDTH, height=HEIGHT
+    )
+
+
+def perplexity_by_modules(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
+    modules = tables.get("modules")
+    if modules is None:
+        return None
+    return (
+        alt.Chart(modules, title="Perplexity by target modules")
+        .mark_bar()
+        .encode(
+            x=alt.X("modules:N", sort=list(modules["modules"]), title="target modules"),
+            y=alt.Y("perplexity:Q"),
+            tooltip=["modules", alt.Tooltip("perplexity:Q", format=".4g"), "trainable_params"],
+        )
+        .properties(width=WIDTH, height=HEIGHT)
+    )
+
+
+def quantization_comparison(tables: dict[str, pd.DataFrame], memory_title: str) -> alt.Chart | None:
+    quant = tables.get("quantization")
+    if quant is None:
+        return None
+    long = quant.melt(
+        id_vars=["quantization"],
+        value_vars=["perplexity", "peak_memory_gb"],
+        var_name="metric",
+        value_name="value",
+    )
+    long["metric"] = long["metric"].replace({"peak_memory_gb": memory_title})
+    return (
+        alt.Chart(long, title="Quantization")
+        .mark_bar()
+        .encode(
+            x=alt.X("quantization:N", sort=list(quant["quantization"])),
+            y=alt.Y("value:Q", title=None),
+            tooltip=["quantization", "metric", alt.Tooltip("value:Q", format=".4g")],
+        )
+        .properties(width=WIDTH * 0.6, height=HEIGHT)
+        .facet(column=alt.Column("metric:N", title=None))
+        .resolve_scale(y="independent")
+    )
+
+
+def loss_curves(curves: pd.DataFrame) -> alt.Chart | None:
+    if curves.empty:
+        return None
+    return (
+        alt.Chart(curves, title="Training loss (response tokens)")
+        .mark_line()
+        .encode(
+            x=alt.X("step:Q", title="optimizer step"),
+            y=alt.Y("loss:Q", scale=alt.Scale(zero=False)),
+            color=alt.Color("run_id:N", title="run"),
+            tooltip=["run_id", "step", alt.Tooltip("loss:Q", format=".4f")],
+        )
+        .properties(width=WIDTH * 1.4, height=HEIGHT)
+    )
+
+
+def time_vs_memory(table: pd.DataFrame, memory_title: str) -> alt.Chart | None:
+    runs = _fitting_trained(table)
+    if runs.empty:
+        return None
+    return (
+        alt.Chart(runs[["run_id", "train_wall_s", "peak_memory_gb", "quant_label"]], title="Training time vs memory")
+        .mark_point(filled=True, size=70)
+        .encode(
+            x=alt.X("peak_memory_gb:Q", title=memory_title, scale=alt.Scale(zero=False)),
+            y=alt.Y("train_wall_s:Q", title="training wall time (s)", scale=alt.Scale(zero=False)),
+            color=alt.Color("quant_label:N", title="quantization"),
+            tooltip=[
+                "run_id",
+                alt.Tooltip("train_wall_s:Q", format=".1f"),
+                alt.Tooltip("peak_memory_gb:Q", format=".3f"),
+            ],
+        )
+        .properties(width=WIDTH, height=HEIGHT)
+    )
+
+
+def build_charts(
+    table: pd.DataFrame, tables: dict[str, pd.DataFrame], curves: pd.DataFrame, memory_title: str
+) -> dict[str, alt.Chart]:
+    """Every chart the study's axes support, by file stem."""
+    charts = {
+        "quality_vs_rank": quality_vs_rank(tables),
+        "memory_vs_rank": memory_vs_rank(tables, memory_title),
+        "memory_vs_perplexity": memory_vs_perplexity(table, memory_title),
+        "perplexity_by_modules": perplexity_by_modules(tables),
+        "quantization": quantization_comparison(tables, memory_title),
+        "loss_curves": loss_curves(curves),
+        "time_vs_memory": time_vs_memory(table, memory_title),
+    }
+    return {name: chart for name, chart in charts.items() if chart is not None}
+
+
+def save_chart(chart: alt.Chart, out_dir: Path, stem: str) -> list[Path]:
+    """HTML with the Vega libraries inlined (renders offline), SVG and PNG."""
+    written = []
+    for fmt in CHART_FORMATS:
+        target = out_dir / f"{stem}.{fmt}"
+        with atomic_path(target) as tmp:
+            if fmt == "html":
+                chart.save(str(tmp), format="html", inline=True)
+            elif fmt == "png":
+                chart.save(str(tmp), format="png", scale_factor=2)
+            else:
+                chart.save(str(tmp), format=fmt)
+        written.append(target)
+    return written

@@ -1,0 +1,444 @@
+"""Derived tables and finding sentences, computed from the runs table.
+
+Every derived number has one definition here; report.py prints these
+definitions in the report's methods section (DEFINITIONS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from lora_study.modules import modules_label
+from lora_study.sweep import quantization_label
+
+UNQUANTIZED = ("fp32", "bf16", "fp16")  # highest precision first
+DOES_NOT_FIT = "does not fit"
+
+DEFINITIONS: dict[str, str] = {
+    "perplexity": "exp of the token-weighted mean negative log-likelihood over the response tokens "
+    "of the validation split.",
+    "quality_per_gb": "(perplexity of the base model - perplexity of the run) / peak memory in GB: "
+    "perplexity reduction bought per GB.",
+    "sweet_spot": "the smallest rank of the rank sweep whose perplexity is within "
+    "{sweet_spot_tolerance:.0%} of the best perplexity in that sweep.",
+    "diminishing": "returns diminish above rank r when no later rank step lowers perplexity by at "
+    "least {min_relative_gain:.0%} of the perplexity before the step.",
+    "marginal_gain_per_gb": "perplexity reduction of a rank step divided by the extra peak memory it "
+    "costs (empty when memory did not grow).",
+    "pareto": "a run is Pareto-optimal when no other run is at least as good on both axes and "
+    "strictly better on one (lower is better on both).",
+    "quality_change": "(perplexity - best perplexity of the sweep) / best perplexity.",
+    "memory_saved": "1 - peak memory / peak memory of the highest-precision unquantized run.",
+    "time_per_gb": "training wall time in seconds / peak memory in GB.",
+    "decision": "for each memory budget, the run with the lowest perplexity whose measured peak "
+    "memory is at most the budget (ties: less memory).",
+}
+
+
+@dataclass(frozen=True)
+class FindingSettings:
+    sweet_spot_tolerance: float = 0.02
+    min_relative_gain: float = 0.01
+    memory_budgets_gb: tuple[float, ...] = (6, 8, 12, 16, 24, 40, 80)
+
+
+# --- preparing the runs table ------------------------------------------------------------
+
+
+def prepare(table: pd.DataFrame) -> pd.DataFrame:
+    """Add the labels the findings group by; keep the runs table's order."""
+    runs = table.copy()
+    runs["modules_label"] = [
+        modules_label(str(m).split(",")) if isinstance(m, str) and m else "none" for m in runs["modules"]
+    ]
+    runs["quant_label"] = [
+        quantization_label(q, bool(dq)) for q, dq in zip(runs["quantization"], runs["double_quant"], strict=True)
+    ]
+    runs["fits"] = runs["status"].fillna("ok").eq("ok")
+    runs["alpha_ratio"] = (runs["alpha"] / runs["rank"].where(runs["rank"] > 0)).round(6)
+    return runs
+
+
+def trained_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[~runs["is_baseline"].astype(bool)]
+
+
+def baseline_perplexity(runs: pd.DataFrame) -> float | None:
+    base = runs[runs["is_baseline"].astype(bool) & runs["fits"]]
+    return float(base["perplexity"].iloc[0]) if len(base) else None
+
+
+def _training_columns(runs: pd.DataFrame) -> list[str]:
+    return [c for c in runs.columns if c.startswith("training.")]
+
+
+def sweep_slice(runs: pd.DataFrame, axis: str, fixed: list[str]) -> pd.DataFrame | None:
+    """The runs that vary only along `axis` (all else equal), the largest such set.
+
+    None when no set has two or more values of the axis: a study without that
+    axis gets no table for it.
+    """
+    trained = trained_runs(runs)
+    if trained.empty:
+        return None
+    keys = fixed + _training_columns(trained)
+    best: pd.DataFrame | None = None
+    for _, group in trained.groupby(keys, dropna=False, sort=False):
+        values = group[axis].nunique()
+        if values >= 2 and (best is None or values > best[axis].nunique()):
+            best = group
+    return best
+
+
+# --- derived tables ------------------------------------------------------------------------
+
+
+def _with_accuracy(columns: list[str], frame: pd.DataFrame) -> list[str]:
+    if "accuracy" not in frame or frame["accuracy"].isna().all():
+        return [c for c in columns if c != "accuracy"]
+    return columns
+
+
+def rank_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    group = sweep_slice(runs, "rank", ["modules_label", "quant_label", "alpha_ratio"])
+    if group is None:
+        return None
+    group = group.sort_values("rank")
+    base = baseline_perplexity(runs)
+    table = pd.DataFrame(
+        {
+            "rank": group["rank"],
+            "modules": group["modules_label"],
+            "quantization": group["quant_label"],
+            "perplexity": group["perplexity"].where(group["fits"]),
+            "accuracy": group["accuracy"].where(group["fits"]),
+            "peak_memory_gb": group["peak_memory_gb"].where(group["fits"]),
+            "train_wall_s": group["train_wall_s"].where(group["fits"]),
+            "quality_per_gb": (base - group["perplexity"]) / group["peak_memory_gb"] if base else float("nan"),
+            "status": group["fits"].map({True: "ok", False: DOES_NOT_FIT}),
+        }
+    )
+    return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
+
+
+def module_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    group = sweep_slice(runs, "modules_label", ["rank", "alpha", "quant_label"])
+    if group is None:
+        return None
+    group = group.sort_values("trainable_params")
+    table = pd.DataFrame(
+        {
+            "modules": group["modules_label"],
+            "rank": group["rank"],
+            "quantization": group["quant_label"],
+            "perplexity": group["perplexity"].where(group["fits"]),
+            "accuracy": group["accuracy"].where(group["fits"]),
+            "trainable_params": group["trainable_params"].astype("Int64"),
+            "peak_memory_gb": group["peak_memory_gb"].where(group["fits"]),
+            "status": group["fits"].map({True: "ok", False: DOES_NOT_FIT}),
+        }
+    )
+    return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
+
+
+def _reference_memory(group: pd.DataFrame) -> tuple[str, float] | None:
+    """Peak memory of the highest-precision unquantized run of the group."""
+    fitting = group[group["fits"]]
+    for precision in UNQUANTIZED:
+        match = fitting[fitting["quantization"] == precision]
+        if len(match):
+            return precision, float(match["peak_memory_gb"].iloc[0])
+    return None
+
+
+def quantization_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    group = sweep_slice(runs, "quant_label", ["rank", "alpha", "modules_label"])
+    if group is None:
+        return None
+    fitting = group[group["fits"]]
+    best = fitting["perplexity"].min()
+    reference = _reference_memory(group)
+    saved = (1 - group["peak_memory_gb"] / reference[1]) if reference else float("nan")
+    table = pd.DataFrame(
+        {
+            "quantization": group["quant_label"],
+            "rank": group["rank"],
+            "modules": group["modules_label"],
+            "perplexity": group["perplexity"].where(group["fits"]),
+            "accuracy": group["accuracy"].where(group["fits"]),
+            "peak_memory_gb": group["peak_memory_gb"].where(group["fits"]),
+            "quality_change_pct": 100 * (group["perplexity"] - best) / best,
+            "memory_saved_pct": 100 * saved,
+            "status": group["fits"].map({True: "ok", False: DOES_NOT_FIT}),
+        }
+    )
+    table.loc[~group["fits"].to_numpy(), ["quality_change_pct", "memory_saved_pct"]] = float("nan")
+    return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
+
+
+def diminishing_returns_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    ranks = rank_table(runs)
+    if ranks is None:
+        return None
+    fitting = ranks.dropna(subset=["perplexity"]).reset_index(drop=True)
+    if len(fitting) < 2:
+        return None
+    before, after = fitting.iloc[:-1].reset_index(drop=True), fitting.iloc[1:].reset_index(drop=True)
+    gain = before["perplexity"] - after["perplexity"]
+    extra_memory = after["peak_memory_gb"] - before["peak_memory_gb"]
+    return pd.DataFrame(
+        {
+            "step": [f"{a} -> {b}" for a, b in zip(before["rank"], after["rank"], strict=True)],
+            "from_rank": before["rank"],
+            "to_rank": after["rank"],
+            "perplexity_change": -gain,
+            "perplexity_change_pct": -100 * gain / before["perplexity"],
+            "memory_change_gb": extra_memory,
+            "time_change_s": after["train_wall_s"] - before["train_wall_s"],
+            "marginal_gain_per_gb": (gain / extra_memory).where(extra_memory > 0),
+        }
+    )
+
+
+def time_memory_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    trained = trained_runs(runs)
+    if trained.empty:
+        return None
+    fits = trained["fits"]
+    return pd.DataFrame(
+        {
+            "run_id": trained["run_id"],
+            "train_wall_s": trained["train_wall_s"].where(fits),
+            "peak_memory_gb": trained["peak_memory_gb"].where(fits),
+            "time_per_gb": (trained["train_wall_s"] / trained["peak_memory_gb"]).where(fits),
+            "train_tokens_per_s": trained["train_tokens_per_s"].where(fits),
+            "status": fits.map({True: "ok", False: DOES_NOT_FIT}),
+        }
+    ).reset_index(drop=True)
+
+
+def pareto_front(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Rows not dominated on (x, y), both minimised; equal points are all kept."""
+    points = frame.dropna(subset=[x, y])
+    keep = []
+    for _, row in points.iterrows():
+        no_worse = (points[x] <= row[x]) & (points[y] <= row[y])
+        better = (points[x] < row[x]) | (points[y] < row[y])
+        keep.append(not (no_worse & better).any())
+    return points[keep].sort_values([x, y])
+
+
+def pareto_table(runs: pd.DataFrame, x: str) -> pd.DataFrame | None:
+    trained = trained_runs(runs)
+    trained = trained[trained["fits"]]
+    if trained.empty:
+        return None
+    front = pareto_front(trained, x, "perplexity")
+    columns = _with_accuracy(["run_id", x, "perplexity", "accuracy", "trainable_params"], front)
+    return front[columns].reset_index(drop=True)
+
+
+def decision_table(runs: pd.DataFrame, budgets_gb: tuple[float, ...]) -> pd.DataFrame | None:
+    trained = trained_runs(runs)
+    fitting = trained[trained["fits"]].dropna(subset=["perplexity", "peak_memory_gb"])
+    if trained.empty:
+        return None
+    rows = []
+    for budget in budgets_gb:
+        candidates = fitting[fitting["peak_memory_gb"] <= budget].sort_values(["perplexity", "peak_memory_gb"])
+        if candidates.empty:
+            rows.append({"budget_gb": budget, "run_id": "nothing measured fits"})
+            continue
+        best = candidates.iloc[0]
+        row = {
+            "budget_gb": budget,
+            "run_id": best["run_id"],
+            "perplexity": best["perplexity"],
+            "accuracy": best.get("accuracy"),
+            "peak_memory_gb": best["peak_memory_gb"],
+        }
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    return table[_with_accuracy(list(table.columns), table)]
+
+
+def memory_label(runs: pd.DataFrame) -> str:
+    """How peak memory was measured, for table headers ('GPU memory' only when it was)."""
+    kinds = set(runs["memory_kind"].dropna())
+    if kinds and all(k.startswith("cuda") for k in kinds):
+        return "peak GPU memory (NVML / torch)"
+    if kinds == {"cpu_peak_rss"}:
+        return "peak CPU memory (process RSS; no GPU was used)"
+    return "peak memory (mixed devices: " + ", ".join(sorted(kinds)) + ")"
+
+
+# --- finding sentences ----------------------------------------------------------------------
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}g}"
+
+
+def sweet_spot_finding(ranks: pd.DataFrame | None, settings: FindingSettings) -> str | None:
+    if ranks is None:
+        return None
+    fitting = ranks.dropna(subset=["perplexity"])
+    if fitting.empty:
+        return None
+    best = fitting.loc[fitting["perplexity"].idxmin()]
+    threshold = best["perplexity"] * (1 + settings.sweet_spot_tolerance)
+    spot = fitting[fitting["perplexity"] <= threshold].iloc[0]
+    memory_ratio = spot["peak_memory_gb"] / best["peak_memory_gb"]
+    sentence = (
+        f"Sweet-spot rank: {int(spot['rank'])} reaches perplexity {_fmt(spot['perplexity'])}, within "
+        f"{settings.sweet_spot_tolerance:.0%} of the best rank ({int(best['rank'])}: "
+        f"{_fmt(best['perplexity'])})"
+    )
+    if spot["rank"] == best["rank"]:
+        return sentence.split(", within")[0] + f"; it is also the best rank in the sweep ({_sweep(fitting)})."
+    return sentence + f", at {memory_ratio:.0%} of its peak memory."
+
+
+def _sweep(ranks: pd.DataFrame) -> str:
+    return "ranks " + ", ".join(str(int(r)) for r in ranks["rank"])
+
+
+def diminishing_finding(steps: pd.DataFrame | None, settings: FindingSettings) -> str | None:
+    if steps is None:
+        return None
+    gains = -steps["perplexity_change_pct"] / 100
+    big = gains >= settings.min_relative_gain
+    if big.iloc[-1]:
+        last = steps.iloc[-1]
+        return (
+            f"Returns had not diminished by the largest rank tried: the step {last['step']} still lowers "
+            f"perplexity by {-last['perplexity_change_pct']:.1f}%."
+        )
+    later_small = ~big[::-1].cummax()[::-1]  # True from the last big step onwards
+    first_small = int(later_small.idxmax())
+    knee = steps.iloc[first_small]
+    gains_text = "; ".join(
+        f"{s}: {c:+.1f}%" for s, c in zip(steps["step"], steps["perplexity_change_pct"], strict=True)
+    )
+    return (
+        f"Returns diminish above rank {int(knee['from_rank'])}: no later rank step lowers perplexity by "
+        f"{settings.min_relative_gain:.0%} or more (perplexity change per step: {gains_text})."
+    )
+
+
+def attention_finding(modules: pd.DataFrame | None, settings: FindingSettings) -> str | None:
+    if modules is None:
+        return None
+    fitting = modules.dropna(subset=["perplexity"])
+    with_mlp = fitting[fitting["modules"].str.contains("mlp|all", regex=True)]
+    attention = fitting[~fitting.index.isin(with_mlp.index)]
+    if with_mlp.empty or attention.empty:
+        return None
+    best_attention = attention.loc[attention["perplexity"].idxmin()]
+    best_mlp = with_mlp.loc[with_mlp["perplexity"].idxmin()]
+    change = (best_mlp["perplexity"] - best_attention["perplexity"]) / best_attention["perplexity"]
+    params_ratio = best_mlp["trainable_params"] / best_attention["trainable_params"]
+    enough = -change < settings.min_relative_gain
+    verdict = (
+        "attention-only targeting is enough here"
+        if enough
+        else "the MLP layers add quality that attention-only targeting misses"
+    )
+    return (
+        f"Target modules: adding the MLP ({best_mlp['modules']}, perplexity {_fmt(best_mlp['perplexity'])}) "
+        f"vs the best attention-only set ({best_attention['modules']}, {_fmt(best_attention['perplexity'])}) "
+        f"changes perplexity by {100 * change:+.1f}% for {params_ratio:.1f}x the trainable parameters: "
+        f"{verdict} (threshold: a {settings.min_relative_gain:.0%} gain)."
+    )
+
+
+def quantization_findings(quant: pd.DataFrame | None) -> list[str]:
+    if quant is None:
+        return []
+    fitting = quant.dropna(subset=["perplexity"])
+    sentences = []
+    for _, row in fitting.iterrows():
+        saved = (
+            f", {row['memory_saved_pct']:.0f}% less peak memory than the unquantized run"
+            if pd.notna(row["memory_saved_pct"]) and row["quantization"] not in UNQUANTIZED
+            else ""
+        )
+        sentences.append(
+            f"Quantization {row['quantization']}: perplexity {_fmt(row['perplexity'])} "
+            f"({row['quality_change_pct']:+.1f}% vs the best), peak memory {row['peak_memory_gb']:.2f} GB{saved}."
+        )
+    for _, row in quant[quant["status"] == DOES_NOT_FIT].iterrows():
+        sentences.append(f"Quantization {row['quantization']}: does not fit (ran out of memory).")
+    return sentences
+
+
+def pareto_finding(front: pd.DataFrame | None, x: str, label: str) -> str | None:
+    if front is None or front.empty:
+        return None
+    listed = "; ".join(
+        f"{r['run_id']} ({r[x]:.3g} {label}, perplexity {_fmt(r['perplexity'])})" for _, r in front.iterrows()
+    )
+    return f"Pareto-optimal on {label} and perplexity ({len(front)}): {listed}."
+
+
+def decision_findings(decisions: pd.DataFrame | None, memory_text: str) -> list[str]:
+    if decisions is None:
+        return []
+    sentences = []
+    for _, row in decisions.iterrows():
+        if row["run_id"] == "nothing measured fits":
+            sentences.append(f"Budget {row['budget_gb']:g} GB: no measured run fits.")
+        else:
+            sentences.append(
+                f"Budget {row['budget_gb']:g} GB: {row['run_id']} (perplexity {_fmt(row['perplexity'])}, "
+                f"{row['peak_memory_gb']:.2f} GB {memory_text})."
+            )
+    return sentences
+
+
+def all_tables(table: pd.DataFrame, settings: FindingSettings) -> dict[str, pd.DataFrame]:
+    """Every derived table the study supports, by name (missing axes are skipped)."""
+    runs = prepare(table)
+    tables: dict[str, Any] = {
+        "rank": rank_table(runs),
+        "modules": module_table(runs),
+        "quantization": quantization_table(runs),
+        "diminishing_returns": diminishing_returns_table(runs),
+        "time_memory": time_memory_table(runs),
+        "pareto_memory": pareto_table(runs, "peak_memory_gb"),
+        "pareto_time": pareto_table(runs, "train_wall_s"),
+        "decision": decision_table(runs, settings.memory_budgets_gb),
+    }
+    return {name: frame for name, frame in tables.items() if frame is not None}
+
+
+def headline_findings(table: pd.DataFrame, settings: FindingSettings) -> list[str]:
+    """The report's headline sentences, each computed from the measured numbers."""
+    runs = prepare(table)
+    tables = all_tables(table, settings)
+    memory_text = "CPU RSS" if "CPU" in memory_label(runs) else "GPU memory"
+    base = baseline_perplexity(runs)
+    trained = trained_runs(runs)
+    sentences: list[str | None] = []
+    if base is not None and trained["fits"].any():
+        best = trained[trained["fits"]].sort_values("perplexity").iloc[0]
+        sentences.append(
+            f"Best run: {best['run_id']} lowers validation perplexity from {_fmt(base)} (base model, no adapter) "
+            f"to {_fmt(best['perplexity'])}."
+        )
+    sentences += [
+        sweet_spot_finding(tables.get("rank"), settings),
+        diminishing_finding(tables.get("diminishing_returns"), settings),
+        attention_finding(tables.get("modules"), settings),
+        *quantization_findings(tables.get("quantization")),
+        pareto_finding(tables.get("pareto_memory"), "peak_memory_gb", "GB"),
+        pareto_finding(tables.get("pareto_time"), "train_wall_s", "s"),
+        *decision_findings(tables.get("decision"), memory_text),
+    ]
+    not_fitting = trained[~trained["fits"]]
+    if len(not_fitting):
+        sentences.append("Did not fit: " + ", ".join(not_fitting["run_id"]) + ".")
+    return [s for s in sentences if s]

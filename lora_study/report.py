@@ -1,0 +1,182 @@
+"""The findings report: derived tables, charts and sentences, as Markdown and as
+one self-contained HTML page (Vega libraries inlined, no network needed)."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lora_study.charts import build_charts, save_chart
+from lora_study.findings import (
+    DEFINITIONS,
+    FindingSettings,
+    all_tables,
+    headline_findings,
+    memory_label,
+    prepare,
+)
+from lora_study.io import atomic_path
+
+log = logging.getLogger("lora_study")
+
+TABLE_TITLES: dict[str, str] = {
+    "rank": "Rank sweep",
+    "modules": "Target modules",
+    "quantization": "Quantization",
+    "diminishing_returns": "Diminishing returns per rank step",
+    "time_memory": "Time and memory",
+    "pareto_memory": "Pareto set: peak memory vs perplexity",
+    "pareto_time": "Pareto set: training time vs perplexity",
+    "decision": "Which configuration for my memory budget",
+}
+
+
+@dataclass
+class StudyContext:
+    """What the methods section reports about how the numbers were made."""
+
+    manifest: dict[str, Any]
+    data_summary: dict[str, Any]
+    training: dict[str, Any]
+    evaluation: dict[str, Any]
+
+
+def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path, memory_text: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        frame.to_csv(out_dir / f"{name}.csv", index=False)
+        (out_dir / f"{name}.md").write_text(
+            f"# {TABLE_TITLES[name]}\n\nMemory: {memory_text}.\n\n" + _markdown(frame) + "\n"
+        )
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, floatfmt=".4g")
+
+
+def methods_lines(context: StudyContext, settings: FindingSettings, memory_text: str, runs: pd.DataFrame) -> list[str]:
+    manifest, data, training = context.manifest, context.data_summary, context.training
+    devices = ", ".join(sorted(set(runs["device_name"].dropna()))) if "device_name" in runs else "unknown"
+    lines = [
+        f"Model: {manifest['source']} ({manifest['model_type']}, {manifest['num_parameters']:,} parameters, "
+        f"{manifest['num_layers']} layers).",
+        f"Data: {data['source']}, template {data['template']}, {data['train_examples']} training and "
+        f"{data['validation_examples']} validation examples (max {data['max_length']} tokens; "
+        f"{data['rows_dropped_too_long']} longer rows dropped).",
+        f"Training (defaults): {training['max_steps'] or ''} steps"
+        f"{'' if training['max_steps'] else ' over ' + str(training['epochs']) + ' epochs'}, batch "
+        f"{training['batch_size']} x {training['gradient_accumulation_steps']} accumulation, learning rate "
+        f"{training['learning_rate']:g} ({training['lr_scheduler']}, {training['warmup_steps']} warmup steps), "
+        f"LoRA dropout {training['lora_dropout']}, compute dtype {training['compute_dtype']}, seed {training['seed']}.",
+        f"Evaluation: perplexity over every validation response; accuracy by exact match of greedy answers "
+        f"on {context.evaluation['exact_match_examples']} held-out prompts (first line, whitespace normalised).",
+        f"Hardware: {devices}. Memory: {memory_text}.",
+        "Definitions:",
+    ]
+    formats = {
+        "sweet_spot_tolerance": settings.sweet_spot_tolerance,
+        "min_relative_gain": settings.min_relative_gain,
+    }
+    lines += [f"- {name}: {text.format(**formats)}" for name, text in DEFINITIONS.items()]
+    return lines
+
+
+def render_markdown(
+    findings: list[str],
+    tables: dict[str, pd.DataFrame],
+    chart_names: list[str],
+    methods: list[str],
+    memory_text: str,
+) -> str:
+    parts = ["# LoRA efficiency study: findings", "", "## Headline findings", ""]
+    parts += [f"- {sentence}" for sentence in findings]
+    parts += ["", "## Tables", "", f"Memory columns: {memory_text}.", ""]
+    for name, frame in tables.items():
+        parts += [f"### {TABLE_TITLES[name]}", "", _markdown(frame), ""]
+    parts += ["## Charts", ""]
+    parts += [f"![{name}](../charts/{name}.svg)" for name in chart_names]
+    parts += ["", "## Methods", "", *methods, ""]
+    return "\n".join(parts)
+
+
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }
+th { background: #f3f3f3; }
+.chart { margin: 1rem 0 2rem; }
+"""
+
+
+def render_html(
+    findings: list[str],
+    tables: dict[str, pd.DataFrame],
+    specs: dict[str, dict[str, Any]],
+    methods: list[str],
+    memory_text: str,
+    vega_bundle: str,
+) -> str:
+    """One page; every chart is drawn by the inlined Vega libraries, offline."""
+    body = ["<h1>LoRA efficiency study: findings</h1>", "<h2>Headline findings</h2>", "<ul>"]
+    body += [f"<li>{html.escape(s)}</li>" for s in findings]
+    body += ["</ul>", "<h2>Charts</h2>"]
+    body += [f'<div class="chart" id="chart-{name}"></div>' for name in specs]
+    body += ["<h2>Tables</h2>", f"<p>Memory columns: {html.escape(memory_text)}.</p>"]
+    for name, frame in tables.items():
+        body += [
+            f"<h3>{html.escape(TABLE_TITLES[name])}</h3>",
+            frame.to_html(index=False, float_format="{:.4g}".format, na_rep=""),
+        ]
+    body += ["<h2>Methods</h2>", "<ul>"]
+    body += [f"<li>{html.escape(line.lstrip('- '))}</li>" for line in methods]
+    body += ["</ul>"]
+    embeds = "\n".join(
+        f"vegaEmbed('#chart-{name}', {json.dumps(spec)}, {{renderer: 'svg', actions: false}}).catch(console.error);"
+        for name, spec in specs.items()
+    )
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>LoRA efficiency study: findings</title>"
+        f"<style>{PAGE_STYLE}</style><script type='text/javascript'>{vega_bundle}</script></head>"
+        f"<body>{''.join(body)}<script type='text/javascript'>{embeds}</script></body></html>\n"
+    )
+
+
+def build_report(
+    table: pd.DataFrame,
+    curves: pd.DataFrame,
+    context: StudyContext,
+    settings: FindingSettings,
+    tables_dir: Path,
+    charts_dir: Path,
+    markdown_path: Path,
+    html_path: Path,
+) -> list[str]:
+    """Write derived tables, charts and the report; return the headline findings."""
+    import vl_convert
+
+    memory_text = memory_label(prepare(table))
+    tables = all_tables(table, settings)
+    findings = headline_findings(table, settings)
+    with atomic_path(tables_dir) as tmp:
+        write_tables(tables, tmp, memory_text)
+    memory_title = "peak memory (GB, " + ("CPU RSS" if "CPU" in memory_text else "GPU") + ")"
+    charts = build_charts(table, tables, curves, memory_title)
+    with atomic_path(charts_dir) as tmp:
+        tmp.mkdir()
+        for name, chart in charts.items():
+            save_chart(chart, tmp, name)
+            log.info("chart %s", name)
+    methods = methods_lines(context, settings, memory_text, table)
+    with atomic_path(markdown_path) as tmp:
+        tmp.write_text(render_markdown(findings, tables, list(charts), methods, memory_text))
+    specs = {name: chart.to_dict() for name, chart in charts.items()}
+    bundle = vl_convert.javascript_bundle()
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(render_html(findings, tables, specs, methods, memory_text, bundle))
+    return findings

