@@ -355,6 +355,12 @@ def attention_finding(modules: pd.DataFrame | None, settings: FindingSettings) -
     )
 
 
+def _memory_change_text(saved_pct: float) -> str:
+    if saved_pct >= 0:
+        return f"{saved_pct:.0f}% less peak memory than the unquantized run"
+    return f"{-saved_pct:.0f}% more peak memory than the unquantized run"
+
+
 def quantization_findings(quant: pd.DataFrame | None) -> list[str]:
     if quant is None:
         return []
@@ -362,7 +368,7 @@ def quantization_findings(quant: pd.DataFrame | None) -> list[str]:
     sentences = []
     for _, row in fitting.iterrows():
         saved = (
-            f", {row['memory_saved_pct']:.0f}% less peak memory than the unquantized run"
+            f", {_memory_change_text(row['memory_saved_pct'])}"
             if pd.notna(row["memory_saved_pct"]) and row["quantization"] not in UNQUANTIZED
             else ""
         )
@@ -375,27 +381,35 @@ def quantization_findings(quant: pd.DataFrame | None) -> list[str]:
     return sentences
 
 
-def pareto_finding(front: pd.DataFrame | None, x: str, label: str) -> str | None:
+def pareto_finding(front: pd.DataFrame | None, x: str, axis_name: str, unit: str) -> str | None:
     if front is None or front.empty:
         return None
     listed = "; ".join(
-        f"{r['run_id']} ({r[x]:.3g} {label}, perplexity {_fmt(r['perplexity'])})" for _, r in front.iterrows()
+        f"{r['run_id']} ({r[x]:.3g} {unit}, perplexity {_fmt(r['perplexity'])})" for _, r in front.iterrows()
     )
-    return f"Pareto-optimal on {label} and perplexity ({len(front)}): {listed}."
+    return f"Pareto-optimal on {axis_name} and perplexity ({len(front)} runs): {listed}."
 
 
 def decision_findings(decisions: pd.DataFrame | None, memory_text: str) -> list[str]:
+    """One sentence per distinct recommendation; consecutive budgets with the same pick share it."""
     if decisions is None:
         return []
     sentences = []
-    for _, row in decisions.iterrows():
+    rows = list(decisions.to_dict("records"))
+    start = 0
+    for end in range(len(rows)):
+        if end + 1 < len(rows) and rows[end + 1]["run_id"] == rows[start]["run_id"]:
+            continue
+        first, last, row = rows[start]["budget_gb"], rows[end]["budget_gb"], rows[start]
+        budget = f"Budget {first:g} GB" if first == last else f"Budgets {first:g}-{last:g} GB"
         if row["run_id"] == "nothing measured fits":
-            sentences.append(f"Budget {row['budget_gb']:g} GB: no measured run fits.")
+            sentences.append(f"{budget}: no measured run fits.")
         else:
             sentences.append(
-                f"Budget {row['budget_gb']:g} GB: {row['run_id']} (perplexity {_fmt(row['perplexity'])}, "
+                f"{budget}: {row['run_id']} (perplexity {_fmt(row['perplexity'])}, "
                 f"{row['peak_memory_gb']:.2f} GB {memory_text})."
             )
+        start = end + 1
     return sentences
 
 
@@ -434,8 +448,8 @@ def headline_findings(table: pd.DataFrame, settings: FindingSettings) -> list[st
         diminishing_finding(tables.get("diminishing_returns"), settings),
         attention_finding(tables.get("modules"), settings),
         *quantization_findings(tables.get("quantization")),
-        pareto_finding(tables.get("pareto_memory"), "peak_memory_gb", "GB"),
-        pareto_finding(tables.get("pareto_time"), "train_wall_s", "s"),
+        pareto_finding(tables.get("pareto_memory"), "peak_memory_gb", "peak memory", "GB"),
+        pareto_finding(tables.get("pareto_time"), "train_wall_s", "training time", "s"),
         *decision_findings(tables.get("decision"), memory_text),
     ]
     not_fitting = trained[~trained["fits"]]

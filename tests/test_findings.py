@@ -122,7 +122,7 @@ def test_module_table_and_attention_verdict():
 def test_quantization_table_with_an_out_of_memory_run():
     runs = [
         run("nf4", quant="nf4", ppl=5.1, mem=3.0),
-        run("int8", quant="int8", ppl=5.0, mem=4.0),
+        run("int8", quant="int8", ppl=5.0, mem=7.5),
         run("bf16", quant="bf16", ppl=5.0, mem=6.0),
         run("fp32", quant="fp32", ppl=float("nan"), mem=float("nan"), status="oom"),
     ]
@@ -135,6 +135,10 @@ def test_quantization_table_with_an_out_of_memory_run():
     assert math.isnan(by_label.loc["fp32", "perplexity"])
     sentences = headline_findings(study(*runs), SETTINGS)
     assert "Quantization fp32: does not fit (ran out of memory)." in sentences
+    assert any(
+        s.startswith("Quantization int8:") and "25% more peak memory than the unquantized" in s for s in sentences
+    )
+    assert any(s.startswith("Quantization nf4:") and "50% less peak memory" in s for s in sentences)
     assert "Did not fit: fp32." in sentences
 
 
@@ -151,6 +155,9 @@ def test_decision_table_picks_best_fitting_run_per_budget_with_ties_on_memory():
     assert decision.loc[8, "run_id"] == "best"
     none_fit = all_tables(study(run("huge", mem=50.0)), SETTINGS)["decision"]
     assert set(none_fit["run_id"]) == {"nothing measured fits"}
+    sentences = headline_findings(study(*runs), SETTINGS)
+    assert "Budget 2 GB: small (perplexity 7, 1.50 GB CPU RSS)." in sentences
+    assert "Budgets 2-8 GB: no measured run fits." in headline_findings(study(run("huge", mem=50.0)), SETTINGS)
 
 
 def test_memory_label_says_cpu_when_no_gpu_was_used():

@@ -1,0 +1,183 @@
+"""Editing the config reruns exactly the affected jobs (a real Snakemake, tiny model).
+
+Each test copies a finished study (results and Snakemake's metadata), makes one
+kind of edit, and checks the jobs Snakemake plans, by rule and run id.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_snakemake
+
+REPORT_JOBS = {("aggregate", None), ("findings", None), ("all", None)}
+RUN_IDS = ("r4-qv-fp32", "r8-qv-fp32", "custom")
+
+
+def rerun_config(model_dir: Path) -> dict:
+    return {
+        "model": {"source": str(model_dir)},
+        "dataset": {"source": "generated", "generated_examples": 200, "validation_size": 16, "max_length": 128},
+        "training": {"max_steps": 2, "batch_size": 4, "warmup_steps": 0, "learning_rate": 0.001},
+        "evaluation": {"batch_size": 8, "exact_match_examples": 4, "max_new_tokens": 4},
+        "sweep": {
+            "grids": [{"rank": [4, 8], "modules": [["q", "v"]], "quantization": ["fp32"]}],
+            "runs": [
+                {
+                    "id": "custom",
+                    "rank": 4,
+                    "modules": ["q", "v"],
+                    "quantization": "fp32",
+                    "training": {"learning_rate": 0.01},
+                }
+            ],
+        },
+    }
+
+
+def planned_jobs(workdir: Path, *extra: str) -> set[tuple[str, str | None]]:
+    """(rule, run id) of every job a dry run plans."""
+    result = run_snakemake(workdir, "--cores", "2", "--dry-run", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", result.stdout):
+        if match := re.match(r"(?:local)?rule (\w+):", block):
+            run = re.search(r"wildcards: run=([\w.+-]+)", block)
+            jobs.add((match[1], run[1] if run else None))
+    return jobs
+
+
+def per_run(rules: tuple[str, ...], runs) -> set[tuple[str, str]]:
+    return {(rule, run) for rule in rules for run in runs}
+
+
+def snapshot(workdir: Path) -> dict[str, tuple[bytes, int]]:
+    """Bytes and mtime of every file of every run."""
+    return {
+        str(p.relative_to(workdir)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted((workdir / "results/runs").rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_study(tiny_llama, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("rerun-study")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(rerun_config(tiny_llama)))
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return workdir
+
+
+@pytest.fixture
+def study(finished_study, tmp_path) -> tuple[Path, dict]:
+    """A private copy of the finished study (mtimes kept) and its config."""
+    workdir = tmp_path / "study"
+    shutil.copytree(finished_study, workdir, symlinks=True)
+    return workdir, yaml.safe_load((workdir / "config.yaml").read_text())
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_reordered_and_reformatted_config_reruns_nothing(study):
+    workdir, config = study
+    text = yaml.safe_dump(config, sort_keys=True, default_flow_style=True)
+    text = text.replace("learning_rate: 0.001", "learning_rate: 1.0e-3")
+    (workdir / "config.yaml").write_text(text)
+    assert planned_jobs(workdir) == set()
+
+
+def test_editing_one_run_reruns_only_that_run(study):
+    workdir, config = study
+    before = snapshot(workdir)
+    config["sweep"]["runs"][0]["training"]["learning_rate"] = 0.02
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["custom"]) | REPORT_JOBS
+    assert run_snakemake(workdir, "--cores", "2").returncode == 0
+    after = snapshot(workdir)
+    untouched = [k for k in before if "/custom/" not in k]
+    assert untouched and all(after[k] == before[k] for k in untouched)
+    assert after["results/runs/custom/train_metrics.json"] != before["results/runs/custom/train_metrics.json"]
+
+
+def test_adding_a_run_trains_only_it_and_removing_one_touches_no_files(study):
+    workdir, config = study
+    added = copy.deepcopy(config)
+    added["sweep"]["grids"][0]["rank"] = [4, 8, 16]
+    write_config(workdir, added)
+    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["r16-qv-fp32"]) | REPORT_JOBS
+
+    before = snapshot(workdir)
+    config["sweep"]["grids"][0]["rank"] = [4]
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == REPORT_JOBS
+    assert run_snakemake(workdir, "--cores", "2").returncode == 0
+    assert snapshot(workdir) == before  # r8's files stay, untouched
+    table = (workdir / "results/tables/runs.csv").read_text()
+    assert "r8-qv-fp32" not in table and "r4-qv-fp32" in table
+
+
+def test_shared_default_reruns_runs_using_it_but_not_an_override(study):
+    workdir, config = study
+    config["training"]["learning_rate"] = 0.005
+    write_config(workdir, config)
+    # custom overrides learning_rate; the baseline trains nothing.
+    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["r4-qv-fp32", "r8-qv-fp32"]) | REPORT_JOBS
+
+
+def test_data_and_model_settings_rerun_everything_downstream(study):
+    workdir, config = study
+    everything_after_data = per_run(("train", "evaluate"), RUN_IDS) | {("evaluate", "base")} | REPORT_JOBS
+    data_edit = copy.deepcopy(config)
+    data_edit["dataset"]["validation_size"] = 20
+    write_config(workdir, data_edit)
+    assert planned_jobs(workdir) == {("prepare_data", None)} | everything_after_data
+
+    model_edit = copy.deepcopy(config)
+    model_edit["model"]["revision"] = "main"
+    write_config(workdir, model_edit)
+    assert planned_jobs(workdir) == {("prepare_model", None), ("prepare_data", None)} | everything_after_data
+
+
+def test_evaluation_settings_rerun_evaluation_only(study):
+    workdir, config = study
+    config["evaluation"]["exact_match_examples"] = 6
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == per_run(("evaluate",), (*RUN_IDS, "base")) | REPORT_JOBS
+
+
+def test_report_settings_rerun_only_the_report(study):
+    workdir, config = study
+    before = snapshot(workdir)
+    config["report"] = {"memory_budgets_gb": [1, 2, 4]}
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == {("findings", None), ("all", None)}
+    assert run_snakemake(workdir, "--cores", "2").returncode == 0
+    assert snapshot(workdir) == before
+    assert "Budget 4 GB" in (workdir / "results/report/findings.md").read_text()
+
+
+def test_editing_a_rule_script_reruns_its_jobs_and_touch_accepts_it(study, tmp_path):
+    workdir, _ = study
+    # A private copy of the workflow, so the script edit stays in this test.
+    workflow = tmp_path / "workflow"
+    for part in ("Snakefile", "rules", "scripts", "config", "report", "envs", "profiles"):
+        source = REPO / part
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, workflow / part)
+    with (workflow / "scripts/evaluate.py").open("a") as handle:
+        handle.write("# an edit\n")
+    snakefile = ("--snakefile", str(workflow / "Snakefile"))
+    assert planned_jobs(workdir, *snakefile) == per_run(("evaluate",), (*RUN_IDS, "base")) | REPORT_JOBS
+    changed = run_snakemake(workdir, "--list-changes", "code", *snakefile)
+    assert "results/runs/custom/eval_metrics.json" in changed.stdout
+    touched = run_snakemake(workdir, "--cores", "1", "--touch", *snakefile)
+    assert touched.returncode == 0, touched.stderr[-2000:]
+    assert planned_jobs(workdir, *snakefile) == set()
