@@ -9,7 +9,7 @@ import pandas as pd
 
 from lora_study.io import atomic_path
 
-CONFIG_COLUMNS = ("run_id", "is_baseline", "rank", "alpha", "modules", "quantization", "double_quant")
+CONFIG_COLUMNS = ("run_id", "config_id", "is_baseline", "rank", "alpha", "modules", "quantization", "double_quant")
 # The readable subset shown in runs.md; runs.csv has every column.
 SUMMARY_COLUMNS = (
     "run_id",
@@ -35,6 +35,7 @@ def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
 def run_row(run: dict[str, Any], evaluation: dict[str, Any], training: dict[str, Any] | None) -> dict[str, Any]:
     row: dict[str, Any] = {key: run[key] for key in CONFIG_COLUMNS}
     row["modules"] = ",".join(run["modules"])
+    row["seed"] = run["training"].get("seed")
     row.update(_flatten("training.", run["training"]))
     eval_metrics = {
         k: v for k, v in evaluation.items() if k not in ("run_id", "memory", "accuracy_by_family", "device")
@@ -76,11 +77,28 @@ def to_markdown(table: pd.DataFrame, columns: tuple[str, ...] = SUMMARY_COLUMNS)
     return shown.to_markdown(index=False, floatfmt=".4g") + "\n"
 
 
-def write_table(table: pd.DataFrame, csv_path: str | Path, markdown_path: str | Path) -> None:
+def write_table(
+    table: pd.DataFrame, csv_path: str | Path, markdown_path: str | Path, columns: tuple[str, ...] = SUMMARY_COLUMNS
+) -> None:
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(markdown_path) as tmp:
-        tmp.write_text(to_markdown(table))
+        tmp.write_text(to_markdown(table, columns))
+
+
+CONFIG_SUMMARY_COLUMNS = (
+    "run_id",
+    "n",
+    "perplexity",
+    "perplexity_std",
+    "perplexity_ci95",
+    "accuracy",
+    "accuracy_ci95",
+    "peak_memory_gb",
+    "train_wall_s",
+    "train_wall_s_ci95",
+    "trainable_params",
+)
 
 
 def combine_loss_curves(curve_paths: list[str], run_ids: list[str], out_path: str | Path) -> None:

@@ -19,24 +19,37 @@ def _fitting_trained(table: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["fits"]]
 
 
+def _has_spread(frame: pd.DataFrame, metric: str) -> bool:
+    column = f"{metric}_ci95"
+    return column in frame and frame[column].notna().any()
+
+
+def _error_bars(frame: pd.DataFrame, x: str, metric: str, **encodings) -> alt.Chart:
+    """Mean ± 95 % CI half-width, drawn when configurations have several seeds."""
+    bounds = frame.assign(low=frame[metric] - frame[f"{metric}_ci95"], high=frame[metric] + frame[f"{metric}_ci95"])
+    return alt.Chart(bounds).mark_errorbar().encode(x=x, y=alt.Y("low:Q", title=metric), y2="high:Q", **encodings)
+
+
 def quality_vs_rank(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
     ranks = tables.get("rank")
     if ranks is None:
         return None
-    metrics = [m for m in ("perplexity", "accuracy") if m in ranks]
-    long = ranks.melt(id_vars=["rank"], value_vars=metrics, var_name="metric", value_name="value")
-    return (
-        alt.Chart(long, title="Quality vs rank")
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("rank:Q", scale=alt.Scale(type="log", base=2), title="LoRA rank"),
-            y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
-            tooltip=["rank", "metric", alt.Tooltip("value:Q", format=".4g")],
+    rank_axis = alt.X("rank:Q", scale=alt.Scale(type="log", base=2), title="LoRA rank")
+    panels = []
+    for metric in (m for m in ("perplexity", "accuracy") if m in ranks):
+        line = (
+            alt.Chart(ranks)
+            .mark_line(point=True)
+            .encode(
+                x=rank_axis,
+                y=alt.Y(f"{metric}:Q", scale=alt.Scale(zero=False)),
+                tooltip=["rank", alt.Tooltip(f"{metric}:Q", format=".4g")],
+            )
         )
-        .properties(width=WIDTH, height=HEIGHT)
-        .facet(column=alt.Column("metric:N", title=None))
-        .resolve_scale(y="independent")
-    )
+        if _has_spread(ranks, metric):
+            line = line + _error_bars(ranks, rank_axis, metric)
+        panels.append(line.properties(width=WIDTH, height=HEIGHT, title=f"{metric} vs rank"))
+    return alt.hconcat(*panels)
 
 
 def memory_vs_rank(tables: dict[str, pd.DataFrame], memory_title: str) -> alt.Chart | None:
@@ -60,6 +73,11 @@ def memory_vs_perplexity(table: pd.DataFrame, memory_title: str) -> alt.Chart | 
     if runs.empty:
         return None
     front = pareto_front(runs, "peak_memory_gb", "perplexity")
+    spread = (
+        _error_bars(runs, "peak_memory_gb:Q", "perplexity", color=alt.Color("quant_label:N"))
+        if _has_spread(runs, "perplexity")
+        else None
+    )
     points = (
         alt.Chart(runs[["run_id", "peak_memory_gb", "perplexity", "quant_label"]])
         .mark_point(filled=True, size=70)
@@ -84,25 +102,27 @@ def memory_vs_perplexity(table: pd.DataFrame, memory_title: str) -> alt.Chart | 
         .mark_text(align="left", dx=6, dy=-6, fontSize=10)
         .encode(x="peak_memory_gb:Q", y="perplexity:Q", text="run_id:N")
     )
-    return (points + frontier + labels).properties(
-        title="Memory vs perplexity (dashed: Pareto frontier)", width=WIDTH, height=HEIGHT
-    )
+    layers = points + frontier + labels + spread if spread is not None else points + frontier + labels
+    return layers.properties(title="Memory vs perplexity (dashed: Pareto frontier)", width=WIDTH, height=HEIGHT)
 
 
 def perplexity_by_modules(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
     modules = tables.get("modules")
     if modules is None:
         return None
-    return (
-        alt.Chart(modules, title="Perplexity by target modules")
+    module_axis = alt.X("modules:N", sort=list(modules["modules"]), title="target modules")
+    bars = (
+        alt.Chart(modules)
         .mark_bar()
         .encode(
-            x=alt.X("modules:N", sort=list(modules["modules"]), title="target modules"),
+            x=module_axis,
             y=alt.Y("perplexity:Q"),
             tooltip=["modules", alt.Tooltip("perplexity:Q", format=".4g"), "trainable_params"],
         )
-        .properties(width=WIDTH, height=HEIGHT)
     )
+    if _has_spread(modules, "perplexity"):
+        bars = bars + _error_bars(modules, module_axis, "perplexity")
+    return bars.properties(title="Perplexity by target modules", width=WIDTH, height=HEIGHT)
 
 
 def quantization_comparison(tables: dict[str, pd.DataFrame], memory_title: str) -> alt.Chart | None:

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from lora_study.modules import modules_label
+from lora_study.replicates import NOISE_RULE, differs
 from lora_study.sweep import quantization_label
 
 UNQUANTIZED = ("fp32", "bf16", "fp16")  # highest precision first
@@ -35,6 +36,8 @@ DEFINITIONS: dict[str, str] = {
     "time_per_gb": "training wall time in seconds / peak memory in GB.",
     "decision": "for each memory budget, the run with the lowest perplexity whose measured peak "
     "memory is at most the budget (ties: less memory).",
+    "noise": NOISE_RULE + "; metrics of a configuration are means over its seeds, _ci95 the half-width "
+    "of their 95 % t-interval.",
 }
 
 
@@ -96,6 +99,19 @@ def sweep_slice(runs: pd.DataFrame, axis: str, fixed: list[str]) -> pd.DataFrame
 # --- derived tables ------------------------------------------------------------------------
 
 
+NOISE_COLUMNS = ("n", "perplexity_std", "perplexity_ci95", "accuracy_ci95")
+
+
+def _add_noise(table: pd.DataFrame, group: pd.DataFrame) -> pd.DataFrame:
+    """Seed count and spread beside the means, when any configuration has replicates."""
+    if "n" not in group or group["n"].max() < 2:
+        return table
+    for column in NOISE_COLUMNS:
+        if column in group:
+            table[column] = group[column].to_numpy()
+    return table
+
+
 def _with_accuracy(columns: list[str], frame: pd.DataFrame) -> list[str]:
     if "accuracy" not in frame or frame["accuracy"].isna().all():
         return [c for c in columns if c != "accuracy"]
@@ -121,6 +137,7 @@ def rank_table(runs: pd.DataFrame) -> pd.DataFrame | None:
             "status": group["fits"].map({True: "ok", False: DOES_NOT_FIT}),
         }
     )
+    table = _add_noise(table, group)
     return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
 
 
@@ -141,6 +158,7 @@ def module_table(runs: pd.DataFrame) -> pd.DataFrame | None:
             "status": group["fits"].map({True: "ok", False: DOES_NOT_FIT}),
         }
     )
+    table = _add_noise(table, group)
     return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
 
 
@@ -176,6 +194,7 @@ def quantization_table(runs: pd.DataFrame) -> pd.DataFrame | None:
         }
     )
     table.loc[~group["fits"].to_numpy(), ["quality_change_pct", "memory_saved_pct"]] = float("nan")
+    table = _add_noise(table, group)
     return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
 
 
@@ -189,7 +208,7 @@ def diminishing_returns_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     before, after = fitting.iloc[:-1].reset_index(drop=True), fitting.iloc[1:].reset_index(drop=True)
     gain = before["perplexity"] - after["perplexity"]
     extra_memory = after["peak_memory_gb"] - before["peak_memory_gb"]
-    return pd.DataFrame(
+    steps = pd.DataFrame(
         {
             "step": [f"{a} -> {b}" for a, b in zip(before["rank"], after["rank"], strict=True)],
             "from_rank": before["rank"],
@@ -201,6 +220,9 @@ def diminishing_returns_table(runs: pd.DataFrame) -> pd.DataFrame | None:
             "marginal_gain_per_gb": (gain / extra_memory).where(extra_memory > 0),
         }
     )
+    if "n" in fitting:
+        steps["beyond_noise"] = [differs(before.iloc[i], after.iloc[i]) for i in range(len(steps))]
+    return steps
 
 
 def time_memory_table(runs: pd.DataFrame) -> pd.DataFrame | None:
@@ -290,10 +312,15 @@ def sweet_spot_finding(ranks: pd.DataFrame | None, settings: FindingSettings) ->
         return None
     best = fitting.loc[fitting["perplexity"].idxmin()]
     threshold = best["perplexity"] * (1 + settings.sweet_spot_tolerance)
-    spot = fitting[fitting["perplexity"] <= threshold].iloc[0]
+    close = [row["perplexity"] <= threshold or differs(row, best) is False for _, row in fitting.iterrows()]
+    spot = fitting[close].iloc[0]
     memory_ratio = spot["peak_memory_gb"] / best["peak_memory_gb"]
     sentence = (
         f"Sweet-spot rank: {int(spot['rank'])} reaches perplexity {_fmt(spot['perplexity'])}, within "
+        f"{settings.sweet_spot_tolerance:.0%} of the best rank or indistinguishable from it within seed noise "
+        f"({int(best['rank'])}: {_fmt(best['perplexity'])})"
+        if differs(spot, best) is False and spot["perplexity"] > threshold
+        else f"Sweet-spot rank: {int(spot['rank'])} reaches perplexity {_fmt(spot['perplexity'])}, within "
         f"{settings.sweet_spot_tolerance:.0%} of the best rank ({int(best['rank'])}: "
         f"{_fmt(best['perplexity'])})"
     )
@@ -311,6 +338,8 @@ def diminishing_finding(steps: pd.DataFrame | None, settings: FindingSettings) -
         return None
     gains = -steps["perplexity_change_pct"] / 100
     big = gains >= settings.min_relative_gain
+    if "beyond_noise" in steps:  # a gain inside seed noise is no gain
+        big &= steps["beyond_noise"].map(lambda beyond: beyond is not False).astype(bool)
     if big.iloc[-1]:
         last = steps.iloc[-1]
         return (
@@ -325,7 +354,7 @@ def diminishing_finding(steps: pd.DataFrame | None, settings: FindingSettings) -
     )
     return (
         f"Returns diminish above rank {int(knee['from_rank'])}: no later rank step lowers perplexity by "
-        f"{settings.min_relative_gain:.0%} or more (perplexity change per step: {gains_text})."
+        f"{settings.min_relative_gain:.0%} or more beyond seed noise (perplexity change per step: {gains_text})."
     )
 
 
@@ -341,7 +370,7 @@ def attention_finding(modules: pd.DataFrame | None, settings: FindingSettings) -
     best_mlp = with_mlp.loc[with_mlp["perplexity"].idxmin()]
     change = (best_mlp["perplexity"] - best_attention["perplexity"]) / best_attention["perplexity"]
     params_ratio = best_mlp["trainable_params"] / best_attention["trainable_params"]
-    enough = -change < settings.min_relative_gain
+    enough = -change < settings.min_relative_gain or differs(best_mlp, best_attention) is False
     verdict = (
         "attention-only targeting is enough here"
         if enough
@@ -365,8 +394,11 @@ def quantization_findings(quant: pd.DataFrame | None) -> list[str]:
     if quant is None:
         return []
     fitting = quant.dropna(subset=["perplexity"])
+    best = fitting.loc[fitting["perplexity"].idxmin()] if len(fitting) else None
     sentences = []
     for _, row in fitting.iterrows():
+        is_best = row["quantization"] == best["quantization"]
+        noise = ", within seed noise of the best" if not is_best and differs(row, best) is False else ""
         saved = (
             f", {_memory_change_text(row['memory_saved_pct'])}"
             if pd.notna(row["memory_saved_pct"]) and row["quantization"] not in UNQUANTIZED
@@ -374,7 +406,8 @@ def quantization_findings(quant: pd.DataFrame | None) -> list[str]:
         )
         sentences.append(
             f"Quantization {row['quantization']}: perplexity {_fmt(row['perplexity'])} "
-            f"({row['quality_change_pct']:+.1f}% vs the best), peak memory {row['peak_memory_gb']:.2f} GB{saved}."
+            f"({row['quality_change_pct']:+.1f}% vs the best{noise}), "
+            f"peak memory {row['peak_memory_gb']:.2f} GB{saved}."
         )
     for _, row in quant[quant["status"] == DOES_NOT_FIT].iterrows():
         sentences.append(f"Quantization {row['quantization']}: does not fit (ran out of memory).")
@@ -413,6 +446,20 @@ def decision_findings(decisions: pd.DataFrame | None, memory_text: str) -> list[
     return sentences
 
 
+def noise_finding(trained: pd.DataFrame) -> str:
+    seeds = int(trained["n"].max()) if "n" in trained and len(trained) else 1
+    if seeds < 2:
+        return (
+            "One seed per configuration: differences are not tested against seed noise "
+            "(set sweep.seeds, e.g. [0, 1, 2], to measure it)."
+        )
+    spread = trained["perplexity_std"].dropna()
+    return (
+        f"Noise: {seeds} seeds per configuration; the standard deviation of perplexity across seeds is "
+        f"{spread.median():.3g} (median over configurations, max {spread.max():.3g}); {NOISE_RULE}."
+    )
+
+
 def all_tables(table: pd.DataFrame, settings: FindingSettings) -> dict[str, pd.DataFrame]:
     """Every derived table the study supports, by name (missing axes are skipped)."""
     runs = prepare(table)
@@ -443,6 +490,7 @@ def headline_findings(table: pd.DataFrame, settings: FindingSettings) -> list[st
             f"Best run: {best['run_id']} lowers validation perplexity from {_fmt(base)} (base model, no adapter) "
             f"to {_fmt(best['perplexity'])}."
         )
+    sentences.append(noise_finding(trained))
     sentences += [
         sweet_spot_finding(tables.get("rank"), settings),
         diminishing_finding(tables.get("diminishing_returns"), settings),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 LOGICAL_GROUPS: tuple[str, ...] = ("q", "k", "v", "o", "mlp")
 ALL_LINEAR = "all-linear"
@@ -99,6 +100,7 @@ _LAYER_INDEX = re.compile(r"^.*?\.\d+\.")
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Distinct linear layers with the per-layer prefix stripped ('self_attn.q_proj')."""
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     names = {
@@ -156,6 +158,7 @@ def needs_fan_in_fan_out(model_type: str) -> bool:
 
 def meta_model(config) -> nn.Module:
     """The architecture on the meta device: names and shapes, no memory, no weights."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -52,7 +52,7 @@ def config_table(runs: pd.DataFrame) -> pd.DataFrame:
         runs = runs.assign(config_id=runs["run_id"])
     rows = []
     for config_id, group in runs.groupby("config_id", sort=False):
-        row = group.iloc[0].to_dict()
+        row = {k: v for k, v in group.iloc[0].to_dict().items() if k not in ("seed", "training.seed")}
         row["run_id"] = config_id
         row["n"] = len(group)
         row["seeds"] = ",".join(str(s) for s in group.get("seed", pd.Series(dtype=object)).dropna())

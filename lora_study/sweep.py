@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from lora_study.config import ConfigError
@@ -26,6 +26,12 @@ class RunSpec:
     double_quant: bool
     training: dict[str, Any]
     is_baseline: bool = False
+    # The configuration this run replicates (equal to run_id without a seeds axis).
+    config_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.config_id:
+            object.__setattr__(self, "config_id", self.run_id)
 
     def as_params(self) -> dict[str, Any]:
         """Plain data for Snakemake params and run tables."""
@@ -131,6 +137,23 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
         add(spec, f"sweep.runs[{index}]")
     if not runs:
         raise ConfigError("config key 'sweep': no runs; add a grid or a named run")
+    return replicate(runs, sweep["seeds"])
+
+
+def replicate(configs: dict[str, RunSpec], seeds: list[int] | None) -> dict[str, RunSpec]:
+    """One run per configuration and seed ('r16-qkvo-nf4-s1'); unchanged without seeds."""
+    if not seeds:
+        return configs
+    runs: dict[str, RunSpec] = {}
+    for config_id, spec in configs.items():
+        for seed in seeds:
+            replica = replace(
+                spec,
+                run_id=f"{config_id}-s{seed}",
+                config_id=config_id,
+                training={**spec.training, "seed": seed},
+            )
+            runs[replica.run_id] = replica
     return runs
 
 

@@ -15,6 +15,8 @@ rule aggregate:
     output:
         csv=report(paths.RUNS_CSV, caption="../report/runs.rst", category="Tables"),
         markdown=paths.RUNS_MD,
+        configs=report(paths.CONFIGS_CSV, caption="../report/configs.rst", category="Tables"),
+        configs_markdown=paths.CONFIGS_MD,
         loss_curves=paths.LOSS_CURVES_CSV,
     log:
         f"{paths.LOGS}/aggregate.log",

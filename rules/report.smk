@@ -7,7 +7,7 @@ localrules:
 
 rule findings:
     input:
-        runs=paths.RUNS_CSV,
+        configs=paths.CONFIGS_CSV,
         loss_curves=paths.LOSS_CURVES_CSV,
         manifest=paths.MODEL_MANIFEST,
         data_summary=paths.DATA_SUMMARY,

@@ -5,8 +5,9 @@ from lora_study.jobs import job
 with job(snakemake) as log:
     import json
 
-    from lora_study.aggregate import combine_loss_curves, runs_table, write_table
+    from lora_study.aggregate import CONFIG_SUMMARY_COLUMNS, combine_loss_curves, runs_table, write_table
     from lora_study.io import read_json
+    from lora_study.replicates import config_table
 
     table = runs_table(
         runs=json.loads(snakemake.params.runs),
@@ -14,6 +15,8 @@ with job(snakemake) as log:
         trainings=[read_json(p) for p in snakemake.input.trainings],
     )
     write_table(table, snakemake.output.csv, snakemake.output.markdown)
+    configs = config_table(table)
+    write_table(configs, snakemake.output.configs, snakemake.output.configs_markdown, CONFIG_SUMMARY_COLUMNS)
     combine_loss_curves(
         snakemake.input.loss_curves,
         list(json.loads(snakemake.params.runs_trained)),

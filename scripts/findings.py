@@ -14,7 +14,7 @@ with job(snakemake) as log:
 
     settings = json.loads(snakemake.params.report)
     findings = build_report(
-        table=pd.read_csv(snakemake.input.runs),
+        table=pd.read_csv(snakemake.input.configs),
         curves=pd.read_csv(snakemake.input.loss_curves),
         context=StudyContext(
             manifest=read_json(snakemake.input.manifest),

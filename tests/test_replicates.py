@@ -1,0 +1,85 @@
+"""Seeds as replicates: ids, per-configuration statistics and the noise rule."""
+
+import math
+
+import pandas as pd
+import pytest
+from test_findings import SETTINGS, run, study
+
+from lora_study.config import validate_config
+from lora_study.findings import all_tables, headline_findings
+from lora_study.replicates import ci_halfwidth, config_table, differs
+from lora_study.sweep import expand_study
+
+
+def test_seeds_axis_replicates_every_configuration():
+    config = validate_config(
+        {
+            "model": {"source": "m"},
+            "dataset": {"source": "generated"},
+            "sweep": {"grids": [{"rank": [4, 8]}], "seeds": [0, 1, 2]},
+        }
+    )
+    runs = expand_study(config)
+    assert list(runs)[:3] == ["r4-qkvo-nf4-s0", "r4-qkvo-nf4-s1", "r4-qkvo-nf4-s2"]
+    assert len(runs) == 6
+    replica = runs["r8-qkvo-nf4-s2"]
+    assert (replica.config_id, replica.training["seed"]) == ("r8-qkvo-nf4", 2)
+
+
+def test_ci_halfwidth_is_the_t_interval():
+    # values 1, 2, 3: std 1, t(0.975, df=2) = 4.3027 -> 4.3027 / sqrt(3)
+    assert ci_halfwidth(1.0, 3) == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(ci_halfwidth(1.0, 1))
+
+
+def seeds(config_id, perplexities, **kwargs):
+    return [
+        {**run(f"{config_id}-s{i}", ppl=p, **kwargs), "config_id": config_id, "seed": i}
+        for i, p in enumerate(perplexities)
+    ]
+
+
+def test_config_table_means_spread_and_fit():
+    runs = pd.DataFrame(seeds("a", [4.0, 5.0, 6.0]) + seeds("b", [3.0, 3.0], status="ok"))
+    runs.loc[4, "status"] = "oom"
+    configs = config_table(runs).set_index("run_id")
+    assert configs.loc["a", "n"] == 3 and configs.loc["a", "perplexity"] == pytest.approx(5.0)
+    assert configs.loc["a", "perplexity_std"] == pytest.approx(1.0)
+    assert configs.loc["a", "perplexity_ci95"] == pytest.approx(ci_halfwidth(1.0, 3))
+    assert configs.loc["b", "status"] == "oom"  # one seed ran out of memory: the configuration does not fit
+    assert "seed" not in configs.columns
+
+
+def test_differs_uses_welch_and_needs_two_seeds():
+    configs = config_table(
+        pd.DataFrame(seeds("a", [5.0, 5.1, 4.9]) + seeds("b", [4.0, 4.1, 3.9]) + seeds("c", [5.05, 4.7, 5.3]))
+    ).set_index("run_id")
+    assert differs(configs.loc["a"], configs.loc["b"]) is True
+    assert differs(configs.loc["a"], configs.loc["c"]) is False
+    single = config_table(pd.DataFrame(seeds("d", [5.0]) + seeds("e", [1.0]))).set_index("run_id")
+    assert differs(single.loc["d"], single.loc["e"]) is None
+
+
+def test_findings_call_differences_inside_the_noise_indistinguishable():
+    replicated = (
+        seeds("r4", [8.0, 8.2, 7.8], rank=4, mem=2.0)
+        + seeds("r8", [6.0, 6.1, 5.9], rank=8, mem=3.0)
+        + seeds("r16", [5.0, 4.9, 5.1], rank=16, mem=4.0)
+        + seeds("r32", [4.9, 5.3, 4.5], rank=32, mem=6.0)
+    )
+    base = {**run("base", rank=0, modules="", quant="fp32", ppl=20.0, mem=1.0, params=0), "config_id": "base"}
+    configs = config_table(pd.DataFrame([base, *replicated]))
+    tables = all_tables(configs, SETTINGS)
+    assert {"n", "perplexity_ci95"} <= set(tables["rank"].columns)
+    assert list(tables["diminishing_returns"]["beyond_noise"]) == [True, True, False]
+    sentences = headline_findings(configs, SETTINGS)
+    # r32 is 2 % better than r16 on average, but inside the seed noise.
+    assert any(s.startswith("Returns diminish above rank 16") for s in sentences)
+    assert any(s.startswith("Sweet-spot rank: 16") and "within seed noise" in s for s in sentences)
+    assert any(s.startswith("Noise: 3 seeds per configuration") for s in sentences)
+
+
+def test_single_seed_studies_say_differences_are_untested():
+    sentences = headline_findings(study(run("a")), SETTINGS)
+    assert any(s.startswith("One seed per configuration") for s in sentences)
