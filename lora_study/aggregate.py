@@ -43,11 +43,13 @@ def run_row(run: dict[str, Any], evaluation: dict[str, Any], training: dict[str,
     row.update(eval_metrics)
     row.update(_flatten("accuracy.", evaluation["accuracy_by_family"]))
     row.update(_flatten("eval_", evaluation["memory"]))
+    row.update(_flatten("eval_", evaluation.get("environment", {})))
     if training is not None:
-        train_metrics = {k: v for k, v in training.items() if k not in ("run_id", "memory")}
+        train_metrics = {k: v for k, v in training.items() if k not in ("run_id", "memory", "environment")}
         train_metrics["target_modules"] = _join(train_metrics["target_modules"])
         row.update(train_metrics)
         row.update(training["memory"])
+        row.update(training.get("environment", {}))
     else:
         # The baseline trains nothing: its memory is what inference needed.
         row.update({"status": "ok", "trainable_params": 0, "adapter_size_mb": 0.0, "device": evaluation["device"]})

@@ -14,6 +14,7 @@ import torch
 
 from lora_study.batching import collate
 from lora_study.data import load_split
+from lora_study.gpu_slots import claim_gpu, job_environment
 from lora_study.io import atomic_path, write_json
 from lora_study.loading import device_name, load_base_model, pick_device, set_threads
 from lora_study.metrics import EvalMetrics, PeakMemory, perplexity
@@ -95,6 +96,7 @@ def evaluate_run(
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
+    gpu_slot = claim_gpu()  # held until this process ends
     set_threads(threads)
     device = pick_device()
     log.info("evaluating %s on %s", run["run_id"], device_name(device))
@@ -149,6 +151,7 @@ def evaluate_run(
         accuracy_by_family=by_family,
         eval_wall_s=time.perf_counter() - start,
         memory=memory.report(),
+        environment={**job_environment(), "gpu_slot": gpu_slot.device if gpu_slot else None},
     )
     write_json(metrics_path, metrics.to_dict())
     return metrics

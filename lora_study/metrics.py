@@ -46,6 +46,7 @@ class TrainMetrics:
     adapter_size_mb: float
     target_modules: list[str] | str
     memory: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +67,7 @@ class EvalMetrics:
     accuracy_by_family: dict[str, float]
     eval_wall_s: float
     memory: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lora_study.batching import IGNORE_INDEX, collate, endless_batches
 from lora_study.data import load_split
+from lora_study.gpu_slots import claim_gpu, job_environment
 from lora_study.io import atomic_path, write_json
 from lora_study.loading import (
     add_lora,
@@ -88,6 +89,7 @@ def train_run(
 
     job_start = time.perf_counter()
     training = run["training"]
+    gpu_slot = claim_gpu()  # before CUDA starts: one device per concurrent job, held until return
     set_threads(threads)
     set_seed(training["seed"])
     device = pick_device()
@@ -170,6 +172,7 @@ def train_run(
         adapter_size_mb=adapter_mb,
         target_modules=targets,
         memory=memory.report(),
+        environment={**job_environment(), "gpu_slot": gpu_slot.device if gpu_slot else None},
     )
     write_json(metrics_path, metrics.to_dict())
     log.info(

@@ -16,8 +16,9 @@ rule evaluate:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=8000,
-        runtime=60,
+        # A retry (attempt 2, see profiles/slurm) asks for more memory and time.
+        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        runtime=lambda wildcards, attempt: 60 * attempt,
     params:
         run=run_params,
         compute=compute_params,

@@ -18,8 +18,9 @@ rule train:
     threads: 2
     resources:
         gpu=1,
-        mem_mb=8000,
-        runtime=120,
+        # A retry (attempt 2, see profiles/slurm) asks for more memory and time.
+        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        runtime=lambda wildcards, attempt: 120 * attempt,
     params:
         run=run_params,
     script:
