@@ -16,7 +16,7 @@ from lora_study.batching import collate
 from lora_study.data import load_split
 from lora_study.gpu_slots import claim_gpu, job_environment
 from lora_study.io import atomic_path, write_json
-from lora_study.loading import device_name, load_base_model, pick_device, set_threads
+from lora_study.loading import device_name, load_base_model, load_tokenizer, pick_device, set_threads
 from lora_study.metrics import EvalMetrics, PeakMemory, perplexity
 from lora_study.train import response_loss_sum
 
@@ -93,7 +93,6 @@ def evaluate_run(
     threads: int,
 ) -> EvalMetrics:
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     start = time.perf_counter()
     gpu_slot = claim_gpu()  # held until this process ends
@@ -101,8 +100,7 @@ def evaluate_run(
     device = pick_device()
     log.info("evaluating %s on %s", run["run_id"], device_name(device))
     rows = list(load_split(splits_dir, "validation"))
-    tokenizer = AutoTokenizer.from_pretrained(manifest["path"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenizer, pad_id = load_tokenizer(manifest)
 
     with PeakMemory(device) as memory:
         model = load_base_model(

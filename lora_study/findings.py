@@ -112,6 +112,15 @@ def _add_noise(table: pd.DataFrame, group: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def _measured(group: pd.DataFrame, *columns: str) -> dict[str, pd.Series]:
+    """The group's metric columns, empty where the run did not fit."""
+    return {column: group[column].where(group["fits"]) for column in columns}
+
+
+def _status(group: pd.DataFrame) -> pd.Series:
+    return group["fits"].map({True: "ok", False: DOES_NOT_FIT})
+
+
 def _with_accuracy(columns: list[str], frame: pd.DataFrame) -> list[str]:
     if "accuracy" not in frame or frame["accuracy"].isna().all():
         return [c for c in columns if c != "accuracy"]
@@ -129,12 +138,9 @@ def rank_table(runs: pd.DataFrame) -> pd.DataFrame | None:
             "rank": group["rank"],
             "modules": group["modules_label"],
             "quantization": group["quant_label"],
-            "perplexity": group["perplexity"].where(group["fits"]),
-            "accuracy": group["accuracy"].where(group["fits"]),
-            "peak_memory_gb": group["peak_memory_gb"].where(group["fits"]),
-            "train_wall_s": group["train_wall_s"].where(group["fits"]),
+            **_measured(group, "perplexity", "accuracy", "peak_memory_gb", "train_wall_s"),
             "quality_per_gb": (base - group["perplexity"]) / group["peak_memory_gb"] if base else float("nan"),
-            "status": group["fits"].map({True: "ok", False: DOES_NOT_FIT}),
+            "status": _status(group),
         }
     )
     table = _add_noise(table, group)
@@ -151,11 +157,10 @@ def module_table(runs: pd.DataFrame) -> pd.DataFrame | None:
             "modules": group["modules_label"],
             "rank": group["rank"],
             "quantization": group["quant_label"],
-            "perplexity": group["perplexity"].where(group["fits"]),
-            "accuracy": group["accuracy"].where(group["fits"]),
+            **_measured(group, "perplexity", "accuracy"),
             "trainable_params": group["trainable_params"].astype("Int64"),
-            "peak_memory_gb": group["peak_memory_gb"].where(group["fits"]),
-            "status": group["fits"].map({True: "ok", False: DOES_NOT_FIT}),
+            **_measured(group, "peak_memory_gb"),
+            "status": _status(group),
         }
     )
     table = _add_noise(table, group)
@@ -185,12 +190,10 @@ def quantization_table(runs: pd.DataFrame) -> pd.DataFrame | None:
             "quantization": group["quant_label"],
             "rank": group["rank"],
             "modules": group["modules_label"],
-            "perplexity": group["perplexity"].where(group["fits"]),
-            "accuracy": group["accuracy"].where(group["fits"]),
-            "peak_memory_gb": group["peak_memory_gb"].where(group["fits"]),
+            **_measured(group, "perplexity", "accuracy", "peak_memory_gb"),
             "quality_change_pct": 100 * (group["perplexity"] - best) / best,
             "memory_saved_pct": 100 * saved,
-            "status": group["fits"].map({True: "ok", False: DOES_NOT_FIT}),
+            "status": _status(group),
         }
     )
     table.loc[~group["fits"].to_numpy(), ["quality_change_pct", "memory_saved_pct"]] = float("nan")
@@ -229,15 +232,13 @@ def time_memory_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     trained = trained_runs(runs)
     if trained.empty:
         return None
-    fits = trained["fits"]
     return pd.DataFrame(
         {
             "run_id": trained["run_id"],
-            "train_wall_s": trained["train_wall_s"].where(fits),
-            "peak_memory_gb": trained["peak_memory_gb"].where(fits),
-            "time_per_gb": (trained["train_wall_s"] / trained["peak_memory_gb"]).where(fits),
-            "train_tokens_per_s": trained["train_tokens_per_s"].where(fits),
-            "status": fits.map({True: "ok", False: DOES_NOT_FIT}),
+            **_measured(trained, "train_wall_s", "peak_memory_gb"),
+            "time_per_gb": (trained["train_wall_s"] / trained["peak_memory_gb"]).where(trained["fits"]),
+            **_measured(trained, "train_tokens_per_s"),
+            "status": _status(trained),
         }
     ).reset_index(drop=True)
 

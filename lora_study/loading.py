@@ -34,6 +34,15 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
+def load_tokenizer(manifest: dict[str, Any]):
+    """The model's tokenizer and the id to pad with (EOS when it defines no pad token)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(manifest["path"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer, pad_id
+
+
 def quantization_config(quantization: str, double_quant: bool, compute_dtype: str):
     """bitsandbytes settings for 4/8-bit runs; None for plain floating point."""
     from transformers import BitsAndBytesConfig

@@ -21,6 +21,7 @@ from lora_study.loading import (
     count_parameters,
     device_name,
     load_base_model,
+    load_tokenizer,
     pick_device,
     set_threads,
 )
@@ -85,7 +86,7 @@ def train_run(
     threads: int,
 ) -> TrainMetrics:
     """Train the adapter for `run` (a RunSpec as params) and write its outputs."""
-    from transformers import AutoTokenizer, get_scheduler, set_seed
+    from transformers import get_scheduler, set_seed
 
     job_start = time.perf_counter()
     training = run["training"]
@@ -101,8 +102,7 @@ def train_run(
 
     train_rows = load_split(splits_dir, "train")
     lengths = [len(ids) for ids in train_rows["input_ids"]]
-    tokenizer = AutoTokenizer.from_pretrained(manifest["path"])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    _, pad_id = load_tokenizer(manifest)
 
     with PeakMemory(device) as memory:
         model = load_base_model(
