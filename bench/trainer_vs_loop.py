@@ -1,0 +1,189 @@
+"""This project's training loop vs a plain transformers.Trainer + PEFT script,
+side by side in one run.
+
+    python bench/trainer_vs_loop.py [--rounds 2] [--steps 24] [--run r16-qkvo-nf4]
+
+Both train the same LoRA configuration of the default config (model, data,
+quantization, learning rate, batch size, steps, seed) from the same prepared
+split, each in its own process (so peak RSS is each one's own), alternating
+A, B, A, B. The Trainer side is what a user would write otherwise: the usual
+padding collator (DataCollatorForSeq2Seq), full-vocabulary logits, no length
+grouping. Printed per side: useful tokens/s (tokens that carry a loss, per
+second of training), peak memory, validation perplexity of the trained
+adapter; then the ratios. Needs results/model and results/data from a study run
+(`snakemake --cores 2 results/data/summary.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def load_setup(run_id: str, steps: int):
+    import yaml
+
+    from lora_study.config import validate_config
+    from lora_study.io import read_json
+    from lora_study.sweep import expand_study
+
+    config = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    run = expand_study(config)[run_id].as_params()
+    run["training"]["max_steps"] = steps
+    manifest = read_json(REPO / "results" / "model" / "model.json")
+    return config, run, manifest, REPO / "results" / "data" / "splits"
+
+
+def perplexity_of(model, manifest, splits: Path, batch_size: int) -> float:
+    from lora_study.data import load_split
+    from lora_study.evaluate import response_nll
+    from lora_study.loading import load_tokenizer
+    from lora_study.metrics import perplexity
+
+    _, pad_id = load_tokenizer(manifest)
+    model.eval()
+    nll, count = response_nll(model, list(load_split(splits, "validation")), batch_size, pad_id, model.device)
+    return perplexity(nll, count)
+
+
+def worker_ours(run_id: str, steps: int, out: Path, threads: int) -> dict:
+    from peft import PeftModel
+
+    from lora_study.loading import load_base_model, pick_device
+    from lora_study.metrics import peak_rss_bytes
+    from lora_study.train import train_run
+
+    config, run, manifest, splits = load_setup(run_id, steps)
+    metrics = train_run(run, manifest, splits, out / "adapter", out / "m.json", out / "c.csv", threads)
+    peak = peak_rss_bytes()
+    t = run["training"]
+    base = load_base_model(
+        manifest, run["quantization"], run["double_quant"], t["compute_dtype"], t["attn_implementation"], pick_device()
+    )
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    return {
+        "loss_tokens": metrics.loss_tokens,
+        "train_s": metrics.train_wall_s,
+        "peak_rss_gb": peak / 1024**3,
+        "perplexity": perplexity_of(model, manifest, splits, config["evaluation"]["batch_size"]),
+    }
+
+
+def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from lora_study.batching import IGNORE_INDEX
+    from lora_study.data import load_split
+    from lora_study.loading import add_lora, load_base_model, load_tokenizer, pick_device, set_threads
+    from lora_study.metrics import peak_rss_bytes
+    from lora_study.modules import needs_fan_in_fan_out, resolve_target_modules
+
+    config, run, manifest, splits = load_setup(run_id, steps)
+    set_threads(threads)
+    t = run["training"]
+    tokenizer, pad_id = load_tokenizer(manifest)
+    tokenizer.pad_token_id = pad_id
+    device = pick_device()
+    model = load_base_model(
+        manifest, run["quantization"], run["double_quant"], t["compute_dtype"], t["attn_implementation"], device
+    )
+    targets = resolve_target_modules(manifest["model_type"], run["modules"], manifest["linear_layers"])
+    model = add_lora(
+        model, targets, run["rank"], run["alpha"], t["lora_dropout"], needs_fan_in_fan_out(manifest["model_type"]),
+        quantized=run["quantization"] in ("nf4", "fp4", "int8"), gradient_checkpointing=False,
+    )  # fmt: skip
+
+    def with_labels(row):
+        labels = list(row["input_ids"])
+        labels[: row["prompt_length"]] = [IGNORE_INDEX] * row["prompt_length"]
+        return {"input_ids": row["input_ids"], "attention_mask": [1] * len(labels), "labels": labels}
+
+    train = load_split(splits, "train").map(with_labels, remove_columns=["prompt_length", "answer", "family"])
+    padding = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    loss_tokens = 0
+
+    def counting_collator(rows):
+        nonlocal loss_tokens
+        batch = padding(rows)
+        loss_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return batch
+
+    args = TrainingArguments(
+        output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=t["batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation_steps"], learning_rate=t["learning_rate"],
+        lr_scheduler_type=t["lr_scheduler"], warmup_steps=t["warmup_steps"], weight_decay=t["weight_decay"],
+        max_grad_norm=t["max_grad_norm"], seed=t["seed"], logging_steps=steps, save_strategy="no",
+        report_to=[], dataloader_num_workers=0, use_cpu=device.type == "cpu", remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=counting_collator)
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+    peak = peak_rss_bytes()
+    return {
+        "loss_tokens": loss_tokens,
+        "train_s": train_s,
+        "peak_rss_gb": peak / 1024**3,
+        "perplexity": perplexity_of(model, manifest, splits, config["evaluation"]["batch_size"]),
+    }
+
+
+def run_side(side: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, __file__, "--worker", side, "--out", tmp, "--run", args.run]
+        command += ["--steps", str(args.steps), "--threads", str(args.threads)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{side} failed:\n{result.stderr[-4000:]}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--run", default="r16-qkvo-nf4")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=["ours", "trainer"])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.worker:
+        worker = worker_ours if args.worker == "ours" else worker_trainer
+        print(json.dumps(worker(args.run, args.steps, Path(args.out), args.threads)))
+        return
+
+    results: dict[str, list[dict]] = {"ours": [], "trainer": []}
+    for round_index in range(args.rounds):
+        for side in ("ours", "trainer") if round_index % 2 == 0 else ("trainer", "ours"):
+            outcome = run_side(side, args)
+            outcome["useful_tokens_per_s"] = outcome["loss_tokens"] / outcome["train_s"]
+            results[side].append(outcome)
+            print(f"round {round_index + 1} {side:8s} {json.dumps(outcome)}", flush=True)
+
+    def median(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[side])
+
+    print(f"\n{args.run}, {args.steps} steps, {args.rounds} rounds (medians)")
+    print(f"{'':10s}{'useful tok/s':>14s}{'peak RSS GB':>13s}{'perplexity':>12s}")
+    for side in ("ours", "trainer"):
+        print(
+            f"{side:10s}{median(side, 'useful_tokens_per_s'):>14.1f}"
+            f"{median(side, 'peak_rss_gb'):>13.2f}{median(side, 'perplexity'):>12.4f}"
+        )
+    speed = median("ours", "useful_tokens_per_s") / median("trainer", "useful_tokens_per_s")
+    memory = median("ours", "peak_rss_gb") / median("trainer", "peak_rss_gb")
+    quality = median("ours", "perplexity") / median("trainer", "perplexity")
+    print(f"ratio ours/trainer: useful tokens/s x{speed:.2f}, peak memory x{memory:.2f}, perplexity x{quality:.3f}")
+
+
+if __name__ == "__main__":
+    main()
