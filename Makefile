@@ -36,5 +36,5 @@ format: $(STAMP)
 	$(VENV)/bin/snakefmt Snakefile rules/
 
 clean:
-	rm -rf results/* logs .snakemake
+	rm -rf results/* logs benchmarks .snakemake
 	touch results/.gitkeep
