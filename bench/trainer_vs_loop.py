@@ -86,6 +86,7 @@ def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
     from lora_study.loading import add_lora, load_base_model, load_tokenizer, pick_device, set_threads
     from lora_study.metrics import peak_rss_bytes
     from lora_study.modules import needs_fan_in_fan_out, resolve_target_modules
+    from lora_study.sweep import BITSANDBYTES
 
     config, run, manifest, splits = load_setup(run_id, steps)
     set_threads(threads)
@@ -99,7 +100,7 @@ def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
     targets = resolve_target_modules(manifest["model_type"], run["modules"], manifest["linear_layers"])
     model = add_lora(
         model, targets, run["rank"], run["alpha"], t["lora_dropout"], needs_fan_in_fan_out(manifest["model_type"]),
-        quantized=run["quantization"] in ("nf4", "fp4", "int8"), gradient_checkpointing=False,
+        quantized=run["quantization"] in BITSANDBYTES, gradient_checkpointing=False,
     )  # fmt: skip
 
     def with_labels(row):

@@ -1,4 +1,4 @@
-"""Length-grouped batches with dynamic padding and response-only labels."""
+"""Shuffled (optionally length-grouped) batches with dynamic padding and response-only labels."""
 
 from __future__ import annotations
 
@@ -9,20 +9,25 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
-# Sort within windows of this many batches: similar lengths, still shuffled.
+# With grouping, sort within windows of this many batches: similar lengths, still shuffled.
 GROUP_WINDOW_BATCHES = 32
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
-    """One epoch of index batches: shuffled, then sorted by length within windows.
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = True
+) -> list[list[int]]:
+    """One epoch of index batches, shuffled; grouped by length when asked.
 
-    Padding only reaches the longest row of a batch, so little compute is spent
-    on pad tokens, while batch order stays random.
+    Grouping sorts rows by length within windows of GROUP_WINDOW_BATCHES
+    batches, so padding only reaches the longest row of a batch. It saves
+    compute, but batches of similar length can also be batches of similar
+    content (here: one task family), which slows learning in short runs; it is
+    therefore off by default (training.group_by_length).
     """
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    window = batch_size * GROUP_WINDOW_BATCHES
+    window = batch_size * (GROUP_WINDOW_BATCHES if group_by_length else 1)
     batches: list[list[int]] = []
     for start in range(0, len(order), window):
         chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
@@ -31,11 +36,11 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int) -
     return batches
 
 
-def endless_batches(lengths: Sequence[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+def endless_batches(lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool) -> Iterator[list[int]]:
     """Epoch after epoch, each with its own shuffle (seed + epoch)."""
     epoch = 0
     while True:
-        yield from length_grouped_batches(lengths, batch_size, seed + epoch)
+        yield from length_grouped_batches(lengths, batch_size, seed + epoch, group_by_length)
         epoch += 1
 
 

@@ -11,6 +11,8 @@ from lora_study.modules import ALL_LINEAR, canonical_modules, modules_label
 
 BASELINE_ID = "base"
 FOUR_BIT = ("nf4", "fp4")
+# Quantizations whose base weights bitsandbytes holds (the rest are plain dtypes).
+BITSANDBYTES = (*FOUR_BIT, "int8")
 QUANTIZATIONS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
 
 

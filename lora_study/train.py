@@ -27,6 +27,7 @@ from lora_study.loading import (
 )
 from lora_study.metrics import STATUS_OK, PeakMemory, TrainMetrics
 from lora_study.modules import needs_fan_in_fan_out, resolve_target_modules
+from lora_study.sweep import BITSANDBYTES
 
 log = logging.getLogger("lora_study")
 
@@ -120,7 +121,7 @@ def train_run(
             run["alpha"],
             training["lora_dropout"],
             needs_fan_in_fan_out(manifest["model_type"]),
-            quantized=run["quantization"] in ("nf4", "fp4", "int8"),
+            quantized=run["quantization"] in BITSANDBYTES,
             gradient_checkpointing=training["gradient_checkpointing"],
         )
         trainable, total = count_parameters(model)
@@ -137,7 +138,7 @@ def train_run(
             num_warmup_steps=training["warmup_steps"],
             num_training_steps=steps,
         )
-        batches = endless_batches(lengths, batch_size, training["seed"])
+        batches = endless_batches(lengths, batch_size, training["seed"], training["group_by_length"])
         loader = torch.utils.data.DataLoader(
             train_rows.with_format(None),
             batch_sampler=batches,

@@ -88,8 +88,13 @@ def test_local_files_and_their_errors(tiny_llama, tmp_path):
 
 def test_length_grouped_batches_cover_every_row_once_with_little_padding():
     lengths = [(i * 37) % 90 + 10 for i in range(500)]
-    batches = length_grouped_batches(lengths, batch_size=8, seed=0)
-    assert sorted(i for b in batches for i in b) == list(range(500))
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    assert padded < 1.1 * sum(lengths)  # random batches would pad far more
-    assert batches != length_grouped_batches(lengths, batch_size=8, seed=1)
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    grouped = length_grouped_batches(lengths, batch_size=8, seed=0, group_by_length=True)
+    plain = length_grouped_batches(lengths, batch_size=8, seed=0, group_by_length=False)
+    for batches in (grouped, plain):
+        assert sorted(i for b in batches for i in b) == list(range(500))
+    assert padded(grouped) < 1.1 * sum(lengths) < 1.3 * sum(lengths) < padded(plain)
+    assert grouped != length_grouped_batches(lengths, batch_size=8, seed=1, group_by_length=True)
