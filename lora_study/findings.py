@@ -355,7 +355,8 @@ def diminishing_finding(steps: pd.DataFrame | None, settings: FindingSettings) -
     )
     return (
         f"Returns diminish above rank {int(knee['from_rank'])}: no later rank step lowers perplexity by "
-        f"{settings.min_relative_gain:.0%} or more beyond seed noise (perplexity change per step: {gains_text})."
+        f"{settings.min_relative_gain:.0%} or more{' beyond seed noise' if 'beyond_noise' in steps else ''} "
+        f"(perplexity change per step: {gains_text})."
     )
 
 
