@@ -69,10 +69,6 @@ class ModuleResolutionError(ValueError):
     """Requested target modules do not exist in the model."""
 
 
-def is_logical(name: str) -> bool:
-    return name in LOGICAL_GROUPS or name == ALL_LINEAR
-
-
 def modules_label(modules: Sequence[str]) -> str:
     """Short, stable label for run ids: [q,k,v,o,mlp] -> 'qkvo-mlp'."""
     requested = set(modules)

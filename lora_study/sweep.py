@@ -13,7 +13,6 @@ BASELINE_ID = "base"
 FOUR_BIT = ("nf4", "fp4")
 # Quantizations whose base weights bitsandbytes holds (the rest are plain dtypes).
 BITSANDBYTES = (*FOUR_BIT, "int8")
-QUANTIZATIONS = ("nf4", "fp4", "int8", "bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
