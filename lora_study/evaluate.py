@@ -149,7 +149,7 @@ def evaluate_run(
         accuracy_by_family=by_family,
         eval_wall_s=time.perf_counter() - start,
         memory=memory.report(),
-        environment={**job_environment(), "gpu_slot": gpu_slot.device if gpu_slot else None},
+        environment=job_environment(gpu_slot),
     )
     write_json(metrics_path, metrics.to_dict())
     return metrics

@@ -83,11 +83,12 @@ def claim_gpu(
     return slot
 
 
-def job_environment() -> dict[str, str | None]:
-    """Where the job ran: SLURM job id and node, and the devices it saw."""
+def job_environment(slot: GpuSlot | None) -> dict[str, str | None]:
+    """Where the job ran: SLURM job id and node, the devices it saw, the slot it held."""
     return {
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_node": os.environ.get("SLURMD_NODENAME"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "hostname": os.uname().nodename,
+        "gpu_slot": slot.device if slot else None,
     }

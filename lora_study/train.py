@@ -54,6 +54,11 @@ def _post_processes_logits(config) -> bool:
     return any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
 
 
+def scored_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry a next-token loss (response tokens after the first position)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over response tokens (float32), and their count.
 
@@ -63,7 +68,7 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     """
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
-    count = int(keep.sum())
+    count = scored_tokens(batch)
     causal_lm = _causal_lm(model)
     if _post_processes_logits(causal_lm.config):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -146,7 +151,7 @@ def train_run(
             num_workers=training["dataloader_num_workers"],
         )
         curve, train_tokens, loss_tokens, train_seconds, last_loss = _loop(
-            model, optimizer, scheduler, iter(loader), steps, accumulation, device, training
+            model, params, optimizer, scheduler, iter(loader), steps, accumulation, device, training
         )
 
     with atomic_path(adapter_dir) as tmp:
@@ -173,7 +178,7 @@ def train_run(
         adapter_size_mb=adapter_mb,
         target_modules=targets,
         memory=memory.report(),
-        environment={**job_environment(), "gpu_slot": gpu_slot.device if gpu_slot else None},
+        environment=job_environment(gpu_slot),
     )
     write_json(metrics_path, metrics.to_dict())
     log.info(
@@ -186,7 +191,7 @@ def train_run(
     return metrics
 
 
-def _loop(model, optimizer, scheduler, batches, steps, accumulation, device, training):
+def _loop(model, params, optimizer, scheduler, batches, steps, accumulation, device, training):
     """The optimisation loop; returns the loss curve and token counts."""
     model.train()
     curve: list[dict[str, float]] = []
@@ -196,7 +201,7 @@ def _loop(model, optimizer, scheduler, batches, steps, accumulation, device, tra
     for step in range(1, steps + 1):
         micro_batches = [next(batches) for _ in range(accumulation)]
         # Token-weighted mean over the whole accumulated step, not a mean of means.
-        step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        step_tokens = sum(scored_tokens(b) for b in micro_batches)
         step_loss = 0.0
         for batch in micro_batches:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -205,7 +210,7 @@ def _loop(model, optimizer, scheduler, batches, steps, accumulation, device, tra
             step_loss += loss_sum.item()
             train_tokens += int(batch["attention_mask"].sum())
         loss_tokens += step_tokens
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], training["max_grad_norm"])
+        torch.nn.utils.clip_grad_norm_(params, training["max_grad_norm"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
