@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from lora_study.io import atomic_path
+from lora_study.metrics import STATUS_OK
 
 CONFIG_COLUMNS = ("run_id", "config_id", "is_baseline", "rank", "alpha", "modules", "quantization", "double_quant")
 # The readable subset shown in runs.md; runs.csv has every column.
@@ -38,21 +39,28 @@ def run_row(run: dict[str, Any], evaluation: dict[str, Any], training: dict[str,
     row["seed"] = run["training"].get("seed")
     row.update(_flatten("training.", run["training"]))
     eval_metrics = {
-        k: v for k, v in evaluation.items() if k not in ("run_id", "memory", "accuracy_by_family", "device")
+        k: v
+        for k, v in evaluation.items()
+        if k not in ("run_id", "memory", "accuracy_by_family", "device", "failure", "environment")
     }
     row.update(eval_metrics)
     row.update(_flatten("accuracy.", evaluation["accuracy_by_family"]))
     row.update(_flatten("eval_", evaluation["memory"]))
     row.update(_flatten("eval_", evaluation.get("environment", {})))
     if training is not None:
-        train_metrics = {k: v for k, v in training.items() if k not in ("run_id", "memory", "environment")}
+        train_metrics = {k: v for k, v in training.items() if k not in ("run_id", "memory", "environment", "failure")}
         train_metrics["target_modules"] = _join(train_metrics["target_modules"])
         row.update(train_metrics)
         row.update(training["memory"])
         row.update(training.get("environment", {}))
+        # A run that trained but could not be evaluated (oom) carries the evaluation's status.
+        if training["status"] == STATUS_OK:
+            row["status"] = evaluation.get("status", STATUS_OK)
+        row.update(_flatten("failure.", training.get("failure") or evaluation.get("failure") or {}))
     else:
         # The baseline trains nothing: its memory is what inference needed.
-        row.update({"status": "ok", "trainable_params": 0, "adapter_size_mb": 0.0, "device": evaluation["device"]})
+        baseline = {"trainable_params": 0, "adapter_size_mb": 0.0, "device": evaluation["device"]}
+        row.update({"status": evaluation.get("status", STATUS_OK), **baseline})
         row.update(evaluation["memory"])
     return row
 

@@ -14,10 +14,11 @@ import torch
 
 from lora_study.batching import collate
 from lora_study.data import load_split
+from lora_study.failures import STATUS_OOM, is_out_of_memory, memory_in_use_gb
 from lora_study.gpu_slots import claim_gpu, job_environment
 from lora_study.io import atomic_path, write_json
 from lora_study.loading import device_name, load_base_model, load_tokenizer, pick_device, set_threads
-from lora_study.metrics import EvalMetrics, PeakMemory, perplexity
+from lora_study.metrics import STATUS_OK, EvalMetrics, PeakMemory, perplexity
 from lora_study.train import response_loss_sum
 
 log = logging.getLogger("lora_study")
@@ -91,51 +92,55 @@ def evaluate_run(
     metrics_path: Path,
     predictions_path: Path,
     threads: int,
+    train_status: str = STATUS_OK,
 ) -> EvalMetrics:
-    from peft import PeftModel
-
+    """Score a run; a run that did not train (oom, skipped) passes its status through."""
     start = time.perf_counter()
     gpu_slot = claim_gpu()  # held until this process ends
     set_threads(threads)
     device = pick_device()
+
+    def not_evaluated(status: str, failure: dict[str, Any]) -> EvalMetrics:
+        metrics = EvalMetrics(
+            run_id=run["run_id"],
+            device=device.type,
+            status=status,
+            eval_wall_s=time.perf_counter() - start,
+            environment=job_environment(gpu_slot),
+            failure=failure,
+        )
+        _write_predictions(predictions_path, [], [])
+        write_json(metrics_path, metrics.to_dict())
+        return metrics
+
+    if train_status != STATUS_OK:
+        log.info("%s was not trained (status %s): nothing to evaluate", run["run_id"], train_status)
+        return not_evaluated(train_status, {"phase": "train"})
     log.info("evaluating %s on %s", run["run_id"], device_name(device))
     rows = list(load_split(splits_dir, "validation"))
     tokenizer, pad_id = load_tokenizer(manifest)
+    scored = [r for r in rows if r["family"]][: evaluation["exact_match_examples"]]
+    batch_size = evaluation["batch_size"]
+    try:
+        with PeakMemory(device) as memory:
+            model = _load_model(run, compute_settings, manifest, adapter_dir, device)
+            nll_start = time.perf_counter()
+            total_nll, tokens = response_nll(model, rows, batch_size, pad_id, device)
+            nll_seconds = time.perf_counter() - nll_start
+            log.info("perplexity %.4f over %d response tokens", perplexity(total_nll, tokens), tokens)
+            max_new = evaluation["max_new_tokens"]
+            predictions = greedy_answers(model, scored, batch_size, max_new, tokenizer, pad_id, device)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        log.error("out of memory during evaluation: recorded as status 'oom'")
+        failure = {"phase": "evaluate", "error": f"{type(error).__name__}: {error}"[:500]}
+        return not_evaluated(STATUS_OOM, {**failure, **memory_in_use_gb(device)})
 
-    with PeakMemory(device) as memory:
-        model = load_base_model(
-            manifest,
-            run["quantization"],
-            run["double_quant"],
-            compute_settings["compute_dtype"],
-            compute_settings["attn_implementation"],
-            device,
-        )
-        if adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-        model.eval()
-
-        nll_start = time.perf_counter()
-        total_nll, tokens = response_nll(model, rows, evaluation["batch_size"], pad_id, device)
-        nll_seconds = time.perf_counter() - nll_start
-        eval_tokens = sum(len(r["input_ids"]) for r in rows)
-        log.info("perplexity %.4f over %d response tokens", perplexity(total_nll, tokens), tokens)
-
-        scored = [r for r in rows if r["family"]][: evaluation["exact_match_examples"]]
-        accuracy, by_family, predictions = None, {}, []
-        if scored:
-            predictions = greedy_answers(
-                model,
-                scored,
-                evaluation["batch_size"],
-                evaluation["max_new_tokens"],
-                tokenizer,
-                pad_id,
-                device,
-            )
-            accuracy, by_family = exact_match(predictions, scored)
-            log.info("exact-match accuracy %.3f on %d prompts", accuracy, len(scored))
-
+    eval_tokens = sum(len(r["input_ids"]) for r in rows)
+    accuracy, by_family = exact_match(predictions, scored) if scored else (None, {})
+    if scored:
+        log.info("exact-match accuracy %.3f on %d prompts", accuracy, len(scored))
     _write_predictions(predictions_path, scored, predictions)
     metrics = EvalMetrics(
         run_id=run["run_id"],
@@ -153,6 +158,23 @@ def evaluate_run(
     )
     write_json(metrics_path, metrics.to_dict())
     return metrics
+
+
+def _load_model(run, compute_settings, manifest, adapter_dir: Path | None, device: torch.device):
+    """The base model in the run's quantization, with its adapter when it has one."""
+    from peft import PeftModel
+
+    model = load_base_model(
+        manifest,
+        run["quantization"],
+        run["double_quant"],
+        compute_settings["compute_dtype"],
+        compute_settings["attn_implementation"],
+        device,
+    )
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return model.eval()
 
 
 def _write_predictions(path: Path, rows, predictions: list[str]) -> None:

@@ -16,7 +16,11 @@ from lora_study.replicates import NOISE_RULE, differs
 from lora_study.sweep import quantization_label
 
 UNQUANTIZED = ("fp32", "bf16", "fp16")  # highest precision first
-DOES_NOT_FIT = "does not fit"
+# How a run that produced no measurement appears in tables and sentences.
+STATUS_LABELS = {
+    "oom": "does not fit (out of memory)",
+    "skipped": "skipped (predicted over the memory budget)",
+}
 
 DEFINITIONS: dict[str, str] = {
     "perplexity": "exp of the token-weighted mean negative log-likelihood over the response tokens "
@@ -117,8 +121,13 @@ def _measured(group: pd.DataFrame, *columns: str) -> dict[str, pd.Series]:
     return {column: group[column].where(group["fits"]) for column in columns}
 
 
+def status_label(status: object) -> str:
+    status = "ok" if pd.isna(status) else str(status)
+    return STATUS_LABELS.get(status, status)
+
+
 def _status(group: pd.DataFrame) -> pd.Series:
-    return group["fits"].map({True: "ok", False: DOES_NOT_FIT})
+    return group["status"].map(status_label)
 
 
 def _with_accuracy(columns: list[str], frame: pd.DataFrame) -> list[str]:
@@ -411,8 +420,8 @@ def quantization_findings(quant: pd.DataFrame | None) -> list[str]:
             f"({row['quality_change_pct']:+.1f}% vs the best{noise}), "
             f"peak memory {row['peak_memory_gb']:.2f} GB{saved}."
         )
-    for _, row in quant[quant["status"] == DOES_NOT_FIT].iterrows():
-        sentences.append(f"Quantization {row['quantization']}: does not fit (ran out of memory).")
+    for _, row in quant[quant["status"] != "ok"].iterrows():
+        sentences.append(f"Quantization {row['quantization']}: {row['status']}.")
     return sentences
 
 
@@ -504,5 +513,6 @@ def headline_findings(table: pd.DataFrame, settings: FindingSettings) -> list[st
     ]
     not_fitting = trained[~trained["fits"]]
     if len(not_fitting):
-        sentences.append("Did not fit: " + ", ".join(not_fitting["run_id"]) + ".")
+        listed = [f"{row.run_id} {status_label(row.status)}" for row in not_fitting.itertuples()]
+        sentences.append("Not measured: " + "; ".join(listed) + ".")
     return [s for s in sentences if s]

@@ -25,28 +25,34 @@ def perplexity(total_nll: float, token_count: int) -> float:
 
 @dataclass
 class TrainMetrics:
-    """Contents of train_metrics.json (also the runs-table column names)."""
+    """Contents of train_metrics.json (also the runs-table column names).
+
+    A run that did not train (status "oom" or "skipped") leaves the measured
+    fields None and says why in `failure`.
+    """
 
     run_id: str
     status: str
     device: str
     device_name: str
-    torch_threads: int
-    steps: int
-    train_wall_s: float
-    job_wall_s: float
-    train_tokens: int
-    loss_tokens: int
-    train_tokens_per_s: float
-    loss_tokens_per_s: float
-    final_train_loss: float
-    trainable_params: int
-    total_params: int
-    trainable_percent: float
-    adapter_size_mb: float
-    target_modules: list[str] | str
+    torch_threads: int | None = None
+    steps: int | None = None
+    train_wall_s: float | None = None
+    job_wall_s: float | None = None
+    train_tokens: int | None = None
+    loss_tokens: int | None = None
+    train_tokens_per_s: float | None = None
+    loss_tokens_per_s: float | None = None
+    final_train_loss: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trainable_percent: float | None = None
+    adapter_size_mb: float | None = None
+    target_modules: list[str] | str = ""
+    resumed_from_step: int = 0
     memory: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    failure: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,20 +60,22 @@ class TrainMetrics:
 
 @dataclass
 class EvalMetrics:
-    """Contents of eval_metrics.json."""
+    """Contents of eval_metrics.json; a run that did not train carries its status here."""
 
     run_id: str
     device: str
-    eval_loss: float
-    perplexity: float
-    eval_tokens: int
-    eval_tokens_per_s: float
-    accuracy: float | None
-    accuracy_n: int
-    accuracy_by_family: dict[str, float]
-    eval_wall_s: float
+    status: str = STATUS_OK
+    eval_loss: float | None = None
+    perplexity: float | None = None
+    eval_tokens: int | None = None
+    eval_tokens_per_s: float | None = None
+    accuracy: float | None = None
+    accuracy_n: int = 0
+    accuracy_by_family: dict[str, float] = field(default_factory=dict)
+    eval_wall_s: float | None = None
     memory: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    failure: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,6 +132,12 @@ class PeakMemory:
                 "nvml_peak_used_gb": nvml,
             }
         return {"peak_memory_gb": peak_rss_bytes() / GB, "memory_kind": "cpu_peak_rss"}
+
+
+def current_rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def peak_rss_bytes() -> int:

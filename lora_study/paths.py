@@ -17,6 +17,8 @@ TRAIN_METRICS = f"{RUN_DIR}/train_metrics.json"
 LOSS_CURVE = f"{RUN_DIR}/loss_curve.csv"
 EVAL_METRICS = f"{RUN_DIR}/eval_metrics.json"
 PREDICTIONS = f"{RUN_DIR}/predictions.jsonl"
+# Outside the run's outputs: Snakemake deletes a failed job's outputs, a checkpoint must survive.
+CHECKPOINT = f"{RESULTS}/checkpoints/{{run}}"
 
 TABLES = f"{RESULTS}/tables"
 RUNS_CSV = f"{TABLES}/runs.csv"

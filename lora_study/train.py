@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import itertools
+import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from lora_study.batching import IGNORE_INDEX, collate, endless_batches
+from lora_study.checkpoints import Checkpointer, Progress, StopSignal, TrainingInterrupted, fingerprint, stop_on_signals
 from lora_study.data import load_split
+from lora_study.failures import STATUS_OOM, STATUS_SKIPPED, is_out_of_memory, memory_cap, memory_in_use_gb
 from lora_study.gpu_slots import claim_gpu, job_environment
 from lora_study.io import atomic_path, write_json
 from lora_study.loading import (
@@ -32,6 +37,8 @@ from lora_study.sweep import BITSANDBYTES
 log = logging.getLogger("lora_study")
 
 LOSS_CURVE_FIELDS = ("step", "loss", "learning_rate", "tokens_seen", "elapsed_s")
+# Marks the adapter directory of a run that did not train (status oom or skipped).
+NOT_TRAINED_FILE = "NOT_TRAINED.json"
 
 
 def total_steps(training: dict[str, Any], batches_per_epoch: int) -> int:
@@ -90,8 +97,18 @@ def train_run(
     metrics_path: Path,
     loss_curve_path: Path,
     threads: int,
+    checkpoint_dir: Path,
+    checkpoint_every: int = 0,
+    plan: dict[str, Any] | None = None,
 ) -> TrainMetrics:
-    """Train the adapter for `run` (a RunSpec as params) and write its outputs."""
+    """Train the adapter for `run` (a RunSpec as params) and write its outputs.
+
+    Out of memory ends the run with status "oom" (a result, not a crash); a
+    run the memory plan marked as not fitting is recorded as "skipped" without
+    loading anything. SIGTERM/SIGINT save a checkpoint and exit non-zero; the
+    next attempt resumes from the newest checkpoint.
+    """
+    import peft  # noqa: F401  (imported before any memory cap, like everything heavy)
     from transformers import get_scheduler, set_seed
 
     job_start = time.perf_counter()
@@ -105,58 +122,106 @@ def train_run(
     # Resolve modules before loading weights: a typo fails in a second, not after the load.
     targets = resolve_target_modules(manifest["model_type"], run["modules"], manifest["linear_layers"])
     log.info("target modules %s -> %s", run["modules"], targets)
+    outputs = TrainOutputs(adapter_dir, metrics_path, loss_curve_path)
+    measured: dict[str, Any] = {}  # what is known about a run that stops early
+
+    def not_trained(status: str, failure: dict[str, Any], progress: Progress) -> TrainMetrics:
+        metrics = TrainMetrics(
+            run_id=run["run_id"],
+            status=status,
+            device=device.type,
+            device_name=device_name(device),
+            target_modules=targets,
+            job_wall_s=time.perf_counter() - job_start,
+            environment=job_environment(gpu_slot),
+            failure=failure,
+            **measured,
+        )
+        return outputs.write_not_trained(metrics, progress.curve)
+
+    if plan is not None and plan.get("skip"):
+        log.warning("skipped: the memory plan predicts %.2f GB, over the %.2f GB budget", plan["predicted_gb"],
+                    plan["budget_gb"])  # fmt: skip
+        return not_trained(STATUS_SKIPPED, {"reason": "predicted over the memory budget", **plan}, Progress())
 
     train_rows = load_split(splits_dir, "train")
     lengths = [len(ids) for ids in train_rows["input_ids"]]
     _, pad_id = load_tokenizer(manifest)
+    checkpointer = Checkpointer(checkpoint_dir, fingerprint(run, manifest, splits_dir), checkpoint_every)
+    progress = Progress()
+    phase = "load"
+    memory: PeakMemory | None = None
+    try:
+        with memory_cap(training["memory_limit_gb"], device) as cap, PeakMemory(device) as memory:
+            model = load_base_model(
+                manifest,
+                run["quantization"],
+                run["double_quant"],
+                training["compute_dtype"],
+                training["attn_implementation"],
+                device,
+            )
+            model = add_lora(
+                model,
+                targets,
+                run["rank"],
+                run["alpha"],
+                training["lora_dropout"],
+                needs_fan_in_fan_out(manifest["model_type"]),
+                quantized=run["quantization"] in BITSANDBYTES,
+                gradient_checkpointing=training["gradient_checkpointing"],
+            )
+            trainable, total = count_parameters(model)
+            measured.update(trainable_params=trainable, total_params=total)
+            log.info("trainable params %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
-    with PeakMemory(device) as memory:
-        model = load_base_model(
-            manifest,
-            run["quantization"],
-            run["double_quant"],
-            training["compute_dtype"],
-            training["attn_implementation"],
-            device,
-        )
-        model = add_lora(
-            model,
-            targets,
-            run["rank"],
-            run["alpha"],
-            training["lora_dropout"],
-            needs_fan_in_fan_out(manifest["model_type"]),
-            quantized=run["quantization"] in BITSANDBYTES,
-            gradient_checkpointing=training["gradient_checkpointing"],
-        )
-        trainable, total = count_parameters(model)
-        log.info("trainable params %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=training["learning_rate"], weight_decay=training["weight_decay"])
-        batch_size = training["batch_size"]
-        accumulation = training["gradient_accumulation_steps"]
-        steps = total_steps(training, math.ceil(len(lengths) / batch_size))
-        scheduler = get_scheduler(
-            training["lr_scheduler"],
-            optimizer,
-            num_warmup_steps=training["warmup_steps"],
-            num_training_steps=steps,
-        )
-        batches = endless_batches(lengths, batch_size, training["seed"], training["group_by_length"])
-        loader = torch.utils.data.DataLoader(
-            train_rows.with_format(None),
-            batch_sampler=batches,
-            collate_fn=lambda rows: collate(rows, pad_id),
-            num_workers=training["dataloader_num_workers"],
-        )
-        curve, train_tokens, loss_tokens, train_seconds, last_loss = _loop(
-            model, params, optimizer, scheduler, iter(loader), steps, accumulation, device, training
-        )
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=training["learning_rate"], weight_decay=training["weight_decay"])
+            batch_size = training["batch_size"]
+            accumulation = training["gradient_accumulation_steps"]
+            steps = total_steps(training, math.ceil(len(lengths) / batch_size))
+            scheduler = get_scheduler(
+                training["lr_scheduler"],
+                optimizer,
+                num_warmup_steps=training["warmup_steps"],
+                num_training_steps=steps,
+            )
+            progress = checkpointer.restore(model, optimizer, scheduler) or progress
+            # The batch stream is a pure function of the seed: resuming skips what was consumed.
+            batches = itertools.islice(
+                endless_batches(lengths, batch_size, training["seed"], training["group_by_length"]),
+                progress.step * accumulation,
+                None,
+            )
+            loader = torch.utils.data.DataLoader(
+                train_rows.with_format(None),
+                batch_sampler=batches,
+                collate_fn=lambda rows: collate(rows, pad_id),
+                num_workers=training["dataloader_num_workers"],
+            )
+            phase = "train"
+            with stop_on_signals() as stop:
+                _loop(model, params, optimizer, scheduler, iter(loader), steps, accumulation, device, training,
+                      progress, checkpointer, stop)  # fmt: skip
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        failure = {
+            "phase": phase,
+            "step": progress.step + 1 if phase == "train" else 0,
+            "error": f"{type(error).__name__}: {error}"[:500],
+            "memory_limit_gb": training["memory_limit_gb"],
+            **{f"in_use_{key}": value for key, value in memory_in_use_gb(device).items()},
+        }
+        if memory is not None:
+            measured["memory"] = memory.report()
+        log.error("out of memory while %s (step %d): recorded as status 'oom'", phase, failure["step"])
+        checkpointer.remove()
+        return not_trained(STATUS_OOM, failure, progress)
 
     with atomic_path(adapter_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-    _write_curve(loss_curve_path, curve)
+    _write_curve(loss_curve_path, progress.curve)
     adapter_mb = sum(f.stat().st_size for f in adapter_dir.glob("*.safetensors")) / 1e6
     metrics = TrainMetrics(
         run_id=run["run_id"],
@@ -165,25 +230,27 @@ def train_run(
         device_name=device_name(device),
         torch_threads=torch.get_num_threads(),
         steps=steps,
-        train_wall_s=train_seconds,
+        train_wall_s=progress.train_seconds,
         job_wall_s=time.perf_counter() - job_start,
-        train_tokens=train_tokens,
-        loss_tokens=loss_tokens,
-        train_tokens_per_s=train_tokens / train_seconds,
-        loss_tokens_per_s=loss_tokens / train_seconds,
-        final_train_loss=last_loss,
+        train_tokens=progress.train_tokens,
+        loss_tokens=progress.loss_tokens,
+        train_tokens_per_s=progress.train_tokens / progress.train_seconds,
+        loss_tokens_per_s=progress.loss_tokens / progress.train_seconds,
+        final_train_loss=progress.last_loss,
         trainable_params=trainable,
         total_params=total,
         trainable_percent=100 * trainable / total,
         adapter_size_mb=adapter_mb,
         target_modules=targets,
-        memory=memory.report(),
+        resumed_from_step=progress.resumed_from_step,
+        memory={**memory.report(), **cap},
         environment=job_environment(gpu_slot),
     )
     write_json(metrics_path, metrics.to_dict())
+    checkpointer.remove()  # the final outputs exist: nothing left to resume
     log.info(
         "done: %.1f s training, %.0f tokens/s, peak %.2f GB (%s)",
-        train_seconds,
+        progress.train_seconds,
         metrics.train_tokens_per_s,
         metrics.memory["peak_memory_gb"],
         metrics.memory["memory_kind"],
@@ -191,14 +258,25 @@ def train_run(
     return metrics
 
 
-def _loop(model, params, optimizer, scheduler, batches, steps, accumulation, device, training):
-    """The optimisation loop; returns the loss curve and token counts."""
+def _loop(
+    model,
+    params,
+    optimizer,
+    scheduler,
+    batches,
+    steps: int,
+    accumulation: int,
+    device: torch.device,
+    training: dict[str, Any],
+    progress: Progress,
+    checkpointer: Checkpointer,
+    stop: StopSignal,
+) -> None:
+    """The optimisation loop from `progress.step` to `steps`; updates `progress` in place."""
     model.train()
-    curve: list[dict[str, float]] = []
-    train_tokens = loss_tokens = 0
-    start = time.perf_counter()
-    last_loss = float("nan")
-    for step in range(1, steps + 1):
+    session_start = time.perf_counter()
+    seconds_before = progress.train_seconds
+    for step in range(progress.step + 1, steps + 1):
         micro_batches = [next(batches) for _ in range(accumulation)]
         # Token-weighted mean over the whole accumulated step, not a mean of means.
         step_tokens = sum(scored_tokens(b) for b in micro_batches)
@@ -208,23 +286,27 @@ def _loop(model, params, optimizer, scheduler, batches, steps, accumulation, dev
             loss_sum, _ = response_loss_sum(model, batch)
             (loss_sum / step_tokens).backward()
             step_loss += loss_sum.item()
-            train_tokens += int(batch["attention_mask"].sum())
-        loss_tokens += step_tokens
+            progress.train_tokens += int(batch["attention_mask"].sum())
+        progress.loss_tokens += step_tokens
         torch.nn.utils.clip_grad_norm_(params, training["max_grad_norm"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        last_loss = step_loss / step_tokens
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(f"training loss is {last_loss} at step {step}")
-        elapsed = time.perf_counter() - start
-        curve.append(
+        progress.last_loss = step_loss / step_tokens
+        if not math.isfinite(progress.last_loss):
+            raise FloatingPointError(
+                f"training loss is {progress.last_loss} at step {step}: the run diverged "
+                f"(try a lower training.learning_rate than {training['learning_rate']})"
+            )
+        progress.step = step
+        progress.train_seconds = seconds_before + time.perf_counter() - session_start
+        progress.curve.append(
             {
                 "step": step,
-                "loss": last_loss,
+                "loss": progress.last_loss,
                 "learning_rate": scheduler.get_last_lr()[0],
-                "tokens_seen": train_tokens,
-                "elapsed_s": elapsed,
+                "tokens_seen": progress.train_tokens,
+                "elapsed_s": progress.train_seconds,
             }
         )
         if step % training["log_every"] == 0 or step == steps:
@@ -232,11 +314,33 @@ def _loop(model, params, optimizer, scheduler, batches, steps, accumulation, dev
                 "step %d/%d loss %.4f lr %.2e %.0f tokens/s",
                 step,
                 steps,
-                last_loss,
+                progress.last_loss,
                 scheduler.get_last_lr()[0],
-                train_tokens / elapsed,
+                progress.train_tokens / progress.train_seconds,
             )
-    return curve, train_tokens, loss_tokens, time.perf_counter() - start, last_loss
+        if stop.received:
+            checkpointer.save(model, optimizer, scheduler, progress)
+            log.error("%s received: stopped after step %d; rerun the workflow to resume", stop.name, step)
+            raise TrainingInterrupted(stop.received, step)
+        if step < steps and checkpointer.due(step):
+            checkpointer.save(model, optimizer, scheduler, progress)
+
+
+@dataclass
+class TrainOutputs:
+    """The train rule's outputs; a run that did not train still gets all three."""
+
+    adapter_dir: Path
+    metrics_path: Path
+    loss_curve_path: Path
+
+    def write_not_trained(self, metrics: TrainMetrics, curve: list[dict[str, float]]) -> TrainMetrics:
+        with atomic_path(self.adapter_dir) as tmp:
+            tmp.mkdir()
+            (tmp / NOT_TRAINED_FILE).write_text(json.dumps({"status": metrics.status}) + "\n")
+        _write_curve(self.loss_curve_path, curve)
+        write_json(self.metrics_path, metrics.to_dict())
+        return metrics
 
 
 def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:

@@ -9,14 +9,16 @@ with job(snakemake):
     from lora_study.evaluate import evaluate_run
     from lora_study.io import read_json
 
+    is_trained_run = hasattr(snakemake.input, "train_metrics")
     evaluate_run(
         run=json.loads(snakemake.params.run),
         evaluation=json.loads(snakemake.params.evaluation),
         compute_settings=json.loads(snakemake.params.compute),
         manifest=read_json(snakemake.input.manifest),
         splits_dir=Path(snakemake.input.splits),
-        adapter_dir=Path(snakemake.input.adapter) if hasattr(snakemake.input, "adapter") else None,
+        adapter_dir=Path(snakemake.input.adapter) if is_trained_run else None,
         metrics_path=Path(snakemake.output.metrics),
         predictions_path=Path(snakemake.output.predictions),
         threads=snakemake.threads,
+        train_status=read_json(snakemake.input.train_metrics)["status"] if is_trained_run else "ok",
     )

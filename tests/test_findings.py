@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from lora_study.findings import (
-    DOES_NOT_FIT,
+    STATUS_LABELS,
     FindingSettings,
     all_tables,
     headline_findings,
@@ -131,15 +131,15 @@ def test_quantization_table_with_an_out_of_memory_run():
     assert by_label.loc["nf4", "quality_change_pct"] == pytest.approx(2.0)
     # fp32 did not fit, so bf16 is the unquantized reference: 1 - 3/6
     assert by_label.loc["nf4", "memory_saved_pct"] == pytest.approx(50.0)
-    assert by_label.loc["fp32", "status"] == DOES_NOT_FIT
+    assert by_label.loc["fp32", "status"] == STATUS_LABELS["oom"] == "does not fit (out of memory)"
     assert math.isnan(by_label.loc["fp32", "perplexity"])
     sentences = headline_findings(study(*runs), SETTINGS)
-    assert "Quantization fp32: does not fit (ran out of memory)." in sentences
+    assert "Quantization fp32: does not fit (out of memory)." in sentences
     assert any(
         s.startswith("Quantization int8:") and "25% more peak memory than the unquantized" in s for s in sentences
     )
     assert any(s.startswith("Quantization nf4:") and "50% less peak memory" in s for s in sentences)
-    assert "Did not fit: fp32." in sentences
+    assert "Not measured: fp32 does not fit (out of memory)." in sentences
 
 
 def test_decision_table_picks_best_fitting_run_per_budget_with_ties_on_memory():

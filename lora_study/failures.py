@@ -1,0 +1,99 @@
+"""Out-of-memory as a result: recognise it, cap memory to provoke it, record it.
+
+A memory study runs configurations that may not fit. Running out of memory is
+then a measurement ("does not fit"), not a crash; every other error still fails
+the job.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from lora_study.metrics import GB, current_rss_bytes
+
+log = logging.getLogger("lora_study")
+
+STATUS_OOM = "oom"
+STATUS_SKIPPED = "skipped"
+
+# How allocation failures read when they arrive wrapped (safetensors, C++ allocators, OS errors).
+OOM_MESSAGES = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "os error 12",
+    "failed to allocate",
+)
+
+
+def is_out_of_memory(error: BaseException | None) -> bool:
+    """True when `error`, or an error it was raised from, is an allocation failure."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MemoryError | torch.OutOfMemoryError):
+            return True
+        if isinstance(error, OSError) and error.errno == errno.ENOMEM:
+            return True
+        if isinstance(error, RuntimeError | OSError) and any(m in str(error).lower() for m in OOM_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def memory_in_use_gb(device: torch.device) -> dict[str, float]:
+    """Memory held right now: torch's allocator on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return {
+            "cuda_allocated_gb": torch.cuda.memory_allocated(device) / GB,
+            "cuda_reserved_gb": torch.cuda.memory_reserved(device) / GB,
+        }
+    return {"cpu_rss_gb": current_rss_bytes() / GB}
+
+
+@contextmanager
+def memory_cap(limit_gb: float | None, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Emulate a machine with `limit_gb` of memory for the code inside.
+
+    CUDA: the caching allocator refuses to grow past the limit
+    (torch.cuda.set_per_process_memory_fraction), so an 80 GB card answers
+    "does it fit in 8 GB?" with a real CUDA out-of-memory error. CPU: the
+    process may map at most `limit_gb` more address space than it holds on
+    entry (RLIMIT_AS; address space, not resident memory, is what Linux can
+    cap). The limit is lifted on exit, so the failure can still be recorded.
+    """
+    if limit_gb is None:
+        yield {}
+        return
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gb * GB / total), device)
+        try:
+            yield {"memory_limit_gb": limit_gb, "memory_limit_kind": "cuda_allocator_fraction"}
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = _address_space_bytes() + int(limit_gb * GB)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    log.info("memory cap: %.2f GB of address space beyond the current %.2f GB", limit_gb, _address_space_bytes() / GB)
+    try:
+        yield {"memory_limit_gb": limit_gb, "memory_limit_kind": "cpu_address_space_growth"}
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _address_space_bytes() -> int:
+    """Virtual memory size of this process (Linux /proc)."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[0])
+    return pages * resource.getpagesize()
