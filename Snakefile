@@ -12,6 +12,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/prepare.smk"
+include: "rules/plan.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/aggregate.smk"

@@ -33,7 +33,16 @@ def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}{key}": value for key, value in values.items()}
 
 
-def run_row(run: dict[str, Any], evaluation: dict[str, Any], training: dict[str, Any] | None) -> dict[str, Any]:
+# Planner columns carried into the runs table (as plan_<name>), next to what was measured.
+PLAN_COLUMNS = ("predicted_cuda_gb", "predicted_cuda_allocated_gb", "predicted_cpu_gb", "skip")
+
+
+def run_row(
+    run: dict[str, Any],
+    evaluation: dict[str, Any],
+    training: dict[str, Any] | None,
+    plan: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     row: dict[str, Any] = {key: run[key] for key in CONFIG_COLUMNS}
     row["modules"] = ",".join(run["modules"])
     row["seed"] = run["training"].get("seed")
@@ -62,6 +71,8 @@ def run_row(run: dict[str, Any], evaluation: dict[str, Any], training: dict[str,
         baseline = {"trainable_params": 0, "adapter_size_mb": 0.0, "device": evaluation["device"]}
         row.update({"status": evaluation.get("status", STATUS_OK), **baseline})
         row.update(evaluation["memory"])
+    if plan is not None:
+        row.update({f"plan_{key}": plan[key] for key in PLAN_COLUMNS})
     return row
 
 
@@ -70,15 +81,19 @@ def _join(value: list[str] | str) -> str:
 
 
 def runs_table(
-    runs: list[dict[str, Any]], evaluations: list[dict[str, Any]], trainings: list[dict[str, Any]]
+    runs: list[dict[str, Any]],
+    evaluations: list[dict[str, Any]],
+    trainings: list[dict[str, Any]],
+    plans: dict[str, dict[str, Any]] | None = None,
 ) -> pd.DataFrame:
-    """Runs in config order (baseline first), joined with their metrics by run id."""
+    """Runs in config order (baseline first), joined with their metrics and memory plan by run id."""
+    plans = plans or {}
     eval_by_id = {e["run_id"]: e for e in evaluations}
     train_by_id = {t["run_id"]: t for t in trainings}
     missing = [r["run_id"] for r in runs if r["run_id"] not in eval_by_id]
     if missing:
         raise ValueError(f"no evaluation for runs {missing}")
-    rows = [run_row(r, eval_by_id[r["run_id"]], train_by_id.get(r["run_id"])) for r in runs]
+    rows = [run_row(r, eval_by_id[r["run_id"]], train_by_id.get(r["run_id"]), plans.get(r["run_id"])) for r in runs]
     return pd.DataFrame(rows)
 
 

@@ -45,6 +45,24 @@ def key_path(path: Any) -> str:
     return rendered or "<top level>"
 
 
+def _readable(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message, or the schema's description where a raw pattern would be cryptic."""
+    if error.validator == "pattern":
+        described = next((s["description"] for s in _parent_schemas(error) if "description" in s), None)
+        if described:
+            return f"{error.instance!r} is not valid: {' '.join(described.split())}"
+    return error.message
+
+
+def _parent_schemas(error: jsonschema.ValidationError) -> list[dict[str, Any]]:
+    schemas = [error.schema]
+    parent = error.parent
+    while parent is not None:
+        schemas.append(parent.schema)
+        parent = parent.parent
+    return [s for s in schemas if isinstance(s, dict)]
+
+
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Validate `config` in place, fill defaults, and return it.
 
@@ -55,8 +73,26 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     validator = _validator_with_defaults(load_schema())
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
-        raise ConfigError(f"config key '{key_path(error.absolute_path)}': {error.message}")
+        raise ConfigError(f"config key '{key_path(error.absolute_path)}': {_readable(error)}")
     return config
+
+
+PATH_PREFIXES = ("/", "./", "../", "~")
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def check_local_sources(config: dict[str, Any]) -> None:
+    """Model and data sources that name local paths must exist (hub ids are checked when fetched).
+
+    Run when the workflow starts, so a typo costs a second, not a job.
+    """
+    model_source = config["model"]["source"]
+    is_path = model_source.startswith(PATH_PREFIXES) or model_source.endswith(".gguf")
+    if is_path and not Path(model_source).expanduser().exists():
+        raise ConfigError(f"config key 'model.source': path not found: {model_source}")
+    data_source = config["dataset"]["source"]
+    if data_source.endswith(LOCAL_DATA_SUFFIXES) and not Path(data_source).expanduser().is_file():
+        raise ConfigError(f"config key 'dataset.source': file not found: {data_source}")
 
 
 def canonical_json(value: Any) -> str:

@@ -51,11 +51,25 @@ def load_records(dataset_config: dict[str, Any]) -> list[dict[str, str]]:
 def _load_local(path: Path) -> list[dict[str, Any]]:
     from datasets import load_dataset
 
+    if LOCAL_FORMATS[path.suffix] == "json":
+        _check_text(path)
     try:
         loaded = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
     except Exception as error:  # datasets wraps parse errors in many types
         raise DataError(f"dataset.source: cannot read {path}: {error}") from error
     return list(loaded)
+
+
+def _check_text(path: Path) -> None:
+    """JSON data must be non-empty UTF-8; say where it is not, before a parser's vaguer error."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise DataError(f"dataset.source: {path} has no rows")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(f"dataset.source: {path} is not UTF-8 text: line {line}, byte {error.start}") from None
 
 
 def _check_columns(rows: list[dict[str, Any]], source: str) -> list[dict[str, str]]:
@@ -124,6 +138,12 @@ def prepare_data(dataset_config: dict[str, Any], tokenizer, out_dir: Path) -> di
     tokenized = [tokenize_record(r, template, tokenizer) for r in records]
     kept = [row for row in tokenized if len(row["input_ids"]) <= max_length]
     dropped = len(tokenized) - len(kept)
+    if not kept:
+        shortest = min(len(row["input_ids"]) for row in tokenized)
+        raise DataError(
+            f"dataset.max_length {max_length}: all {len(tokenized)} rows are longer; raise it "
+            f"(the shortest row has {shortest} tokens)"
+        )
     if dropped:
         log.warning("dropped %d of %d rows longer than %d tokens", dropped, len(tokenized), max_length)
     if not any(len(r["input_ids"]) > r["prompt_length"] for r in kept):

@@ -85,7 +85,7 @@ def memory_cap(limit_gb: float | None, device: torch.device) -> Iterator[dict[st
     if hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    log.info("memory cap: %.2f GB of address space beyond the current %.2f GB", limit_gb, _address_space_bytes() / GB)
+    log.info("memory cap: %.3g GB of address space beyond the current %.2f GB", limit_gb, _address_space_bytes() / GB)
     try:
         yield {"memory_limit_gb": limit_gb, "memory_limit_kind": "cpu_address_space_growth"}
     finally:

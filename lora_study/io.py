@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -40,6 +41,12 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
 
 def read_json(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def read_csv_rows(path: str | Path, key: str) -> dict[str, dict[str, str]]:
+    """A CSV's rows (as text) by the value of `key`; light enough for the Snakefile."""
+    with Path(path).open(newline="") as handle:
+        return {row[key]: row for row in csv.DictReader(handle)}
 
 
 # Messages the stack prints on every job that are harmless here: bitsandbytes'

@@ -79,7 +79,8 @@ def load_base_model(
         attn_implementation=attn_implementation,
         device_map={"": str(device)},
         trust_remote_code=manifest["trust_remote_code"],
-        use_safetensors=True,
+        # Pickled weights can run code when loaded: only when the config opted in.
+        use_safetensors=None if manifest.get("allow_pickle") else True,
     )
     model.config.use_cache = False
     return model

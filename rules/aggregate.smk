@@ -12,6 +12,7 @@ rule aggregate:
         loss_curves=expand(paths.LOSS_CURVE, run=RUNS),
         data_summary=paths.DATA_SUMMARY,
         manifest=paths.MODEL_MANIFEST,
+        plan=paths.PLAN_CSV,
     output:
         csv=report(paths.RUNS_CSV, caption="../report/runs.rst", category="Tables"),
         markdown=paths.RUNS_MD,

@@ -9,11 +9,13 @@ from snakemake.exceptions import WorkflowError
 sys.path.insert(0, workflow.basedir)
 
 from lora_study import paths
-from lora_study.config import ConfigError, canonical_json, validate_config
+from lora_study.config import ConfigError, canonical_json, check_local_sources, validate_config
+from lora_study.io import read_csv_rows
 from lora_study.sweep import all_evaluated, expand_study
 
 try:
     validate_config(config)
+    check_local_sources(config)
     RUNS = expand_study(config)
     EVALUATED = all_evaluated(config)
 except ConfigError as error:
@@ -39,6 +41,20 @@ def compute_params(wildcards):
     training = spec.training or config["training"]
     keys = ("compute_dtype", "attn_implementation")
     return canonical_json({key: training[key] for key in keys})
+
+
+def memory_plan(wildcards):
+    """The plan's verdict for a run that a memory budget skips; "null" for every other run.
+
+    Only a skip (and its numbers) enters the train job's params, so changing the
+    budget reruns just the runs whose verdict changes.
+    """
+    table = checkpoints.plan.get().output.table
+    row = read_csv_rows(table, "run_id")[wildcards.run]
+    if row["skip"] != "True":
+        return "null"
+    verdict = {"skip": True, "predicted_gb": float(row["predicted_gb"]), "budget_gb": float(row["budget_gb"])}
+    return canonical_json({**verdict, "plan_device": row["plan_device"]})
 
 
 def evaluation_inputs(wildcards):

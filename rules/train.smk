@@ -5,6 +5,8 @@ rule train:
     input:
         manifest=paths.MODEL_MANIFEST,
         splits=paths.DATA_SPLITS,
+        # ancient: a new plan (another run added) must not retrain this one; its params decide.
+        plan=ancient(paths.PLAN_CSV),
     output:
         adapter=directory(paths.ADAPTER),
         metrics=paths.TRAIN_METRICS,
@@ -23,5 +25,6 @@ rule train:
         runtime=lambda wildcards, attempt: 120 * attempt,
     params:
         run=run_params,
+        memory_plan=memory_plan,
     script:
         "../scripts/train.py"

@@ -6,13 +6,14 @@ with job(snakemake) as log:
     import json
 
     from lora_study.aggregate import CONFIG_SUMMARY_COLUMNS, combine_loss_curves, runs_table, write_table
-    from lora_study.io import read_json
+    from lora_study.io import read_csv_rows, read_json
     from lora_study.replicates import config_table
 
     table = runs_table(
         runs=json.loads(snakemake.params.runs),
         evaluations=[read_json(p) for p in snakemake.input.evaluations],
         trainings=[read_json(p) for p in snakemake.input.trainings],
+        plans=read_csv_rows(snakemake.input.plan, "run_id"),
     )
     write_table(table, snakemake.output.csv, snakemake.output.markdown)
     configs = config_table(table)

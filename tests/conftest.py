@@ -92,16 +92,30 @@ def tiny_study_config(model_dir: Path) -> dict:
     }
 
 
-def run_snakemake(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real workflow, in `workdir`, with this repository's Snakefile."""
-    command = [
+# A hub-token-shaped secret in every test run's environment: it must never reach results/ or logs/.
+FAKE_HUB_TOKEN = "hf_testTOKENdoNotLeak0123456789abcdef"
+
+
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    return [
         sys.executable, "-m", "snakemake",
         "--snakefile", str(REPO / "Snakefile"),
         "--directory", str(workdir),
         "--configfile", str(workdir / "config.yaml"),
         *args,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def snakemake_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_TOKEN": FAKE_HUB_TOKEN}
+
+
+def run_snakemake(
+    workdir: Path, *args: str, timeout: float = 300, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """The real workflow, in `workdir`, with this repository's Snakefile."""
+    command = snakemake_command(workdir, *args)
+    env = {**snakemake_env(), **(extra_env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
 
 

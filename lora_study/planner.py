@@ -1,0 +1,447 @@
+"""Predict each run's peak training memory before anything is trained.
+
+The prediction is a sum of terms, each reported on its own:
+
+- base weights by quantization: 4-bit packs two weights per byte plus one
+  absmax constant per block of 64 (fp32, or 8-bit with a second fp32 level
+  per 256 blocks under double quantization); int8 holds one byte per weight
+  plus an fp32 scale per output row. Tensors bitsandbytes does not quantize
+  (embeddings, norms, output head) are upcast to fp32 by
+  `prepare_model_for_kbit_training`, so a quantized run holds them in fp32.
+- LoRA states: fp32 weights, gradients and AdamW's two moments (16 bytes per
+  trainable parameter).
+- activations: the tensors autograd saves for the backward pass, counted
+  from a forward pass of the real architecture on PyTorch's meta device
+  (shapes and dtypes only: no weights, no arithmetic), with the run's
+  targets, rank, dropout, dtypes and gradient checkpointing. The meta device
+  takes SDPA's reference path, which saves the batch x heads x T x T
+  attention matrix; the fused kernels used on real devices keep a log-sum-exp
+  per query instead, so those matrices are replaced by that.
+- backward working set: one layer's activations (gradients of the layer being
+  differentiated; with gradient checkpointing also its recomputed
+  activations).
+- output head: the logits at loss positions (batch x longest response),
+  their fp32 log-softmax and its gradient.
+- overhead: on CUDA the context (outside torch's allocator, inside NVML's
+  figure) and allocator slack; on CPU the interpreter and libraries.
+
+Nothing here loads weights: a plan for a 2.7B model takes seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_study.modules import resolve_target_modules
+from lora_study.sweep import BITSANDBYTES, FOUR_BIT
+
+log = logging.getLogger("lora_study")
+
+GB = 1024**3
+NF4_BLOCK = 64  # weights per 4-bit absmax constant (bitsandbytes default)
+DOUBLE_QUANT_BLOCK = 256  # absmax constants per second-level constant
+LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, gradient, AdamW exp_avg + exp_avg_sq
+CUDA_CONTEXT_GB = 0.5  # CUDA context + kernels; NVML counts it, torch's allocator does not
+CUDA_ALLOCATOR_SLACK = 0.10  # reserved over allocated at peak (fragmentation, rounding)
+CPU_RUNTIME_GB = 0.5  # RSS of python + torch + transformers + peft + datasets, measured here
+PLAN_DEVICES = ("cuda", "cpu")
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class PlanError(ValueError):
+    """A run cannot be planned (and would fail to train); the message names it."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Parameter counts of an architecture, from its config alone."""
+
+    quantizable_params: int  # weights of the linear layers bitsandbytes replaces
+    quantizable_rows: int  # their output features (int8 keeps one scale per row)
+    other_params: int  # embeddings, norms, biases, output head
+    num_layers: int
+    num_heads: int
+    vocab_size: int
+
+
+def meta_causal_lm(model_config, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a linear layer: nn.Linear, or GPT-2's Conv1D (weight stored in x out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
+    return None
+
+
+def _body_linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Linear layers bitsandbytes quantizes and LoRA can target: all but the output head."""
+    head = model.get_output_embeddings()
+    layers = {}
+    for name, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is not None and module is not head:
+            layers[name] = shape
+    return layers
+
+
+def model_facts(model_config) -> ModelFacts:
+    model = meta_causal_lm(model_config, torch.float32, "sdpa")
+    linear = _body_linear_layers(model).values()
+    quantizable = sum(fan_in * fan_out for fan_in, fan_out in linear)
+    total = sum(p.numel() for p in model.parameters())
+    return ModelFacts(
+        quantizable_params=quantizable,
+        quantizable_rows=sum(fan_out for _, fan_out in linear),
+        other_params=total - quantizable,
+        num_layers=model_config.num_hidden_layers,
+        num_heads=model_config.num_attention_heads,
+        vocab_size=model_config.vocab_size,
+    )
+
+
+def weights_bytes(facts: ModelFacts, quantization: str, double_quant: bool) -> float:
+    """Frozen base weights as held during training."""
+    n = facts.quantizable_params
+    if quantization in FOUR_BIT:
+        blocks = n / NF4_BLOCK
+        constants = blocks * 1 + blocks / DOUBLE_QUANT_BLOCK * 4 if double_quant else blocks * 4
+        return n / 2 + constants + facts.other_params * 4
+    if quantization == "int8":
+        return n + facts.quantizable_rows * 4 + facts.other_params * 4
+    return (n + facts.other_params) * DTYPE_BYTES[quantization]
+
+
+def lora_params(model: nn.Module, targets: list[str] | str, rank: int) -> int:
+    """Trainable LoRA parameters: rank x (in + out) per targeted linear layer."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    class _Config:  # what check_target_module_exists reads
+        target_modules = targets
+        layers_to_transform = None
+        layers_pattern = None
+        exclude_modules = None
+
+    layers = _body_linear_layers(model)
+    targeted = [shape for name, shape in layers.items() if check_target_module_exists(_Config, name)]
+    return sum(rank * (fan_in + fan_out) for fan_in, fan_out in targeted)
+
+
+def _activation_dtype(quantization: str, compute_dtype: str) -> torch.dtype:
+    # Quantized runs: prepare_model_for_kbit_training upcasts the embeddings to fp32,
+    # so the residual stream (and every bitsandbytes layer's output) is fp32.
+    if quantization in BITSANDBYTES:
+        return torch.float32
+    return TORCH_DTYPES[quantization]
+
+
+_ACTIVATION_CACHE: dict[tuple[Any, ...], tuple[float, float]] = {}
+
+
+def saved_activation_bytes(
+    model_config,
+    targets: tuple[str, ...] | str,
+    rank: int,
+    dropout: float,
+    dtype_name: str,
+    gradient_checkpointing: bool,
+    attn_implementation: str,
+    batch_size: int,
+    seq_len: int,
+) -> tuple[float, float]:
+    """(bytes autograd saves in one forward pass, bytes one layer saves without checkpointing).
+
+    Cached: runs that differ only in what does not change activations share one count.
+    """
+    args = (targets, rank, dropout, dtype_name, gradient_checkpointing, attn_implementation, batch_size, seq_len)
+    key = (id(model_config), *args)
+    if key not in _ACTIVATION_CACHE:
+        _ACTIVATION_CACHE[key] = _count_saved(model_config, *args)
+    return _ACTIVATION_CACHE[key]
+
+
+def _count_saved(
+    model_config,
+    targets: tuple[str, ...] | str,
+    rank: int,
+    dropout: float,
+    dtype_name: str,
+    gradient_checkpointing: bool,
+    attn_implementation: str,
+    batch_size: int,
+    seq_len: int,
+) -> tuple[float, float]:
+    from peft import LoraConfig, get_peft_model
+
+    dtype = getattr(torch, dtype_name)
+    model = meta_causal_lm(model_config, dtype, "sdpa" if attn_implementation != "eager" else "eager")
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=_targets_arg(targets), lora_dropout=dropout)
+    model = get_peft_model(model, lora)
+    model.train()
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    fused_attention = attn_implementation != "eager"
+    seen: dict[int, torch.Tensor] = {}
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        is_weight = id(base) in frozen or id(tensor) in frozen
+        is_attention_matrix = tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] == seq_len
+        if not is_weight and not (fused_attention and is_attention_matrix):
+            seen[id(base)] = base
+        return tensor
+
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    # A ready 4-D mask: transformers' mask builder inspects values, which meta tensors lack.
+    mask = torch.zeros(batch_size, 1, seq_len, seq_len, dtype=dtype, device="meta")
+    positions = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    inner = model.get_base_model().base_model
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        inner(input_ids=ids, attention_mask=mask, position_ids=positions)
+    saved = sum(t.numel() * t.element_size() for t in seen.values())
+    if fused_attention:  # the fused kernels' fp32 log-sum-exp per query and head
+        saved += model_config.num_hidden_layers * batch_size * model_config.num_attention_heads * seq_len * 4
+    if gradient_checkpointing:
+        per_layer = saved_activation_bytes(model_config, targets, rank, dropout, dtype_name, False,
+                                           attn_implementation, batch_size, seq_len)[1]  # fmt: skip
+    else:
+        per_layer = saved / model_config.num_hidden_layers
+    return saved, per_layer
+
+
+def _targets_arg(targets: tuple[str, ...] | str) -> list[str] | str:
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def logits_bytes(positions: int, vocab_size: int, head_bytes: int) -> float:
+    """Logits at loss positions, their fp32 copy, log-softmax and gradient."""
+    return positions * vocab_size * (head_bytes + 4 + 4 + 4)
+
+
+def quantization_problem(quantization: str) -> str | None:
+    """Why this installation cannot run `quantization`, or None when it can."""
+    if quantization not in BITSANDBYTES:
+        return None
+    try:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError("not installed")
+        import bitsandbytes  # noqa: F401
+    except Exception as error:  # a broken install raises anything from OSError to RuntimeError
+        return f"quantization '{quantization}' needs bitsandbytes, which cannot be imported here ({error})"
+    return None
+
+
+@dataclass
+class RunPlan:
+    run_id: str
+    quantization: str
+    rank: int
+    modules: str
+    trainable_params: int
+    weights_gb: float
+    lora_states_gb: float
+    activations_gb: float
+    backward_working_gb: float
+    logits_gb: float
+    predicted_cuda_allocated_gb: float
+    predicted_cuda_gb: float
+    predicted_cpu_gb: float
+    predicted_gb: float
+    batch_rows: int
+    batch_padded_length: int
+    plan_device: str
+    budget_gb: float | None
+    skip: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """The batch a run will draw that needs the most memory."""
+
+    rows: int
+    padded_length: int
+    loss_positions: int
+
+
+def largest_batch(lengths: list[int], prompt_lengths: list[int], training: dict[str, Any]) -> BatchShape:
+    """Replay the run's own (seeded) batch order and return its largest padded batch.
+
+    Batches are padded to their longest row, so the peak belongs to the
+    largest rows x longest-row batch among those the run will actually draw.
+    """
+    from lora_study.batching import endless_batches
+    from lora_study.train import total_steps
+
+    batch_size = training["batch_size"]
+    steps = total_steps(training, math.ceil(len(lengths) / batch_size))
+    drawn = itertools.islice(
+        endless_batches(lengths, batch_size, training["seed"], training["group_by_length"]),
+        steps * training["gradient_accumulation_steps"],
+    )
+    largest = BatchShape(0, 0, 0)
+    most_positions = 0
+    for batch in drawn:
+        padded = max(lengths[i] for i in batch)
+        if len(batch) * padded > largest.rows * largest.padded_length:
+            largest = BatchShape(len(batch), padded, 0)
+        # Next-token targets: every response token (the first prompt position predicts nothing).
+        most_positions = max(most_positions, sum(lengths[i] - prompt_lengths[i] for i in batch))
+    return BatchShape(largest.rows, largest.padded_length, most_positions)
+
+
+def plan_run(
+    run: dict[str, Any],
+    model_config,
+    facts: ModelFacts,
+    targets: list[str] | str,
+    batch: BatchShape,
+    plan_device: str,
+    budget_gb: float | None,
+) -> RunPlan:
+    """Predicted peak memory of one run, term by term."""
+    training = run["training"]
+    dtype = _activation_dtype(run["quantization"], training["compute_dtype"])
+    key_targets = targets if isinstance(targets, str) else tuple(targets)
+    activations, per_layer = saved_activation_bytes(
+        model_config,
+        key_targets,
+        run["rank"],
+        training["lora_dropout"],
+        str(dtype).removeprefix("torch."),
+        training["gradient_checkpointing"],
+        training["attn_implementation"],
+        batch.rows,
+        batch.padded_length,
+    )
+    meta = meta_causal_lm(model_config, torch.float32, "sdpa")
+    trainable = lora_params(meta, targets, run["rank"])
+    weights = weights_bytes(facts, run["quantization"], run["double_quant"])
+    head_bytes = 4 if run["quantization"] in BITSANDBYTES else DTYPE_BYTES[run["quantization"]]
+    logits = logits_bytes(batch.loss_positions, facts.vocab_size, head_bytes)
+    states = trainable * LORA_BYTES_PER_PARAM
+    allocated = weights + states + activations + per_layer + logits
+    cuda = allocated * (1 + CUDA_ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB
+    cpu = allocated / GB + CPU_RUNTIME_GB
+    predicted = cuda if plan_device == "cuda" else cpu
+    return RunPlan(
+        run_id=run["run_id"],
+        quantization=run["quantization"],
+        rank=run["rank"],
+        modules=",".join(run["modules"]),
+        trainable_params=trainable,
+        weights_gb=weights / GB,
+        lora_states_gb=states / GB,
+        activations_gb=activations / GB,
+        backward_working_gb=per_layer / GB,
+        logits_gb=logits / GB,
+        predicted_cuda_allocated_gb=allocated / GB,
+        predicted_cuda_gb=cuda,
+        predicted_cpu_gb=cpu,
+        predicted_gb=predicted,
+        batch_rows=batch.rows,
+        batch_padded_length=batch.padded_length,
+        plan_device=plan_device,
+        budget_gb=budget_gb,
+        skip=budget_gb is not None and predicted > budget_gb,
+    )
+
+
+def plan_study(
+    runs: list[dict[str, Any]],
+    model_config,
+    model_type: str,
+    linear_layers: list[str],
+    lengths: list[int],
+    prompt_lengths: list[int],
+    plan_device: str,
+    budget_gb: float | None,
+) -> list[RunPlan]:
+    """Plan every run; a run that could not train at all raises PlanError naming it."""
+    facts = model_facts(model_config)
+    plans = []
+    for run in runs:
+        try:
+            targets = resolve_target_modules(model_type, run["modules"], linear_layers)
+        except ValueError as error:
+            raise PlanError(f"run '{run['run_id']}': {error}") from None
+        problem = quantization_problem(run["quantization"])
+        if problem:
+            raise PlanError(f"run '{run['run_id']}': {problem}")
+        batch = largest_batch(lengths, prompt_lengths, run["training"])
+        plans.append(plan_run(run, model_config, facts, targets, batch, plan_device, budget_gb))
+    return plans
+
+
+PLAN_SUMMARY_COLUMNS = (
+    "run_id",
+    "trainable_params",
+    "weights_gb",
+    "lora_states_gb",
+    "activations_gb",
+    "logits_gb",
+    "predicted_cuda_gb",
+    "predicted_cpu_gb",
+    "skip",
+)
+
+
+def write_plan(
+    runs: list[dict[str, Any]],
+    settings: dict[str, Any],
+    manifest: dict[str, Any],
+    splits_dir: Path,
+    csv_path: Path,
+    markdown_path: Path,
+) -> list[RunPlan]:
+    """Plan the study from the model's config and the prepared data; write plan.csv and plan.md."""
+    import pandas as pd
+    from transformers import AutoConfig
+
+    from lora_study.aggregate import write_table
+    from lora_study.data import load_split
+
+    model_config = AutoConfig.from_pretrained(manifest["path"], trust_remote_code=manifest["trust_remote_code"])
+    train = load_split(splits_dir, "train")
+    plans = plan_study(
+        runs,
+        model_config,
+        manifest["model_type"],
+        manifest["linear_layers"],
+        lengths=[len(ids) for ids in train["input_ids"]],
+        prompt_lengths=list(train["prompt_length"]),
+        plan_device=settings["device"],
+        budget_gb=settings["memory_budget_gb"],
+    )
+    for plan in plans:
+        log.info(
+            "%s: predicted %.2f GB (%s)%s",
+            plan.run_id,
+            plan.predicted_gb,
+            plan.plan_device,
+            " > budget: skip" if plan.skip else "",
+        )
+    table = pd.DataFrame([plan.to_dict() for plan in plans])
+    write_table(table, csv_path, markdown_path, PLAN_SUMMARY_COLUMNS)
+    return plans

@@ -1,0 +1,26 @@
+# Predicted peak memory of every run, before training; decides which runs a
+# memory budget skips. A checkpoint: train's params read its table.
+
+
+localrules:
+    plan,
+
+
+checkpoint plan:
+    input:
+        manifest=paths.MODEL_MANIFEST,
+        splits=paths.DATA_SPLITS,
+    output:
+        table=report(paths.PLAN_CSV, caption="../report/plan.rst", category="Tables"),
+        markdown=paths.PLAN_MD,
+    log:
+        f"{paths.LOGS}/plan.log",
+    benchmark:
+        paths.benchmark("plan")
+    conda:
+        "../envs/study.yaml"
+    params:
+        runs=canonical_json([spec.as_params() for spec in RUNS.values()]),
+        plan=canonical_json(config["plan"]),
+    script:
+        "../scripts/plan.py"

@@ -1,0 +1,19 @@
+"""Rule plan: predicted peak training memory of every run, before any training."""
+
+from lora_study.jobs import job
+
+with job(snakemake):
+    import json
+    from pathlib import Path
+
+    from lora_study.io import read_json
+    from lora_study.planner import write_plan
+
+    write_plan(
+        runs=json.loads(snakemake.params.runs),
+        settings=json.loads(snakemake.params.plan),
+        manifest=read_json(snakemake.input.manifest),
+        splits_dir=Path(snakemake.input.splits),
+        csv_path=Path(snakemake.output.table),
+        markdown_path=Path(snakemake.output.markdown),
+    )

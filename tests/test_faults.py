@@ -1,0 +1,201 @@
+"""Faults a memory study must survive: out of memory, a diverging run, interruption.
+
+Real Snakemake runs of the tiny Llama on CPU; faults are real (an address-space
+cap the run cannot allocate past, a learning rate that diverges, SIGTERM and
+SIGKILL sent to the training process).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+import yaml
+
+from conftest import FAKE_HUB_TOKEN, run_snakemake, snakemake_command, snakemake_env, tiny_study_config
+from lora_study.checkpoints import Checkpointer, Progress
+from lora_study.io import atomic_path, write_json
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def small_config(model_dir: Path, runs: list[dict], **training) -> dict:
+    config = tiny_study_config(model_dir)
+    config["sweep"] = {"baseline": False, "grids": [], "runs": runs}
+    config["evaluation"]["exact_match_examples"] = 0
+    config["training"].update(training)
+    return config
+
+
+def read_metrics(workdir: Path, run_id: str, name: str) -> dict:
+    return json.loads((workdir / f"results/runs/{run_id}/{name}.json").read_text())
+
+
+def test_out_of_memory_is_a_result_and_a_crash_fails_only_its_run(tiny_llama, tmp_path):
+    def run(run_id: str, **training) -> dict:
+        return {"id": run_id, "rank": 4, "modules": ["q", "v"], "quantization": "fp32", "training": training}
+
+    runs = [
+        run("fits"),
+        # A machine with (almost) no free memory: the run cannot even load the model.
+        run("tight", memory_limit_gb=0.001),
+        # Real failures: weights overflow to inf, then the loss is NaN; an attention kernel that is not installed.
+        run("diverges", learning_rate=1e30),
+        run("crashes", attn_implementation="flash_attention_2"),
+    ]
+    write_config(tmp_path, small_config(tiny_llama, runs))
+    first = run_snakemake(tmp_path, "--cores", "2", "--keep-going")
+    assert first.returncode != 0
+    assert "the run diverged" in (tmp_path / "logs/train/diverges.log").read_text()
+    assert "flash_attention_2" in (tmp_path / "logs/train/crashes.log").read_text()
+    for failed in ("diverges", "crashes"):
+        assert not (tmp_path / f"results/runs/{failed}/train_metrics.json").exists()
+    assert read_metrics(tmp_path, "fits", "eval_metrics")["status"] == "ok"
+
+    tight = read_metrics(tmp_path, "tight", "train_metrics")
+    assert tight["status"] == "oom"
+    assert tight["failure"]["phase"] in ("load", "train") and tight["failure"]["memory_limit_gb"] == 0.001
+    assert tight["failure"]["in_use_cpu_rss_gb"] > 0
+    assert read_metrics(tmp_path, "tight", "eval_metrics")["status"] == "oom"
+    assert "recorded as status 'oom'" in (tmp_path / "logs/train/tight.log").read_text()
+
+    # Without the crash the study completes, and the out-of-memory run is reported, not dropped.
+    write_config(tmp_path, small_config(tiny_llama, runs[:2]))
+    second = run_snakemake(tmp_path, "--cores", "2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "results/tables/runs.csv").set_index("run_id")
+    assert table.loc["tight", "status"] == "oom" and pd.isna(table.loc["tight", "perplexity"])
+    assert table.loc["fits", "status"] == "ok" and table.loc["fits", "perplexity"] > 1
+    findings = (tmp_path / "results/report/findings.md").read_text()
+    assert "tight does not fit (out of memory)" in findings
+
+
+def _train_process(snakemake: subprocess.Popen) -> psutil.Process | None:
+    for child in psutil.Process(snakemake.pid).children(recursive=True):
+        try:
+            if any("train.py" in part for part in child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"snakemake ended before '{text}' appeared in {path}")
+        time.sleep(0.05)
+    raise AssertionError(f"'{text}' did not appear in {path}")
+
+
+RESUME_RUN = [{"id": "long", "rank": 4, "modules": ["q", "k", "v", "o"], "quantization": "fp32"}]
+RESUME_TRAINING = {"max_steps": 240, "log_every": 20, "lora_dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama, tmp_path_factory) -> dict:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    write_config(workdir, small_config(tiny_llama, RESUME_RUN, **RESUME_TRAINING))
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_metrics(workdir, "long", "eval_metrics")
+
+
+@pytest.mark.parametrize("kill_signal", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_interrupted_training_resumes_to_the_same_result(tiny_llama, tmp_path, uninterrupted, kill_signal):
+    config = small_config(tiny_llama, RESUME_RUN, **RESUME_TRAINING)
+    config["execution"] = {"checkpoint_every": 40}
+    write_config(tmp_path, config)
+    started = time.monotonic()
+    snakemake = subprocess.Popen(
+        snakemake_command(tmp_path, "--cores", "2"),
+        cwd=tmp_path,
+        env=snakemake_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    train_log = tmp_path / "logs/train/long.log"
+    _wait_for(train_log, "checkpoint saved at step 80", snakemake)
+    _train_process(snakemake).send_signal(kill_signal)
+    assert snakemake.wait(timeout=120) != 0
+    checkpoint = tmp_path / "results/checkpoints/long"
+    stopped_at = json.loads((checkpoint / "progress.json").read_text())["progress"]["step"]
+    assert 80 <= stopped_at < 240
+    if kill_signal == signal.SIGTERM:
+        assert "SIGTERM received: stopped after step" in train_log.read_text()
+    assert not (tmp_path / "results/runs/long/train_metrics.json").exists()
+
+    resumed = run_snakemake(tmp_path, "--cores", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    wall_s = time.monotonic() - started
+    assert f"resuming from the checkpoint at step {stopped_at}" in train_log.read_text()
+    assert read_metrics(tmp_path, "long", "train_metrics")["resumed_from_step"] == stopped_at
+    evaluation = read_metrics(tmp_path, "long", "eval_metrics")
+    assert evaluation["perplexity"] == pytest.approx(uninterrupted["perplexity"], abs=1e-5)
+    assert not checkpoint.exists()  # removed once the run's outputs exist
+    print(f"{kill_signal.name}: stopped at step {stopped_at}, interrupted + resumed in {wall_s:.1f} s")
+
+
+def test_a_checkpoint_from_other_settings_is_not_resumed(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    Checkpointer(tmp_path / "ckpt", "settings-a", 1).save(model, optimizer, scheduler, Progress(step=3))
+    assert Checkpointer(tmp_path / "ckpt", "settings-a", 1).restore(model, optimizer, scheduler).step == 3
+    assert Checkpointer(tmp_path / "ckpt", "settings-b", 1).restore(model, optimizer, scheduler) is None
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_hub_token_never_reaches_results_or_logs(tiny_study):
+    # tiny_study ran with HF_TOKEN set (conftest.snakemake_env).
+    leaked = []
+    for folder in ("results", "logs", "benchmarks"):
+        for path in (tiny_study / folder).rglob("*"):
+            if path.is_file() and FAKE_HUB_TOKEN.encode() in path.read_bytes():
+                leaked.append(path)
+    assert not leaked
+    assert (tiny_study / "results/tables/runs.csv").exists()  # the scan did see the study
+
+
+def test_a_failed_write_leaves_neither_the_target_nor_a_temporary(tmp_path):
+    target = tmp_path / "metrics.json"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text('{"half": ')
+        raise RuntimeError("job killed mid-write")
+    assert list(tmp_path.iterdir()) == []
+    write_json(target, {"complete": True})
+    assert json.loads(target.read_text()) == {"complete": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_readers_never_see_a_half_written_file(tmp_path):
+    """One process rewrites a large file while another keeps parsing it."""
+    target = tmp_path / "table.json"
+    write_json(target, {"rows": list(range(200_000))})
+    writer = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import sys; from lora_study.io import write_json\n"
+            "for i in range(40): write_json(sys.argv[1], {'rows': list(range(200_000 + i))})",
+            str(target),
+        ]
+    )  # fmt: skip
+    reads = 0
+    while writer.poll() is None:
+        assert len(json.loads(target.read_text())["rows"]) >= 200_000
+        reads += 1
+    assert writer.returncode == 0 and reads > 0
