@@ -198,6 +198,9 @@ def train_run(
                 batch_sampler=batches,
                 collate_fn=lambda rows: collate(rows, pad_id),
                 num_workers=training["dataloader_num_workers"],
+                # Its own generator: starting an iterator must not draw from the global RNG
+                # (dropout's), or a resumed run would see different dropout masks.
+                generator=torch.Generator().manual_seed(training["seed"]),
             )
             phase = "train"
             with stop_on_signals() as stop:

@@ -43,22 +43,22 @@ def read_metrics(workdir: Path, run_id: str, name: str) -> dict:
 
 
 def test_out_of_memory_is_a_result_and_a_crash_fails_only_its_run(tiny_llama, tmp_path):
-    def run(run_id: str, **training) -> dict:
-        return {"id": run_id, "rank": 4, "modules": ["q", "v"], "quantization": "fp32", "training": training}
+    def run(run_id: str, quantization: str = "fp32", **training) -> dict:
+        return {"id": run_id, "rank": 4, "modules": ["q", "v"], "quantization": quantization, "training": training}
 
     runs = [
         run("fits"),
         # A machine with (almost) no free memory: the run cannot even load the model.
         run("tight", memory_limit_gb=0.001),
-        # Real failures: weights overflow to inf, then the loss is NaN; an attention kernel that is not installed.
-        run("diverges", learning_rate=1e30),
+        # Real failures: fp16 activations overflow, so the loss is NaN; an attention kernel that is not installed.
+        run("diverges", quantization="fp16", learning_rate=1e30),
         run("crashes", attn_implementation="flash_attention_2"),
     ]
     write_config(tmp_path, small_config(tiny_llama, runs))
     first = run_snakemake(tmp_path, "--cores", "2", "--keep-going")
     assert first.returncode != 0
     assert "the run diverged" in (tmp_path / "logs/train/diverges.log").read_text()
-    assert "flash_attention_2" in (tmp_path / "logs/train/crashes.log").read_text()
+    assert "package for FlashAttention2 doesn't seem to be installed" in (tmp_path / "logs/train/crashes.log").read_text()
     for failed in ("diverges", "crashes"):
         assert not (tmp_path / f"results/runs/{failed}/train_metrics.json").exists()
     assert read_metrics(tmp_path, "fits", "eval_metrics")["status"] == "ok"
