@@ -23,6 +23,10 @@ STATUS_LABELS = {
 }
 
 DEFINITIONS: dict[str, str] = {
+    "memory plan": "peak training memory predicted before training, without loading weights (plan step): "
+    "weights by quantization, LoRA weights + gradients + AdamW states, activations saved for the backward "
+    "pass of the run's largest batch, output-head logits and overhead; compared with the measured peak of "
+    "the same kind (CUDA: NVML; CPU: process RSS). error = (predicted - measured) / measured.",
     "perplexity": "exp of the token-weighted mean negative log-likelihood over the response tokens "
     "of the validation split.",
     "quality_per_gb": "(perplexity of the base model - perplexity of the run) / peak memory in GB: "
@@ -297,6 +301,49 @@ def decision_table(runs: pd.DataFrame, budgets_gb: tuple[float, ...]) -> pd.Data
     return table[_with_accuracy(list(table.columns), table)]
 
 
+def memory_plan_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """The planner's prediction beside the measured peak, for the memory kind that was measured.
+
+    CUDA runs compare with the CUDA prediction (NVML's figure); CPU runs with
+    the CPU prediction (process RSS).
+    """
+    trained = trained_runs(runs)
+    if trained.empty or "plan_predicted_cuda_gb" not in trained:
+        return None
+    on_cuda = trained["memory_kind"].fillna("").str.startswith("cuda")
+    predicted = pd.to_numeric(trained["plan_predicted_cuda_gb"].where(on_cuda, trained["plan_predicted_cpu_gb"]))
+    measured = trained["peak_memory_gb"].where(trained["fits"])
+    return pd.DataFrame(
+        {
+            "run_id": trained["run_id"],
+            "memory_kind": trained["memory_kind"],
+            "predicted_gb": predicted,
+            "measured_gb": measured,
+            "error_pct": 100 * (predicted - measured) / measured,
+            "status": _status(trained),
+        }
+    )
+
+
+def memory_plan_finding(table: pd.DataFrame | None) -> str | None:
+    if table is None:
+        return None
+    compared = table.dropna(subset=["error_pct"])
+    skipped = table[table["status"] == STATUS_LABELS["skipped"]]
+    parts = []
+    if len(compared):
+        errors = compared["error_pct"].abs()
+        kinds = ", ".join(sorted(set(compared["memory_kind"])))
+        parts.append(
+            f"Memory plan vs measured ({kinds}): median error {errors.median():.0f}%, "
+            f"largest {errors.max():.0f}% ({compared.loc[errors.idxmax(), 'run_id']})."
+        )
+    if len(skipped):
+        listed = ", ".join(f"{r.run_id} ({r.predicted_gb:.2f} GB predicted)" for r in skipped.itertuples())
+        parts.append(f"Skipped by the memory budget: {listed}.")
+    return " ".join(parts) or None
+
+
 def memory_label(runs: pd.DataFrame) -> str:
     """How peak memory was measured, for table headers ('GPU memory' only when it was)."""
     kinds = set(runs["memory_kind"].dropna())
@@ -483,6 +530,7 @@ def all_tables(table: pd.DataFrame, settings: FindingSettings) -> dict[str, pd.D
         "pareto_memory": pareto_table(runs, "peak_memory_gb"),
         "pareto_time": pareto_table(runs, "train_wall_s"),
         "decision": decision_table(runs, settings.memory_budgets_gb),
+        "memory_plan": memory_plan_table(runs),
     }
     return {name: frame for name, frame in tables.items() if frame is not None}
 
@@ -510,6 +558,7 @@ def headline_findings(table: pd.DataFrame, settings: FindingSettings) -> list[st
         pareto_finding(tables.get("pareto_memory"), "peak_memory_gb", "peak memory", "GB"),
         pareto_finding(tables.get("pareto_time"), "train_wall_s", "training time", "s"),
         *decision_findings(tables.get("decision"), memory_text),
+        memory_plan_finding(tables.get("memory_plan")),
     ]
     not_fitting = trained[~trained["fits"]]
     if len(not_fitting):

@@ -66,7 +66,7 @@ class PlanError(ValueError):
 class ModelFacts:
     """Parameter counts of an architecture, from its config alone."""
 
-    quantizable_params: int  # weights of the linear layers bitsandbytes replaces
+    quantizable_sizes: tuple[int, ...]  # weights per linear layer bitsandbytes replaces
     quantizable_rows: int  # their output features (int8 keeps one scale per row)
     other_params: int  # embeddings, norms, biases, output head
     num_layers: int
@@ -104,12 +104,12 @@ def _body_linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
 def model_facts(model_config) -> ModelFacts:
     model = meta_causal_lm(model_config, torch.float32, "sdpa")
     linear = _body_linear_layers(model).values()
-    quantizable = sum(fan_in * fan_out for fan_in, fan_out in linear)
+    sizes = tuple(fan_in * fan_out for fan_in, fan_out in linear)
     total = sum(p.numel() for p in model.parameters())
     return ModelFacts(
-        quantizable_params=quantizable,
+        quantizable_sizes=sizes,
         quantizable_rows=sum(fan_out for _, fan_out in linear),
-        other_params=total - quantizable,
+        other_params=total - sum(sizes),
         num_layers=model_config.num_hidden_layers,
         num_heads=model_config.num_attention_heads,
         vocab_size=model_config.vocab_size,
@@ -118,14 +118,21 @@ def model_facts(model_config) -> ModelFacts:
 
 def weights_bytes(facts: ModelFacts, quantization: str, double_quant: bool) -> float:
     """Frozen base weights as held during training."""
-    n = facts.quantizable_params
+    n = sum(facts.quantizable_sizes)
     if quantization in FOUR_BIT:
-        blocks = n / NF4_BLOCK
-        constants = blocks * 1 + blocks / DOUBLE_QUANT_BLOCK * 4 if double_quant else blocks * 4
-        return n / 2 + constants + facts.other_params * 4
+        return sum(_four_bit_bytes(size, double_quant) for size in facts.quantizable_sizes) + facts.other_params * 4
     if quantization == "int8":
         return n + facts.quantizable_rows * 4 + facts.other_params * 4
     return (n + facts.other_params) * DTYPE_BYTES[quantization]
+
+
+def _four_bit_bytes(size: int, double_quant: bool) -> float:
+    """One 4-bit layer: packed weights, then its absmax constants (per block of 64)."""
+    blocks = math.ceil(size / NF4_BLOCK)
+    if not double_quant:
+        return math.ceil(size / 2) + blocks * 4
+    # 8-bit absmax, one fp32 constant per 256 blocks, and the layer's 256-entry fp32 code table.
+    return math.ceil(size / 2) + blocks + math.ceil(blocks / DOUBLE_QUANT_BLOCK) * 4 + 256 * 4
 
 
 def lora_params(model: nn.Module, targets: list[str] | str, rank: int) -> int:
@@ -394,6 +401,34 @@ def plan_study(
     return plans
 
 
+def _model_config(manifest: dict[str, Any]):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(manifest["path"], trust_remote_code=manifest["trust_remote_code"])
+
+
+def plan_for_run(
+    run: dict[str, Any],
+    manifest: dict[str, Any],
+    lengths: list[int],
+    prompt_lengths: list[int],
+    plan_settings: dict[str, Any] | None,
+) -> RunPlan:
+    """One run's plan, as the train job makes it before loading weights."""
+    settings = plan_settings or {"device": "cuda", "memory_budget_gb": None}
+    plans = plan_study(
+        [run],
+        _model_config(manifest),
+        manifest["model_type"],
+        manifest["linear_layers"],
+        lengths,
+        prompt_lengths,
+        settings["device"],
+        settings["memory_budget_gb"],
+    )
+    return plans[0]
+
+
 PLAN_SUMMARY_COLUMNS = (
     "run_id",
     "trainable_params",
@@ -417,12 +452,11 @@ def write_plan(
 ) -> list[RunPlan]:
     """Plan the study from the model's config and the prepared data; write plan.csv and plan.md."""
     import pandas as pd
-    from transformers import AutoConfig
 
     from lora_study.aggregate import write_table
     from lora_study.data import load_split
 
-    model_config = AutoConfig.from_pretrained(manifest["path"], trust_remote_code=manifest["trust_remote_code"])
+    model_config = _model_config(manifest)
     train = load_split(splits_dir, "train")
     plans = plan_study(
         runs,

@@ -34,6 +34,7 @@ TABLE_TITLES: dict[str, str] = {
     "pareto_memory": "Pareto set: peak memory vs perplexity",
     "pareto_time": "Pareto set: training time vs perplexity",
     "decision": "Which configuration for my memory budget",
+    "memory_plan": "Memory plan: predicted vs measured peak memory",
 }
 
 

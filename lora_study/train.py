@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_study.batching import IGNORE_INDEX, collate, endless_batches
+from lora_study.budget import budget_verdict
 from lora_study.checkpoints import Checkpointer, Progress, StopSignal, TrainingInterrupted, fingerprint, stop_on_signals
 from lora_study.data import load_split
 from lora_study.failures import STATUS_OOM, STATUS_SKIPPED, is_out_of_memory, memory_cap, memory_in_use_gb
@@ -32,6 +33,7 @@ from lora_study.loading import (
 )
 from lora_study.metrics import STATUS_OK, PeakMemory, TrainMetrics
 from lora_study.modules import needs_fan_in_fan_out, resolve_target_modules
+from lora_study.planner import plan_for_run
 from lora_study.sweep import BITSANDBYTES
 
 log = logging.getLogger("lora_study")
@@ -99,7 +101,7 @@ def train_run(
     threads: int,
     checkpoint_dir: Path,
     checkpoint_every: int = 0,
-    plan: dict[str, Any] | None = None,
+    plan_settings: dict[str, Any] | None = None,
 ) -> TrainMetrics:
     """Train the adapter for `run` (a RunSpec as params) and write its outputs.
 
@@ -115,7 +117,6 @@ def train_run(
     training = run["training"]
     gpu_slot = claim_gpu()  # before CUDA starts: one device per concurrent job, held until return
     set_threads(threads)
-    set_seed(training["seed"])
     device = pick_device()
     log.info("run %s on %s, %d threads", run["run_id"], device_name(device), torch.get_num_threads())
 
@@ -139,14 +140,18 @@ def train_run(
         )
         return outputs.write_not_trained(metrics, progress.curve)
 
-    if plan is not None and plan.get("skip"):
-        log.warning("skipped: the memory plan predicts %.2f GB, over the %.2f GB budget", plan["predicted_gb"],
-                    plan["budget_gb"])  # fmt: skip
-        return not_trained(STATUS_SKIPPED, {"reason": "predicted over the memory budget", **plan}, Progress())
-
     train_rows = load_split(splits_dir, "train")
     lengths = [len(ids) for ids in train_rows["input_ids"]]
+    plan = plan_for_run(run, manifest, lengths, list(train_rows["prompt_length"]), plan_settings)
+    measured["memory_plan"] = plan.to_dict()
+    verdict = budget_verdict(measured["memory_plan"], plan_settings) if plan_settings else None
+    if verdict is not None:
+        log.warning("skipped: predicted %.2f GB (%s), over the %.2f GB budget", verdict["predicted_gb"],
+                    verdict["plan_device"], verdict["budget_gb"])  # fmt: skip
+        return not_trained(STATUS_SKIPPED, {"reason": "predicted over the memory budget", **verdict}, Progress())
+    log.info("memory plan: %.2f GB on CUDA, %.2f GB on CPU", plan.predicted_cuda_gb, plan.predicted_cpu_gb)
     _, pad_id = load_tokenizer(manifest)
+    set_seed(training["seed"])  # after planning: everything random from here on is the run's own
     checkpointer = Checkpointer(checkpoint_dir, fingerprint(run, manifest, splits_dir), checkpoint_every)
     progress = Progress()
     phase = "load"
@@ -247,6 +252,7 @@ def train_run(
         target_modules=targets,
         resumed_from_step=progress.resumed_from_step,
         memory={**memory.report(), **cap},
+        memory_plan=measured["memory_plan"],
         environment=job_environment(gpu_slot),
     )
     write_json(metrics_path, metrics.to_dict())

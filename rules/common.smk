@@ -1,4 +1,5 @@
 # Everything that reads the config lives here: validation, the run table, params.
+import os
 import re
 import sys
 
@@ -10,6 +11,7 @@ sys.path.insert(0, workflow.basedir)
 
 from lora_study import paths
 from lora_study.config import ConfigError, canonical_json, check_local_sources, validate_config
+from lora_study.budget import budget_verdict
 from lora_study.io import read_csv_rows
 from lora_study.sweep import all_evaluated, expand_study
 
@@ -44,17 +46,17 @@ def compute_params(wildcards):
 
 
 def memory_plan(wildcards):
-    """The plan's verdict for a run that a memory budget skips; "null" for every other run.
+    """The memory budget's verdict on this run ("null" unless it is skipped), for rerun decisions.
 
-    Only a skip (and its numbers) enters the train job's params, so changing the
-    budget reruns just the runs whose verdict changes.
+    Read from the plan.csv on disk while the job graph is built: a run's
+    prediction only changes with its own settings, model or data, which rerun
+    it anyway, so a budget edit reruns just the runs whose verdict it flips.
+    The train job plans itself again before loading anything and skips on
+    that fresh verdict (train does not depend on the plan step: a replanned
+    study must not retrain runs that did not change).
     """
-    table = checkpoints.plan.get().output.table
-    row = read_csv_rows(table, "run_id")[wildcards.run]
-    if row["skip"] != "True":
-        return "null"
-    verdict = {"skip": True, "predicted_gb": float(row["predicted_gb"]), "budget_gb": float(row["budget_gb"])}
-    return canonical_json({**verdict, "plan_device": row["plan_device"]})
+    plan_rows = read_csv_rows(paths.PLAN_CSV, "run_id") if os.path.exists(paths.PLAN_CSV) else {}
+    return canonical_json(budget_verdict(plan_rows.get(wildcards.run), config["plan"]))
 
 
 def evaluation_inputs(wildcards):

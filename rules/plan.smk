@@ -1,12 +1,12 @@
-# Predicted peak memory of every run, before training; decides which runs a
-# memory budget skips. A checkpoint: train's params read its table.
+# Predicted peak memory of every run, before training; a memory budget skips
+# the runs predicted not to fit.
 
 
 localrules:
     plan,
 
 
-checkpoint plan:
+rule plan:
     input:
         manifest=paths.MODEL_MANIFEST,
         splits=paths.DATA_SPLITS,

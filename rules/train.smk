@@ -5,8 +5,6 @@ rule train:
     input:
         manifest=paths.MODEL_MANIFEST,
         splits=paths.DATA_SPLITS,
-        # ancient: a new plan (another run added) must not retrain this one; its params decide.
-        plan=ancient(paths.PLAN_CSV),
     output:
         adapter=directory(paths.ADAPTER),
         metrics=paths.TRAIN_METRICS,

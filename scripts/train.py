@@ -23,5 +23,5 @@ with job(snakemake):
         checkpoint_dir=Path(paths.for_run(paths.CHECKPOINT, run["run_id"])),
         # Read here, not from params: how often to checkpoint must not trigger reruns.
         checkpoint_every=snakemake.config["execution"]["checkpoint_every"],
-        plan=json.loads(snakemake.params.memory_plan),
+        plan_settings=snakemake.config["plan"],
     )

@@ -58,7 +58,9 @@ def test_out_of_memory_is_a_result_and_a_crash_fails_only_its_run(tiny_llama, tm
     first = run_snakemake(tmp_path, "--cores", "2", "--keep-going")
     assert first.returncode != 0
     assert "the run diverged" in (tmp_path / "logs/train/diverges.log").read_text()
-    assert "package for FlashAttention2 doesn't seem to be installed" in (tmp_path / "logs/train/crashes.log").read_text()
+    assert (
+        "package for FlashAttention2 doesn't seem to be installed" in (tmp_path / "logs/train/crashes.log").read_text()
+    )
     for failed in ("diverges", "crashes"):
         assert not (tmp_path / f"results/runs/{failed}/train_metrics.json").exists()
     assert read_metrics(tmp_path, "fits", "eval_metrics")["status"] == "ok"

@@ -11,12 +11,15 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from conftest import REPO, run_snakemake
 
 REPORT_JOBS = {("aggregate", None), ("findings", None), ("all", None)}
+# The memory plan covers every run: any edit to the set of runs replans (seconds, no weights loaded).
+PLAN_JOB = {("plan", None)}
 RUN_IDS = ("r4-qv-fp32", "r8-qv-fp32", "custom")
 
 
@@ -100,7 +103,7 @@ def test_editing_one_run_reruns_only_that_run(study):
     before = snapshot(workdir)
     config["sweep"]["runs"][0]["training"]["learning_rate"] = 0.02
     write_config(workdir, config)
-    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["custom"]) | REPORT_JOBS
+    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["custom"]) | PLAN_JOB | REPORT_JOBS
     assert run_snakemake(workdir, "--cores", "2").returncode == 0
     after = snapshot(workdir)
     untouched = [k for k in before if "/custom/" not in k]
@@ -113,12 +116,12 @@ def test_adding_a_run_trains_only_it_and_removing_one_touches_no_files(study):
     added = copy.deepcopy(config)
     added["sweep"]["grids"][0]["rank"] = [4, 8, 16]
     write_config(workdir, added)
-    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["r16-qv-fp32"]) | REPORT_JOBS
+    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["r16-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
 
     before = snapshot(workdir)
     config["sweep"]["grids"][0]["rank"] = [4]
     write_config(workdir, config)
-    assert planned_jobs(workdir) == REPORT_JOBS
+    assert planned_jobs(workdir) == PLAN_JOB | REPORT_JOBS
     assert run_snakemake(workdir, "--cores", "2").returncode == 0
     assert snapshot(workdir) == before  # r8's files stay, untouched
     table = (workdir / "results/tables/runs.csv").read_text()
@@ -130,12 +133,31 @@ def test_shared_default_reruns_runs_using_it_but_not_an_override(study):
     config["training"]["learning_rate"] = 0.005
     write_config(workdir, config)
     # custom overrides learning_rate; the baseline trains nothing.
-    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["r4-qv-fp32", "r8-qv-fp32"]) | REPORT_JOBS
+    expected = per_run(("train", "evaluate"), ["r4-qv-fp32", "r8-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
+    assert planned_jobs(workdir) == expected
+
+
+def test_memory_budget_skips_and_reruns_only_runs_it_flips(study):
+    workdir, config = study
+    plan = pd.read_csv(workdir / "results/tables/plan.csv").set_index("run_id")["predicted_cpu_gb"]
+    assert plan["r8-qv-fp32"] > plan["r4-qv-fp32"] == plan["custom"]  # rank 8 holds more LoRA state
+    config["plan"] = {"device": "cpu", "memory_budget_gb": float((plan["r8-qv-fp32"] + plan["r4-qv-fp32"]) / 2)}
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["r8-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
+    assert run_snakemake(workdir, "--cores", "2").returncode == 0
+    runs = pd.read_csv(workdir / "results/tables/runs.csv").set_index("run_id")
+    assert runs.loc["r8-qv-fp32", "status"] == "skipped" and pd.isna(runs.loc["r8-qv-fp32", "perplexity"])
+    assert (runs.drop("r8-qv-fp32")["status"] == "ok").all()
+    assert "Skipped by the memory budget: r8-qv-fp32" in (workdir / "results/report/findings.md").read_text()
+
+    config["plan"]["memory_budget_gb"] = None  # lifting the budget trains just the skipped run
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["r8-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
 
 
 def test_data_and_model_settings_rerun_everything_downstream(study):
     workdir, config = study
-    everything_after_data = per_run(("train", "evaluate"), RUN_IDS) | {("evaluate", "base")} | REPORT_JOBS
+    everything_after_data = per_run(("train", "evaluate"), RUN_IDS) | {("evaluate", "base")} | PLAN_JOB | REPORT_JOBS
     data_edit = copy.deepcopy(config)
     data_edit["dataset"]["validation_size"] = 20
     write_config(workdir, data_edit)
