@@ -1,0 +1,263 @@
+"""GPU check: the reference study's grid on a randomly initialised Phi-2.
+
+Memory and speed do not depend on the weights' values, so a model with
+Phi-2's exact configuration (2.7B parameters) and random weights measures what
+the real one would, without downloading it. Each configuration trains in its
+own process through this project's training code (the same function the
+workflow's train jobs call), at the reference settings: batch 2, gradient
+accumulation 4, sequences of 512 tokens, a fixed number of steps. The table
+gives peak VRAM three ways (torch max allocated, torch max reserved, NVML
+used), useful (loss-bearing) tokens/s and the planner's prediction.
+
+    python bench/gpu_check.py --out bench/results/gpu_check.md          # CUDA, Phi-2
+    python bench/gpu_check.py --tiny --steps 2 --out /tmp/gpu_check.md   # CPU smoke run
+    python bench/gpu_check.py --plan-only --out /tmp/phi2_plan.md        # planner only, any machine
+
+`--tiny` swaps in a 2-layer model with Phi-2's architecture and small widths,
+so the whole path (model build, quantization, LoRA, planner, table) runs on a
+CPU in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Phi-2 (microsoft/phi-2 config.json), reproduced by value.
+PHI2 = {
+    "vocab_size": 51200,
+    "hidden_size": 2560,
+    "intermediate_size": 10240,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 2048,
+    "partial_rotary_factor": 0.4,
+    "rope_theta": 10000.0,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "gelu_new",
+    "resid_pdrop": 0.1,
+    "embd_pdrop": 0.0,
+    "attention_dropout": 0.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+}
+TINY = {**PHI2, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
+
+# The reference study's grid: ranks on q,k,v,o NF4; module sets at rank 16; quantizations at rank 16.
+GRID = [
+    *[(rank, ["q", "k", "v", "o"], "nf4") for rank in (4, 8, 16, 32, 64)],
+    (16, ["q", "v"], "nf4"),
+    (16, ["q", "k", "v"], "nf4"),
+    (16, ["q", "k", "v", "o", "mlp"], "nf4"),
+    (16, ["q", "k", "v", "o"], "int8"),
+    (16, ["q", "k", "v", "o"], "bf16"),
+]
+REFERENCE = {"batch_size": 2, "gradient_accumulation_steps": 4, "seq_len": 512}
+
+# The options this check runs with (reported beside the table).
+OPTIONS = {"compute_dtype": "bf16", "attn_implementation": "sdpa", "gradient_checkpointing": True}
+
+
+def build_model(out_dir: Path, shape: dict) -> dict:
+    """Random Phi weights (safetensors), a word-level tokenizer, and the workflow's manifest."""
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
+
+    from lora_study.model_source import describe_model
+
+    config = PhiConfig(**shape)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = PhiForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(shape["vocab_size"])}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), eos_token="t0", pad_token="t0"
+    )
+    tokenizer.save_pretrained(out_dir)
+    return describe_model(out_dir, f"random {config.model_type} {sum(p.numel() for p in model.parameters()):,}", False)
+
+
+def build_data(out_dir: Path, vocab_size: int, rows: int, seq_len: int) -> None:
+    """Fixed-length rows of random tokens; the second half of each row is the response."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(0)
+    records = [
+        {
+            "input_ids": [rng.randrange(1, vocab_size) for _ in range(seq_len)],
+            "prompt_length": seq_len // 2,
+            "answer": "",
+            "family": "",
+        }
+        for _ in range(rows)
+    ]
+    for split in ("train", "validation"):
+        Dataset.from_list(records).save_to_disk(str(out_dir / split))
+
+
+def run_config(args: argparse.Namespace) -> None:
+    """Child process: train one configuration, print its metrics as JSON."""
+    from lora_study.io import read_json
+    from lora_study.train import train_run
+
+    job = json.loads(args.one)
+    work = Path(job["work"])
+    metrics = train_run(
+        run=job["run"],
+        manifest=read_json(work / "manifest.json"),
+        splits_dir=work / "splits",
+        adapter_dir=work / "runs" / job["run"]["run_id"] / "adapter",
+        metrics_path=work / "runs" / job["run"]["run_id"] / "train_metrics.json",
+        loss_curve_path=work / "runs" / job["run"]["run_id"] / "loss_curve.csv",
+        threads=args.threads,
+        checkpoint_dir=work / "checkpoints" / job["run"]["run_id"],
+        plan_settings={"device": job["plan_device"], "memory_budget_gb": None},
+    )
+    print("RESULT " + json.dumps(metrics.to_dict(), default=str))
+
+
+def run_spec(rank: int, modules: list[str], quantization: str, training: dict) -> dict:
+    from lora_study.modules import canonical_modules
+    from lora_study.sweep import RunSpec, run_id
+
+    ordered = tuple(canonical_modules(modules))
+    double_quant = quantization == "nf4"
+    spec = RunSpec(run_id(rank, 2 * rank, ordered, quantization, double_quant), rank, 2.0 * rank, ordered,
+                   quantization, double_quant, training)  # fmt: skip
+    return spec.as_params()
+
+
+def table_row(metrics: dict, options: dict) -> dict:
+    memory, plan = metrics["memory"], metrics.get("memory_plan") or {}
+    return {
+        "run_id": metrics["run_id"],
+        "status": metrics["status"],
+        "cuda_max_allocated_gb": memory.get("cuda_max_allocated_gb"),
+        "cuda_max_reserved_gb": memory.get("cuda_max_reserved_gb"),
+        "nvml_peak_used_gb": memory.get("nvml_peak_used_gb"),
+        "peak_memory_gb": memory.get("peak_memory_gb"),
+        "memory_kind": memory.get("memory_kind"),
+        "planned_cuda_gb": plan.get("predicted_cuda_gb"),
+        "planned_cpu_gb": plan.get("predicted_cpu_gb"),
+        "useful_tokens_per_s": metrics.get("loss_tokens_per_s"),
+        "train_tokens_per_s": metrics.get("train_tokens_per_s"),
+        "trainable_params": metrics.get("trainable_params"),
+        **{f"option.{k}": v for k, v in options.items()},
+    }
+
+
+def plan_only(args: argparse.Namespace) -> None:
+    """Predicted peak CUDA memory of the grid on Phi-2, with and without gradient checkpointing."""
+    import pandas as pd
+    from transformers import PhiConfig
+
+    from lora_study.config import validate_config
+    from lora_study.modules import linear_layer_names, meta_model, resolve_target_modules
+    from lora_study.planner import BatchShape, model_facts, plan_run
+
+    config = PhiConfig(**(TINY if args.tiny else PHI2))
+    facts = model_facts(config)
+    layers = linear_layer_names(meta_model(config))
+    base = validate_config({"model": {"source": "x"}, "dataset": {"source": "generated"}, "sweep": {}})["training"]
+    batch = BatchShape(
+        REFERENCE["batch_size"], REFERENCE["seq_len"], REFERENCE["batch_size"] * REFERENCE["seq_len"] // 2
+    )
+    rows = []
+    for checkpointing in (False, True):
+        training = {**base, **OPTIONS, "gradient_checkpointing": checkpointing, "batch_size": REFERENCE["batch_size"]}
+        for rank, modules, quantization in GRID[: args.configs]:
+            run = run_spec(rank, modules, quantization, training)
+            targets = resolve_target_modules("phi", run["modules"], layers)
+            plan = plan_run(run, config, facts, targets, batch, "cuda", None)
+            rows.append({"gradient_checkpointing": checkpointing, **{k: v for k, v in plan.to_dict().items()
+                         if k not in ("plan_device", "budget_gb", "skip", "predicted_gb")}})  # fmt: skip
+    table = pd.DataFrame(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out.with_suffix(".csv"), index=False)
+    args.out.write_text(
+        f"# Planner: Phi-2 configuration, batch {REFERENCE['batch_size']} x {REFERENCE['seq_len']} tokens "
+        "(half of each row a response), predictions only\n\n" + table.to_markdown(index=False, floatfmt=".3g") + "\n"
+    )
+    print(args.out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="small Phi-architecture model (CPU smoke run)")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per configuration")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--configs", type=int, default=len(GRID), help="first N configurations of the grid")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--out", type=Path, required=True, help="markdown table; a .csv is written beside it")
+    parser.add_argument("--plan-only", action="store_true", help="the planner's predictions only: no weights, no GPU")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_config(args)
+        return
+    if args.plan_only:
+        plan_only(args)
+        return
+
+    import pandas as pd
+    import torch
+
+    from lora_study.config import validate_config
+
+    shape = TINY if args.tiny else PHI2
+    options = {**OPTIONS, "gradient_checkpointing": not args.no_gradient_checkpointing}
+    training = validate_config({"model": {"source": "x"}, "dataset": {"source": "generated"}, "sweep": {}})["training"]
+    training.update(options, max_steps=args.steps, warmup_steps=0, log_every=max(1, args.steps // 2),
+                    batch_size=REFERENCE["batch_size"],
+                    gradient_accumulation_steps=REFERENCE["gradient_accumulation_steps"])  # fmt: skip
+    plan_device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        work = Path(tmp)
+        manifest = build_model(work / "model", shape)
+        (work / "manifest.json").write_text(json.dumps(manifest))
+        build_data(work / "splits", shape["vocab_size"], rows=64, seq_len=REFERENCE["seq_len"])
+        print(f"model: {manifest['source']} parameters; device: {plan_device}", flush=True)
+        for rank, modules, quantization in GRID[: args.configs]:
+            run = run_spec(rank, modules, quantization, training)
+            job = json.dumps({"work": str(work), "run": run, "plan_device": plan_device})
+            child = subprocess.run(
+                [sys.executable, __file__, "--one", job, "--threads", str(args.threads), "--out", str(args.out)],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            result = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+            if child.returncode != 0 or not result:
+                raise SystemExit(f"{run['run_id']} failed:\n{child.stderr[-3000:]}")
+            rows.append(table_row(json.loads(result[0][len("RESULT ") :]), options))
+            print(json.dumps(rows[-1]), flush=True)
+    table = pd.DataFrame(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out.with_suffix(".csv"), index=False)
+    header = (
+        f"# GPU check: {manifest['source']} parameters, random weights\n\n"
+        f"Batch {REFERENCE['batch_size']} x accumulation {REFERENCE['gradient_accumulation_steps']}, "
+        f"{REFERENCE['seq_len']} tokens per row, {args.steps} steps per configuration, device {plan_device}. "
+        f"Options: {', '.join(f'{k}={v}' for k, v in options.items())}.\n\n"
+    )
+    shown = table.drop(columns=[c for c in table.columns if c.startswith("option.")])
+    args.out.write_text(header + shown.to_markdown(index=False, floatfmt=".3g") + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
