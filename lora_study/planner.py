@@ -9,7 +9,7 @@ The prediction is a sum of terms, each reported on its own:
   (embeddings, norms, output head) are upcast to fp32 by
   `prepare_model_for_kbit_training`, so a quantized run holds them in fp32.
 - LoRA states: fp32 weights, gradients and AdamW's two moments (16 bytes per
-  trainable parameter).
+  trainable parameter; 10 with 8-bit AdamW).
 - activations: the tensors autograd saves for the backward pass, counted
   from a forward pass of the real architecture on PyTorch's meta device
   (shapes and dtypes only: no weights, no arithmetic), with the run's
@@ -49,7 +49,8 @@ log = logging.getLogger("lora_study")
 GB = 1024**3
 NF4_BLOCK = 64  # weights per 4-bit absmax constant (bitsandbytes default)
 DOUBLE_QUANT_BLOCK = 256  # absmax constants per second-level constant
-LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, gradient, AdamW exp_avg + exp_avg_sq
+# Per trainable parameter: fp32 weight and gradient, plus the optimizer's two moments.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 CUDA_CONTEXT_GB = 0.5  # CUDA context + kernels; NVML counts it, torch's allocator does not
 CUDA_ALLOCATOR_SLACK = 0.10  # reserved over allocated at peak (fragmentation, rounding)
 CPU_RUNTIME_GB = 0.5  # RSS of python + torch + transformers + peft + datasets, measured here
@@ -347,7 +348,7 @@ def plan_run(
     weights = weights_bytes(facts, run["quantization"], run["double_quant"])
     head_bytes = 4 if run["quantization"] in BITSANDBYTES else DTYPE_BYTES[run["quantization"]]
     logits = logits_bytes(batch.loss_positions, facts.vocab_size, head_bytes)
-    states = trainable * LORA_BYTES_PER_PARAM
+    states = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[training.get("optimizer", "adamw")])
     allocated = weights + states + activations + per_layer + logits
     cuda = allocated * (1 + CUDA_ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB
     cpu = allocated / GB + CPU_RUNTIME_GB

@@ -63,6 +63,17 @@ def _post_processes_logits(config) -> bool:
     return any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
 
 
+def make_optimizer(params: list[torch.nn.Parameter], training: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW with fp32 states, or bitsandbytes' 8-bit (optionally paged) AdamW."""
+    settings = {"lr": training["learning_rate"], "weight_decay": training["weight_decay"]}
+    if training["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, **settings)
+    import bitsandbytes as bnb
+
+    optimizers = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    return optimizers[training["optimizer"]](params, **settings)
+
+
 def scored_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry a next-token loss (response tokens after the first position)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -181,7 +192,7 @@ def train_run(
             log.info("trainable params %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
             params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=training["learning_rate"], weight_decay=training["weight_decay"])
+            optimizer = make_optimizer(params, training)
             batch_size = training["batch_size"]
             accumulation = training["gradient_accumulation_steps"]
             steps = total_steps(training, math.ceil(len(lengths) / batch_size))

@@ -1,0 +1,38 @@
+"""bench/gpu_check.sh on CPU with a tiny Phi-architecture model: the whole path runs."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+
+import pandas as pd
+
+from conftest import REPO
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(REPO / "bench/gpu_check.sh"), "--tiny", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_gpu_check_runs_on_cpu_with_a_tiny_model(tmp_path):
+    result = run_check("--steps", "2", "--configs", "2", "--out", str(tmp_path / "check.md"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "check.csv")
+    assert list(table["run_id"]) == ["r4-qkvo-nf4", "r8-qkvo-nf4"]
+    assert (table["status"] == "ok").all() and (table["memory_kind"] == "cpu_peak_rss").all()
+    for column in ("peak_memory_gb", "planned_cuda_gb", "planned_cpu_gb", "useful_tokens_per_s"):
+        assert table[column].map(math.isfinite).all() and (table[column] > 0).all(), column
+    assert table["trainable_params"].iloc[1] == 2 * table["trainable_params"].iloc[0]
+    text = (tmp_path / "check.md").read_text()
+    assert "Batch 2 x accumulation 4, 512 tokens per row" in text and "optimizer=paged_adamw_8bit" in text
+
+
+def test_plan_only_predicts_less_memory_with_gradient_checkpointing(tmp_path):
+    result = run_check("--plan-only", "--out", str(tmp_path / "plan.md"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = pd.read_csv(tmp_path / "plan.csv")
+    with_gc = plan[plan["gradient_checkpointing"]].set_index("run_id")["activations_gb"]
+    without = plan[~plan["gradient_checkpointing"]].set_index("run_id")["activations_gb"]
+    assert (with_gc < without).all() and len(with_gc) == 10
