@@ -63,7 +63,9 @@ def worker_ours(run_id: str, steps: int, out: Path, threads: int) -> dict:
     from lora_study.train import train_run
 
     config, run, manifest, splits = load_setup(run_id, steps)
-    metrics = train_run(run, manifest, splits, out / "adapter", out / "m.json", out / "c.csv", threads)
+    metrics = train_run(
+        run, manifest, splits, out / "adapter", out / "m.json", out / "c.csv", threads, checkpoint_dir=out / "ckpt"
+    )
     peak = peak_rss_bytes()
     t = run["training"]
     base = load_base_model(

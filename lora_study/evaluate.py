@@ -172,6 +172,9 @@ def _load_model(run, compute_settings, manifest, adapter_dir: Path | None, devic
         compute_settings["attn_implementation"],
         device,
     )
+    # Training turns the KV cache off; greedy generation without it recomputes every
+    # prefix (measured: 8x slower on the default model).
+    model.config.use_cache = True
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model.eval()

