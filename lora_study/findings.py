@@ -478,7 +478,7 @@ def pareto_finding(front: pd.DataFrame | None, x: str, axis_name: str, unit: str
     listed = "; ".join(
         f"{r['run_id']} ({r[x]:.3g} {unit}, perplexity {_fmt(r['perplexity'])})" for _, r in front.iterrows()
     )
-    return f"Pareto-optimal on {axis_name} and perplexity ({len(front)} runs): {listed}."
+    return f"Pareto-optimal on {axis_name} and perplexity ({len(front)} run{'s' if len(front) != 1 else ''}): {listed}."
 
 
 def decision_findings(decisions: pd.DataFrame | None, memory_text: str) -> list[str]:

@@ -1,4 +1,5 @@
 # Everything that reads the config lives here: validation, the run table, params.
+import functools
 import os
 import re
 import sys
@@ -55,8 +56,13 @@ def memory_plan(wildcards):
     that fresh verdict (train does not depend on the plan step: a replanned
     study must not retrain runs that did not change).
     """
-    plan_rows = read_csv_rows(paths.PLAN_CSV, "run_id") if os.path.exists(paths.PLAN_CSV) else {}
-    return canonical_json(budget_verdict(plan_rows.get(wildcards.run), config["plan"]))
+    return canonical_json(budget_verdict(planned_rows().get(wildcards.run), config["plan"]))
+
+
+@functools.cache
+def planned_rows():
+    """plan.csv as it is on disk when the job graph is built (read once, not once per run)."""
+    return read_csv_rows(paths.PLAN_CSV, "run_id") if os.path.exists(paths.PLAN_CSV) else {}
 
 
 def evaluation_inputs(wildcards):
