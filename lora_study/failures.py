@@ -33,11 +33,21 @@ OOM_MESSAGES = (
 )
 
 
-def is_out_of_memory(error: BaseException | None) -> bool:
-    """True when `error`, or an error it was raised from, is an allocation failure."""
+# Under an address-space cap a new thread's stack cannot be mapped either.
+CAPPED_ONLY_MESSAGES = ("can't start new thread",)
+
+
+def is_out_of_memory(error: BaseException | None, memory_capped: bool = False) -> bool:
+    """True when `error`, or an error it was raised from, is an allocation failure.
+
+    With `memory_capped` (a memory_limit_gb was in force), failing to start a
+    thread counts too: its stack is an allocation the cap refused.
+    """
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
+        if memory_capped and any(m in str(error) for m in CAPPED_ONLY_MESSAGES):
+            return True
         if isinstance(error, MemoryError | torch.OutOfMemoryError):
             return True
         if isinstance(error, OSError) and error.errno == errno.ENOMEM:

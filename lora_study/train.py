@@ -223,7 +223,7 @@ def train_run(
                 _loop(model, params, optimizer, scheduler, iter(loader), steps, accumulation, device, training,
                       progress, checkpointer, stop)  # fmt: skip
     except Exception as error:
-        if not is_out_of_memory(error):
+        if not is_out_of_memory(error, memory_capped=training["memory_limit_gb"] is not None):
             raise
         failure = {
             "phase": phase,

@@ -26,7 +26,10 @@ def train_and_score(setup, run_id: str, seed: int, name: str) -> float:
     run = expand_study(config)[run_id].as_params()
     run["training"]["seed"] = seed
     out = workdir / name
-    train_run(run, manifest, workdir / "splits", out / "adapter", out / "t.json", out / "curve.csv", threads=1)
+    train_run(
+        run, manifest, workdir / "splits", out / "adapter", out / "t.json", out / "curve.csv",
+        threads=1, checkpoint_dir=out / "checkpoint",
+    )  # fmt: skip
     metrics = evaluate_run(
         run, config["evaluation"], config["training"], manifest, workdir / "splits",
         out / "adapter", out / "e.json", out / "p.jsonl", threads=1,

@@ -22,6 +22,7 @@ import yaml
 
 from conftest import FAKE_HUB_TOKEN, run_snakemake, snakemake_command, snakemake_env, tiny_study_config
 from lora_study.checkpoints import Checkpointer, Progress
+from lora_study.failures import is_out_of_memory
 from lora_study.io import atomic_path, write_json
 
 
@@ -201,3 +202,19 @@ def test_readers_never_see_a_half_written_file(tmp_path):
         assert len(json.loads(target.read_text())["rows"]) >= 200_000
         reads += 1
     assert writer.returncode == 0 and reads > 0
+
+
+def test_what_counts_as_out_of_memory():
+    import errno
+
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(OSError(errno.ENOMEM, "Cannot allocate memory"))
+    assert is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    wrapped = ValueError("loading failed")
+    wrapped.__cause__ = MemoryError()
+    assert is_out_of_memory(wrapped)
+    # A thread that cannot start is an allocation failure only under a memory cap.
+    thread = RuntimeError("can't start new thread")
+    assert is_out_of_memory(thread, memory_capped=True) and not is_out_of_memory(thread)
+    assert not is_out_of_memory(FloatingPointError("training loss is nan at step 2"))
+    assert not is_out_of_memory(ValueError("target modules ['x'] not found"))
