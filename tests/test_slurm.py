@@ -68,7 +68,7 @@ def test_every_train_job_is_its_own_slurm_job_with_one_gpu(slurm_study):
         assert environment["cuda_visible_devices"] == "0"  # SLURM gave the job the declared GPU
         job_ids[run] = environment["slurm_job_id"]
     assert len(set(job_ids.values())) == 2
-    calls = [line for line in output.splitlines() if "sbatch call:" in line and "train" in line]
+    calls = [line for line in output.splitlines() if "sbatch call:" in line and "rule_train_" in line]
     assert len(calls) == 2, output[-3000:]
     assert all("--gpus=1" in call for call in calls)
     table = pd.read_csv(workdir / "results/tables/runs.csv")
