@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_study.modules import resolve_target_modules
+from lora_study.modules import resolve_run_targets
 from lora_study.sweep import BITSANDBYTES, FOUR_BIT
 
 log = logging.getLogger("lora_study")
@@ -260,6 +260,15 @@ def quantization_problem(quantization: str) -> str | None:
     return None
 
 
+def check_run(run: dict[str, Any], linear_layers: list[str], model_type: str) -> list[str] | str:
+    """The run's PEFT target modules, after checking it can run here at all (errors name the run)."""
+    targets = resolve_run_targets(run, linear_layers, model_type)
+    problem = quantization_problem(run["quantization"])
+    if problem:
+        raise PlanError(f"run '{run['run_id']}': {problem}")
+    return targets
+
+
 @dataclass
 class RunPlan:
     run_id: str
@@ -394,13 +403,7 @@ def plan_study(
     facts = model_facts(model_config)
     plans = []
     for run in runs:
-        try:
-            targets = resolve_target_modules(model_type, run["modules"], linear_layers)
-        except ValueError as error:
-            raise PlanError(f"run '{run['run_id']}': {error}") from None
-        problem = quantization_problem(run["quantization"])
-        if problem:
-            raise PlanError(f"run '{run['run_id']}': {problem}")
+        targets = check_run(run, linear_layers, model_type)
         batch = largest_batch(lengths, prompt_lengths, run["training"])
         plans.append(plan_run(run, model_config, facts, targets, batch, plan_device, budget_gb, weights_file_bytes))
     return plans

@@ -32,8 +32,8 @@ from lora_study.loading import (
     set_threads,
 )
 from lora_study.metrics import STATUS_OK, PeakMemory, TrainMetrics
-from lora_study.modules import needs_fan_in_fan_out, resolve_target_modules
-from lora_study.planner import plan_for_run
+from lora_study.modules import needs_fan_in_fan_out
+from lora_study.planner import check_run, plan_for_run
 from lora_study.sweep import BITSANDBYTES
 
 log = logging.getLogger("lora_study")
@@ -132,7 +132,7 @@ def train_run(
     log.info("run %s on %s, %d threads", run["run_id"], device_name(device), torch.get_num_threads())
 
     # Resolve modules before loading weights: a typo fails in a second, not after the load.
-    targets = resolve_target_modules(manifest["model_type"], run["modules"], manifest["linear_layers"])
+    targets = check_run(run, manifest["linear_layers"], manifest["model_type"])
     log.info("target modules %s -> %s", run["modules"], targets)
     outputs = TrainOutputs(adapter_dir, metrics_path, loss_curve_path)
     measured: dict[str, Any] = {}  # what is known about a run that stops early
