@@ -69,12 +69,18 @@ class PlanError(ValueError):
 class ModelFacts:
     """Parameter counts of an architecture, from its config alone."""
 
-    quantizable_sizes: tuple[int, ...]  # weights per linear layer bitsandbytes replaces
-    quantizable_rows: int  # their output features (int8 keeps one scale per row)
+    linear_layers: dict[str, tuple[int, int]]  # (in, out) of each layer bitsandbytes replaces, by name
     other_params: int  # embeddings, norms, biases, output head
-    num_layers: int
-    num_heads: int
     vocab_size: int
+
+    @property
+    def quantizable_sizes(self) -> list[int]:
+        return [fan_in * fan_out for fan_in, fan_out in self.linear_layers.values()]
+
+    @property
+    def quantizable_rows(self) -> int:
+        """Output features of the quantized layers (int8 keeps one scale per row)."""
+        return sum(fan_out for _, fan_out in self.linear_layers.values())
 
 
 def meta_causal_lm(model_config, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
@@ -106,17 +112,10 @@ def _body_linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def model_facts(model_config) -> ModelFacts:
     model = meta_causal_lm(model_config, torch.float32, "sdpa")
-    linear = _body_linear_layers(model).values()
-    sizes = tuple(fan_in * fan_out for fan_in, fan_out in linear)
+    linear = _body_linear_layers(model)
+    quantizable = sum(fan_in * fan_out for fan_in, fan_out in linear.values())
     total = sum(p.numel() for p in model.parameters())
-    return ModelFacts(
-        quantizable_sizes=sizes,
-        quantizable_rows=sum(fan_out for _, fan_out in linear),
-        other_params=total - sum(sizes),
-        num_layers=model_config.num_hidden_layers,
-        num_heads=model_config.num_attention_heads,
-        vocab_size=model_config.vocab_size,
-    )
+    return ModelFacts(linear_layers=linear, other_params=total - quantizable, vocab_size=model_config.vocab_size)
 
 
 def weights_bytes(facts: ModelFacts, quantization: str, double_quant: bool) -> float:
@@ -138,7 +137,7 @@ def _four_bit_bytes(size: int, double_quant: bool) -> float:
     return math.ceil(size / 2) + blocks + math.ceil(blocks / DOUBLE_QUANT_BLOCK) * 4 + 256 * 4
 
 
-def lora_params(model: nn.Module, targets: list[str] | str, rank: int) -> int:
+def lora_params(facts: ModelFacts, targets: list[str] | str, rank: int) -> int:
     """Trainable LoRA parameters: rank x (in + out) per targeted linear layer."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -148,12 +147,11 @@ def lora_params(model: nn.Module, targets: list[str] | str, rank: int) -> int:
         layers_pattern = None
         exclude_modules = None
 
-    layers = _body_linear_layers(model)
-    targeted = [shape for name, shape in layers.items() if check_target_module_exists(_Config, name)]
+    targeted = [shape for name, shape in facts.linear_layers.items() if check_target_module_exists(_Config, name)]
     return sum(rank * (fan_in + fan_out) for fan_in, fan_out in targeted)
 
 
-def _activation_dtype(quantization: str, compute_dtype: str) -> torch.dtype:
+def _activation_dtype(quantization: str) -> torch.dtype:
     # Quantized runs: prepare_model_for_kbit_training upcasts the embeddings to fp32,
     # so the residual stream (and every bitsandbytes layer's output) is fp32.
     if quantization in BITSANDBYTES:
@@ -177,26 +175,13 @@ def saved_activation_bytes(
 ) -> tuple[float, float]:
     """(bytes autograd saves in one forward pass, bytes one layer saves without checkpointing).
 
-    Cached: runs that differ only in what does not change activations share one count.
+    Cached by the config's content and the arguments: runs that differ only in
+    what does not change activations share one count.
     """
-    args = (targets, rank, dropout, dtype_name, gradient_checkpointing, attn_implementation, batch_size, seq_len)
-    key = (id(model_config), *args)
-    if key not in _ACTIVATION_CACHE:
-        _ACTIVATION_CACHE[key] = _count_saved(model_config, *args)
-    return _ACTIVATION_CACHE[key]
-
-
-def _count_saved(
-    model_config,
-    targets: tuple[str, ...] | str,
-    rank: int,
-    dropout: float,
-    dtype_name: str,
-    gradient_checkpointing: bool,
-    attn_implementation: str,
-    batch_size: int,
-    seq_len: int,
-) -> tuple[float, float]:
+    key = (model_config.to_json_string(), targets, rank, dropout, dtype_name, gradient_checkpointing,
+           attn_implementation, batch_size, seq_len)  # fmt: skip
+    if key in _ACTIVATION_CACHE:
+        return _ACTIVATION_CACHE[key]
     from peft import LoraConfig, get_peft_model
 
     dtype = getattr(torch, dtype_name)
@@ -235,6 +220,7 @@ def _count_saved(
                                            attn_implementation, batch_size, seq_len)[1]  # fmt: skip
     else:
         per_layer = saved / model_config.num_hidden_layers
+    _ACTIVATION_CACHE[key] = (saved, per_layer)
     return saved, per_layer
 
 
@@ -342,7 +328,7 @@ def plan_run(
 ) -> RunPlan:
     """Predicted peak memory of one run, term by term."""
     training = run["training"]
-    dtype = _activation_dtype(run["quantization"], training["compute_dtype"])
+    dtype = _activation_dtype(run["quantization"])
     key_targets = targets if isinstance(targets, str) else tuple(targets)
     activations, per_layer = saved_activation_bytes(
         model_config,
@@ -355,8 +341,7 @@ def plan_run(
         batch.rows,
         batch.padded_length,
     )
-    meta = meta_causal_lm(model_config, torch.float32, "sdpa")
-    trainable = lora_params(meta, targets, run["rank"])
+    trainable = lora_params(facts, targets, run["rank"])
     weights = weights_bytes(facts, run["quantization"], run["double_quant"])
     head_bytes = 4 if run["quantization"] in BITSANDBYTES else DTYPE_BYTES[run["quantization"]]
     logits = logits_bytes(batch.loss_positions, facts.vocab_size, head_bytes)
