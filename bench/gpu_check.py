@@ -60,13 +60,13 @@ GRID = [
     (16, ["q", "k", "v"], "nf4"),
     (16, ["q", "k", "v", "o", "mlp"], "nf4"),
     (16, ["q", "k", "v", "o"], "int8"),
-    (16, ["q", "k", "v", "o"], "bf16"),
+    (16, ["q", "k", "v", "o"], "16bit"),
 ]
 REFERENCE = {"batch_size": 2, "gradient_accumulation_steps": 4, "seq_len": 512}
 
 # The options this check runs with (reported beside the table).
 OPTIONS = {
-    "compute_dtype": "bf16",
+    "compute_dtype": "auto",
     "attn_implementation": "sdpa",
     "gradient_checkpointing": True,
     "optimizer": "paged_adamw_8bit",
@@ -118,33 +118,37 @@ def build_data(out_dir: Path, vocab_size: int, rows: int, seq_len: int) -> None:
 def run_config(args: argparse.Namespace) -> None:
     """Child process: train one configuration, print its metrics as JSON."""
     from lora_study.io import read_json
-    from lora_study.train import train_run
+    from lora_study.sweep import RunSpec
+    from lora_study.train import TrainOutputs, train_run
 
     job = json.loads(args.one)
     work = Path(job["work"])
+    run = RunSpec.from_params(job["run"])
+    run_dir = work / "runs" / run.run_id
     metrics = train_run(
-        run=job["run"],
+        run=run,
         manifest=read_json(work / "manifest.json"),
         splits_dir=work / "splits",
-        adapter_dir=work / "runs" / job["run"]["run_id"] / "adapter",
-        metrics_path=work / "runs" / job["run"]["run_id"] / "train_metrics.json",
-        loss_curve_path=work / "runs" / job["run"]["run_id"] / "loss_curve.csv",
+        outputs=TrainOutputs(run_dir / "adapter", run_dir / "train_metrics.json", run_dir / "loss_curve.csv"),
         threads=args.threads,
-        checkpoint_dir=work / "checkpoints" / job["run"]["run_id"],
+        checkpoint_dir=work / "checkpoints" / run.run_id,
         plan_settings={"device": job["plan_device"], "memory_budget_gb": None},
     )
     print("RESULT " + json.dumps(metrics.to_dict(), default=str))
 
 
-def run_spec(rank: int, modules: list[str], quantization: str, training: dict) -> dict:
+def run_spec(rank: int, modules: list[str], quantization: str, training: dict):
+    from lora_study.formats import applies_compute_dtype
     from lora_study.modules import canonical_modules
+    from lora_study.settings import TrainingSettings
     from lora_study.sweep import RunSpec, run_id
 
     ordered = tuple(canonical_modules(modules))
     double_quant = quantization == "nf4"
-    spec = RunSpec(run_id(rank, 2 * rank, ordered, quantization, double_quant), rank, 2.0 * rank, ordered,
-                   quantization, double_quant, training)  # fmt: skip
-    return spec.as_params()
+    if not applies_compute_dtype(quantization):
+        training = {k: v for k, v in training.items() if k != "compute_dtype"}
+    return RunSpec(run_id(rank, 2 * rank, ordered, quantization, double_quant), rank, 2.0 * rank, ordered,
+                   quantization, double_quant, TrainingSettings.from_dict(training))  # fmt: skip
 
 
 def table_row(metrics: dict, options: dict) -> dict:
@@ -154,7 +158,8 @@ def table_row(metrics: dict, options: dict) -> dict:
         "status": metrics["status"],
         "cuda_max_allocated_gb": memory.get("cuda_max_allocated_gb"),
         "cuda_max_reserved_gb": memory.get("cuda_max_reserved_gb"),
-        "nvml_peak_used_gb": memory.get("nvml_peak_used_gb"),
+        "nvml_process_peak_gb": memory.get("nvml_process_peak_gb"),
+        "nvml_device_peak_gb": memory.get("nvml_device_peak_gb"),
         "peak_memory_gb": memory.get("peak_memory_gb"),
         "memory_kind": memory.get("memory_kind"),
         "planned_cuda_gb": plan.get("predicted_cuda_gb"),
@@ -162,6 +167,9 @@ def table_row(metrics: dict, options: dict) -> dict:
         "useful_tokens_per_s": metrics.get("loss_tokens_per_s"),
         "train_tokens_per_s": metrics.get("train_tokens_per_s"),
         "trainable_params": metrics.get("trainable_params"),
+        "compute_dtype": metrics.get("compute_dtype"),
+        "weight_format": metrics.get("weight_format"),
+        "steady_steps": metrics.get("throughput_steps"),
         **{f"option.{k}": v for k, v in options.items()},
     }
 
@@ -173,7 +181,7 @@ def plan_only(args: argparse.Namespace) -> None:
 
     from lora_study.config import validate_config
     from lora_study.modules import linear_layer_names, meta_model, resolve_target_modules
-    from lora_study.planner import BatchShape, model_facts, plan_run
+    from lora_study.planner import BatchShape, model_facts, plan_run, planning_recipe
 
     config = PhiConfig(**(TINY if args.tiny else PHI2))
     facts = model_facts(config)
@@ -187,8 +195,8 @@ def plan_only(args: argparse.Namespace) -> None:
         training = {**base, **OPTIONS, "gradient_checkpointing": checkpointing, "batch_size": REFERENCE["batch_size"]}
         for rank, modules, quantization in GRID[: args.configs]:
             run = run_spec(rank, modules, quantization, training)
-            targets = resolve_target_modules("phi", run["modules"], layers)
-            plan = plan_run(run, config, facts, targets, batch, "cuda", None)
+            targets = resolve_target_modules("phi", run.modules, layers)
+            plan = plan_run(run, planning_recipe(run, "cuda"), config, facts, targets, batch, "cuda", None)
             rows.append({"gradient_checkpointing": checkpointing, **{k: v for k, v in plan.to_dict().items()
                          if k not in ("plan_device", "budget_gb", "skip", "predicted_gb")}})  # fmt: skip
     table = pd.DataFrame(rows)
@@ -239,7 +247,7 @@ def main() -> None:
         build_data(work / "splits", shape["vocab_size"], rows=64, seq_len=REFERENCE["seq_len"])
         print(f"model: {manifest['source']} parameters; device: {plan_device}", flush=True)
         for rank, modules, quantization in GRID[: args.configs]:
-            run = run_spec(rank, modules, quantization, training)
+            run = run_spec(rank, modules, quantization, training).as_params()
             job = json.dumps({"work": str(work), "run": run, "plan_device": plan_device})
             child = subprocess.run(
                 [sys.executable, __file__, "--one", job, "--threads", str(args.threads), "--out", str(args.out)],

@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO))
 
 
 def load_setup(run_id: str, steps: int):
+    from dataclasses import replace
+
     import yaml
 
     from lora_study.config import validate_config
@@ -37,47 +39,53 @@ def load_setup(run_id: str, steps: int):
     from lora_study.sweep import expand_study
 
     config = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
-    run = expand_study(config)[run_id].as_params()
-    run["training"]["max_steps"] = steps
+    spec = expand_study(config)[run_id]
+    run = replace(spec, training=spec.training.replace(max_steps=steps))
     manifest = read_json(REPO / "results" / "model" / "model.json")
     return config, run, manifest, REPO / "results" / "data" / "splits"
 
 
-def perplexity_of(model, manifest, splits: Path, batch_size: int) -> float:
+def perplexity_of(model, recipe, manifest, splits: Path, batch_size: int) -> float:
     from lora_study.data import load_split
     from lora_study.evaluate import response_nll
     from lora_study.loading import load_tokenizer
+    from lora_study.loss import ResponseLoss
     from lora_study.metrics import perplexity
 
     _, pad_id = load_tokenizer(manifest)
     model.eval()
-    nll, count = response_nll(model, list(load_split(splits, "validation")), batch_size, pad_id, model.device)
+    rows = list(load_split(splits, "validation"))
+    nll, count = response_nll(ResponseLoss(model), rows, batch_size, pad_id, model.device, recipe)
     return perplexity(nll, count)
 
 
 def worker_ours(run_id: str, steps: int, out: Path, threads: int) -> dict:
-    from peft import PeftModel
-
-    from lora_study.loading import load_base_model, pick_device
+    from lora_study.loading import load_for_evaluation, pick_device
     from lora_study.metrics import peak_rss_bytes
-    from lora_study.train import train_run
+    from lora_study.train import TrainOutputs, train_run
 
     config, run, manifest, splits = load_setup(run_id, steps)
     metrics = train_run(
-        run, manifest, splits, out / "adapter", out / "m.json", out / "c.csv", threads, checkpoint_dir=out / "ckpt"
-    )
+        run, manifest, splits, TrainOutputs(out / "adapter", out / "m.json", out / "c.csv"), threads,
+        checkpoint_dir=out / "ckpt",
+    )  # fmt: skip
     peak = peak_rss_bytes()
-    t = run["training"]
-    base = load_base_model(
-        manifest, run["quantization"], run["double_quant"], t["compute_dtype"], t["attn_implementation"], pick_device()
-    )
-    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    recipe = local_recipe(run)
+    model = load_for_evaluation(manifest, recipe, run.double_quant, run.training.attn_implementation, pick_device(),
+                                str(out / "adapter"))  # fmt: skip
     return {
         "loss_tokens": metrics.loss_tokens,
         "train_s": metrics.train_wall_s,
         "peak_rss_gb": peak / 1024**3,
-        "perplexity": perplexity_of(model, manifest, splits, config["evaluation"]["batch_size"]),
+        "perplexity": perplexity_of(model, recipe, manifest, splits, config["evaluation"]["batch_size"]),
     }
+
+
+def local_recipe(run):
+    from lora_study.loading import pick_device
+    from lora_study.precision import detect_capability, recipe_for
+
+    return recipe_for(run.quantization, run.training.compute_dtype, detect_capability(pick_device()))
 
 
 def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
@@ -88,21 +96,19 @@ def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
     from lora_study.loading import add_lora, load_base_model, load_tokenizer, pick_device, set_threads
     from lora_study.metrics import peak_rss_bytes
     from lora_study.modules import needs_fan_in_fan_out, resolve_target_modules
-    from lora_study.sweep import BITSANDBYTES
 
     config, run, manifest, splits = load_setup(run_id, steps)
     set_threads(threads)
-    t = run["training"]
+    t = run.training.to_dict()
     tokenizer, pad_id = load_tokenizer(manifest)
     tokenizer.pad_token_id = pad_id
     device = pick_device()
-    model = load_base_model(
-        manifest, run["quantization"], run["double_quant"], t["compute_dtype"], t["attn_implementation"], device
-    )
-    targets = resolve_target_modules(manifest["model_type"], run["modules"], manifest["linear_layers"])
+    recipe = local_recipe(run)
+    model = load_base_model(manifest, recipe, run.double_quant, t["attn_implementation"], device)
+    targets = resolve_target_modules(manifest["model_type"], run.modules, manifest["linear_layers"])
     model = add_lora(
-        model, targets, run["rank"], run["alpha"], t["lora_dropout"], needs_fan_in_fan_out(manifest["model_type"]),
-        quantized=run["quantization"] in BITSANDBYTES, gradient_checkpointing=False,
+        model, recipe, targets, run.rank, run.alpha, t["lora_dropout"], needs_fan_in_fan_out(manifest["model_type"]),
+        gradient_checkpointing=False,
     )  # fmt: skip
 
     def with_labels(row):
@@ -126,6 +132,7 @@ def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
         lr_scheduler_type=t["lr_scheduler"], warmup_steps=t["warmup_steps"], weight_decay=t["weight_decay"],
         max_grad_norm=t["max_grad_norm"], seed=t["seed"], logging_steps=steps, save_strategy="no",
         report_to=[], dataloader_num_workers=0, use_cpu=device.type == "cpu", remove_unused_columns=False,
+        bf16=recipe.compute_dtype == "bf16", fp16=recipe.compute_dtype == "fp16",
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=counting_collator)
     start = time.perf_counter()
@@ -136,7 +143,7 @@ def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
         "loss_tokens": loss_tokens,
         "train_s": train_s,
         "peak_rss_gb": peak / 1024**3,
-        "perplexity": perplexity_of(model, manifest, splits, config["evaluation"]["batch_size"]),
+        "perplexity": perplexity_of(model, recipe, manifest, splits, config["evaluation"]["batch_size"]),
     }
 
 

@@ -18,6 +18,7 @@ SUMMARY_COLUMNS = (
     "alpha",
     "modules",
     "quantization",
+    "compute_dtype",
     "perplexity",
     "accuracy",
     "peak_memory_gb",
@@ -45,21 +46,27 @@ def run_row(
 ) -> dict[str, Any]:
     row: dict[str, Any] = {key: run[key] for key in CONFIG_COLUMNS}
     row["modules"] = ",".join(run["modules"])
-    row["seed"] = run["training"].get("seed")
-    row.update(_flatten("training.", run["training"]))
+    run_training = run["training"] or {}
+    row["seed"] = run_training.get("seed")
+    row.update(_flatten("training.", run_training))
     eval_metrics = {
         k: v
         for k, v in evaluation.items()
-        if k not in ("run_id", "memory", "accuracy_by_family", "device", "failure", "environment")
+        if k not in ("run_id", "memory", "accuracy_by_family", "device", "failure", "environment", "capability")
     }
     row.update(eval_metrics)
+    row["eval_compute_dtype"] = evaluation.get("compute_dtype")
+    row.update(_flatten("capability.", evaluation.get("capability") or {}))
     row.update(_flatten("accuracy.", evaluation["accuracy_by_family"]))
     row.update(_flatten("eval_", evaluation["memory"]))
     row.update(_flatten("eval_", evaluation.get("environment", {})))
     if training is not None:
-        train_metrics = {k: v for k, v in training.items() if k not in ("run_id", "memory", "environment", "failure")}
+        nested = ("run_id", "memory", "environment", "failure", "recipe", "capability", "memory_plan")
+        train_metrics = {k: v for k, v in training.items() if k not in nested}
         train_metrics["target_modules"] = _join(train_metrics["target_modules"])
-        row.update(train_metrics)
+        # Training's resolved dtype wins: it is what the adapter was trained in.
+        row.update({k: v for k, v in train_metrics.items() if v is not None or k not in row})
+        row.update(_flatten("capability.", training.get("capability") or {}))
         row.update(training["memory"])
         row.update(training.get("environment", {}))
         # A run that trained but could not be evaluated (oom) carries the evaluation's status.

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from lora_study.settings import TrainingSettings
 
 IGNORE_INDEX = -100
 # With grouping, sort within windows of this many batches: similar lengths, still shuffled.
@@ -42,6 +46,16 @@ def endless_batches(lengths: Sequence[int], batch_size: int, seed: int, group_by
     while True:
         yield from length_grouped_batches(lengths, batch_size, seed + epoch, group_by_length)
         epoch += 1
+
+
+def total_steps(training: TrainingSettings, examples: int) -> int:
+    """Optimizer steps of a run: max_steps if set, else enough for `epochs` passes over `examples`."""
+    if training.max_steps:
+        return int(training.max_steps)
+    if not training.epochs:
+        raise ValueError("training: set max_steps or epochs")
+    batches_per_epoch = math.ceil(examples / training.batch_size)
+    return max(1, math.ceil(training.epochs * batches_per_epoch / training.gradient_accumulation_steps))
 
 
 def collate(rows: Sequence[dict[str, Any]], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import logging
 import math
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from lora_study.io import atomic_path, read_json
 
 log = logging.getLogger("lora_study")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "optimizer_scheduler_rng.pt"
 PROGRESS_FILE = "progress.json"
@@ -37,7 +38,12 @@ PROGRESS_FILE = "progress.json"
 
 @dataclass
 class Progress:
-    """Where training stands; saved with every checkpoint."""
+    """Where training stands; saved with every checkpoint.
+
+    Time is the sum of the optimizer steps' own durations: saving checkpoints
+    is counted apart (checkpoint_seconds), and the steady-state figures leave
+    out the first steps of every process (see record_step).
+    """
 
     step: int = 0
     train_tokens: int = 0
@@ -46,16 +52,45 @@ class Progress:
     last_loss: float = math.nan
     curve: list[dict[str, float]] = field(default_factory=list)
     resumed_from_step: int = 0
+    steady_steps: int = 0
+    steady_seconds: float = 0.0
+    steady_tokens: int = 0
+    steady_loss_tokens: int = 0
+    checkpoint_seconds: float = 0.0
+
+    def record_step(self, steps_this_process: int, skip_first: int, seconds: float, tokens: int, loss_tokens: int):
+        """Add one finished optimizer step; it counts as steady once this process is past `skip_first` steps."""
+        self.train_seconds += seconds
+        self.train_tokens += tokens
+        self.loss_tokens += loss_tokens
+        if steps_this_process > skip_first:
+            self.steady_steps += 1
+            self.steady_seconds += seconds
+            self.steady_tokens += tokens
+            self.steady_loss_tokens += loss_tokens
+
+    def throughput(self) -> tuple[float, float, int]:
+        """(tokens/s, loss tokens/s, steps measured): steady state, or every step when none was steady."""
+        if self.steady_steps and self.steady_seconds > 0:
+            return (self.steady_tokens / self.steady_seconds, self.steady_loss_tokens / self.steady_seconds,
+                    self.steady_steps)  # fmt: skip
+        if self.train_seconds <= 0:
+            return math.nan, math.nan, 0
+        return self.train_tokens / self.train_seconds, self.loss_tokens / self.train_seconds, self.step
 
 
-def fingerprint(run: dict[str, Any], manifest: dict[str, Any], splits_dir: Path) -> str:
-    """Changes whenever the run's settings, the model or the prepared data change."""
+def fingerprint(
+    run: dict[str, Any], manifest: dict[str, Any], splits_dir: Path, recipe: dict[str, Any] | None = None
+) -> str:
+    """Changes whenever the run's settings, its resolved precision recipe, the model or the prepared data change."""
     data_files = sorted(
         (str(path.relative_to(splits_dir)), path.stat().st_size, path.stat().st_mtime_ns)
         for path in splits_dir.rglob("*")
         if path.is_file()
     )
-    text = canonical_json({"run": run, "model": manifest, "data": data_files, "format": FORMAT_VERSION})
+    text = canonical_json(
+        {"run": run, "recipe": recipe, "model": manifest, "data": data_files, "format": FORMAT_VERSION}
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -87,18 +122,21 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
 
-    def save(self, model: torch.nn.Module, optimizer, scheduler, progress: Progress) -> None:
-        """Write the checkpoint under a temporary name and rename it into place."""
+    def save(self, model: torch.nn.Module, optimizer, scheduler, progress: Progress, scaler=None) -> None:
+        """Write the checkpoint under a temporary name and rename it into place; its time is counted apart."""
+        started = time.perf_counter()
         with atomic_path(self.directory) as tmp:
             tmp.mkdir()
             save_file(_trainable_state(model), tmp / WEIGHTS_FILE)
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                     "scaler": scaler.state_dict() if scaler is not None else {}}  # fmt: skip
             torch.save(state, tmp / STATE_FILE)
+            progress.checkpoint_seconds += time.perf_counter() - started
             record = {"fingerprint": self.fingerprint, "progress": asdict(progress)}
             (tmp / PROGRESS_FILE).write_text(canonical_json(record) + "\n")
         log.info("checkpoint saved at step %d: %s", progress.step, self.directory)
 
-    def restore(self, model: torch.nn.Module, optimizer, scheduler) -> Progress | None:
+    def restore(self, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> Progress | None:
         """Load the checkpoint into model, optimizer and scheduler; None if there is none to use."""
         progress_path = self.directory / PROGRESS_FILE
         if not progress_path.is_file():
@@ -117,6 +155,8 @@ class Checkpointer:
         state = torch.load(self.directory / STATE_FILE, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(state.get("scaler") or {})
         _set_rng_state(state["rng"])
         progress = Progress(**record["progress"])
         progress.resumed_from_step = progress.step

@@ -70,11 +70,25 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(config, dict) or not config:
         raise ConfigError("config is empty: pass --configfile or keep config/config.yaml")
+    _check_removed_keys(config)
     validator = _validator_with_defaults(load_schema())
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise ConfigError(f"config key '{key_path(error.absolute_path)}': {_readable(error)}")
     return config
+
+
+# Keys earlier versions accepted, with what replaced them.
+REMOVED_KEYS = {
+    ("sweep", "baseline_quantization"): "the base model is now evaluated once per weight format the runs use "
+    "(base-nf4, base-int8, base-16bit, ...); delete the key",
+}
+
+
+def _check_removed_keys(config: dict[str, Any]) -> None:
+    for (section, key), replacement in REMOVED_KEYS.items():
+        if isinstance(config.get(section), dict) and key in config[section]:
+            raise ConfigError(f"config key '{section}.{key}' was removed: {replacement}")
 
 
 PATH_PREFIXES = ("/", "./", "../", "~")

@@ -45,7 +45,7 @@ def load_records(dataset_config: dict[str, Any]) -> list[dict[str, str]]:
         from datasets import load_dataset
 
         rows = list(load_dataset(source, split=dataset_config["split"]))
-    return _check_columns(rows, source)
+    return _check_columns(rows, source, dataset_config.get("exact_answers", False))
 
 
 def _load_local(path: Path) -> list[dict[str, Any]]:
@@ -72,7 +72,13 @@ def _check_text(path: Path) -> None:
         raise DataError(f"dataset.source: {path} is not UTF-8 text: line {line}, byte {error.start}") from None
 
 
-def _check_columns(rows: list[dict[str, Any]], source: str) -> list[dict[str, str]]:
+# The family of rows declared exact by dataset.exact_answers that have none of their own.
+EXACT_FAMILY = "all"
+
+
+def _check_columns(rows: list[dict[str, Any]], source: str, exact_answers: bool = False) -> list[dict[str, str]]:
+    """Rows as plain strings. `family` marks an exact answer (scored by exact match); with
+    `exact_answers` every row is one."""
     if not rows:
         raise DataError(f"dataset.source: {source} has no rows")
     missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
@@ -83,7 +89,7 @@ def _check_columns(rows: list[dict[str, Any]], source: str) -> list[dict[str, st
             "instruction": str(row["instruction"]),
             "input": str(row.get("input") or ""),
             "output": str(row["output"]),
-            "family": str(row.get("family") or ""),
+            "family": str(row.get("family") or (EXACT_FAMILY if exact_answers else "")),
         }
         for row in rows
     ]

@@ -17,9 +17,11 @@ from lora_study.data import load_split
 from lora_study.failures import STATUS_OOM, is_out_of_memory, memory_in_use_gb
 from lora_study.gpu_slots import claim_gpu, job_environment
 from lora_study.io import atomic_path, write_json
-from lora_study.loading import device_name, load_base_model, load_tokenizer, pick_device, set_threads
+from lora_study.loading import load_for_evaluation, load_tokenizer, pick_device, set_threads
+from lora_study.loss import ResponseLoss
 from lora_study.metrics import STATUS_OK, EvalMetrics, PeakMemory, perplexity
-from lora_study.train import response_loss_sum
+from lora_study.precision import Recipe, detect_capability, quiet_int8_casts, recipe_for
+from lora_study.sweep import RunSpec
 
 log = logging.getLogger("lora_study")
 
@@ -36,41 +38,49 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def response_nll(model, rows, batch_size: int, pad_id: int, device) -> tuple[float, int]:
-    """Summed NLL (float64) and count over all response tokens of `rows`."""
+def response_nll(loss: ResponseLoss, rows, batch_size: int, pad_id: int, device, recipe: Recipe) -> tuple[float, int]:
+    """Summed NLL (float64) and count over all response tokens of `rows`, computed as in training."""
     total_nll, total_tokens = 0.0, 0
     lengths = [len(r["input_ids"]) for r in rows]
     for indices in batches_by_length(lengths, batch_size):
         batch = collate([rows[i] for i in indices], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss_sum, count = response_loss_sum(model, batch)
+        with recipe.autocast_context(device.type):
+            loss_sum, count = loss(batch)
         total_nll += float(loss_sum.double())
         total_tokens += count
     return total_nll, total_tokens
 
 
 @torch.inference_mode()
-def greedy_answers(model, rows, batch_size: int, max_new_tokens: int, tokenizer, pad_id: int, device) -> list[str]:
+def greedy_answers(
+    model, rows, batch_size: int, max_new_tokens: int, tokenizer, pad_id: int, device, recipe: Recipe
+) -> list[str]:
     """Greedy completions of each row's prompt, batched with left padding."""
     prompts = [{"input_ids": r["input_ids"][: r["prompt_length"]], "prompt_length": 0} for r in rows]
     answers: list[str] = [""] * len(rows)
     for indices in batches_by_length([len(p["input_ids"]) for p in prompts], batch_size):
         batch = collate([prompts[i] for i in indices], pad_id, padding_side="left")
-        generated = model.generate(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-            # Only the first line is scored (normalize_answer): stop there.
-            stop_strings=["\n"],
-            tokenizer=tokenizer,
-        )
+        with recipe.autocast_context(device.type):
+            generated = _generate(model, batch, max_new_tokens, tokenizer, pad_id, device)
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         for index, tokens in zip(indices, new_tokens, strict=True):
             answers[index] = tokenizer.decode(tokens, skip_special_tokens=True)
     return answers
+
+
+def _generate(model, batch, max_new_tokens: int, tokenizer, pad_id: int, device):
+    return model.generate(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+        # Only the first line is scored (normalize_answer): stop there.
+        stop_strings=["\n"],
+        tokenizer=tokenizer,
+    )
 
 
 def exact_match(predictions: list[str], rows) -> tuple[float, dict[str, float]]:
@@ -83,7 +93,7 @@ def exact_match(predictions: list[str], rows) -> tuple[float, dict[str, float]]:
 
 
 def evaluate_run(
-    run: dict[str, Any],
+    run: RunSpec,
     evaluation: dict[str, Any],
     compute_settings: dict[str, Any],
     manifest: dict[str, Any],
@@ -94,42 +104,53 @@ def evaluate_run(
     threads: int,
     train_status: str = STATUS_OK,
 ) -> EvalMetrics:
-    """Score a run; a run that did not train (oom, skipped) passes its status through."""
+    """Score a run under its precision recipe; a run that did not train (oom, skipped) passes its status through."""
     start = time.perf_counter()
     gpu_slot = claim_gpu()  # held until this process ends
     set_threads(threads)
     device = pick_device()
+    memory = PeakMemory(device)
+    capability = detect_capability(device)
+    recipe = recipe_for(run.quantization, compute_settings.get("compute_dtype"), capability)
 
-    def not_evaluated(status: str, failure: dict[str, Any]) -> EvalMetrics:
-        metrics = EvalMetrics(
-            run_id=run["run_id"],
+    def record(status: str, **fields: Any) -> EvalMetrics:
+        return EvalMetrics(
+            run_id=run.run_id,
             device=device.type,
             status=status,
+            compute_dtype=recipe.compute_dtype,
+            weight_format=recipe.weight_format,
+            capability=capability.to_dict(),
             eval_wall_s=time.perf_counter() - start,
             environment=job_environment(gpu_slot),
-            failure=failure,
+            **fields,
         )
+
+    def not_evaluated(status: str, failure: dict[str, Any]) -> EvalMetrics:
         _write_predictions(predictions_path, [], [])
+        metrics = record(status, failure=failure)
         write_json(metrics_path, metrics.to_dict())
         return metrics
 
     if train_status != STATUS_OK:
-        log.info("%s was not trained (status %s): nothing to evaluate", run["run_id"], train_status)
+        log.info("%s was not trained (status %s): nothing to evaluate", run.run_id, train_status)
         return not_evaluated(train_status, {"phase": "train"})
-    log.info("evaluating %s on %s", run["run_id"], device_name(device))
+    log.info("evaluating %s on %s; recipe: %s", run.run_id, capability.summary(), recipe.describe())
     rows = list(load_split(splits_dir, "validation"))
     tokenizer, pad_id = load_tokenizer(manifest)
-    scored = [r for r in rows if r["family"]][: evaluation["exact_match_examples"]]
+    scored = exact_answer_rows(rows, evaluation["exact_match_examples"])
     batch_size = evaluation["batch_size"]
     try:
-        with PeakMemory(device) as memory:
-            model = _load_model(run, compute_settings, manifest, adapter_dir, device)
+        with memory, quiet_int8_casts():
+            model = load_for_evaluation(manifest, recipe, run.double_quant, compute_settings["attn_implementation"],
+                                        device, str(adapter_dir) if adapter_dir else None)  # fmt: skip
+            loss = ResponseLoss(model)
             nll_start = time.perf_counter()
-            total_nll, tokens = response_nll(model, rows, batch_size, pad_id, device)
+            total_nll, tokens = response_nll(loss, rows, batch_size, pad_id, device, recipe)
             nll_seconds = time.perf_counter() - nll_start
             log.info("perplexity %.4f over %d response tokens", perplexity(total_nll, tokens), tokens)
             max_new = evaluation["max_new_tokens"]
-            predictions = greedy_answers(model, scored, batch_size, max_new, tokenizer, pad_id, device)
+            predictions = greedy_answers(model, scored, batch_size, max_new, tokenizer, pad_id, device, recipe)
     except Exception as error:
         if not is_out_of_memory(error):
             raise
@@ -142,9 +163,9 @@ def evaluate_run(
     if scored:
         log.info("exact-match accuracy %.3f on %d prompts", accuracy, len(scored))
     _write_predictions(predictions_path, scored, predictions)
-    metrics = EvalMetrics(
-        run_id=run["run_id"],
-        device=device.type,
+    metrics = record(
+        STATUS_OK,
+        loss_path=loss.path,
         eval_loss=total_nll / tokens,
         perplexity=perplexity(total_nll, tokens),
         eval_tokens=eval_tokens,
@@ -152,32 +173,22 @@ def evaluate_run(
         accuracy=accuracy,
         accuracy_n=len(scored),
         accuracy_by_family=by_family,
-        eval_wall_s=time.perf_counter() - start,
         memory=memory.report(),
-        environment=job_environment(gpu_slot),
     )
     write_json(metrics_path, metrics.to_dict())
     return metrics
 
 
-def _load_model(run, compute_settings, manifest, adapter_dir: Path | None, device: torch.device):
-    """The base model in the run's quantization, with its adapter when it has one."""
-    from peft import PeftModel
-
-    model = load_base_model(
-        manifest,
-        run["quantization"],
-        run["double_quant"],
-        compute_settings["compute_dtype"],
-        compute_settings["attn_implementation"],
-        device,
-    )
-    # Training turns the KV cache off; greedy generation without it recomputes every
-    # prefix (measured: 8x slower on the default model).
-    model.config.use_cache = True
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return model.eval()
+def exact_answer_rows(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The first `limit` validation rows with exact answers (a non-empty family); warns when none have one."""
+    scored = [r for r in rows if r["family"]][:limit]
+    if limit and not scored:
+        log.warning(
+            "evaluation.exact_match_examples is %d but no validation row has an exact answer: accuracy is not "
+            "measured (give the data a 'family' column, or set dataset.exact_answers: true)",
+            limit,
+        )
+    return scored
 
 
 def _write_predictions(path: Path, rows, predictions: list[str]) -> None:

@@ -69,12 +69,14 @@ def memory_in_use_gb(device: torch.device) -> dict[str, float]:
 
 
 @contextmanager
-def memory_cap(limit_gb: float | None, device: torch.device) -> Iterator[dict[str, Any]]:
+def memory_cap(limit_gb: float | None, device: torch.device, memory: Any = None) -> Iterator[dict[str, Any]]:
     """Emulate a machine with `limit_gb` of memory for the code inside.
 
-    CUDA: the caching allocator refuses to grow past the limit
-    (torch.cuda.set_per_process_memory_fraction), so an 80 GB card answers
-    "does it fit in 8 GB?" with a real CUDA out-of-memory error. CPU: the
+    CUDA: the caching allocator refuses to grow past the limit less what the
+    job already holds outside it (its CUDA context, read from NVML through
+    `memory`, a PeakMemory), so the cap bounds the same per-process figure the
+    job reports as its peak, and an 80 GB card answers "does it fit in 8 GB?"
+    with a real CUDA out-of-memory error. CPU: the
     process may map at most `limit_gb` more address space than it holds on
     entry (RLIMIT_AS; address space, not resident memory, is what Linux can
     cap). The limit is lifted on exit, so the failure can still be recorded.
@@ -84,9 +86,16 @@ def memory_cap(limit_gb: float | None, device: torch.device) -> Iterator[dict[st
         return
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gb * GB / total), device)
+        torch.zeros(1, device=device)  # creates the CUDA context, so it can be measured
+        held = memory.process_bytes_now() if memory is not None else None
+        outside_allocator = max(0, (held or 0) - torch.cuda.memory_reserved(device))
+        allocator_limit = max(0, limit_gb * GB - outside_allocator)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, allocator_limit / total), device)
+        log.info("memory cap: %.3g GB, of which %.2f GB are held outside torch's allocator (CUDA context)",
+                 limit_gb, outside_allocator / GB)  # fmt: skip
         try:
-            yield {"memory_limit_gb": limit_gb, "memory_limit_kind": "cuda_allocator_fraction"}
+            yield {"memory_limit_gb": limit_gb, "memory_limit_kind": "cuda_process_total",
+                   "memory_outside_allocator_gb": outside_allocator / GB}  # fmt: skip
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         return

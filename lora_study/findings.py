@@ -11,11 +11,13 @@ from typing import Any
 
 import pandas as pd
 
+from lora_study.formats import SIXTEEN_BIT, UNQUANTIZED, quantization_label
 from lora_study.modules import modules_label
 from lora_study.replicates import NOISE_RULE, differs
-from lora_study.sweep import quantization_label
+from lora_study.sweep import baseline_id
 
-UNQUANTIZED = ("fp32", "bf16", "fp16")  # highest precision first
+# The unquantized reference of memory and of the base model's quantization cost: highest precision first.
+REFERENCE_FORMATS = ("fp32", SIXTEEN_BIT, "bf16", "fp16")
 # How a run that produced no measurement appears in tables and sentences.
 STATUS_LABELS = {
     "oom": "does not fit (out of memory)",
@@ -29,8 +31,11 @@ DEFINITIONS: dict[str, str] = {
     "the same kind (CUDA: NVML; CPU: process RSS). error = (predicted - measured) / measured.",
     "perplexity": "exp of the token-weighted mean negative log-likelihood over the response tokens "
     "of the validation split.",
-    "quality_per_gb": "(perplexity of the base model - perplexity of the run) / peak memory in GB: "
-    "perplexity reduction bought per GB.",
+    "quality_per_gb": "(perplexity of the base model in the run's weight format - perplexity of the run) / "
+    "peak memory in GB: perplexity reduction bought per GB.",
+    "base_quantization_cost": "(perplexity of the base model in a weight format - perplexity of the "
+    "unquantized base model) / perplexity of the unquantized base model: what quantizing the base model "
+    "costs before any adapter is trained.",
     "sweet_spot": "the smallest rank of the rank sweep whose perplexity is within "
     "{sweet_spot_tolerance:.0%} of the best perplexity in that sweep.",
     "diminishing": "returns diminish above rank r when no later rank step lowers perplexity by at "
@@ -70,6 +75,7 @@ def prepare(table: pd.DataFrame) -> pd.DataFrame:
     ]
     runs["fits"] = runs["status"].fillna("ok").eq("ok")
     runs["alpha_ratio"] = (runs["alpha"] / runs["rank"].where(runs["rank"] > 0)).round(6)
+    runs["base_perplexity"] = base_perplexities(runs)
     return runs
 
 
@@ -77,13 +83,24 @@ def trained_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[~runs["is_baseline"].astype(bool)]
 
 
-def baseline_perplexity(runs: pd.DataFrame) -> float | None:
-    base = runs[runs["is_baseline"].astype(bool) & runs["fits"]]
-    return float(base["perplexity"].iloc[0]) if len(base) else None
+def baselines(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["is_baseline"].astype(bool)]
+
+
+def base_perplexities(runs: pd.DataFrame) -> pd.Series:
+    """Each row's baseline perplexity: the base model in the row's own weight format (NaN without one)."""
+    base = baselines(runs)
+    by_id = dict(zip(base["run_id"], base["perplexity"].where(base["fits"]), strict=True))
+    ids = [baseline_id(q, bool(dq)) for q, dq in zip(runs["quantization"], runs["double_quant"], strict=True)]
+    return pd.Series([by_id.get(i, float("nan")) for i in ids], index=runs.index, dtype=float)
+
+
+# Settings that apply to some weight formats only: runs that differ only in them are still comparable.
+FORMAT_SPECIFIC_SETTINGS = ("training.compute_dtype",)
 
 
 def _training_columns(runs: pd.DataFrame) -> list[str]:
-    return [c for c in runs.columns if c.startswith("training.")]
+    return [c for c in runs.columns if c.startswith("training.") and c not in FORMAT_SPECIFIC_SETTINGS]
 
 
 def sweep_slice(runs: pd.DataFrame, axis: str, fixed: list[str]) -> pd.DataFrame | None:
@@ -145,14 +162,13 @@ def rank_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     if group is None:
         return None
     group = group.sort_values("rank")
-    base = baseline_perplexity(runs)
     table = pd.DataFrame(
         {
             "rank": group["rank"],
             "modules": group["modules_label"],
             "quantization": group["quant_label"],
             **_measured(group, "perplexity", "accuracy", "peak_memory_gb", "train_wall_s"),
-            "quality_per_gb": (base - group["perplexity"]) / group["peak_memory_gb"] if base else float("nan"),
+            "quality_per_gb": (group["base_perplexity"] - group["perplexity"]) / group["peak_memory_gb"],
             "status": _status(group),
         }
     )
@@ -183,7 +199,7 @@ def module_table(runs: pd.DataFrame) -> pd.DataFrame | None:
 def _reference_memory(group: pd.DataFrame) -> tuple[str, float] | None:
     """Peak memory of the highest-precision unquantized run of the group."""
     fitting = group[group["fits"]]
-    for precision in UNQUANTIZED:
+    for precision in REFERENCE_FORMATS:
         match = fitting[fitting["quantization"] == precision]
         if len(match):
             return precision, float(match["peak_memory_gb"].iloc[0])
@@ -201,6 +217,7 @@ def quantization_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     table = pd.DataFrame(
         {
             "quantization": group["quant_label"],
+            **_dtype_columns(group),
             "rank": group["rank"],
             "modules": group["modules_label"],
             **_measured(group, "perplexity", "accuracy", "peak_memory_gb"),
@@ -212,6 +229,82 @@ def quantization_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     table.loc[~group["fits"].to_numpy(), ["quality_change_pct", "memory_saved_pct"]] = float("nan")
     table = _add_noise(table, group)
     return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
+
+
+def _dtype_columns(group: pd.DataFrame) -> dict[str, pd.Series]:
+    """What the weights were held in and what the run computed in, as resolved on its device."""
+    columns = {}
+    for name in ("weight_format", "compute_dtype"):
+        if name in group:
+            columns[name] = group[name]
+    return columns
+
+
+def base_quantization_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """The base model (no adapter) per weight format vs the unquantized base: what quantizing it costs."""
+    base = baselines(runs)
+    if len(base) < 2:
+        return None
+    reference = next((base[base["quantization"] == f] for f in REFERENCE_FORMATS
+                      if len(base[(base["quantization"] == f) & base["fits"]])), None)  # fmt: skip
+    reference_ppl = float(reference["perplexity"].iloc[0]) if reference is not None else float("nan")
+    table = pd.DataFrame(
+        {
+            "run_id": base["run_id"],
+            "quantization": base["quant_label"],
+            **_dtype_columns(base),
+            **_measured(base, "perplexity", "accuracy", "peak_memory_gb"),
+            "perplexity_change_pct": 100 * (base["perplexity"] - reference_ppl) / reference_ppl,
+            "status": _status(base),
+        }
+    )
+    return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
+
+
+def base_quantization_finding(table: pd.DataFrame | None) -> str | None:
+    """One sentence: each quantized base's perplexity against the unquantized base's."""
+    if table is None:
+        return None
+    fitting = table.dropna(subset=["perplexity"])
+    reference = fitting[fitting["perplexity_change_pct"].abs() < 1e-12]
+    quantized = fitting[fitting["perplexity_change_pct"].abs() >= 1e-12]
+    if reference.empty or quantized.empty:
+        return None
+    ref = reference.iloc[0]
+    parts = [f"{r['quantization']} {_fmt(r['perplexity'])} ({r['perplexity_change_pct']:+.1f}%)"
+             for _, r in quantized.iterrows()]  # fmt: skip
+    return (
+        f"Cost of quantizing the base model (no adapter): perplexity {_fmt(ref['perplexity'])} with "
+        f"{_weights_text(ref)} weights; " + ", ".join(parts) + ". Each run's gain is measured against the base "
+        "model in its own format."
+    )
+
+
+def _weights_text(row: pd.Series) -> str:
+    label = str(row["quantization"])
+    resolved = row.get("weight_format")
+    return f"{label} ({resolved})" if isinstance(resolved, str) and resolved != label else label
+
+
+def precision_warnings(runs: pd.DataFrame) -> list[str]:
+    """Warn when runs of one study computed in different dtypes or ran on different kinds of device."""
+    warnings = []
+    if "compute_dtype" in runs and "training.compute_dtype" in runs:
+        trained = trained_runs(runs).dropna(subset=["compute_dtype"])
+        configured = trained["training.compute_dtype"].fillna(trained["quantization"])
+        for setting, group in trained.groupby([trained["quantization"], configured], sort=False):
+            resolved = sorted(set(group["compute_dtype"]))
+            if len(resolved) > 1:
+                listed = ", ".join(f"{d} ({(group['compute_dtype'] == d).sum()} runs)" for d in resolved)
+                warnings.append(
+                    f"Warning: runs with quantization {setting[0]} and compute dtype {setting[1]} resolved to "
+                    f"different dtypes on different devices: {listed}; compare them with care."
+                )
+    if "capability.summary" in runs:
+        devices = sorted(set(runs["capability.summary"].dropna()))
+        if len(devices) > 1:
+            warnings.append(f"Warning: the runs ran on {len(devices)} kinds of device: " + "; ".join(devices) + ".")
+    return warnings
 
 
 def diminishing_returns_table(runs: pd.DataFrame) -> pd.DataFrame | None:
@@ -525,6 +618,7 @@ def all_tables(table: pd.DataFrame, settings: FindingSettings) -> dict[str, pd.D
         "rank": rank_table(runs),
         "modules": module_table(runs),
         "quantization": quantization_table(runs),
+        "base_quantization": base_quantization_table(runs),
         "diminishing_returns": diminishing_returns_table(runs),
         "time_memory": time_memory_table(runs),
         "pareto_memory": pareto_table(runs, "peak_memory_gb"),
@@ -540,21 +634,21 @@ def headline_findings(table: pd.DataFrame, settings: FindingSettings) -> list[st
     runs = prepare(table)
     tables = all_tables(table, settings)
     memory_text = "CPU RSS" if "CPU" in memory_label(runs) else "GPU memory"
-    base = baseline_perplexity(runs)
     trained = trained_runs(runs)
-    sentences: list[str | None] = []
-    if base is not None and trained["fits"].any():
+    sentences: list[str | None] = [*precision_warnings(runs)]
+    if trained["fits"].any():
         best = trained[trained["fits"]].sort_values("perplexity").iloc[0]
-        sentences.append(
-            f"Best run: {best['run_id']} lowers validation perplexity from {_fmt(base)} (base model, no adapter) "
-            f"to {_fmt(best['perplexity'])}."
-        )
+        base = best["base_perplexity"]
+        start = f"from {_fmt(base)} (the base model in {best['quant_label']}, no adapter) " if pd.notna(base) else ""
+        best_ppl = _fmt(best["perplexity"])
+        sentences.append(f"Best run: {best['run_id']} lowers validation perplexity {start}to {best_ppl}.")
     sentences.append(noise_finding(trained))
     sentences += [
         sweet_spot_finding(tables.get("rank"), settings),
         diminishing_finding(tables.get("diminishing_returns"), settings),
         attention_finding(tables.get("modules"), settings),
         *quantization_findings(tables.get("quantization")),
+        base_quantization_finding(tables.get("base_quantization")),
         pareto_finding(tables.get("pareto_memory"), "peak_memory_gb", "peak memory", "GB"),
         pareto_finding(tables.get("pareto_time"), "train_wall_s", "training time", "s"),
         *decision_findings(tables.get("decision"), memory_text),

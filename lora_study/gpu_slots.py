@@ -69,6 +69,9 @@ def claim_gpu(
     SLURM or without GPUs. Waits while every device is taken (more jobs than
     GPUs were started) and fails after `timeout_s`.
     """
+    # CUDA numbers devices fastest-first by default, NVML by PCI bus: make them agree
+    # (set before CUDA starts), so the slot, the device and its memory readings match.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if os.environ.get("SLURM_JOB_ID"):
         return None
     candidates = visible_devices() if devices is None else devices

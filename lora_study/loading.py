@@ -9,13 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-log = logging.getLogger("lora_study")
+from lora_study.precision import Recipe, apply_recipe, dtype_summary
 
-DTYPES: dict[str, torch.dtype] = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-}
+log = logging.getLogger("lora_study")
 
 
 def pick_device() -> torch.device:
@@ -43,39 +39,36 @@ def load_tokenizer(manifest: dict[str, Any]):
     return tokenizer, pad_id
 
 
-def quantization_config(quantization: str, double_quant: bool, compute_dtype: str):
+def quantization_config(recipe: Recipe, double_quant: bool):
     """bitsandbytes settings for 4/8-bit runs; None for plain floating point."""
     from transformers import BitsAndBytesConfig
 
-    if quantization in ("nf4", "fp4"):
+    if recipe.quantization in ("nf4", "fp4"):
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type=quantization,
+            bnb_4bit_quant_type=recipe.quantization,
             bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=DTYPES[compute_dtype],
+            bnb_4bit_compute_dtype=recipe.torch_compute_dtype,
         )
-    if quantization == "int8":
+    if recipe.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
 def load_base_model(
     manifest: dict[str, Any],
-    quantization: str,
+    recipe: Recipe,
     double_quant: bool,
-    compute_dtype: str,
     attn_implementation: str,
     device: torch.device,
 ) -> nn.Module:
+    """The frozen base model in the run's weight format; tensors bitsandbytes keeps are in the compute dtype."""
     from transformers import AutoModelForCausalLM
 
-    quant = quantization_config(quantization, double_quant, compute_dtype)
-    # Quantized runs keep their non-quantized tensors in the compute dtype (QLoRA practice).
-    dtype = DTYPES[compute_dtype] if quant is not None else DTYPES[quantization]
     model = AutoModelForCausalLM.from_pretrained(
         manifest["path"],
-        dtype=dtype,
-        quantization_config=quant,
+        dtype=recipe.load_dtype,
+        quantization_config=quantization_config(recipe, double_quant),
         attn_implementation=attn_implementation,
         device_map={"": str(device)},
         trust_remote_code=manifest["trust_remote_code"],
@@ -88,17 +81,20 @@ def load_base_model(
 
 def add_lora(
     model: nn.Module,
+    recipe: Recipe,
     target_modules: list[str] | str,
     rank: int,
     alpha: float,
     dropout: float,
     fan_in_fan_out: bool,
-    quantized: bool,
     gradient_checkpointing: bool,
 ) -> nn.Module:
+    """LoRA on the target modules, with every tensor where the recipe puts it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if quantized:
+    if recipe.quantized:
+        # Freezes the base, upcasts everything unquantized to fp32; apply_recipe then casts
+        # embeddings and head back to the compute dtype (QLoRA practice) and keeps norms fp32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -112,7 +108,29 @@ def add_lora(
         task_type="CAUSAL_LM",
         fan_in_fan_out=fan_in_fan_out,
     )
-    return get_peft_model(model, lora)
+    model = apply_recipe(get_peft_model(model, lora), recipe)
+    log.info("parameters by dtype after the %s recipe: %s", recipe.compute_dtype, dtype_summary(model))
+    return model
+
+
+def load_for_evaluation(
+    manifest: dict[str, Any],
+    recipe: Recipe,
+    double_quant: bool,
+    attn_implementation: str,
+    device: torch.device,
+    adapter_dir: str | None,
+) -> nn.Module:
+    """The base model in the run's format with its adapter (if any), cast like in training, KV cache on."""
+    from peft import PeftModel
+
+    model = load_base_model(manifest, recipe, double_quant, attn_implementation, device)
+    # Training turns the KV cache off; greedy generation without it recomputes every
+    # prefix (measured: 8x slower on the default model).
+    model.config.use_cache = True
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return apply_recipe(model, recipe).eval()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -35,14 +35,26 @@ class TrainMetrics:
     status: str
     device: str
     device_name: str
+    # The precision recipe as resolved on this job's device (lora_study.precision).
+    compute_dtype: str | None = None
+    weight_format: str | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    capability: dict[str, Any] = field(default_factory=dict)
     torch_threads: int | None = None
     steps: int | None = None
+    # Sum of the optimizer steps' durations (CUDA-synchronised), without checkpoint saving.
     train_wall_s: float | None = None
+    checkpoint_s: float | None = None
     job_wall_s: float | None = None
     train_tokens: int | None = None
     loss_tokens: int | None = None
+    # Steady state: the first measurement.skip_first_steps steps of each process left out.
     train_tokens_per_s: float | None = None
     loss_tokens_per_s: float | None = None
+    throughput_steps: int | None = None
+    loss_path: str | None = None
+    lr_scheduler: str | None = None
+    grad_scale: float | None = None
     final_train_loss: float | None = None
     trainable_params: int | None = None
     total_params: int | None = None
@@ -67,6 +79,10 @@ class EvalMetrics:
     run_id: str
     device: str
     status: str = STATUS_OK
+    compute_dtype: str | None = None
+    weight_format: str | None = None
+    capability: dict[str, Any] = field(default_factory=dict)
+    loss_path: str | None = None
     eval_loss: float | None = None
     perplexity: float | None = None
     eval_tokens: int | None = None
@@ -84,27 +100,34 @@ class EvalMetrics:
 
 
 class PeakMemory:
-    """Peak memory of this job, on the device it ran on.
+    """Peak memory of this job, on the device it ran on - the job's own, never the whole device's.
 
-    CUDA: torch's max allocated / reserved, plus NVML device memory in use
-    (sampled in a thread; it includes the CUDA context, which a GPU must hold
-    too). CPU: the process's peak resident set size. `peak_memory_gb` is the
-    headline figure and `memory_kind` says which of these it is.
+    CUDA: NVML's per-process figure, sampled in a thread (it includes this
+    process's CUDA context, which the run needs as much as its tensors); where
+    the driver gives no per-process figure (MIG slices, containers with their
+    own PID namespace) the device reading minus the reading when the job
+    started; torch's max allocated / reserved in their own columns. CPU: the
+    process's peak resident set size. `peak_memory_gb` is the headline figure
+    and `memory_kind` says which of these it is.
+
+    Create it before CUDA starts (the device reading at start excludes this job).
     """
 
     def __init__(self, device: torch.device, sample_interval_s: float = 0.05) -> None:
         self.device = device
         self.interval = sample_interval_s
-        self.nvml_peak_bytes = 0
+        self.process_peak_bytes = 0
+        self.device_peak_bytes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._handle = nvml_handle(device) if device.type == "cuda" else None
+        self.device_at_start_bytes = _nvml_used(self._handle) if self._handle is not None else None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            handle = _nvml_handle(self.device)
-            if handle is not None:
-                self._thread = threading.Thread(target=self._sample, args=(handle,), daemon=True)
+            if self._handle is not None:
+                self._thread = threading.Thread(target=self._sample, daemon=True)
                 self._thread.start()
         return self
 
@@ -113,27 +136,47 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
 
-    def _sample(self, handle: Any) -> None:
-        import pynvml
-
+    def _sample(self) -> None:
         while not self._stop.is_set():
-            used = pynvml.nvmlDeviceGetMemoryInfo(handle).used
-            self.nvml_peak_bytes = max(self.nvml_peak_bytes, used)
+            self.sample()
             self._stop.wait(self.interval)
 
+    def sample(self) -> None:
+        self.device_peak_bytes = max(self.device_peak_bytes, _nvml_used(self._handle) or 0)
+        self.process_peak_bytes = max(self.process_peak_bytes, nvml_process_bytes(self._handle) or 0)
+
+    def process_bytes_now(self) -> int | None:
+        """What this job holds on its GPU now (per process, else device minus start), or None without NVML."""
+        if self._handle is None:
+            return None
+        own = nvml_process_bytes(self._handle)
+        if own is not None:
+            return own
+        return max(0, (_nvml_used(self._handle) or 0) - (self.device_at_start_bytes or 0))
+
     def report(self) -> dict[str, Any]:
-        if self.device.type == "cuda":
-            allocated = torch.cuda.max_memory_allocated(self.device) / GB
-            reserved = torch.cuda.max_memory_reserved(self.device) / GB
-            nvml = self.nvml_peak_bytes / GB if self.nvml_peak_bytes else None
-            return {
-                "peak_memory_gb": nvml if nvml is not None else reserved,
-                "memory_kind": "cuda_nvml_used" if nvml is not None else "cuda_torch_reserved",
-                "cuda_max_allocated_gb": allocated,
-                "cuda_max_reserved_gb": reserved,
-                "nvml_peak_used_gb": nvml,
-            }
-        return {"peak_memory_gb": peak_rss_bytes() / GB, "memory_kind": "cpu_peak_rss"}
+        if self.device.type != "cuda":
+            return {"peak_memory_gb": peak_rss_bytes() / GB, "memory_kind": "cpu_peak_rss"}
+        if self._handle is not None:
+            self.sample()
+        allocated = torch.cuda.max_memory_allocated(self.device) / GB
+        reserved = torch.cuda.max_memory_reserved(self.device) / GB
+        at_start = self.device_at_start_bytes
+        if self.process_peak_bytes:
+            peak, kind = self.process_peak_bytes / GB, "cuda_nvml_process"
+        elif self.device_peak_bytes and at_start is not None:
+            peak, kind = (self.device_peak_bytes - at_start) / GB, "cuda_nvml_device_delta"
+        else:
+            peak, kind = reserved, "cuda_torch_reserved"
+        return {
+            "peak_memory_gb": peak,
+            "memory_kind": kind,
+            "cuda_max_allocated_gb": allocated,
+            "cuda_max_reserved_gb": reserved,
+            "nvml_process_peak_gb": self.process_peak_bytes / GB if self.process_peak_bytes else None,
+            "nvml_device_peak_gb": self.device_peak_bytes / GB if self.device_peak_bytes else None,
+            "nvml_device_at_start_gb": at_start / GB if at_start is not None else None,
+        }
 
 
 def current_rss_bytes() -> int:
@@ -147,16 +190,61 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _nvml_handle(device: torch.device) -> Any:
+def visible_device_entry(index: int) -> str | None:
+    """The CUDA_VISIBLE_DEVICES entry of CUDA device `index` (an index, a GPU-/MIG- UUID), or None."""
+    listed = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
+    return listed[index] if index < len(listed) else None
+
+
+def nvml_lookup(entry: str | None, index: int) -> tuple[str, str | int]:
+    """How to find a CUDA device in NVML: ("uuid", "GPU-..."/"MIG-...") or ("index", n).
+
+    NVML numbers devices in PCI bus order; the jobs set CUDA_DEVICE_ORDER=PCI_BUS_ID
+    so CUDA's numbering agrees.
+    """
+    if entry is None:
+        return "index", index
+    if entry.startswith(("GPU-", "MIG-")):
+        return "uuid", entry
+    if entry.isdigit():
+        return "index", int(entry)
+    raise ValueError(f"CUDA_VISIBLE_DEVICES entry {entry!r} is neither an index nor a GPU-/MIG- UUID")
+
+
+def nvml_handle(device: torch.device) -> Any:
+    """NVML handle of the job's CUDA device, or None (no NVML, or an entry it cannot resolve)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        # NVML numbers devices physically; map through CUDA_VISIBLE_DEVICES.
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        ids = [v for v in visible.split(",") if v.strip()]
-        index = device.index or 0
-        physical = int(ids[index]) if ids and ids[index].isdigit() else index
-        return pynvml.nvmlDeviceGetHandleByIndex(physical)
+        kind, key = nvml_lookup(visible_device_entry(device.index or 0), device.index or 0)
+        if kind == "uuid":
+            return pynvml.nvmlDeviceGetHandleByUUID(key)
+        return pynvml.nvmlDeviceGetHandleByIndex(key)
     except Exception:  # NVML missing or unsupported: torch's figures remain
         return None
+
+
+def _nvml_used(handle: Any) -> int | None:
+    try:
+        import pynvml
+
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:
+        return None
+
+
+def nvml_process_bytes(handle: Any, pid: int | None = None) -> int | None:
+    """GPU memory NVML attributes to process `pid` (this one by default); None where it cannot say."""
+    try:
+        import pynvml
+
+        processes = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except Exception:
+        return None
+    pid = os.getpid() if pid is None else pid
+    for process in processes:
+        used = getattr(process, "usedGpuMemory", None)
+        if process.pid == pid and isinstance(used, int):
+            return used
+    return None

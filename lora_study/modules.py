@@ -147,12 +147,14 @@ def resolve_target_modules(model_type: str, requested: Sequence[str], layer_name
     return sorted(resolved)
 
 
-def resolve_run_targets(run: dict, layer_names: Sequence[str], model_type: str) -> list[str] | str:
+def resolve_run_targets(
+    run_id: str, modules: Sequence[str], layer_names: Sequence[str], model_type: str
+) -> list[str] | str:
     """resolve_target_modules for one run; the error names the run."""
     try:
-        return resolve_target_modules(model_type, run["modules"], layer_names)
+        return resolve_target_modules(model_type, modules, layer_names)
     except ModuleResolutionError as error:
-        raise ModuleResolutionError(f"run '{run['run_id']}': {error}") from None
+        raise ModuleResolutionError(f"run '{run_id}': {error}") from None
 
 
 def needs_fan_in_fan_out(model_type: str) -> bool:

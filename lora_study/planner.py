@@ -5,15 +5,17 @@ The prediction is a sum of terms, each reported on its own:
 - base weights by quantization: 4-bit packs two weights per byte plus one
   absmax constant per block of 64 (fp32, or 8-bit with a second fp32 level
   per 256 blocks under double quantization); int8 holds one byte per weight
-  plus an fp32 scale per output row. Tensors bitsandbytes does not quantize
-  (embeddings, norms, output head) are upcast to fp32 by
-  `prepare_model_for_kbit_training`, so a quantized run holds them in fp32.
+  plus an fp32 scale per output row. Under the precision recipe
+  (lora_study.precision) embeddings and output head are in the compute
+  dtype and norms in fp32; unquantized runs hold their weights in the
+  resolved weight dtype.
 - LoRA states: fp32 weights, gradients and AdamW's two moments (16 bytes per
   trainable parameter; 10 with 8-bit AdamW).
 - activations: the tensors autograd saves for the backward pass, counted
   from a forward pass of the real architecture on PyTorch's meta device
   (shapes and dtypes only: no weights, no arithmetic), with the run's
-  targets, rank, dropout, dtypes and gradient checkpointing. The meta device
+  targets, rank, dropout and gradient checkpointing, in the compute dtype
+  (autocast on a real device computes the matmuls and attention in it). The meta device
   takes SDPA's reference path, which saves the batch x heads x T x T
   attention matrix; the fused kernels used on real devices keep a log-sum-exp
   per query instead, so those matrices are replaced by that.
@@ -43,8 +45,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_study.batching import total_steps
+from lora_study.formats import BITSANDBYTES, FOUR_BIT
 from lora_study.modules import resolve_run_targets
-from lora_study.sweep import BITSANDBYTES, FOUR_BIT
+from lora_study.precision import DeviceCapability, Recipe, detect_capability, is_norm, recipe_for
+from lora_study.settings import TrainingSettings
+from lora_study.sweep import RunSpec
 
 log = logging.getLogger("lora_study")
 
@@ -58,7 +64,8 @@ CUDA_ALLOCATOR_SLACK = 0.10  # reserved over allocated at peak (fragmentation, r
 CPU_RUNTIME_GB = 0.5  # RSS of python + torch + transformers + peft + datasets, measured here
 PLAN_DEVICES = ("cuda", "cpu")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The GPU a CUDA plan assumes when it resolves `auto`: one with native bf16 (Ampere or newer).
+PLANNED_GPU = DeviceCapability(device_type="cuda", name="planned GPU (native bf16)", cuda_native_bf16=True)
 
 
 class PlanError(ValueError):
@@ -72,6 +79,7 @@ class ModelFacts:
     linear_layers: dict[str, tuple[int, int]]  # (in, out) of each layer bitsandbytes replaces, by name
     other_params: int  # embeddings, norms, biases, output head
     vocab_size: int
+    norm_params: int = 0  # part of other_params: kept in fp32 by the recipe
 
     @property
     def quantizable_sizes(self) -> list[int]:
@@ -115,17 +123,20 @@ def model_facts(model_config) -> ModelFacts:
     linear = _body_linear_layers(model)
     quantizable = sum(fan_in * fan_out for fan_in, fan_out in linear.values())
     total = sum(p.numel() for p in model.parameters())
-    return ModelFacts(linear_layers=linear, other_params=total - quantizable, vocab_size=model_config.vocab_size)
+    norms = sum(p.numel() for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False))
+    return ModelFacts(linear, total - quantizable, model_config.vocab_size, norms)
 
 
-def weights_bytes(facts: ModelFacts, quantization: str, double_quant: bool) -> float:
-    """Frozen base weights as held during training."""
+def weights_bytes(facts: ModelFacts, recipe: Recipe, double_quant: bool) -> float:
+    """Frozen base weights as held during training under the recipe."""
     n = sum(facts.quantizable_sizes)
-    if quantization in FOUR_BIT:
-        return sum(_four_bit_bytes(size, double_quant) for size in facts.quantizable_sizes) + facts.other_params * 4
-    if quantization == "int8":
-        return n + facts.quantizable_rows * 4 + facts.other_params * 4
-    return (n + facts.other_params) * DTYPE_BYTES[quantization]
+    # Embeddings, head and biases in the compute dtype, norms in fp32.
+    others = (facts.other_params - facts.norm_params) * DTYPE_BYTES[recipe.compute_dtype] + facts.norm_params * 4
+    if recipe.quantization in FOUR_BIT:
+        return sum(_four_bit_bytes(size, double_quant) for size in facts.quantizable_sizes) + others
+    if recipe.quantization == "int8":
+        return n + facts.quantizable_rows * 4 + others
+    return n * DTYPE_BYTES[recipe.weight_format] + others
 
 
 def _four_bit_bytes(size: int, double_quant: bool) -> float:
@@ -149,14 +160,6 @@ def lora_params(facts: ModelFacts, targets: list[str] | str, rank: int) -> int:
 
     targeted = [shape for name, shape in facts.linear_layers.items() if check_target_module_exists(_Config, name)]
     return sum(rank * (fan_in + fan_out) for fan_in, fan_out in targeted)
-
-
-def _activation_dtype(quantization: str) -> torch.dtype:
-    # Quantized runs: prepare_model_for_kbit_training upcasts the embeddings to fp32,
-    # so the residual stream (and every bitsandbytes layer's output) is fp32.
-    if quantization in BITSANDBYTES:
-        return torch.float32
-    return TORCH_DTYPES[quantization]
 
 
 _ACTIVATION_CACHE: dict[tuple[Any, ...], tuple[float, float]] = {}
@@ -246,19 +249,27 @@ def quantization_problem(quantization: str) -> str | None:
     return None
 
 
-def check_run(run: dict[str, Any], linear_layers: list[str], model_type: str) -> list[str] | str:
+def check_run(run: RunSpec, linear_layers: list[str], model_type: str) -> list[str] | str:
     """The run's PEFT target modules, after checking it can run here at all (errors name the run)."""
-    targets = resolve_run_targets(run, linear_layers, model_type)
-    problem = quantization_problem(run["quantization"])
+    targets = resolve_run_targets(run.run_id, run.modules, linear_layers, model_type)
+    problem = quantization_problem(run.quantization)
     if problem:
-        raise PlanError(f"run '{run['run_id']}': {problem}")
+        raise PlanError(f"run '{run.run_id}': {problem}")
     return targets
+
+
+def planning_recipe(run: RunSpec, plan_device: str) -> Recipe:
+    """The recipe a run will follow on the planned device (`auto` resolved for it)."""
+    capability = PLANNED_GPU if plan_device == "cuda" else detect_capability(torch.device("cpu"))
+    assert run.training is not None
+    return recipe_for(run.quantization, run.training.compute_dtype, capability)
 
 
 @dataclass
 class RunPlan:
     run_id: str
     quantization: str
+    compute_dtype: str
     rank: int
     modules: str
     trainable_params: int
@@ -290,20 +301,18 @@ class BatchShape:
     loss_positions: int
 
 
-def largest_batch(lengths: list[int], prompt_lengths: list[int], training: dict[str, Any]) -> BatchShape:
+def largest_batch(lengths: list[int], prompt_lengths: list[int], training: TrainingSettings) -> BatchShape:
     """Replay the run's own (seeded) batch order and return its largest padded batch.
 
     Batches are padded to their longest row, so the peak belongs to the
     largest rows x longest-row batch among those the run will actually draw.
     """
     from lora_study.batching import endless_batches
-    from lora_study.train import total_steps
 
-    batch_size = training["batch_size"]
-    steps = total_steps(training, math.ceil(len(lengths) / batch_size))
+    steps = total_steps(training, len(lengths))
     drawn = itertools.islice(
-        endless_batches(lengths, batch_size, training["seed"], training["group_by_length"]),
-        steps * training["gradient_accumulation_steps"],
+        endless_batches(lengths, training.batch_size, training.seed, training.group_by_length),
+        steps * training.gradient_accumulation_steps,
     )
     largest = BatchShape(0, 0, 0)
     most_positions = 0
@@ -317,7 +326,8 @@ def largest_batch(lengths: list[int], prompt_lengths: list[int], training: dict[
 
 
 def plan_run(
-    run: dict[str, Any],
+    run: RunSpec,
+    recipe: Recipe,
     model_config,
     facts: ModelFacts,
     targets: list[str] | str,
@@ -326,35 +336,35 @@ def plan_run(
     budget_gb: float | None,
     weights_file_bytes: int = 0,
 ) -> RunPlan:
-    """Predicted peak memory of one run, term by term."""
-    training = run["training"]
-    dtype = _activation_dtype(run["quantization"])
+    """Predicted peak memory of one run under `recipe`, term by term."""
+    training = run.training
+    assert training is not None
     key_targets = targets if isinstance(targets, str) else tuple(targets)
     activations, per_layer = saved_activation_bytes(
         model_config,
         key_targets,
-        run["rank"],
-        training["lora_dropout"],
-        str(dtype).removeprefix("torch."),
-        training["gradient_checkpointing"],
-        training["attn_implementation"],
+        run.rank,
+        training.lora_dropout,
+        str(recipe.torch_compute_dtype).removeprefix("torch."),
+        training.gradient_checkpointing,
+        training.attn_implementation,
         batch.rows,
         batch.padded_length,
     )
-    trainable = lora_params(facts, targets, run["rank"])
-    weights = weights_bytes(facts, run["quantization"], run["double_quant"])
-    head_bytes = 4 if run["quantization"] in BITSANDBYTES else DTYPE_BYTES[run["quantization"]]
-    logits = logits_bytes(batch.loss_positions, facts.vocab_size, head_bytes)
-    states = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[training.get("optimizer", "adamw")])
+    trainable = lora_params(facts, targets, run.rank)
+    weights = weights_bytes(facts, recipe, run.double_quant)
+    logits = logits_bytes(batch.loss_positions, facts.vocab_size, DTYPE_BYTES[recipe.compute_dtype])
+    states = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[training.optimizer])
     allocated = weights + states + activations + per_layer + logits
     cuda = allocated * (1 + CUDA_ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB
     cpu = (allocated + weights_file_bytes) / GB + CPU_RUNTIME_GB
     predicted = cuda if plan_device == "cuda" else cpu
     return RunPlan(
-        run_id=run["run_id"],
-        quantization=run["quantization"],
-        rank=run["rank"],
-        modules=",".join(run["modules"]),
+        run_id=run.run_id,
+        quantization=run.quantization,
+        compute_dtype=recipe.compute_dtype,
+        rank=run.rank,
+        modules=",".join(run.modules),
         trainable_params=trainable,
         weights_gb=weights / GB,
         lora_states_gb=states / GB,
@@ -374,7 +384,7 @@ def plan_run(
 
 
 def plan_study(
-    runs: list[dict[str, Any]],
+    runs: list[RunSpec],
     model_config,
     model_type: str,
     linear_layers: list[str],
@@ -383,14 +393,22 @@ def plan_study(
     plan_device: str,
     budget_gb: float | None,
     weights_file_bytes: int = 0,
+    recipes: dict[str, Recipe] | None = None,
 ) -> list[RunPlan]:
-    """Plan every run; a run that could not train at all raises PlanError naming it."""
+    """Plan every run (under `recipes[run_id]`, else its recipe on the planned device).
+
+    A run that could not train at all raises PlanError naming it.
+    """
     facts = model_facts(model_config)
     plans = []
     for run in runs:
         targets = check_run(run, linear_layers, model_type)
-        batch = largest_batch(lengths, prompt_lengths, run["training"])
-        plans.append(plan_run(run, model_config, facts, targets, batch, plan_device, budget_gb, weights_file_bytes))
+        assert run.training is not None
+        batch = largest_batch(lengths, prompt_lengths, run.training)
+        recipe = (recipes or {}).get(run.run_id) or planning_recipe(run, plan_device)
+        plans.append(
+            plan_run(run, recipe, model_config, facts, targets, batch, plan_device, budget_gb, weights_file_bytes)
+        )
     return plans
 
 
@@ -406,30 +424,32 @@ def _model_config(manifest: dict[str, Any]):
 
 
 def plan_for_run(
-    run: dict[str, Any],
+    run: RunSpec,
     manifest: dict[str, Any],
-    lengths: list[int],
-    prompt_lengths: list[int],
+    train_rows,
     plan_settings: dict[str, Any] | None,
-) -> RunPlan:
-    """One run's plan, as the train job makes it before loading weights."""
+    recipe: Recipe,
+) -> dict[str, Any]:
+    """One run's plan, as the train job makes it before loading weights (under the job's own recipe)."""
     settings = plan_settings or {"device": "cuda", "memory_budget_gb": None}
     plans = plan_study(
         [run],
         _model_config(manifest),
         manifest["model_type"],
         manifest["linear_layers"],
-        lengths,
-        prompt_lengths,
+        [len(ids) for ids in train_rows["input_ids"]],
+        list(train_rows["prompt_length"]),
         settings["device"],
         settings["memory_budget_gb"],
         checkpoint_file_bytes(manifest),
+        recipes={run.run_id: recipe},
     )
-    return plans[0]
+    return plans[0].to_dict()
 
 
 PLAN_SUMMARY_COLUMNS = (
     "run_id",
+    "compute_dtype",
     "trainable_params",
     "weights_gb",
     "lora_states_gb",
@@ -442,7 +462,7 @@ PLAN_SUMMARY_COLUMNS = (
 
 
 def write_plan(
-    runs: list[dict[str, Any]],
+    runs: list[RunSpec],
     settings: dict[str, Any],
     manifest: dict[str, Any],
     splits_dir: Path,
@@ -470,10 +490,11 @@ def write_plan(
     )
     for plan in plans:
         log.info(
-            "%s: predicted %.2f GB (%s)%s",
+            "%s: predicted %.2f GB (%s, %s compute)%s",
             plan.run_id,
             plan.predicted_gb,
             plan.plan_device,
+            plan.compute_dtype,
             " > budget: skip" if plan.skip else "",
         )
     table = pd.DataFrame([plan.to_dict() for plan in plans])

@@ -21,6 +21,7 @@ from lora_study.findings import (
     memory_label,
     prepare,
 )
+from lora_study.formats import quantization_label, recipe_text_rows
 from lora_study.io import atomic_path
 
 log = logging.getLogger("lora_study")
@@ -29,6 +30,7 @@ TABLE_TITLES: dict[str, str] = {
     "rank": "Rank sweep",
     "modules": "Target modules",
     "quantization": "Quantization",
+    "base_quantization": "Cost of quantizing the base model (no adapter)",
     "diminishing_returns": "Diminishing returns per rank step",
     "time_memory": "Time and memory",
     "pareto_memory": "Pareto set: peak memory vs perplexity",
@@ -46,6 +48,7 @@ class StudyContext:
     data_summary: dict[str, Any]
     training: dict[str, Any]
     evaluation: dict[str, Any]
+    measurement: dict[str, Any] | None = None
 
 
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path, memory_text: str) -> None:
@@ -61,9 +64,14 @@ def _markdown(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, floatfmt=".4g")
 
 
+AUTO_TEXT = " (resolved per job from the device: bf16 where it is native, else fp16 on CUDA, fp32 on CPU)"
+
+
 def methods_lines(context: StudyContext, settings: FindingSettings, memory_text: str, runs: pd.DataFrame) -> list[str]:
     manifest, data, training = context.manifest, context.data_summary, context.training
-    devices = ", ".join(sorted(set(runs["device_name"].dropna()))) if "device_name" in runs else "unknown"
+    column = "capability.summary" if "capability.summary" in runs else "device_name"
+    devices = "; ".join(sorted(set(runs[column].dropna()))) if column in runs else "unknown"
+    skip = (context.measurement or {}).get("skip_first_steps", 2)
     lines = [
         f"Model: {manifest['source']} ({manifest['model_type']}, {manifest['num_parameters']:,} parameters, "
         f"{manifest['num_layers']} layers).",
@@ -74,10 +82,18 @@ def methods_lines(context: StudyContext, settings: FindingSettings, memory_text:
         f"{'' if training['max_steps'] else ' over ' + str(training['epochs']) + ' epochs'}, batch "
         f"{training['batch_size']} x {training['gradient_accumulation_steps']} accumulation, learning rate "
         f"{training['learning_rate']:g} ({training['lr_scheduler']}, {training['warmup_steps']} warmup steps), "
-        f"LoRA dropout {training['lora_dropout']}, compute dtype {training['compute_dtype']}, seed {training['seed']}.",
+        f"LoRA dropout {training['lora_dropout']}, compute dtype {training['compute_dtype']} for quantized runs"
+        f"{AUTO_TEXT if training['compute_dtype'] == 'auto' else ''}, seed {training['seed']}.",
+        f"Throughput: tokens/s over the optimizer steps after the first {skip} of each training process "
+        "(also after a resume), each step timed on its own (CUDA synchronised), checkpoint saving excluded; "
+        "train_wall_s is the sum of all steps, job_wall_s the whole job with loading.",
         f"Evaluation: perplexity over every validation response; accuracy by exact match of greedy answers "
         f"on {context.evaluation['exact_match_examples']} held-out prompts (first line, whitespace normalised).",
         f"Hardware: {devices}. Memory: {memory_text}.",
+        "Precision recipe per quantization (dtypes resolved in each job; see compute_dtype and weight_format "
+        "in runs.csv):",
+        *[f"- {name}: {text}." for name, text in recipe_text_rows()],
+        *_resolved_recipes(runs),
         "Definitions:",
     ]
     formats = {
@@ -86,6 +102,19 @@ def methods_lines(context: StudyContext, settings: FindingSettings, memory_text:
     }
     lines += [f"- {name}: {text.format(**formats)}" for name, text in DEFINITIONS.items()]
     return lines
+
+
+def _resolved_recipes(runs: pd.DataFrame) -> list[str]:
+    """What each configured quantization resolved to in this study's jobs."""
+    if "compute_dtype" not in runs or "weight_format" not in runs:
+        return []
+    seen = runs.dropna(subset=["compute_dtype", "weight_format"])
+    labels = [quantization_label(q, bool(dq)) for q, dq in zip(seen["quantization"], seen["double_quant"], strict=True)]
+    pairs = sorted(set(zip(labels, seen["weight_format"], seen["compute_dtype"], strict=True)))
+    if not pairs:
+        return []
+    listed = "; ".join(f"{q}: weights {w}, compute {c}" for q, w, c in pairs)
+    return [f"Resolved in this study: {listed}."]
 
 
 def render_markdown(

@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from lora_study.config import ConfigError
+from lora_study.formats import FOUR_BIT, applies_compute_dtype, quantization_label
 from lora_study.modules import ALL_LINEAR, canonical_modules, modules_label
+from lora_study.settings import TrainingSettings
 
-BASELINE_ID = "base"
-FOUR_BIT = ("nf4", "fp4")
-# Quantizations whose base weights bitsandbytes holds (the rest are plain dtypes).
-BITSANDBYTES = (*FOUR_BIT, "int8")
+# Baselines (the base model without adapter) are evaluated once per weight format: base-nf4, base-16bit, ...
+BASELINE_PREFIX = "base"
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class RunSpec:
     modules: tuple[str, ...]
     quantization: str
     double_quant: bool
-    training: dict[str, Any]
+    training: TrainingSettings | None  # None for a baseline: it trains nothing
     is_baseline: bool = False
     # The configuration this run replicates (equal to run_id without a seeds axis).
     config_id: str = ""
@@ -38,7 +38,27 @@ class RunSpec:
         """Plain data for Snakemake params and run tables."""
         params = asdict(self)
         params["modules"] = list(self.modules)
+        params["training"] = self.training.to_dict() if self.training else None
         return params
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> RunSpec:
+        """The run again, from what as_params wrote (a rule script's params)."""
+        values = dict(params)
+        training = values.pop("training", None)
+        values["modules"] = tuple(values["modules"])
+        where = f"run '{values.get('run_id')}'"
+        return cls(**values, training=TrainingSettings.from_dict(training, where) if training else None)
+
+    @property
+    def format_label(self) -> str:
+        """The weight format: nf4, nf4-nodq, int8, 16bit, bf16, ..."""
+        return quantization_label(self.quantization, self.double_quant)
+
+    @property
+    def baseline_id(self) -> str:
+        """The baseline this run is compared with: the base model in the same weight format."""
+        return baseline_id(self.quantization, self.double_quant)
 
 
 def resolve_alpha(alpha: float | str, rank: int) -> float:
@@ -48,10 +68,12 @@ def resolve_alpha(alpha: float | str, rank: int) -> float:
     return float(alpha)
 
 
-def quantization_label(quantization: str, double_quant: bool) -> str:
-    if quantization in FOUR_BIT and not double_quant:
-        return f"{quantization}-nodq"
-    return quantization
+def baseline_id(quantization: str, double_quant: bool) -> str:
+    return f"{BASELINE_PREFIX}-{quantization_label(quantization, double_quant)}"
+
+
+def is_baseline_id(run_id: str) -> bool:
+    return run_id == BASELINE_PREFIX or run_id.startswith(f"{BASELINE_PREFIX}-")
 
 
 def _format_number(value: float) -> str:
@@ -76,6 +98,7 @@ def _make_spec(
     quantization: str,
     double_quant: bool,
     training: dict[str, Any],
+    origin: str = "sweep",
 ) -> RunSpec:
     if ALL_LINEAR in modules and len(modules) > 1:
         raise ConfigError(f"modules {modules}: 'all-linear' cannot be combined with other modules")
@@ -83,6 +106,8 @@ def _make_spec(
     ordered = tuple(canonical_modules(modules))
     # Double quantization only exists for 4-bit weights; normalise it elsewhere.
     double_quant = double_quant if quantization in FOUR_BIT else False
+    if not applies_compute_dtype(quantization):
+        training = {key: value for key, value in training.items() if key != "compute_dtype"}
     return RunSpec(
         run_id=entry_id or run_id(rank, alpha, ordered, quantization, double_quant),
         rank=rank,
@@ -90,14 +115,15 @@ def _make_spec(
         modules=ordered,
         quantization=quantization,
         double_quant=double_quant,
-        training=training,
+        training=TrainingSettings.from_dict(training, origin),
     )
 
 
 def _grid_specs(grid: dict[str, Any], training: dict[str, Any]) -> list[RunSpec]:
     axes = itertools.product(grid["rank"], grid["alpha"], grid["modules"], grid["quantization"], grid["double_quant"])
     return [
-        _make_spec(None, rank, alpha, list(modules), quant, dq, training) for rank, alpha, modules, quant, dq in axes
+        _make_spec(None, rank, alpha, list(modules), quant, dq, training, "sweep.grids")
+        for rank, alpha, modules, quant, dq in axes
     ]
 
 
@@ -113,8 +139,8 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
     origins: dict[str, str] = {}
 
     def add(spec: RunSpec, origin: str) -> None:
-        if spec.run_id == BASELINE_ID:
-            raise ConfigError(f"{origin}: run id '{BASELINE_ID}' is reserved for the baseline")
+        if is_baseline_id(spec.run_id):
+            raise ConfigError(f"{origin}: run ids '{BASELINE_PREFIX}' and '{BASELINE_PREFIX}-*' name the baselines")
         previous = runs.get(spec.run_id)
         if previous is not None and (previous != spec or origin.startswith("sweep.runs")):
             raise ConfigError(f"duplicate run id '{spec.run_id}' from {origins[spec.run_id]} and {origin}")
@@ -134,6 +160,7 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
             entry["quantization"],
             entry["double_quant"],
             training,
+            f"sweep.runs[{index}]",
         )
         add(spec, f"sweep.runs[{index}]")
     if not runs:
@@ -152,31 +179,39 @@ def replicate(configs: dict[str, RunSpec], seeds: list[int] | None) -> dict[str,
                 spec,
                 run_id=f"{config_id}-s{seed}",
                 config_id=config_id,
-                training={**spec.training, "seed": seed},
+                training=spec.training.replace(seed=seed),
             )
             runs[replica.run_id] = replica
     return runs
 
 
-def baseline_spec(config: dict[str, Any]) -> RunSpec | None:
-    """The base model without adapter, evaluated like the runs, or None."""
-    sweep = config["sweep"]
-    if not sweep["baseline"]:
-        return None
-    return RunSpec(
-        run_id=BASELINE_ID,
-        rank=0,
-        alpha=0.0,
-        modules=(),
-        quantization=sweep["baseline_quantization"],
-        double_quant=False,
-        training={},
-        is_baseline=True,
-    )
+def baseline_specs(config: dict[str, Any], runs: dict[str, RunSpec]) -> dict[str, RunSpec]:
+    """The base model without adapter, once per weight format the runs use (base-nf4, base-16bit, ...).
+
+    Each run's gain is measured against the base model in its own format, and
+    the bases side by side give the cost of quantizing the base model itself.
+    """
+    if not config["sweep"]["baseline"]:
+        return {}
+    baselines: dict[str, RunSpec] = {}
+    for spec in runs.values():
+        baselines.setdefault(
+            spec.baseline_id,
+            RunSpec(
+                run_id=spec.baseline_id,
+                rank=0,
+                alpha=0.0,
+                modules=(),
+                quantization=spec.quantization,
+                double_quant=spec.double_quant,
+                training=None,
+                is_baseline=True,
+            ),
+        )
+    return baselines
 
 
 def all_evaluated(config: dict[str, Any]) -> dict[str, RunSpec]:
-    """Trained runs plus the baseline: everything that gets an eval_metrics.json."""
+    """Baselines, then the trained runs: everything that gets an eval_metrics.json."""
     runs = expand_study(config)
-    baseline = baseline_spec(config)
-    return {**({BASELINE_ID: baseline} if baseline else {}), **runs}
+    return {**baseline_specs(config, runs), **runs}

@@ -1,4 +1,8 @@
-"""Train one LoRA/QLoRA adapter: read top to bottom, like the study's recipe."""
+"""Train one LoRA/QLoRA adapter: plan, load, prepare, loop, write - each phase a few lines.
+
+The precision recipe (lora_study.precision) decides what is held and computed
+in which dtype; this module follows it.
+"""
 
 from __future__ import annotations
 
@@ -13,337 +17,53 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from lora_study.batching import IGNORE_INDEX, collate, endless_batches
+from lora_study.batching import collate, endless_batches, total_steps
 from lora_study.budget import budget_verdict
 from lora_study.checkpoints import Checkpointer, Progress, StopSignal, TrainingInterrupted, fingerprint, stop_on_signals
 from lora_study.data import load_split
 from lora_study.failures import STATUS_OOM, STATUS_SKIPPED, is_out_of_memory, memory_cap, memory_in_use_gb
-from lora_study.gpu_slots import claim_gpu, job_environment
+from lora_study.gpu_slots import GpuSlot, claim_gpu, job_environment
 from lora_study.io import atomic_path, write_json
-from lora_study.loading import (
-    add_lora,
-    count_parameters,
-    device_name,
-    load_base_model,
-    load_tokenizer,
-    pick_device,
-    set_threads,
-)
+from lora_study.loading import add_lora, count_parameters, load_base_model, load_tokenizer, pick_device, set_threads
+from lora_study.loss import ResponseLoss, scored_tokens
 from lora_study.metrics import STATUS_OK, PeakMemory, TrainMetrics
 from lora_study.modules import needs_fan_in_fan_out
 from lora_study.planner import check_run, plan_for_run
-from lora_study.sweep import BITSANDBYTES
+from lora_study.precision import DeviceCapability, GradScaling, Recipe, detect_capability, quiet_int8_casts, recipe_for
+from lora_study.settings import MeasurementSettings, TrainingSettings
+from lora_study.sweep import RunSpec
 
 log = logging.getLogger("lora_study")
 
-LOSS_CURVE_FIELDS = ("step", "loss", "learning_rate", "tokens_seen", "elapsed_s")
+LOSS_CURVE_FIELDS = ("step", "loss", "learning_rate", "tokens_seen", "elapsed_s", "step_s")
 # Marks the adapter directory of a run that did not train (status oom or skipped).
 NOT_TRAINED_FILE = "NOT_TRAINED.json"
 
 
-def total_steps(training: dict[str, Any], batches_per_epoch: int) -> int:
-    """max_steps if set, else enough optimizer steps for `epochs` passes."""
-    if training["max_steps"]:
-        return int(training["max_steps"])
-    if not training["epochs"]:
-        raise ValueError("training: set max_steps or epochs")
-    accumulation = training["gradient_accumulation_steps"]
-    return max(1, math.ceil(training["epochs"] * batches_per_epoch / accumulation))
+def scheduler_name(training: TrainingSettings) -> str:
+    """The transformers schedule to build; `constant` with warm-up steps warms up (constant_with_warmup)."""
+    if training.lr_scheduler == "constant" and training.warmup_steps > 0:
+        return "constant_with_warmup"
+    return training.lr_scheduler
 
 
-def _causal_lm(model):
-    """The transformers CausalLM inside a PEFT wrapper (LoRA layers stay injected)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _post_processes_logits(config) -> bool:
-    # Some families scale or cap logits after lm_head; they take the plain path.
-    return any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
-
-
-def make_optimizer(params: list[torch.nn.Parameter], training: dict[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], training: TrainingSettings) -> torch.optim.Optimizer:
     """AdamW with fp32 states, or bitsandbytes' 8-bit (optionally paged) AdamW."""
-    settings = {"lr": training["learning_rate"], "weight_decay": training["weight_decay"]}
-    if training["optimizer"] == "adamw":
+    settings = {"lr": training.learning_rate, "weight_decay": training.weight_decay}
+    if training.optimizer == "adamw":
         return torch.optim.AdamW(params, **settings)
     import bitsandbytes as bnb
 
     optimizers = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
-    return optimizers[training["optimizer"]](params, **settings)
+    return optimizers[training.optimizer](params, **settings)
 
 
-def scored_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry a next-token loss (response tokens after the first position)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over response tokens (float32), and their count.
-
-    The output projection runs only at positions that carry a label: with short
-    answers after long prompts that is a small fraction of the vocabulary-sized
-    matmul, for the same loss.
-    """
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    count = scored_tokens(batch)
-    causal_lm = _causal_lm(model)
-    if _post_processes_logits(causal_lm.config):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        selected = logits[:, :-1][keep]
-    else:
-        hidden = causal_lm.base_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        selected = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
-    loss = F.cross_entropy(selected.float(), labels[keep], reduction="sum")
-    return loss, count
-
-
-def train_run(
-    run: dict[str, Any],
-    manifest: dict[str, Any],
-    splits_dir: Path,
-    adapter_dir: Path,
-    metrics_path: Path,
-    loss_curve_path: Path,
-    threads: int,
-    checkpoint_dir: Path,
-    checkpoint_every: int = 0,
-    plan_settings: dict[str, Any] | None = None,
-) -> TrainMetrics:
-    """Train the adapter for `run` (a RunSpec as params) and write its outputs.
-
-    Out of memory ends the run with status "oom" (a result, not a crash); a
-    run the memory plan marked as not fitting is recorded as "skipped" without
-    loading anything. SIGTERM/SIGINT save a checkpoint and exit non-zero; the
-    next attempt resumes from the newest checkpoint.
-    """
-    import peft  # noqa: F401  (imported before any memory cap, like everything heavy)
-    from transformers import get_scheduler, set_seed
-
-    job_start = time.perf_counter()
-    training = run["training"]
-    gpu_slot = claim_gpu()  # before CUDA starts: one device per concurrent job, held until return
-    set_threads(threads)
-    device = pick_device()
-    log.info("run %s on %s, %d threads", run["run_id"], device_name(device), torch.get_num_threads())
-
-    # Resolve modules before loading weights: a typo fails in a second, not after the load.
-    targets = check_run(run, manifest["linear_layers"], manifest["model_type"])
-    log.info("target modules %s -> %s", run["modules"], targets)
-    outputs = TrainOutputs(adapter_dir, metrics_path, loss_curve_path)
-    measured: dict[str, Any] = {}  # what is known about a run that stops early
-
-    def not_trained(status: str, failure: dict[str, Any], progress: Progress) -> TrainMetrics:
-        metrics = TrainMetrics(
-            run_id=run["run_id"],
-            status=status,
-            device=device.type,
-            device_name=device_name(device),
-            target_modules=targets,
-            job_wall_s=time.perf_counter() - job_start,
-            environment=job_environment(gpu_slot),
-            failure=failure,
-            **measured,
-        )
-        return outputs.write_not_trained(metrics, progress.curve)
-
-    train_rows = load_split(splits_dir, "train")
-    lengths = [len(ids) for ids in train_rows["input_ids"]]
-    plan = plan_for_run(run, manifest, lengths, list(train_rows["prompt_length"]), plan_settings)
-    measured["memory_plan"] = plan.to_dict()
-    verdict = budget_verdict(measured["memory_plan"], plan_settings) if plan_settings else None
-    if verdict is not None:
-        log.warning("skipped: predicted %.2f GB (%s), over the %.2f GB budget", verdict["predicted_gb"],
-                    verdict["plan_device"], verdict["budget_gb"])  # fmt: skip
-        return not_trained(STATUS_SKIPPED, {"reason": "predicted over the memory budget", **verdict}, Progress())
-    log.info("memory plan: %.2f GB on CUDA, %.2f GB on CPU", plan.predicted_cuda_gb, plan.predicted_cpu_gb)
-    _, pad_id = load_tokenizer(manifest)
-    set_seed(training["seed"])  # after planning: everything random from here on is the run's own
-    checkpointer = Checkpointer(checkpoint_dir, fingerprint(run, manifest, splits_dir), checkpoint_every)
-    progress = Progress()
-    phase = "load"
-    memory: PeakMemory | None = None
-    try:
-        with memory_cap(training["memory_limit_gb"], device) as cap, PeakMemory(device) as memory:
-            model = load_base_model(
-                manifest,
-                run["quantization"],
-                run["double_quant"],
-                training["compute_dtype"],
-                training["attn_implementation"],
-                device,
-            )
-            model = add_lora(
-                model,
-                targets,
-                run["rank"],
-                run["alpha"],
-                training["lora_dropout"],
-                needs_fan_in_fan_out(manifest["model_type"]),
-                quantized=run["quantization"] in BITSANDBYTES,
-                gradient_checkpointing=training["gradient_checkpointing"],
-            )
-            trainable, total = count_parameters(model)
-            measured.update(trainable_params=trainable, total_params=total)
-            log.info("trainable params %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
-
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = make_optimizer(params, training)
-            batch_size = training["batch_size"]
-            accumulation = training["gradient_accumulation_steps"]
-            steps = total_steps(training, math.ceil(len(lengths) / batch_size))
-            scheduler = get_scheduler(
-                training["lr_scheduler"],
-                optimizer,
-                num_warmup_steps=training["warmup_steps"],
-                num_training_steps=steps,
-            )
-            progress = checkpointer.restore(model, optimizer, scheduler) or progress
-            # The batch stream is a pure function of the seed: resuming skips what was consumed.
-            batches = itertools.islice(
-                endless_batches(lengths, batch_size, training["seed"], training["group_by_length"]),
-                progress.step * accumulation,
-                None,
-            )
-            loader = torch.utils.data.DataLoader(
-                train_rows.with_format(None),
-                batch_sampler=batches,
-                collate_fn=lambda rows: collate(rows, pad_id),
-                num_workers=training["dataloader_num_workers"],
-                # Its own generator: starting an iterator must not draw from the global RNG
-                # (dropout's), or a resumed run would see different dropout masks.
-                generator=torch.Generator().manual_seed(training["seed"]),
-            )
-            phase = "train"
-            with stop_on_signals() as stop:
-                _loop(model, params, optimizer, scheduler, iter(loader), steps, accumulation, device, training,
-                      progress, checkpointer, stop)  # fmt: skip
-    except Exception as error:
-        if not is_out_of_memory(error, memory_capped=training["memory_limit_gb"] is not None):
-            raise
-        failure = {
-            "phase": phase,
-            "step": progress.step + 1 if phase == "train" else 0,
-            "error": f"{type(error).__name__}: {error}"[:500],
-            "memory_limit_gb": training["memory_limit_gb"],
-            **{f"in_use_{key}": value for key, value in memory_in_use_gb(device).items()},
-        }
-        if memory is not None:
-            measured["memory"] = memory.report()
-        log.error("out of memory while %s (step %d): recorded as status 'oom'", phase, failure["step"])
-        checkpointer.remove()
-        return not_trained(STATUS_OOM, failure, progress)
-
-    with atomic_path(adapter_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-    _write_curve(loss_curve_path, progress.curve)
-    adapter_mb = sum(f.stat().st_size for f in adapter_dir.glob("*.safetensors")) / 1e6
-    metrics = TrainMetrics(
-        run_id=run["run_id"],
-        status=STATUS_OK,
-        device=device.type,
-        device_name=device_name(device),
-        torch_threads=torch.get_num_threads(),
-        steps=steps,
-        train_wall_s=progress.train_seconds,
-        job_wall_s=time.perf_counter() - job_start,
-        train_tokens=progress.train_tokens,
-        loss_tokens=progress.loss_tokens,
-        train_tokens_per_s=progress.train_tokens / progress.train_seconds,
-        loss_tokens_per_s=progress.loss_tokens / progress.train_seconds,
-        final_train_loss=progress.last_loss,
-        trainable_params=trainable,
-        total_params=total,
-        trainable_percent=100 * trainable / total,
-        adapter_size_mb=adapter_mb,
-        target_modules=targets,
-        resumed_from_step=progress.resumed_from_step,
-        memory={**memory.report(), **cap},
-        memory_plan=measured["memory_plan"],
-        environment=job_environment(gpu_slot),
-    )
-    write_json(metrics_path, metrics.to_dict())
-    checkpointer.remove()  # the final outputs exist: nothing left to resume
-    log.info(
-        "done: %.1f s training, %.0f tokens/s, peak %.2f GB (%s)",
-        progress.train_seconds,
-        metrics.train_tokens_per_s,
-        metrics.memory["peak_memory_gb"],
-        metrics.memory["memory_kind"],
-    )
-    return metrics
-
-
-def _loop(
-    model,
-    params,
-    optimizer,
-    scheduler,
-    batches,
-    steps: int,
-    accumulation: int,
-    device: torch.device,
-    training: dict[str, Any],
-    progress: Progress,
-    checkpointer: Checkpointer,
-    stop: StopSignal,
-) -> None:
-    """The optimisation loop from `progress.step` to `steps`; updates `progress` in place."""
-    model.train()
-    session_start = time.perf_counter()
-    seconds_before = progress.train_seconds
-    for step in range(progress.step + 1, steps + 1):
-        micro_batches = [next(batches) for _ in range(accumulation)]
-        # Token-weighted mean over the whole accumulated step, not a mean of means.
-        step_tokens = sum(scored_tokens(b) for b in micro_batches)
-        step_loss = 0.0
-        for batch in micro_batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss_sum, _ = response_loss_sum(model, batch)
-            (loss_sum / step_tokens).backward()
-            step_loss += loss_sum.item()
-            progress.train_tokens += int(batch["attention_mask"].sum())
-        progress.loss_tokens += step_tokens
-        torch.nn.utils.clip_grad_norm_(params, training["max_grad_norm"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.last_loss = step_loss / step_tokens
-        if not math.isfinite(progress.last_loss):
-            raise FloatingPointError(
-                f"training loss is {progress.last_loss} at step {step}: the run diverged "
-                f"(try a lower training.learning_rate than {training['learning_rate']})"
-            )
-        progress.step = step
-        progress.train_seconds = seconds_before + time.perf_counter() - session_start
-        progress.curve.append(
-            {
-                "step": step,
-                "loss": progress.last_loss,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "tokens_seen": progress.train_tokens,
-                "elapsed_s": progress.train_seconds,
-            }
-        )
-        if step % training["log_every"] == 0 or step == steps:
-            log.info(
-                "step %d/%d loss %.4f lr %.2e %.0f tokens/s",
-                step,
-                steps,
-                progress.last_loss,
-                scheduler.get_last_lr()[0],
-                progress.train_tokens / progress.train_seconds,
-            )
-        if stop.received:
-            checkpointer.save(model, optimizer, scheduler, progress)
-            log.error("%s received: stopped after step %d; rerun the workflow to resume", stop.name, step)
-            raise TrainingInterrupted(stop.received, step)
-        if step < steps and checkpointer.due(step):
-            checkpointer.save(model, optimizer, scheduler, progress)
+def synchronized_clock(device: torch.device) -> float:
+    """perf_counter after the device finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @dataclass
@@ -363,8 +83,292 @@ class TrainOutputs:
         return metrics
 
 
+@dataclass
+class Job:
+    """Where and how this process trains: claimed device, its capability, the resolved recipe."""
+
+    run: RunSpec
+    gpu_slot: GpuSlot | None
+    device: torch.device
+    capability: DeviceCapability
+    recipe: Recipe
+    started: float
+    memory: PeakMemory  # created before CUDA starts: the device reading at start excludes this job
+
+    @property
+    def training(self) -> TrainingSettings:
+        assert self.run.training is not None, "a baseline is never trained"
+        return self.run.training
+
+    def base_metrics(self, status: str, **fields: Any) -> TrainMetrics:
+        return TrainMetrics(
+            run_id=self.run.run_id,
+            status=status,
+            device=self.device.type,
+            device_name=self.capability.name,
+            compute_dtype=self.recipe.compute_dtype,
+            weight_format=self.recipe.weight_format,
+            recipe=self.recipe.to_dict(),
+            capability=self.capability.to_dict(),
+            job_wall_s=time.perf_counter() - self.started,
+            environment=job_environment(self.gpu_slot),
+            **fields,
+        )
+
+
+def start_job(run: RunSpec, threads: int) -> Job:
+    """Claim a GPU (before CUDA starts), set threads, resolve the recipe for this device."""
+    started = time.perf_counter()
+    gpu_slot = claim_gpu()
+    set_threads(threads)
+    device = pick_device()
+    memory = PeakMemory(device)
+    capability = detect_capability(device)
+    assert run.training is not None
+    recipe = recipe_for(run.quantization, run.training.compute_dtype, capability)
+    log.info("run %s on %s, %d threads", run.run_id, capability.summary(), torch.get_num_threads())
+    log.info("recipe: %s (compute %s, autocast %s, grad scaler %s)", recipe.describe(), recipe.compute_dtype,
+             recipe.autocast, recipe.grad_scaler)  # fmt: skip
+    return Job(run, gpu_slot, device, capability, recipe, started, memory)
+
+
+def train_run(
+    run: RunSpec,
+    manifest: dict[str, Any],
+    splits_dir: Path,
+    outputs: TrainOutputs,
+    threads: int,
+    checkpoint_dir: Path,
+    checkpoint_every: int = 0,
+    plan_settings: dict[str, Any] | None = None,
+    measurement: MeasurementSettings | None = None,
+) -> TrainMetrics:
+    """Train the adapter for `run` and write its outputs.
+
+    Out of memory ends the run with status "oom" (a result, not a crash); a
+    run the memory plan marked as not fitting is recorded as "skipped" without
+    loading anything. SIGTERM/SIGINT save a checkpoint and exit non-zero; the
+    next attempt resumes from the newest checkpoint.
+    """
+    import peft  # noqa: F401  (imported before any memory cap, like everything heavy)
+
+    job = start_job(run, threads)
+    measurement = measurement or MeasurementSettings()
+    # Resolve modules before loading weights: a typo fails in a second, not after the load.
+    targets = check_run(run, manifest["linear_layers"], manifest["model_type"])
+    log.info("target modules %s -> %s", list(run.modules), targets)
+    train_rows = load_split(splits_dir, "train")
+    plan = plan_for_run(run, manifest, train_rows, plan_settings, job.recipe)
+    verdict = budget_verdict(plan, plan_settings) if plan_settings else None
+    if verdict is not None:
+        log.warning("skipped: predicted %.2f GB (%s), over the %.2f GB budget", verdict["predicted_gb"],
+                    verdict["plan_device"], verdict["budget_gb"])  # fmt: skip
+        failure = {"reason": "predicted over the memory budget", **verdict}
+        return outputs.write_not_trained(job.base_metrics(STATUS_SKIPPED, failure=failure, memory_plan=plan), [])
+    log.info("memory plan: %.2f GB on CUDA, %.2f GB on CPU", plan["predicted_cuda_gb"], plan["predicted_cpu_gb"])
+
+    from transformers import set_seed
+
+    _, pad_id = load_tokenizer(manifest)
+    set_seed(job.training.seed)  # after planning: everything random from here on is the run's own
+    run_fingerprint = fingerprint(run.as_params(), manifest, splits_dir, job.recipe.to_dict())
+    checkpointer = Checkpointer(checkpoint_dir, run_fingerprint, checkpoint_every)
+    session = TrainingSession(job, checkpointer, measurement)
+    try:
+        with job.memory as memory, memory_cap(job.training.memory_limit_gb, job.device, memory) as cap:
+            session.memory = memory
+            model = session.load(manifest, targets)
+            loader = session.prepare(model, train_rows, pad_id)
+            session.loop(model, loader)
+    except Exception as error:
+        if not is_out_of_memory(error, memory_capped=job.training.memory_limit_gb is not None):
+            raise
+        checkpointer.remove()
+        return outputs.write_not_trained(session.oom_metrics(error, plan), session.progress.curve)
+    return session.write(model, outputs, {**memory.report(), **cap}, plan)
+
+
+class TrainingSession:
+    """One process's training of one run: load, prepare, loop, write."""
+
+    def __init__(self, job: Job, checkpointer: Checkpointer, measurement: MeasurementSettings) -> None:
+        self.job = job
+        self.checkpointer = checkpointer
+        self.measurement = measurement
+        self.progress = Progress()
+        self.phase = "load"
+        self.memory: PeakMemory | None = None
+        self.counts: dict[str, int] = {}
+        self.targets: list[str] | str = ""
+        self.steps = 0
+        self.loss: ResponseLoss | None = None
+        self.scaling = GradScaling(job.recipe, job.device.type)
+
+    def load(self, manifest: dict[str, Any], targets: list[str] | str) -> torch.nn.Module:
+        """The base model in the run's format with LoRA on `targets`, cast to the recipe."""
+        run, training = self.job.run, self.job.training
+        model = load_base_model(manifest, self.job.recipe, run.double_quant, training.attn_implementation,
+                                self.job.device)  # fmt: skip
+        model = add_lora(model, self.job.recipe, targets, run.rank, run.alpha, training.lora_dropout,
+                         needs_fan_in_fan_out(manifest["model_type"]), training.gradient_checkpointing)  # fmt: skip
+        trainable, total = count_parameters(model)
+        self.counts = {"trainable_params": trainable, "total_params": total}
+        self.targets = targets
+        log.info("trainable params %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+        return model
+
+    def prepare(self, model: torch.nn.Module, train_rows, pad_id: int):
+        """Optimizer, schedule and the batch stream, restored from a checkpoint when there is one."""
+        training = self.job.training
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.params, training)
+        self.steps = total_steps(training, len(train_rows))
+        schedule = scheduler_name(training)
+        if schedule != training.lr_scheduler:
+            log.warning("lr_scheduler constant with %d warm-up steps: using constant_with_warmup",
+                        training.warmup_steps)  # fmt: skip
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=training.warmup_steps,
+                                       num_training_steps=self.steps)  # fmt: skip
+        self.progress = self.checkpointer.restore(model, self.optimizer, self.scheduler, self.scaling) or Progress()
+        lengths = [len(ids) for ids in train_rows["input_ids"]]
+        # The batch stream is a pure function of the seed: resuming skips what was consumed.
+        batches = itertools.islice(
+            endless_batches(lengths, training.batch_size, training.seed, training.group_by_length),
+            self.progress.step * training.gradient_accumulation_steps,
+            None,
+        )
+        self.loss = ResponseLoss(model)
+        return torch.utils.data.DataLoader(
+            train_rows.with_format(None),
+            batch_sampler=batches,
+            collate_fn=lambda rows: collate(rows, pad_id),
+            num_workers=training.dataloader_num_workers,
+            # Its own generator: starting an iterator must not draw from the global RNG
+            # (dropout's), or a resumed run would see different dropout masks.
+            generator=torch.Generator().manual_seed(training.seed),
+        )
+
+    def loop(self, model: torch.nn.Module, loader) -> None:
+        """Optimizer steps from the restored step to the last; each step is timed on its own."""
+        self.phase = "train"
+        model.train()
+        batches = iter(loader)
+        steps_this_process = 0
+        with stop_on_signals() as stop, quiet_int8_casts():
+            for step in range(self.progress.step + 1, self.steps + 1):
+                started = synchronized_clock(self.job.device)
+                loss_value, tokens, loss_tokens = self._step(model, [next(batches) for _ in range(self._accum)])
+                seconds = synchronized_clock(self.job.device) - started
+                steps_this_process += 1
+                self.progress.record_step(steps_this_process, self.measurement.skip_first_steps, seconds, tokens,
+                                          loss_tokens)  # fmt: skip
+                self._after_step(model, step, loss_value, seconds, stop)
+
+    @property
+    def _accum(self) -> int:
+        return self.job.training.gradient_accumulation_steps
+
+    def _step(self, model, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, int]:
+        """One optimizer step over the accumulated micro-batches: (mean loss, tokens, loss tokens)."""
+        assert self.loss is not None
+        # Token-weighted mean over the whole accumulated step, not a mean of means.
+        step_tokens = sum(scored_tokens(b) for b in micro_batches)
+        step_loss, tokens = 0.0, 0
+        for batch in micro_batches:
+            batch = {k: v.to(self.job.device) for k, v in batch.items()}
+            with self.job.recipe.autocast_context(self.job.device.type):
+                loss_sum, _ = self.loss(batch)
+            self.scaling.backward(loss_sum / step_tokens)
+            step_loss += loss_sum.item()
+            tokens += int(batch["attention_mask"].sum())
+        self.scaling.unscale(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.job.training.max_grad_norm)
+        self.scaling.step(self.optimizer)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss / step_tokens, tokens, step_tokens
+
+    def _after_step(self, model, step: int, loss: float, seconds: float, stop: StopSignal) -> None:
+        """Record the step; log, stop on a signal, or checkpoint."""
+        progress, training = self.progress, self.job.training
+        progress.last_loss = loss
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss} at step {step}: the run diverged "
+                f"(try a lower training.learning_rate than {training.learning_rate})"
+            )
+        progress.step = step
+        lr = self.scheduler.get_last_lr()[0]
+        progress.curve.append({"step": step, "loss": loss, "learning_rate": lr, "tokens_seen": progress.train_tokens,
+                               "elapsed_s": progress.train_seconds, "step_s": seconds})  # fmt: skip
+        if step % training.log_every == 0 or step == self.steps:
+            log.info("step %d/%d loss %.4f lr %.2e %.2f s/step %.0f tokens/s", step, self.steps, loss, lr, seconds,
+                     progress.train_tokens / progress.train_seconds)  # fmt: skip
+        if stop.received:
+            self.checkpointer.save(model, self.optimizer, self.scheduler, progress, self.scaling)
+            log.error("%s received: stopped after step %d; rerun the workflow to resume", stop.name, step)
+            raise TrainingInterrupted(stop.received, step)
+        if step < self.steps and self.checkpointer.due(step):
+            self.checkpointer.save(model, self.optimizer, self.scheduler, progress, self.scaling)
+
+    def oom_metrics(self, error: Exception, plan: dict[str, Any]) -> TrainMetrics:
+        training = self.job.training
+        failure = {
+            "phase": self.phase,
+            "step": self.progress.step + 1 if self.phase == "train" else 0,
+            "error": f"{type(error).__name__}: {error}"[:500],
+            "memory_limit_gb": training.memory_limit_gb,
+            **{f"in_use_{key}": value for key, value in memory_in_use_gb(self.job.device).items()},
+        }
+        log.error("out of memory while %s (step %d): recorded as status 'oom'", self.phase, failure["step"])
+        memory = self.memory.report() if self.memory is not None else {}
+        return self.job.base_metrics(STATUS_OOM, failure=failure, memory=memory, memory_plan=plan,
+                                     target_modules=self.targets, **self.counts)  # fmt: skip
+
+    def write(self, model, outputs: TrainOutputs, memory: dict[str, Any], plan: dict[str, Any]) -> TrainMetrics:
+        """Adapter, loss curve and metrics; the checkpoint goes once they exist."""
+        progress = self.progress
+        with atomic_path(outputs.adapter_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+        _write_curve(outputs.loss_curve_path, progress.curve)
+        tokens_per_s, loss_tokens_per_s, measured_steps = progress.throughput()
+        trainable, total = self.counts["trainable_params"], self.counts["total_params"]
+        metrics = self.job.base_metrics(
+            STATUS_OK,
+            torch_threads=torch.get_num_threads(),
+            steps=self.steps,
+            train_wall_s=progress.train_seconds,
+            checkpoint_s=progress.checkpoint_seconds,
+            train_tokens=progress.train_tokens,
+            loss_tokens=progress.loss_tokens,
+            train_tokens_per_s=tokens_per_s,
+            loss_tokens_per_s=loss_tokens_per_s,
+            throughput_steps=measured_steps,
+            final_train_loss=progress.last_loss,
+            trainable_params=trainable,
+            total_params=total,
+            trainable_percent=100 * trainable / total,
+            adapter_size_mb=sum(f.stat().st_size for f in outputs.adapter_dir.glob("*.safetensors")) / 1e6,
+            target_modules=self.targets,
+            resumed_from_step=progress.resumed_from_step,
+            loss_path=self.loss.path if self.loss else None,
+            lr_scheduler=scheduler_name(self.job.training),
+            grad_scale=self.scaling.scale,
+            memory=memory,
+            memory_plan=plan,
+        )
+        write_json(outputs.metrics_path, metrics.to_dict())
+        self.checkpointer.remove()  # the final outputs exist: nothing left to resume
+        log.info("done: %.1f s in %d steps (%.1f s saving checkpoints), steady %.0f tokens/s over %d steps, "
+                 "peak %.2f GB (%s)", progress.train_seconds, self.steps, progress.checkpoint_seconds, tokens_per_s,
+                 measured_steps, memory["peak_memory_gb"], memory["memory_kind"])  # fmt: skip
+        return metrics
+
+
 def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:
     with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOSS_CURVE_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=LOSS_CURVE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(curve)

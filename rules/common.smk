@@ -13,6 +13,7 @@ sys.path.insert(0, workflow.basedir)
 from lora_study import paths
 from lora_study.config import ConfigError, canonical_json, check_local_sources, validate_config
 from lora_study.budget import budget_verdict
+from lora_study.formats import applies_compute_dtype
 from lora_study.io import read_csv_rows
 from lora_study.sweep import all_evaluated, expand_study
 
@@ -39,10 +40,15 @@ def run_params(wildcards):
 
 
 def compute_params(wildcards):
-    """Settings evaluation shares with training: how the base model is computed."""
+    """Settings evaluation shares with training: how the base model is computed (compute_dtype only
+    for bitsandbytes weights, so a 16-bit baseline does not rerun when it changes)."""
     spec = EVALUATED[wildcards.run]
-    training = spec.training or config["training"]
-    keys = ("compute_dtype", "attn_implementation")
+    training = spec.training.to_dict() if spec.training else config["training"]
+    keys = (
+        ("compute_dtype", "attn_implementation")
+        if applies_compute_dtype(spec.quantization)
+        else ("attn_implementation",)
+    )
     return canonical_json({key: training[key] for key in keys})
 
 

@@ -31,5 +31,6 @@ rule findings:
         report=canonical_json(config["report"]),
         training=canonical_json(config["training"]),
         evaluation=canonical_json(config["evaluation"]),
+        measurement=canonical_json(config["measurement"]),
     script:
         "../scripts/findings.py"

@@ -24,5 +24,6 @@ rule train:
     params:
         run=run_params,
         memory_plan=memory_plan,
+        measurement=canonical_json(config["measurement"]),
     script:
         "../scripts/train.py"

@@ -8,10 +8,11 @@ with job(snakemake):
 
     from lora_study.evaluate import evaluate_run
     from lora_study.io import read_json
+    from lora_study.sweep import RunSpec
 
     is_trained_run = hasattr(snakemake.input, "train_metrics")
     evaluate_run(
-        run=json.loads(snakemake.params.run),
+        run=RunSpec.from_params(json.loads(snakemake.params.run)),
         evaluation=json.loads(snakemake.params.evaluation),
         compute_settings=json.loads(snakemake.params.compute),
         manifest=read_json(snakemake.input.manifest),

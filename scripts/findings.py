@@ -21,6 +21,7 @@ with job(snakemake) as log:
             data_summary=read_json(snakemake.input.data_summary),
             training=json.loads(snakemake.params.training),
             evaluation=json.loads(snakemake.params.evaluation),
+            measurement=json.loads(snakemake.params.measurement),
         ),
         settings=FindingSettings(
             sweet_spot_tolerance=settings["sweet_spot_tolerance"],

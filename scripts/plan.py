@@ -8,9 +8,10 @@ with job(snakemake):
 
     from lora_study.io import read_json
     from lora_study.planner import write_plan
+    from lora_study.sweep import RunSpec
 
     write_plan(
-        runs=json.loads(snakemake.params.runs),
+        runs=[RunSpec.from_params(run) for run in json.loads(snakemake.params.runs)],
         settings=json.loads(snakemake.params.plan),
         manifest=read_json(snakemake.input.manifest),
         splits_dir=Path(snakemake.input.splits),

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lora_study.batching import IGNORE_INDEX, collate
+from lora_study.loss import FULL_LOGITS, SHORTCUT, ResponseLoss
 from lora_study.metrics import perplexity
-from lora_study.train import response_loss_sum
 
 
 def test_perplexity_of_a_hand_computed_case():
@@ -39,7 +39,28 @@ def test_response_loss_matches_transformers_own_loss_on_response_tokens():
         [IGNORE_INDEX] * 4 + [9, 10],
         [IGNORE_INDEX, 12, 13, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX],
     ]
-    loss_sum, count = response_loss_sum(model, batch)
+    loss = ResponseLoss(model)
+    loss_sum, count = loss(batch)
     reference = model(**batch).loss  # transformers' mean over the same labels
+    assert loss.path == SHORTCUT  # checked against the full logits, and they agree
     assert count == 4
     assert float(loss_sum) / count == pytest.approx(float(reference), rel=1e-5)
+
+
+@pytest.mark.parametrize("known_by_name", [True, False])
+def test_a_model_that_scales_its_logits_trains_on_its_own_logits(monkeypatch, known_by_name):
+    """Granite divides logits by logits_scaling after the head: the head-only shortcut would be wrong.
+
+    Caught by name (a known attribute) and, for families not on that list, by the numerical check.
+    """
+    if not known_by_name:
+        monkeypatch.setattr("lora_study.loss.LOGIT_POST_PROCESSING", ())
+    torch.manual_seed(0)
+    config = GraniteConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=50, logits_scaling=8.0)  # fmt: skip
+    model = GraniteForCausalLM(config)
+    batch = collate([{"input_ids": [5, 6, 7, 8, 9, 10], "prompt_length": 3}], pad_id=0)
+    loss = ResponseLoss(model)
+    loss_sum, count = loss(batch)
+    assert loss.path == FULL_LOGITS
+    assert float(loss_sum) / count == pytest.approx(float(model(**batch).loss), rel=1e-5)

@@ -16,6 +16,14 @@ from lora_study.planner import (
 )
 
 
+def default_training(**changes):
+    from lora_study.config import validate_config
+    from lora_study.settings import TrainingSettings
+
+    config = validate_config({"model": {"source": "x"}, "dataset": {"source": "generated"}, "sweep": {}})
+    return TrainingSettings.from_dict({**config["training"], **changes})
+
+
 def held_bytes(model: torch.nn.Module) -> int:
     """Bytes a loaded model holds: parameters, buffers and 4-bit quantization constants."""
     total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -32,23 +40,24 @@ def held_bytes(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize(
-    "quantization, double_quant",
-    [("nf4", True), ("nf4", False), ("int8", False), ("bf16", False), ("fp32", False)],
-)
-def test_predicted_weights_match_what_a_loaded_model_holds(tiny_llama, quantization, double_quant):
-    from peft import prepare_model_for_kbit_training
+    "quantization, double_quant, compute",
+    [("nf4", True, "bf16"), ("nf4", False, "fp32"), ("int8", False, "bf16"), ("bf16", False, None),
+     ("fp32", False, None)],
+)  # fmt: skip
+def test_predicted_weights_match_what_the_recipe_holds(tiny_llama, quantization, double_quant, compute):
+    """The planner's weights against a model loaded and cast by the training code itself."""
+    from lora_study.loading import add_lora, load_base_model
+    from lora_study.precision import DeviceCapability, recipe_for
 
-    from lora_study.loading import quantization_config
-
-    config = quantization_config(quantization, double_quant, "bf16")
-    dtype = torch.bfloat16 if quantization in ("nf4", "int8", "bf16") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=dtype, quantization_config=config)
-    if config is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    recipe = recipe_for(quantization, compute, DeviceCapability("cpu", "test", "AVX512", ("avx512_bf16",)))
+    manifest = {"path": str(tiny_llama), "trust_remote_code": False}
+    model = load_base_model(manifest, recipe, double_quant, "sdpa", torch.device("cpu"))
+    model = add_lora(model, recipe, ["q_proj", "v_proj"], 4, 8, 0.0, False, gradient_checkpointing=False)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary tables: not weights
+    lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     facts = model_facts(AutoConfig.from_pretrained(tiny_llama))
-    predicted = weights_bytes(facts, quantization, double_quant)
-    assert predicted == pytest.approx(held_bytes(model) - buffers, rel=0.01)
+    predicted = weights_bytes(facts, recipe, double_quant)
+    assert predicted == pytest.approx(held_bytes(model) - buffers - lora, rel=0.01)
 
 
 def real_saved_bytes(model, batch: int, seq: int) -> int:
@@ -86,10 +95,10 @@ def test_counted_activations_match_a_real_forward_pass(tiny_llama, targets):
 def test_the_largest_batch_is_the_one_the_run_will_draw():
     lengths = [10] * 63 + [100]
     prompts = [8] * 63 + [90]
-    training = {"batch_size": 8, "seed": 0, "group_by_length": False, "max_steps": 8, "epochs": None,
-                "gradient_accumulation_steps": 1}  # fmt: skip
+    training = default_training(batch_size=8, seed=0, group_by_length=False, max_steps=8, epochs=None,
+                                gradient_accumulation_steps=1)  # fmt: skip
     # Eight steps of eight rows cover the whole epoch: the long row is drawn.
     assert largest_batch(lengths, prompts, training) == BatchShape(8, 100, 7 * 2 + 10)
     # One step sees only its own eight rows.
-    one_step = largest_batch(lengths, prompts, {**training, "max_steps": 1})
+    one_step = largest_batch(lengths, prompts, training.replace(max_steps=1))
     assert one_step.rows == 8 and one_step.padded_length in (10, 100)

@@ -157,7 +157,7 @@ def test_memory_budget_skips_and_reruns_only_runs_it_flips(study):
 
 def test_data_and_model_settings_rerun_everything_downstream(study):
     workdir, config = study
-    everything_after_data = per_run(("train", "evaluate"), RUN_IDS) | {("evaluate", "base")} | PLAN_JOB | REPORT_JOBS
+    everything_after_data = per_run(("train", "evaluate"), RUN_IDS) | {("evaluate", "base-fp32")} | PLAN_JOB | REPORT_JOBS
     data_edit = copy.deepcopy(config)
     data_edit["dataset"]["validation_size"] = 20
     write_config(workdir, data_edit)
@@ -173,7 +173,7 @@ def test_evaluation_settings_rerun_evaluation_only(study):
     workdir, config = study
     config["evaluation"]["exact_match_examples"] = 6
     write_config(workdir, config)
-    assert planned_jobs(workdir) == per_run(("evaluate",), (*RUN_IDS, "base")) | REPORT_JOBS
+    assert planned_jobs(workdir) == per_run(("evaluate",), (*RUN_IDS, "base-fp32")) | REPORT_JOBS
 
 
 def test_report_settings_rerun_only_the_report(study):
@@ -199,7 +199,7 @@ def test_editing_a_rule_script_reruns_its_jobs_and_touch_accepts_it(study, tmp_p
     with (workflow / "scripts/evaluate.py").open("a") as handle:
         handle.write("# an edit\n")
     snakefile = ("--snakefile", str(workflow / "Snakefile"))
-    assert planned_jobs(workdir, *snakefile) == per_run(("evaluate",), (*RUN_IDS, "base")) | REPORT_JOBS
+    assert planned_jobs(workdir, *snakefile) == per_run(("evaluate",), (*RUN_IDS, "base-fp32")) | REPORT_JOBS
     changed = run_snakemake(workdir, "--list-changes", "code", *snakefile)
     assert "results/runs/custom/eval_metrics.json" in changed.stdout
     touched = run_snakemake(workdir, "--cores", "1", "--touch", *snakefile)

@@ -72,7 +72,7 @@ def test_every_train_job_is_its_own_slurm_job_with_one_gpu(slurm_study):
     assert len(calls) == 2, output[-3000:]
     assert all("--gpus=1" in call for call in calls)
     table = pd.read_csv(workdir / "results/tables/runs.csv")
-    assert list(table["run_id"]) == ["base", "r4-qv-nf4", "r8-qv-nf4"]
+    assert list(table["run_id"]) == ["base-nf4", "r4-qv-nf4", "r8-qv-nf4"]
     assert table["slurm_job_id"].iloc[1:].notna().all()
 
 

@@ -5,7 +5,7 @@ import yaml
 
 from conftest import REPO
 from lora_study.config import ConfigError, validate_config
-from lora_study.sweep import BASELINE_ID, all_evaluated, expand_study, run_id
+from lora_study.sweep import RunSpec, all_evaluated, expand_study, run_id
 
 
 def default_config() -> dict:
@@ -28,12 +28,35 @@ def test_default_config_reproduces_the_reference_sweeps():
         "r16-qkv-nf4",
         "r16-qkvo-mlp-nf4",
         "r16-qkvo-int8",
-        "r16-qkvo-bf16",
+        "r16-qkvo-16bit",
     ]
     assert runs["r16-qkvo-nf4"].alpha == 32
     assert runs["r16-qkvo-nf4"].double_quant is True
     assert runs["r16-qkvo-int8"].double_quant is False  # only 4-bit has it
-    assert next(iter(all_evaluated(default_config()))) == BASELINE_ID
+    # One base model per weight format, first; compute_dtype only where it applies.
+    assert list(all_evaluated(default_config()))[:3] == ["base-nf4", "base-int8", "base-16bit"]
+    assert runs["r16-qkvo-nf4"].training.compute_dtype == "auto"
+    assert runs["r16-qkvo-16bit"].training.compute_dtype is None
+    assert "compute_dtype" not in runs["r16-qkvo-16bit"].as_params()["training"]
+
+
+def test_a_run_survives_its_params_and_a_misspelt_setting_fails_at_once():
+    spec = expand_study(default_config())["r16-qkvo-nf4"]
+    assert RunSpec.from_params(spec.as_params()) == spec
+    params = spec.as_params()
+    params["training"]["learning_rte"] = 1e-3
+    with pytest.raises(ConfigError, match="unknown training settings \\['learning_rte'\\]"):
+        RunSpec.from_params(params)
+
+
+def test_baseline_quantization_is_replaced_by_one_base_per_format():
+    config = {"model": {"source": "x"}, "dataset": {"source": "generated"}, "sweep": {"baseline_quantization": "fp32"}}
+    with pytest.raises(ConfigError, match="baseline_quantization' was removed"):
+        validate_config(config)
+    grid = {"quantization": ["nf4", "fp32"], "double_quant": [True, False]}
+    runs = all_evaluated(config_with_sweep({"grids": [grid]}))
+    assert [r for r in runs if r.startswith("base")] == ["base-nf4", "base-nf4-nodq", "base-fp32"]
+    assert runs["r16-qkvo-nf4-nodq"].baseline_id == "base-nf4-nodq"
 
 
 def test_ids_name_alpha_only_when_not_twice_the_rank_and_mark_no_double_quant():
@@ -67,8 +90,8 @@ def test_identical_runs_from_two_grids_merge():
 def test_named_runs_override_training_defaults():
     config = config_with_sweep({"runs": [{"id": "fast-lr", "rank": 8, "training": {"learning_rate": 0.01}}]})
     spec = expand_study(config)["fast-lr"]
-    assert spec.training["learning_rate"] == 0.01
-    assert spec.training["batch_size"] == config["training"]["batch_size"]
+    assert spec.training.learning_rate == 0.01
+    assert spec.training.batch_size == config["training"]["batch_size"]
 
 
 @pytest.mark.parametrize(
@@ -76,7 +99,8 @@ def test_named_runs_override_training_defaults():
     [
         ({"grids": [{"rank": [8]}], "runs": [{"rank": 8}]}, "duplicate run id 'r8-qkvo-nf4'"),
         ({"runs": [{"id": "a"}, {"id": "a", "rank": 4}]}, "duplicate run id 'a'"),
-        ({"runs": [{"id": "base"}]}, "reserved for the baseline"),
+        ({"runs": [{"id": "base"}]}, "name the baselines"),
+        ({"runs": [{"id": "base-nf4"}]}, "name the baselines"),
         ({}, "no runs"),
         ({"grids": []}, "no runs"),
         ({"grids": [{"modules": [["all-linear", "q"]]}]}, "cannot be combined"),

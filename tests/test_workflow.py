@@ -3,6 +3,8 @@
 import math
 
 import pandas as pd
+import pytest
+import torch
 import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -12,10 +14,11 @@ from conftest import run_snakemake
 
 def test_runs_table_has_one_row_per_run_with_finite_metrics(tiny_study):
     table = pd.read_csv(tiny_study / "results/tables/runs.csv")
-    assert list(table["run_id"]) == ["base", "r4-qv-nf4", "r8-qv-nf4", "r4-qkvo-mlp-nf4", "r4-qv-fp32"]
+    expected = ["base-nf4", "base-fp32", "r4-qv-nf4", "r8-qv-nf4", "r4-qkvo-mlp-nf4", "r4-qv-fp32"]
+    assert list(table["run_id"]) == expected
     for column in ("perplexity", "eval_loss", "accuracy", "peak_memory_gb", "eval_tokens_per_s"):
         assert table[column].map(math.isfinite).all(), column
-    trained = table[table["run_id"] != "base"]
+    trained = table[~table["is_baseline"]]
     for column in ("train_wall_s", "train_tokens_per_s", "adapter_size_mb", "final_train_loss"):
         assert (trained[column] > 0).all(), column
     assert (trained["memory_kind"] == "cpu_peak_rss").all()
@@ -37,7 +40,7 @@ def test_adapters_load_with_peft(tiny_study, tiny_llama):
 def test_every_job_logged_progress(tiny_study):
     train_log = (tiny_study / "logs/train/r4-qv-nf4.log").read_text()
     assert "step 3/3 loss" in train_log and "done:" in train_log
-    assert "perplexity" in (tiny_study / "logs/evaluate/base.log").read_text()
+    assert "perplexity" in (tiny_study / "logs/evaluate/base-nf4.log").read_text()
 
 
 def test_report_is_built_by_the_same_run(tiny_study):
@@ -48,13 +51,39 @@ def test_report_is_built_by_the_same_run(tiny_study):
     tables = {p.stem for p in (results / "tables/derived").glob("*.csv")}
     assert tables == {
         "rank", "modules", "quantization", "diminishing_returns", "time_memory",
-        "pareto_memory", "pareto_time", "decision", "memory_plan",
+        "pareto_memory", "pareto_time", "decision", "memory_plan", "base_quantization",
     }  # fmt: skip
     charts = {p.stem for p in (results / "charts").glob("*.svg")}
     assert len(charts) == 7
     for stem in charts:
         for fmt in ("html", "svg", "png"):
             assert (results / f"charts/{stem}.{fmt}").stat().st_size > 1000, (stem, fmt)
+
+
+def test_every_row_says_how_it_was_computed_and_runs_gain_against_their_own_base(tiny_study):
+    from lora_study.precision import detect_capability
+
+    table = pd.read_csv(tiny_study / "results/tables/runs.csv").set_index("run_id")
+    fast = detect_capability(torch.device("cpu")).fast_dtype  # what `auto` must have resolved to here
+    assert table.loc["r4-qv-nf4", "training.compute_dtype"] == "auto"
+    assert (table.loc["r4-qv-nf4", "compute_dtype"], table.loc["r4-qv-nf4", "weight_format"]) == (fast, "nf4")
+    # compute_dtype does not apply to unquantized weights: not in the run's settings, fp32 in its recipe.
+    assert pd.isna(table.loc["r4-qv-fp32", "training.compute_dtype"])
+    assert table.loc["r4-qv-fp32", "compute_dtype"] == "fp32"
+    assert table.loc["base-nf4", "compute_dtype"] == fast
+    assert set(table["capability.summary"].dropna()) and table["capability.native_bf16"].notna().all()
+    # 3 steps, the first 2 of the process are warm-up: one steady step measured, no checkpoint time in it.
+    trained = table[~table["is_baseline"]]
+    assert (trained["throughput_steps"] == 1).all() and (trained["train_tokens_per_s"] > 0).all()
+    assert (trained["job_wall_s"] > trained["train_wall_s"]).all()
+    findings = (tiny_study / "results/report/findings.md").read_text()
+    assert "Cost of quantizing the base model (no adapter): perplexity" in findings
+    assert "(the base model in nf4, no adapter)" in findings or "(the base model in fp32, no adapter)" in findings
+    assert "Precision recipe per quantization" in findings and f"nf4: weights nf4, compute {fast}" in findings
+    base = pd.read_csv(tiny_study / "results/tables/derived/base_quantization.csv").set_index("run_id")
+    assert base.loc["base-fp32", "perplexity_change_pct"] == 0
+    expected = 100 * (table.loc["base-nf4", "perplexity"] / table.loc["base-fp32", "perplexity"] - 1)
+    assert base.loc["base-nf4", "perplexity_change_pct"] == pytest.approx(expected)
 
 
 def test_second_run_has_nothing_to_do(tiny_study):
