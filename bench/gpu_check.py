@@ -255,7 +255,7 @@ def main() -> None:
             )  # fmt: skip
             result = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
             if child.returncode != 0 or not result:
-                raise SystemExit(f"{run['run_id']} failed:\n{child.stderr[-3000:]}")
+                raise SystemExit(f"{run['run_id']} failed:\n{child.stderr[-8000:]}")
             rows.append(table_row(json.loads(result[0][len("RESULT ") :]), options))
             print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)

@@ -68,13 +68,16 @@ class ResponseLoss:
             log.info("loss: full logits (the model post-processes them: %s)", ", ".join(known))
             return FULL_LOGITS
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
-        was_training = self.model.training
-        self.model.eval()  # no dropout: both paths must see the same function
-        with torch.no_grad():
+        # Same mode as the run (switching to eval would let bitsandbytes repack 4-bit weights for
+        # CPU inference, a format without a backward pass) and the same dropout masks for both
+        # paths: each starts from one seed, in a forked RNG the run's own stream never sees.
+        device = batch["input_ids"].device
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
             full_logits = self._full_logits(batch, keep)
+            torch.manual_seed(0)
             short = self._shortcut_logits(batch, keep).float()
         full = full_logits.float()
-        self.model.train(was_training)
         difference = float((full - short).abs().max() / full.abs().max().clamp_min(1e-6))
         device_type = full.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else full_logits.dtype

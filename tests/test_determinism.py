@@ -1,5 +1,7 @@
 """Same seed and settings on CPU: the same perplexity; another seed: another one."""
 
+from dataclasses import replace
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -9,7 +11,7 @@ from lora_study.data import prepare_data
 from lora_study.evaluate import evaluate_run
 from lora_study.model_source import describe_model
 from lora_study.sweep import expand_study
-from lora_study.train import train_run
+from lora_study.train import TrainOutputs, train_run
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +25,11 @@ def setup(tiny_llama, tmp_path_factory):
 
 def train_and_score(setup, run_id: str, seed: int, name: str) -> float:
     config, manifest, workdir = setup
-    run = expand_study(config)[run_id].as_params()
-    run["training"]["seed"] = seed
+    spec = expand_study(config)[run_id]
+    run = replace(spec, training=spec.training.replace(seed=seed))
     out = workdir / name
     train_run(
-        run, manifest, workdir / "splits", out / "adapter", out / "t.json", out / "curve.csv",
+        run, manifest, workdir / "splits", TrainOutputs(out / "adapter", out / "t.json", out / "curve.csv"),
         threads=1, checkpoint_dir=out / "checkpoint",
     )  # fmt: skip
     metrics = evaluate_run(

@@ -19,9 +19,10 @@ SETTINGS = FindingSettings(sweet_spot_tolerance=0.02, min_relative_gain=0.01, me
 
 
 def run(run_id, rank=16, modules="q,k,v,o", quant="nf4", ppl=5.0, mem=4.0, time=10.0, params=None, **extra):
-    return {
+    columns = {k: extra.pop(k) for k in list(extra) if "dtype" in k}
+    return columns | {
         "run_id": run_id,
-        "is_baseline": run_id == "base",
+        "is_baseline": run_id.startswith("base-"),
         "rank": rank,
         "alpha": 2.0 * rank,
         "modules": modules,
@@ -40,9 +41,13 @@ def run(run_id, rank=16, modules="q,k,v,o", quant="nf4", ppl=5.0, mem=4.0, time=
     }
 
 
+def base(quant: str, ppl: float) -> dict:
+    return run(f"base-{quant}", rank=0, modules="", quant=quant, ppl=ppl, mem=1.0, time=float("nan"), params=0)
+
+
 def study(*runs) -> pd.DataFrame:
-    base = run("base", rank=0, modules="", quant="fp32", ppl=20.0, mem=1.0, time=float("nan"), params=0)
-    return pd.DataFrame([base, *runs])
+    """The runs with the base model in NF4 (perplexity 20) and in fp32 (19)."""
+    return pd.DataFrame([base("nf4", 20.0), base("fp32", 19.0), *runs])
 
 
 RANK_SWEEP = [
@@ -96,8 +101,8 @@ def test_pareto_front_keeps_ties_and_drops_dominated_points():
 def test_missing_axes_yield_only_supported_tables():
     only_ranks = all_tables(study(*RANK_SWEEP), SETTINGS)
     assert "rank" in only_ranks and "modules" not in only_ranks and "quantization" not in only_ranks
-    one_run = all_tables(study(run("solo")), SETTINGS)
-    assert set(one_run) == {"time_memory", "pareto_memory", "pareto_time", "decision"}
+    one_run = all_tables(pd.DataFrame([base("nf4", 20.0), run("solo")]), SETTINGS)
+    assert set(one_run) == {"time_memory", "pareto_memory", "pareto_time", "decision"}  # one base: no base cost
     sentences = headline_findings(study(run("solo")), SETTINGS)
     assert not any("Sweet-spot" in s or "Returns" in s for s in sentences)
 
@@ -158,6 +163,34 @@ def test_decision_table_picks_best_fitting_run_per_budget_with_ties_on_memory():
     sentences = headline_findings(study(*runs), SETTINGS)
     assert "Budget 2 GB: small (perplexity 7, 1.50 GB CPU RSS)." in sentences
     assert "Budgets 2-8 GB: no measured run fits." in headline_findings(study(run("huge", mem=50.0)), SETTINGS)
+
+
+def test_each_run_gains_against_the_base_in_its_own_format_and_the_base_cost_is_reported():
+    runs = [run("nf4", quant="nf4", ppl=5.0, mem=2.0), run("fp32", quant="fp32", ppl=4.5, mem=4.0)]
+    table = study(*runs)
+    costs = all_tables(table, SETTINGS)["base_quantization"].set_index("run_id")
+    assert costs.loc["base-fp32", "perplexity_change_pct"] == 0
+    assert costs.loc["base-nf4", "perplexity_change_pct"] == pytest.approx(100 * (20 / 19 - 1))
+    sentences = headline_findings(table, SETTINGS)
+    best = "Best run: fp32 lowers validation perplexity from 19 (the base model in fp32, no adapter) to 4.5."
+    assert best in sentences
+    assert any(s.startswith("Cost of quantizing the base model (no adapter): perplexity 19 with fp32") and
+               "nf4 20 (+5.3%)" in s for s in sentences)  # fmt: skip
+    assert list(prepare(table)["base_perplexity"])[2:] == [20.0, 19.0]
+
+
+def test_mixed_resolved_dtypes_and_devices_are_flagged():
+    runs = [
+        run("a", rank=4, **{"training.compute_dtype": "auto", "compute_dtype": "bf16"}),
+        run("b", rank=8, **{"training.compute_dtype": "auto", "compute_dtype": "fp16"}),
+    ]
+    table = study(*runs).assign(**{"capability.summary": ["gpu A100", "gpu A100", "gpu A100", "gpu V100"]})
+    warnings = [s for s in headline_findings(table, SETTINGS) if s.startswith("Warning")]
+    assert len(warnings) == 2
+    assert "nf4 and compute dtype auto resolved to different dtypes" in warnings[0] and "fp16 (1 runs)" in warnings[0]
+    assert "2 kinds of device" in warnings[1]
+    same = study(*runs).assign(compute_dtype="bf16", **{"training.compute_dtype": "auto"})
+    assert not [s for s in headline_findings(same, SETTINGS) if s.startswith("Warning")]
 
 
 def test_memory_label_says_cpu_when_no_gpu_was_used():

@@ -109,6 +109,21 @@ def test_a_quantized_run_computes_its_projections_and_attention_in_the_compute_d
     assert loss_sum.dtype == torch.float32  # the loss itself is reduced in fp32
 
 
+def test_the_loss_check_leaves_4bit_weights_trainable(tiny_llama):
+    """The check runs in training mode: in eval mode bitsandbytes repacks 4-bit weights on bf16 CPUs
+    into an inference-only layout, and training would go on without gradients through the base layers."""
+    recipe = recipe_for("nf4", "bf16", AVX2)
+    model = _lora_model(tiny_llama, recipe)
+    model.train()
+    with recipe.autocast_context("cpu"):
+        loss_sum, count = ResponseLoss(model)(_batch())
+    states = [m.weight.quant_state for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert states and not any(getattr(s, "packing_format_for_cpu", False) for s in states)
+    (loss_sum / count).backward()
+    first_layer_lora = [p for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n]
+    assert first_layer_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in first_layer_lora)
+
+
 def test_on_a_cpu_without_native_bf16_auto_computes_everything_in_fp32(tiny_llama):
     recipe = recipe_for("nf4", "auto", AVX2)
     model = _lora_model(tiny_llama, recipe)

@@ -24,7 +24,7 @@ def test_seeds_axis_replicates_every_configuration():
     assert list(runs)[:3] == ["r4-qkvo-nf4-s0", "r4-qkvo-nf4-s1", "r4-qkvo-nf4-s2"]
     assert len(runs) == 6
     replica = runs["r8-qkvo-nf4-s2"]
-    assert (replica.config_id, replica.training["seed"]) == ("r8-qkvo-nf4", 2)
+    assert (replica.config_id, replica.training.seed) == ("r8-qkvo-nf4", 2)
 
 
 def test_ci_halfwidth_is_the_t_interval():
@@ -68,7 +68,7 @@ def test_findings_call_differences_inside_the_noise_indistinguishable():
         + seeds("r16", [5.0, 4.9, 5.1], rank=16, mem=4.0)
         + seeds("r32", [4.9, 5.3, 4.5], rank=32, mem=6.0)
     )
-    base = {**run("base", rank=0, modules="", quant="fp32", ppl=20.0, mem=1.0, params=0), "config_id": "base"}
+    base = {**run("base-nf4", rank=0, modules="", quant="nf4", ppl=20.0, mem=1.0, params=0), "config_id": "base-nf4"}
     configs = config_table(pd.DataFrame([base, *replicated]))
     tables = all_tables(configs, SETTINGS)
     assert {"n", "perplexity_ci95"} <= set(tables["rank"].columns)

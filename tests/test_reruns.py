@@ -157,7 +157,8 @@ def test_memory_budget_skips_and_reruns_only_runs_it_flips(study):
 
 def test_data_and_model_settings_rerun_everything_downstream(study):
     workdir, config = study
-    everything_after_data = per_run(("train", "evaluate"), RUN_IDS) | {("evaluate", "base-fp32")} | PLAN_JOB | REPORT_JOBS
+    trained_and_base = per_run(("train", "evaluate"), RUN_IDS) | {("evaluate", "base-fp32")}
+    everything_after_data = trained_and_base | PLAN_JOB | REPORT_JOBS
     data_edit = copy.deepcopy(config)
     data_edit["dataset"]["validation_size"] = 20
     write_config(workdir, data_edit)
