@@ -42,8 +42,9 @@ def recipe_text_rows() -> list[tuple[str, str]]:
     rows = [
         ("nf4 / fp4", f"{WEIGHT_DESCRIPTIONS['nf4']} (fp4: 4-bit float); 4-bit weights dequantized to the "
          "compute dtype (training.compute_dtype, auto by default) per matmul"),
-        ("int8", f"{WEIGHT_DESCRIPTIONS['int8']}; bitsandbytes' int8 matmul casts its inputs to fp16 on CUDA "
-         "and dequantizes the weights per call on CPU; the rest computes in the compute dtype"),
+        ("int8", f"{WEIGHT_DESCRIPTIONS['int8']}; bitsandbytes' int8 matmul casts its inputs to fp16 (on CUDA, "
+         "and on CPU in evaluation; CPU training dequantizes the weights per call to the compute dtype); the "
+         "rest computes in the compute dtype"),
         ("16bit", "all base weights in the device's fast 16-bit type (bf16 where native, else fp16 on CUDA, "
          "fp32 on a CPU without native bf16); computes in that dtype"),
         ("bf16 / fp16 / fp32", "all base weights in that dtype; computes in it"),

@@ -20,6 +20,7 @@ only in how the linear layers' weights are held.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 from collections.abc import Iterator
@@ -179,8 +180,8 @@ class Recipe:
     def matmul_text(self) -> str:
         if self.quantization == "int8":
             return (
-                "int8 matmul by bitsandbytes (LLM.int8: on CUDA its inputs are cast to fp16, outliers kept in "
-                f"fp16; on CPU the weights are dequantized per call), everything else in {self.compute_dtype}"
+                "int8 matmul by bitsandbytes (LLM.int8: inputs cast to fp16, outliers kept in fp16; CPU training "
+                f"dequantizes the weights per call instead), everything else in {self.compute_dtype}"
             )
         if self.quantized:
             return f"4-bit weights dequantized to {self.compute_dtype} per matmul"
@@ -280,11 +281,31 @@ class GradScaling:
             self.scaler.load_state_dict(state)
 
 
+INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets the first record of each message template through, drops its repeats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, tuple]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (str(record.msg), tuple(str(a) for a in (record.args or ())))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 @contextlib.contextmanager
 def quiet_int8_casts() -> Iterator[None]:
-    """bitsandbytes warns on every int8 matmul that it casts inputs to fp16; the recipe table says so once."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*MatMul8bitLt.*")
+    """bitsandbytes logs on every int8 matmul that it casts inputs to fp16: keep one line per dtype."""
+    logger = logging.getLogger(INT8_CAST_LOGGER)
+    once = _OncePerMessage()
+    logger.addFilter(once)
+    try:
         yield
+    finally:
+        logger.removeFilter(once)

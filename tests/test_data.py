@@ -98,3 +98,24 @@ def test_length_grouped_batches_cover_every_row_once_with_little_padding():
         assert sorted(i for b in batches for i in b) == list(range(500))
     assert padded(grouped) < 1.1 * sum(lengths) < 1.3 * sum(lengths) < padded(plain)
     assert grouped != length_grouped_batches(lengths, batch_size=8, seed=1, group_by_length=True)
+
+
+def test_exact_answers_come_from_a_family_column_or_the_exact_answers_setting(tmp_path, caplog):
+    import json
+
+    from lora_study.data import load_records
+    from lora_study.evaluate import exact_answer_rows
+
+    path = tmp_path / "rows.jsonl"
+    rows = [{"instruction": f"Say {n}.", "input": "", "output": str(n)} for n in range(4)]
+    rows[0]["family"] = "numbers"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"source": str(path), "split": "train"}
+    with_column = load_records(config)
+    assert [r["family"] for r in with_column] == ["numbers", "", "", ""]  # only declared rows are scored
+    declared = load_records({**config, "exact_answers": True})
+    assert [r["family"] for r in declared] == ["numbers", "all", "all", "all"]
+    assert len(exact_answer_rows(declared, 3)) == 3
+    free_text = [{**r, "family": ""} for r in with_column]
+    assert exact_answer_rows(free_text, 3) == []
+    assert "no validation row has an exact answer" in caplog.text  # a setting that cannot apply says so
