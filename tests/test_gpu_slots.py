@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from lora_study.gpu_slots import claim_gpu, try_claim
 
 HOLDER = """
@@ -68,3 +70,25 @@ def test_claim_sets_cuda_visible_devices_and_skips_under_slurm(tmp_path, monkeyp
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert claim_gpu(tmp_path) is None  # no GPU: nothing to claim
+
+
+def test_visible_devices_given_as_uuids_or_mig_ids_map_to_nvml_lookups(monkeypatch):
+    from lora_study.metrics import nvml_lookup, visible_device_entry
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c1a3e-0000-1111-2222-333344445555, 3,MIG-5a1b2c3d-aaaa-bbbb")
+    assert nvml_lookup(visible_device_entry(0), 0) == ("uuid", "GPU-8f2c1a3e-0000-1111-2222-333344445555")
+    assert nvml_lookup(visible_device_entry(1), 1) == ("index", 3)  # CUDA's device 1 is NVML's (PCI-ordered) 3
+    assert nvml_lookup(visible_device_entry(2), 2) == ("uuid", "MIG-5a1b2c3d-aaaa-bbbb")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert nvml_lookup(visible_device_entry(0), 0) == ("index", 0)
+    with pytest.raises(ValueError, match="neither an index nor"):
+        nvml_lookup("gpu0", 0)
+
+
+def test_claiming_a_gpu_makes_cuda_number_devices_like_nvml(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    slot = claim_gpu(lock_dir=tmp_path, devices=["1"])
+    assert slot is not None and slot.device == "1"
+    assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
