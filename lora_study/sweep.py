@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -10,6 +11,8 @@ from lora_study.config import ConfigError
 from lora_study.formats import FOUR_BIT, applies_compute_dtype, quantization_label
 from lora_study.modules import ALL_LINEAR, canonical_modules, modules_label
 from lora_study.settings import TrainingSettings
+
+log = logging.getLogger("lora_study")
 
 # Baselines (the base model without adapter) are evaluated once per weight format: base-nf4, base-16bit, ...
 BASELINE_PREFIX = "base"
@@ -152,6 +155,9 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
             add(spec, f"sweep.grids[{index}]")
     for index, entry in enumerate(sweep["runs"]):
         training = {**defaults, **entry["training"]}
+        if "compute_dtype" in entry["training"] and not applies_compute_dtype(entry["quantization"]):
+            log.warning("sweep.runs[%d]: training.compute_dtype does not apply to %s weights (an unquantized run "
+                        "computes in its weight dtype); ignored", index, entry["quantization"])  # fmt: skip
         spec = _make_spec(
             entry.get("id"),
             entry["rank"],

@@ -109,3 +109,11 @@ def test_named_runs_override_training_defaults():
 def test_bad_sweeps_fail_with_one_clear_message(sweep, message):
     with pytest.raises(ConfigError, match=message):
         expand_study(config_with_sweep(copy.deepcopy(sweep)))
+
+
+def test_a_compute_dtype_that_cannot_apply_is_dropped_with_a_warning(caplog):
+    run = {"id": "full", "quantization": "fp32", "training": {"compute_dtype": "bf16"}}
+    config = config_with_sweep({"runs": [run]})
+    spec = expand_study(config)["full"]
+    assert spec.training.compute_dtype is None
+    assert "sweep.runs[0]: training.compute_dtype does not apply to fp32 weights" in caplog.text
