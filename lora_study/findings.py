@@ -196,13 +196,12 @@ def module_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
 
 
-def _reference_memory(group: pd.DataFrame) -> tuple[str, float] | None:
-    """Peak memory of the highest-precision unquantized run of the group."""
-    fitting = group[group["fits"]]
+def _reference_row(measured: pd.DataFrame) -> pd.Series | None:
+    """The highest-precision unquantized row among `measured` (REFERENCE_FORMATS order), or None."""
     for precision in REFERENCE_FORMATS:
-        match = fitting[fitting["quantization"] == precision]
+        match = measured[measured["quantization"] == precision]
         if len(match):
-            return precision, float(match["peak_memory_gb"].iloc[0])
+            return match.iloc[0]
     return None
 
 
@@ -212,8 +211,8 @@ def quantization_table(runs: pd.DataFrame) -> pd.DataFrame | None:
         return None
     fitting = group[group["fits"]]
     best = fitting["perplexity"].min()
-    reference = _reference_memory(group)
-    saved = (1 - group["peak_memory_gb"] / reference[1]) if reference else float("nan")
+    reference = _reference_row(fitting)
+    saved = 1 - group["peak_memory_gb"] / float(reference["peak_memory_gb"]) if reference is not None else float("nan")
     table = pd.DataFrame(
         {
             "quantization": group["quant_label"],
@@ -245,9 +244,8 @@ def base_quantization_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     base = baselines(runs)
     if len(base) < 2:
         return None
-    reference = next((base[base["quantization"] == f] for f in REFERENCE_FORMATS
-                      if len(base[(base["quantization"] == f) & base["fits"]])), None)  # fmt: skip
-    reference_ppl = float(reference["perplexity"].iloc[0]) if reference is not None else float("nan")
+    reference = _reference_row(base[base["fits"]])
+    reference_ppl = float(reference["perplexity"]) if reference is not None else float("nan")
     table = pd.DataFrame(
         {
             "run_id": base["run_id"],
@@ -266,11 +264,10 @@ def base_quantization_finding(table: pd.DataFrame | None) -> str | None:
     if table is None:
         return None
     fitting = table.dropna(subset=["perplexity"])
-    reference = fitting[fitting["perplexity_change_pct"].abs() < 1e-12]
-    quantized = fitting[fitting["perplexity_change_pct"].abs() >= 1e-12]
-    if reference.empty or quantized.empty:
+    ref = _reference_row(fitting)  # the table's quantization labels of unquantized bases are their formats
+    quantized = fitting.drop(ref.name) if ref is not None else fitting.iloc[0:0]
+    if ref is None or quantized.empty:
         return None
-    ref = reference.iloc[0]
     parts = [f"{r['quantization']} {_fmt(r['perplexity'])} ({r['perplexity_change_pct']:+.1f}%)"
              for _, r in quantized.iterrows()]  # fmt: skip
     return (

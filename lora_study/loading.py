@@ -67,7 +67,8 @@ def load_base_model(
 
     model = AutoModelForCausalLM.from_pretrained(
         manifest["path"],
-        dtype=recipe.load_dtype,
+        # Unquantized weights, and the tensors bitsandbytes leaves alone, in the compute dtype.
+        dtype=recipe.torch_compute_dtype,
         quantization_config=quantization_config(recipe, double_quant),
         attn_implementation=attn_implementation,
         device_map={"": str(device)},

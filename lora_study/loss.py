@@ -45,10 +45,10 @@ class ResponseLoss:
         self.path: str | None = None  # decided on the first batch
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        if self.path is None:
-            self.path = self._choose_path(batch)
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
+        if self.path is None:
+            self.path = self._choose_path(batch, keep)
         selected = self._full_logits(batch, keep) if self.path == FULL_LOGITS else self._shortcut_logits(batch, keep)
         return F.cross_entropy(selected.float(), labels[keep], reduction="sum"), scored_tokens(batch)
 
@@ -61,13 +61,12 @@ class ResponseLoss:
         hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return lm.get_output_embeddings()(hidden[:, :-1][keep])
 
-    def _choose_path(self, batch) -> str:
+    def _choose_path(self, batch, keep: torch.Tensor) -> str:
         config = causal_lm(self.model).config
         known = [name for name in LOGIT_POST_PROCESSING if getattr(config, name, None) not in (None, 1, 1.0)]
         if known:
             log.info("loss: full logits (the model post-processes them: %s)", ", ".join(known))
             return FULL_LOGITS
-        keep = batch["labels"][:, 1:] != IGNORE_INDEX
         # Same mode as the run (switching to eval would let bitsandbytes repack 4-bit weights for
         # CPU inference, a format without a backward pass) and the same dropout masks for both
         # paths: each starts from one seed, in a forked RNG the run's own stream never sees.

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lora_study.formats import AUTO, BITSANDBYTES, SIXTEEN_BIT, WEIGHT_DESCRIPTIONS
+from lora_study.loss import causal_lm
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -87,26 +88,19 @@ class DeviceCapability:
         return record
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break  # end of the first processor's block
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return set()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return fields
 
 
 def detect_capability(device: torch.device) -> DeviceCapability:
@@ -119,10 +113,11 @@ def detect_capability(device: torch.device) -> DeviceCapability:
             cuda_compute_capability=f"{major}.{minor}",
             cuda_native_bf16=torch.cuda.is_bf16_supported(including_emulation=False),
         )
-    flags = _cpu_flags()
+    cpuinfo = _cpuinfo()
+    flags = set((cpuinfo.get("flags") or cpuinfo.get("Features") or "").split())
     return DeviceCapability(
         device_type="cpu",
-        name=_cpu_model(),
+        name=cpuinfo.get("model name") or platform.processor() or platform.machine(),
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
         cpu_bf16_flags=tuple(flag for flag in CPU_BF16_FLAGS if flag in flags),
         onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA") or None,
@@ -161,11 +156,6 @@ class Recipe:
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
-        return DTYPES[self.compute_dtype]
-
-    @property
-    def load_dtype(self) -> torch.dtype:
-        """dtype of the tensors bitsandbytes does not quantize, or of every weight when unquantized."""
         return DTYPES[self.compute_dtype]
 
     def autocast_context(self, device_type: str) -> contextlib.AbstractContextManager:
@@ -220,8 +210,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
 
     Quantized tensors (bitsandbytes' uint8/int8 weights) are never touched.
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for module in (causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()):
+    lm = causal_lm(model)
+    for module in (lm.get_input_embeddings(), lm.get_output_embeddings()):
         if module is not None:
             _cast_float_params(module, recipe.torch_compute_dtype)
     for module in model.modules():
