@@ -180,7 +180,7 @@ def plan_only(args: argparse.Namespace) -> None:
     from transformers import PhiConfig
 
     from lora_study.config import validate_config
-    from lora_study.modules import linear_layer_names, meta_model, resolve_target_modules
+    from lora_study.modules import ARCHITECTURES, linear_layer_names, meta_model, resolve_targets
     from lora_study.planner import BatchShape, model_facts, plan_run, planning_recipe
 
     config = PhiConfig(**(TINY if args.tiny else PHI2))
@@ -195,7 +195,7 @@ def plan_only(args: argparse.Namespace) -> None:
         training = {**base, **OPTIONS, "gradient_checkpointing": checkpointing, "batch_size": REFERENCE["batch_size"]}
         for rank, modules, quantization in GRID[: args.configs]:
             run = run_spec(rank, modules, quantization, training)
-            targets = resolve_target_modules("phi", run.modules, layers)
+            targets = resolve_targets(ARCHITECTURES["phi"], run.modules, layers, "phi")
             plan = plan_run(run, planning_recipe(run, "cuda"), config, facts, targets, batch, "cuda", None)
             rows.append({"gradient_checkpointing": checkpointing, **{k: v for k, v in plan.to_dict().items()
                          if k not in ("plan_device", "budget_gb", "skip", "predicted_gb")}})  # fmt: skip

@@ -58,12 +58,13 @@ def cpu_report() -> str:
 
 def build(manifest: dict, quantization: str, compute: str | None, device):
     from lora_study.loading import add_lora, load_base_model
+    from lora_study.modules import Targets
     from lora_study.precision import detect_capability, recipe_for
 
     recipe = recipe_for(quantization, compute, detect_capability(device))
     model = load_base_model(manifest, recipe, True, "sdpa", device)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    model = add_lora(model, recipe, targets, 16, 32, 0.05, False, gradient_checkpointing=False)
+    targets = Targets(["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = add_lora(model, recipe, targets, 16, 32, 0.05, gradient_checkpointing=False)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, recipe, params
 

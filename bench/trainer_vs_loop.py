@@ -95,7 +95,7 @@ def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
     from lora_study.data import load_split
     from lora_study.loading import add_lora, load_base_model, load_tokenizer, pick_device, set_threads
     from lora_study.metrics import peak_rss_bytes
-    from lora_study.modules import needs_fan_in_fan_out, resolve_target_modules
+    from lora_study.modules import manifest_layout, resolve_attention, resolve_targets
 
     config, run, manifest, splits = load_setup(run_id, steps)
     set_threads(threads)
@@ -104,12 +104,11 @@ def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
     tokenizer.pad_token_id = pad_id
     device = pick_device()
     recipe = local_recipe(run)
-    model = load_base_model(manifest, recipe, run.double_quant, t["attn_implementation"], device)
-    targets = resolve_target_modules(manifest["model_type"], run.modules, manifest["linear_layers"])
-    model = add_lora(
-        model, recipe, targets, run.rank, run.alpha, t["lora_dropout"], needs_fan_in_fan_out(manifest["model_type"]),
-        gradient_checkpointing=False,
-    )  # fmt: skip
+    attention = resolve_attention(manifest, t["attn_implementation"])
+    model = load_base_model(manifest, recipe, run.double_quant, attention, device)
+    targets = resolve_targets(manifest_layout(manifest), run.modules, manifest["linear_layers"], manifest["model_type"],
+                              t["lora_dropout"])  # fmt: skip
+    model = add_lora(model, recipe, targets, run.rank, run.alpha, t["lora_dropout"], gradient_checkpointing=False)
 
     def with_labels(row):
         labels = list(row["input_ids"])

@@ -64,6 +64,7 @@ def run_row(
         nested = ("run_id", "memory", "environment", "failure", "recipe", "capability", "memory_plan")
         train_metrics = {k: v for k, v in training.items() if k not in nested}
         train_metrics["target_modules"] = _join(train_metrics["target_modules"])
+        train_metrics["target_parameters"] = _join(train_metrics.get("target_parameters") or [])
         # Training's resolved dtype wins: it is what the adapter was trained in.
         row.update({k: v for k, v in train_metrics.items() if v is not None or k not in row})
         row.update(_flatten("capability.", training.get("capability") or {}))
@@ -80,6 +81,7 @@ def run_row(
         row.update(evaluation["memory"])
     if plan is not None:
         row.update({f"plan_{key}": plan[key] for key in PLAN_COLUMNS})
+        row["plan_error"] = plan.get("plan_error") or ""  # the planner failed: no prediction for this run
     return row
 
 

@@ -6,6 +6,7 @@ builds the job graph, and the train job asks it again before loading anything.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -20,7 +21,11 @@ def budget_verdict(plan_row: dict[str, Any] | None, plan_settings: dict[str, Any
     if budget is None or plan_row is None:
         return None
     device = plan_settings["device"]
-    predicted = float(plan_row[f"predicted_{device}_gb"])
-    if predicted <= budget:
+    try:
+        predicted = float(plan_row[f"predicted_{device}_gb"])
+    except (TypeError, ValueError):
+        return None
+    # No prediction (the planner failed on this run): it trains, and the report says so.
+    if not math.isfinite(predicted) or predicted <= budget:
         return None
     return {"skip": True, "predicted_gb": round(predicted, 3), "budget_gb": budget, "plan_device": device}

@@ -9,10 +9,12 @@ from typing import Any
 import jsonschema
 import yaml
 
+from lora_study.errors import UserError
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is invalid; the message names the key."""
 
 

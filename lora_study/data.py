@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
 from typing import Any
 
 from lora_study.datagen import generate_examples
+from lora_study.errors import UserError
 
 log = logging.getLogger("lora_study")
 
@@ -27,7 +29,7 @@ ALPACA_WITH_INPUT = (
 ALPACA_NO_INPUT = ALPACA_PREAMBLE.format(context="") + "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data set cannot be used; the message names the file, column or row."""
 
 
@@ -66,10 +68,48 @@ def _check_text(path: Path) -> None:
     if not data.strip():
         raise DataError(f"dataset.source: {path} has no rows")
     try:
-        data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise DataError(f"dataset.source: {path} is not UTF-8 text: line {line}, byte {error.start}") from None
+    if text.lstrip().startswith("["):
+        _check_json_array(path, text)
+    else:
+        _check_json_lines(path, text)
+
+
+def _check_json_array(path: Path, text: str) -> None:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"dataset.source: {path} line {error.lineno}, column {error.colno}: {error.msg}") from None
+    for number, row in enumerate(rows, 1):
+        _check_row(row, f"{path} row {number}")
+
+
+def _check_json_lines(path: Path, text: str) -> None:
+    """One JSON object per line: name the first line that is not one, and why."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"dataset.source: {path} line {number} is not valid JSON ({error.msg} at column {error.colno}): "
+                f"{line[:80]!r}"
+            ) from None
+        _check_row(row, f"{path} line {number}")
+
+
+def _check_row(row: Any, where: str) -> None:
+    if not isinstance(row, dict):
+        raise DataError(f"dataset.source: {where} is a JSON {type(row).__name__}, not an object with "
+                        f"{' and '.join(REQUIRED_COLUMNS)}")  # fmt: skip
+    missing = [column for column in REQUIRED_COLUMNS if row.get(column) is None]
+    if missing:
+        named = ", ".join(repr(column) for column in missing)
+        raise DataError(f"dataset.source: {where} has no {named}; its keys: {sorted(row)}")
 
 
 # The family of rows declared exact by dataset.exact_answers that have none of their own.

@@ -20,6 +20,7 @@ from lora_study.io import atomic_path, write_json
 from lora_study.loading import load_for_evaluation, load_tokenizer, pick_device, set_threads
 from lora_study.loss import ResponseLoss
 from lora_study.metrics import STATUS_OK, EvalMetrics, PeakMemory, perplexity
+from lora_study.modules import resolve_attention
 from lora_study.precision import Recipe, detect_capability, quiet_int8_casts, recipe_for
 from lora_study.sweep import RunSpec
 
@@ -142,8 +143,9 @@ def evaluate_run(
     batch_size = evaluation["batch_size"]
     try:
         with memory, quiet_int8_casts():
-            model = load_for_evaluation(manifest, recipe, run.double_quant, compute_settings["attn_implementation"],
-                                        device, str(adapter_dir) if adapter_dir else None)  # fmt: skip
+            attention = resolve_attention(manifest, compute_settings["attn_implementation"])
+            model = load_for_evaluation(manifest, recipe, run.double_quant, attention, device,
+                                        str(adapter_dir) if adapter_dir else None)  # fmt: skip
             loss = ResponseLoss(model)
             nll_start = time.perf_counter()
             total_nll, tokens = response_nll(loss, rows, batch_size, pad_id, device, recipe)

@@ -411,6 +411,7 @@ def memory_plan_table(runs: pd.DataFrame) -> pd.DataFrame | None:
             "measured_gb": measured,
             "error_pct": 100 * (predicted - measured) / measured,
             "status": _status(trained),
+            "plan_error": trained["plan_error"].fillna("") if "plan_error" in trained else "",
         }
     )
 
@@ -431,6 +432,11 @@ def memory_plan_finding(table: pd.DataFrame | None) -> str | None:
     if len(skipped):
         listed = ", ".join(f"{r.run_id} ({r.predicted_gb:.2f} GB predicted)" for r in skipped.itertuples())
         parts.append(f"Skipped by the memory budget: {listed}.")
+    unplanned = table[table["plan_error"].astype(str) != ""]
+    if len(unplanned):
+        listed = ", ".join(unplanned["run_id"])
+        parts.append(f"No memory prediction for {listed}: the planner failed on them (see logs/plan.log); "
+                     "they trained regardless.")  # fmt: skip
     return " ".join(parts) or None
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lora_study.errors import UserError
 from lora_study.io import setup_logging
 
 
@@ -29,6 +31,11 @@ def job(snakemake: Any) -> Iterator[logging.Logger]:
         pass
     try:
         yield log
+    except UserError as error:
+        # Bad input: one message naming the run or key and the fix, no traceback.
+        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     except Exception:
         log.exception("job failed")
         raise

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_study.modules import Targets
 from lora_study.precision import Recipe, apply_recipe, dtype_summary
 
 log = logging.getLogger("lora_study")
@@ -83,11 +84,10 @@ def load_base_model(
 def add_lora(
     model: nn.Module,
     recipe: Recipe,
-    target_modules: list[str] | str,
+    targets: Targets,
     rank: int,
     alpha: float,
     dropout: float,
-    fan_in_fan_out: bool,
     gradient_checkpointing: bool,
 ) -> nn.Module:
     """LoRA on the target modules, with every tensor where the recipe puts it."""
@@ -100,15 +100,8 @@ def add_lora(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=target_modules,
-        lora_dropout=dropout,
-        bias="none",
-        task_type="CAUSAL_LM",
-        fan_in_fan_out=fan_in_fan_out,
-    )
+    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                      **targets.lora_kwargs())  # fmt: skip
     model = apply_recipe(get_peft_model(model, lora), recipe)
     log.info("parameters by dtype after the %s recipe: %s", recipe.compute_dtype, dtype_summary(model))
     return model

@@ -61,6 +61,10 @@ class TrainMetrics:
     trainable_percent: float | None = None
     adapter_size_mb: float | None = None
     target_modules: list[str] | str = ""
+    # MoE experts' 3-D weights adapted through PEFT's target_parameters.
+    target_parameters: list[str] = field(default_factory=list)
+    # What attention ran: `auto` resolved for this model (sdpa, else eager).
+    attn_implementation: str | None = None
     resumed_from_step: int = 0
     memory: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)

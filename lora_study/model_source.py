@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from lora_study.errors import UserError
 from lora_study.io import atomic_path
-from lora_study.modules import linear_layer_names, meta_model
+from lora_study.modules import attention_support, describe_layout, linear_layer_names, meta_model
+from lora_study.preflight import prequantized_method
 
 log = logging.getLogger("lora_study")
 
@@ -26,7 +28,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "to
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """The model source cannot be found or used."""
 
 
@@ -100,6 +102,7 @@ def describe_model(path: Path, source: str, trust_remote_code: bool, allow_pickl
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = meta_model(config)
+    linear_layers = linear_layer_names(model)
     return {
         "source": source,
         "path": str(path.resolve()),
@@ -109,7 +112,11 @@ def describe_model(path: Path, source: str, trust_remote_code: bool, allow_pickl
         "num_layers": getattr(config, "num_hidden_layers", None),
         "hidden_size": getattr(config, "hidden_size", None),
         "vocab_size": getattr(config, "vocab_size", None),
-        "linear_layers": linear_layer_names(model),
+        "linear_layers": linear_layers,
+        # How q, k, v, o, mlp map to modules: a known family's layout, or one inferred from the names.
+        "module_layout": describe_layout(config.model_type, linear_layers),
+        "attention_support": attention_support(type(model)),
+        "prequantized": prequantized_method(config.to_dict()),
         "trust_remote_code": trust_remote_code,
         "allow_pickle": allow_pickle,
     }

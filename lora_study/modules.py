@@ -1,72 +1,224 @@
-"""Logical target-module groups (q, k, v, o, mlp, all-linear) per architecture."""
+"""Logical target-module groups (q, k, v, o, mlp, all-linear) per architecture family.
+
+One `Layout` per naming convention, shared by the families that use it. Every
+mapping is checked against the module names of a model built from its
+transformers config (tests/test_modules.py). Nothing here imports torch at
+module level: the workflow checks runs against a local model's config.json
+while it is parsed.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lora_study.errors import UserError
 
 if TYPE_CHECKING:
     from torch import nn
+
+log = logging.getLogger("lora_study")
 
 LOGICAL_GROUPS: tuple[str, ...] = ("q", "k", "v", "o", "mlp")
 ALL_LINEAR = "all-linear"
 # Order in which logical groups appear in run ids ("qkvo-mlp").
 ATTENTION_GROUPS: tuple[str, ...] = ("q", "k", "v", "o")
+OUTPUT_HEAD = "lm_head"
 
 
 @dataclass(frozen=True)
-class ArchitectureModules:
-    """Module names for each logical group in one architecture family."""
+class Layout:
+    """Module names for each logical group under one naming convention."""
 
+    name: str
     groups: dict[str, tuple[str, ...]]
     # Projections stored as one fused layer: requesting part of it is an error.
     fused: tuple[tuple[str, ...], ...] = ()
     # Conv1D layers (GPT-2) store weights transposed; PEFT needs to know.
     fan_in_fan_out: bool = False
+    # Mixture of experts: 3-D expert weights the mlp group adapts through PEFT's target_parameters.
+    expert_parameters: tuple[str, ...] = ()
+    # Linear layers no group covers (routers' gates): still valid explicit targets.
+    other_linear: tuple[str, ...] = ()
+    # Multimodal checkpoints: only modules under this submodule (the language model) are targets.
+    scope: str | None = None
     notes: str = field(default="", compare=False)
 
+    def declared_layers(self) -> list[str]:
+        """Every per-layer linear name this layout knows (what a model of the family has)."""
+        names = {name for modules in self.groups.values() for name in modules} | set(self.other_linear)
+        return sorted(names)
 
-_LLAMA_LIKE = ArchitectureModules(
-    groups={
-        "q": ("q_proj",),
-        "k": ("k_proj",),
-        "v": ("v_proj",),
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "groups": {g: list(m) for g, m in self.groups.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Layout:
+        return cls(
+            name=data["name"],
+            groups={group: tuple(modules) for group, modules in data["groups"].items()},
+            fused=tuple(tuple(part) for part in data.get("fused", ())),
+            fan_in_fan_out=data.get("fan_in_fan_out", False),
+            expert_parameters=tuple(data.get("expert_parameters", ())),
+            other_linear=tuple(data.get("other_linear", ())),
+            scope=data.get("scope"),
+            notes=data.get("notes", ""),
+        )
+
+
+_ATTENTION = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj",)}
+_GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_FUSED_QKV = (("q", "k", "v"),)
+
+LLAMA = Layout("llama", {**_ATTENTION, "mlp": _GATED_MLP})
+PHI = Layout(
+    "phi",
+    {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("dense",), "mlp": ("fc1", "fc2")},
+    notes="attention output is `dense`; MLP is fc1, fc2",
+)
+PHI3 = Layout(
+    "phi3",
+    {
+        "q": ("qkv_proj",),
+        "k": ("qkv_proj",),
+        "v": ("qkv_proj",),
         "o": ("o_proj",),
-        "mlp": ("gate_proj", "up_proj", "down_proj"),
-    }
+        "mlp": ("gate_up_proj", "down_proj"),
+    },
+    fused=_FUSED_QKV,
+    notes="q, k, v fused in `qkv_proj`; gate and up fused in `gate_up_proj`",
+)
+GPT2 = Layout(
+    "gpt2",
+    {"q": ("c_attn",), "k": ("c_attn",), "v": ("c_attn",), "o": ("attn.c_proj",), "mlp": ("c_fc", "mlp.c_proj")},
+    fused=_FUSED_QKV,
+    fan_in_fan_out=True,
+    notes="q, k, v fused in the Conv1D `c_attn`",
+)
+NEOX = Layout(
+    "gpt_neox",
+    {
+        "q": ("query_key_value",),
+        "k": ("query_key_value",),
+        "v": ("query_key_value",),
+        "o": ("dense",),
+        "mlp": ("dense_h_to_4h", "dense_4h_to_h"),
+    },
+    fused=_FUSED_QKV,
+    notes="q, k, v fused in `query_key_value`",
+)
+GPTJ = Layout(
+    "gptj",
+    {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("out_proj",), "mlp": ("fc_in", "fc_out")},
+)
+GEMMA3_MULTIMODAL = Layout(
+    "gemma3",
+    {**_ATTENTION, "mlp": _GATED_MLP},
+    scope="language_model",
+    notes="language model only: the vision tower has its own q_proj, ..., fc1, fc2",
+)
+MOE = Layout(
+    "moe",
+    {**_ATTENTION, "mlp": ()},
+    expert_parameters=_EXPERTS,
+    notes="mlp = the experts' 3-D weights (PEFT target_parameters; needs lora_dropout 0; "
+    "bitsandbytes leaves them unquantized)",
+)
+MOE_SHARED_EXPERT = Layout(
+    "moe_shared_expert",
+    {**_ATTENTION, "mlp": tuple(f"shared_expert.{name}" for name in _GATED_MLP)},
+    expert_parameters=_EXPERTS,
+    other_linear=("mlp.shared_expert_gate",),
+    notes="mlp = the shared expert's linear layers and the experts' 3-D weights (as for moe)",
 )
 
-ARCHITECTURES: dict[str, ArchitectureModules] = {
-    **{name: _LLAMA_LIKE for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
-    "phi": ArchitectureModules(
-        groups={
-            "q": ("q_proj",),
-            "k": ("k_proj",),
-            "v": ("v_proj",),
-            "o": ("dense",),
-            "mlp": ("fc1", "fc2"),
-        },
-        notes="Phi-2's attention output projection is `dense`; its MLP is fc1, fc2.",
-    ),
-    "gpt2": ArchitectureModules(
-        groups={
-            "q": ("c_attn",),
-            "k": ("c_attn",),
-            "v": ("c_attn",),
-            "o": ("attn.c_proj",),
-            "mlp": ("c_fc", "mlp.c_proj"),
-        },
-        fused=(("q", "k", "v"),),
-        fan_in_fan_out=True,
-        notes="GPT-2 fuses q, k, v into one c_attn Conv1D layer.",
-    ),
+# transformers' model_type -> layout. Verified against models built from each config.
+LLAMA_LIKE_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo",
+    "olmo2",
+    "granite",
+    "stablelm",
+)
+ARCHITECTURES: dict[str, Layout] = {
+    **dict.fromkeys(LLAMA_LIKE_TYPES, LLAMA),
+    "phi": PHI,
+    "phi3": PHI3,
+    "gpt2": GPT2,
+    "gpt_neox": NEOX,
+    "falcon": NEOX,
+    "gptj": GPTJ,
+    "gemma3": GEMMA3_MULTIMODAL,
+    "mixtral": MOE,
+    "qwen3_moe": MOE,
+    "qwen2_moe": MOE_SHARED_EXPERT,
 }
+# Who ships each model_type, for the README's table.
+FAMILY_NAMES: dict[str, str] = {
+    "llama": "Llama 2/3, SmolLM2",
+    "mistral": "Mistral",
+    "qwen2": "Qwen 2 / 2.5",
+    "qwen3": "Qwen 3",
+    "gemma": "Gemma",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3 (text-only checkpoints)",
+    "gemma3": "Gemma 3 (multimodal checkpoints)",
+    "olmo": "OLMo",
+    "olmo2": "OLMo 2",
+    "granite": "Granite",
+    "stablelm": "StableLM",
+    "phi": "Phi-1.5, Phi-2",
+    "phi3": "Phi-3, Phi-3.5, Phi-4",
+    "gpt2": "GPT-2",
+    "gpt_neox": "GPT-NeoX, Pythia",
+    "falcon": "Falcon",
+    "gptj": "GPT-J",
+    "mixtral": "Mixtral (MoE)",
+    "qwen3_moe": "Qwen 3 MoE",
+    "qwen2_moe": "Qwen 1.5 / 2 MoE",
+}
+# Layouts an unknown family's groups are inferred from (MoE and scoped ones need more than names).
+_INFERABLE = (LLAMA, PHI, PHI3, GPT2, NEOX, GPTJ)
 
 
-class ModuleResolutionError(ValueError):
+class ModuleResolutionError(UserError):
     """Requested target modules do not exist in the model."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What LoRA adapts in one run, as PEFT's LoraConfig takes it."""
+
+    modules: list[str] | str  # names (suffix-matched), a regex (scoped layouts) or "all-linear"
+    parameters: tuple[str, ...] = ()  # 3-D expert weights (target_parameters)
+    fan_in_fan_out: bool = False
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"target_modules": self.modules, "fan_in_fan_out": self.fan_in_fan_out}
+        if self.parameters:
+            kwargs["target_parameters"] = list(self.parameters)
+        return kwargs
+
+    def key(self) -> tuple[Any, ...]:
+        """Hashable identity (planner caches)."""
+        modules = self.modules if isinstance(self.modules, str) else tuple(self.modules)
+        return (modules, self.parameters, self.fan_in_fan_out)
+
+    def describe(self) -> str:
+        parts = [self.modules if isinstance(self.modules, str) else ", ".join(self.modules)]
+        if self.parameters:
+            parts.append(f"expert parameters {', '.join(self.parameters)}")
+        return "; ".join(part for part in parts if part)
 
 
 def modules_label(modules: Sequence[str]) -> str:
@@ -110,56 +262,139 @@ def _matches(target: str, layer_names: Iterable[str]) -> bool:
     return any(name == target or name.endswith("." + target) for name in layer_names)
 
 
-def resolve_target_modules(model_type: str, requested: Sequence[str], layer_names: Sequence[str]) -> list[str] | str:
-    """Map logical groups to this architecture's module names and check they exist.
+def infer_layout(layer_names: Sequence[str]) -> Layout | None:
+    """Groups of an unknown family from standard names, each only where exactly one convention fits.
 
-    Returns PEFT's `target_modules`: a sorted name list, or "all-linear".
+    None when not even q, k and v can be placed.
     """
+    groups: dict[str, tuple[str, ...]] = {}
+    fused: set[tuple[str, ...]] = set()
+    fan_in_fan_out = False
+    for group in LOGICAL_GROUPS:
+        fitting = {layout.groups[group] for layout in _INFERABLE if _all_present(layout.groups[group], layer_names)}
+        if len(fitting) != 1:
+            continue
+        (groups[group],) = fitting
+        for layout in _INFERABLE:
+            if layout.groups[group] == groups[group]:
+                fused.update(part for part in layout.fused if group in part)
+                fan_in_fan_out |= layout.fan_in_fan_out
+    if not {"q", "k", "v"} <= set(groups):
+        return None
+    return Layout("inferred", groups, tuple(sorted(fused)), fan_in_fan_out, notes="inferred from module names")
+
+
+def _all_present(names: Sequence[str], layer_names: Sequence[str]) -> bool:
+    return bool(names) and all(_matches(name, layer_names) for name in names)
+
+
+def layout_for(model_type: str, layer_names: Sequence[str] | None = None) -> tuple[Layout | None, str]:
+    """(layout, how it was found: 'known', 'inferred' or 'none')."""
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type], "known"
+    inferred = infer_layout(layer_names or [])
+    if inferred is None:
+        return None, "none"
+    log.info("model type '%s' is not a known family; groups inferred from its module names: %s", model_type,
+             inferred.groups)  # fmt: skip
+    return inferred, "inferred"
+
+
+def describe_layout(model_type: str, layer_names: Sequence[str]) -> dict[str, Any]:
+    """The manifest's record of how groups map to modules for this model."""
+    layout, source = layout_for(model_type, layer_names)
+    return {"source": source, **(layout.to_dict() if layout else {})}
+
+
+def manifest_layout(manifest: dict[str, Any]) -> Layout | None:
+    """The layout the manifest recorded (older manifests: looked up again)."""
+    recorded = manifest.get("module_layout")
+    if recorded is None:
+        return layout_for(manifest["model_type"], manifest["linear_layers"])[0]
+    return Layout.from_dict(recorded) if recorded["source"] != "none" else None
+
+
+def resolve_targets(
+    layout: Layout | None,
+    requested: Sequence[str],
+    layer_names: Sequence[str],
+    model_type: str,
+    lora_dropout: float = 0.0,
+) -> Targets:
+    """Map logical groups to the layout's module names and check they exist in `layer_names`."""
     requested_set = set(requested)
     available = ", ".join(layer_names)
+    if ALL_LINEAR in requested_set and len(requested_set) > 1:
+        raise ModuleResolutionError("'all-linear' cannot be combined with other modules")
     if ALL_LINEAR in requested_set:
-        if len(requested_set) > 1:
-            raise ModuleResolutionError("'all-linear' cannot be combined with other modules")
-        return ALL_LINEAR
+        # PEFT's all-linear would reach into a vision tower or wrap an MoE router: there, every group instead.
+        if layout is None or not (layout.scope or layout.expert_parameters):
+            return Targets(ALL_LINEAR, fan_in_fan_out=bool(layout and layout.fan_in_fan_out))
+        requested = list(LOGICAL_GROUPS)
     logical = [name for name in requested if name in LOGICAL_GROUPS]
-    resolved: set[str] = {name for name in requested if name not in LOGICAL_GROUPS}
+    names: set[str] = {name for name in requested if name not in LOGICAL_GROUPS}
+    parameters: tuple[str, ...] = ()
     if logical:
-        arch = ARCHITECTURES.get(model_type)
-        if arch is None:
+        if layout is None:
             raise ModuleResolutionError(
-                f"module groups {logical} are not defined for architecture '{model_type}'; "
-                f"name the modules explicitly. Its linear layers: {available}"
+                f"module groups {logical} are not defined for architecture '{model_type}' and cannot be inferred "
+                f"from its module names; name the modules explicitly. Its linear layers: {available}"
             )
-        for fused in arch.fused:
-            part = set(fused) & set(logical)
-            if part and part != set(fused):
-                raise ModuleResolutionError(
-                    f"{model_type} stores {', '.join(fused)} as one fused layer "
-                    f"({arch.groups[fused[0]][0]}); request all of {list(fused)} or none"
-                )
+        _check_fused(layout, logical, model_type)
         for group in logical:
-            resolved.update(arch.groups[group])
-    missing = sorted(name for name in resolved if not _matches(name, layer_names))
+            names.update(layout.groups[group])
+        if "mlp" in logical and layout.expert_parameters:
+            parameters = layout.expert_parameters
+            _check_expert_settings(model_type, lora_dropout)
+    missing = sorted(name for name in names if not _matches(name, layer_names))
     if missing:
         raise ModuleResolutionError(
             f"target modules {missing} not found in {model_type}; its linear layers: {available}"
         )
-    return sorted(resolved)
+    modules: list[str] | str = sorted(names)
+    if layout is not None and layout.scope:
+        modules = scoped_pattern(layout.scope, sorted(names))
+    return Targets(modules, parameters, bool(layout and layout.fan_in_fan_out))
+
+
+def _check_fused(layout: Layout, logical: Sequence[str], model_type: str) -> None:
+    for fused in layout.fused:
+        part = set(fused) & set(logical)
+        if part and part != set(fused):
+            raise ModuleResolutionError(
+                f"{model_type} stores {', '.join(fused)} as one fused layer "
+                f"({layout.groups[fused[0]][0]}); request all of {list(fused)} or none"
+            )
+
+
+def _check_expert_settings(model_type: str, lora_dropout: float) -> None:
+    # PEFT's ParamWrapper cannot factor dropout out of the expert matmul.
+    if lora_dropout:
+        raise ModuleResolutionError(
+            f"{model_type}'s mlp is a mixture of experts stored as 3-D weights, which PEFT adapts only with "
+            f"lora_dropout 0 (this run has {lora_dropout}); set training.lora_dropout: 0 or leave out 'mlp'"
+        )
+
+
+def scoped_pattern(scope: str, names: Sequence[str]) -> str:
+    """PEFT regex (full match on the module's name) for `names` under the `scope` submodule only."""
+    alternatives = "|".join(re.escape(name) for name in names)
+    return rf"(?:.*\.)?{re.escape(scope)}\..*\.(?:{alternatives})"
 
 
 def resolve_run_targets(
-    run_id: str, modules: Sequence[str], layer_names: Sequence[str], model_type: str
-) -> list[str] | str:
-    """resolve_target_modules for one run; the error names the run."""
+    run_id: str,
+    modules: Sequence[str],
+    layout: Layout | None,
+    layer_names: Sequence[str],
+    model_type: str,
+    lora_dropout: float = 0.0,
+) -> Targets:
+    """resolve_targets for one run; the error names the run."""
     try:
-        return resolve_target_modules(model_type, modules, layer_names)
+        return resolve_targets(layout, modules, layer_names, model_type, lora_dropout)
     except ModuleResolutionError as error:
         raise ModuleResolutionError(f"run '{run_id}': {error}") from None
-
-
-def needs_fan_in_fan_out(model_type: str) -> bool:
-    arch = ARCHITECTURES.get(model_type)
-    return bool(arch and arch.fan_in_fan_out)
 
 
 def meta_model(config) -> nn.Module:
@@ -169,3 +404,58 @@ def meta_model(config) -> nn.Module:
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def families_table() -> str:
+    """The README's table of supported families and their group mapping (kept in sync by a test)."""
+    lines = [
+        "| family | model_type | q | k | v | o | mlp | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model_type, layout in ARCHITECTURES.items():
+        cells = []
+        for group in LOGICAL_GROUPS:
+            modules = list(layout.groups[group])
+            if group == "mlp":
+                modules += [f"{name} (3-D)" for name in layout.expert_parameters]
+            cells.append(", ".join(f"`{name}`" for name in modules))
+        lines.append(f"| {FAMILY_NAMES[model_type]} | `{model_type}` | {' | '.join(cells)} | {layout.notes} |")
+    return "\n".join(lines)
+
+
+# Attention implementation: `auto` takes what transformers supports for the model.
+ATTENTION_AUTO = "auto"
+FUSED_ATTENTION = ("sdpa", "flash_attention_2")
+
+
+def attention_support(model_class: type) -> dict[str, bool]:
+    """Which fused attention kernels transformers implements for this model class (eager always works)."""
+    return {
+        "sdpa": bool(getattr(model_class, "_supports_sdpa", False)),
+        "flash_attention_2": bool(getattr(model_class, "_supports_flash_attn", False)),
+    }
+
+
+def resolve_attention(manifest: dict[str, Any], requested: str) -> str:
+    """`auto` -> SDPA where the model supports it, else eager; an explicit choice stays as it is.
+
+    Manifests written before attention support was recorded assume SDPA (what was hard-coded then).
+    """
+    if requested != ATTENTION_AUTO:
+        return requested
+    return "sdpa" if manifest.get("attention_support", {"sdpa": True})["sdpa"] else "eager"
+
+
+def attention_problem(manifest: dict[str, Any], requested: str) -> str | None:
+    """Why the model cannot run the requested implementation, or None."""
+    support = manifest.get("attention_support")
+    if requested in FUSED_ATTENTION and support is not None and not support[requested]:
+        return (
+            f"{manifest['model_type']} does not support attn_implementation '{requested}' in transformers; "
+            "set training.attn_implementation: auto (or eager)"
+        )
+    return None
+
+
+if __name__ == "__main__":  # python -m lora_study.modules: the README's family table
+    print(families_table())

@@ -34,7 +34,6 @@ Nothing here loads weights: a plan for a 2.7B model takes seconds.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
 import math
@@ -46,9 +45,10 @@ import torch
 from torch import nn
 
 from lora_study.batching import total_steps
-from lora_study.formats import BITSANDBYTES, FOUR_BIT
-from lora_study.modules import resolve_run_targets
+from lora_study.formats import FOUR_BIT
+from lora_study.modules import Targets, resolve_attention
 from lora_study.precision import DeviceCapability, Recipe, detect_capability, is_norm, recipe_for
+from lora_study.preflight import check_with_manifest
 from lora_study.settings import TrainingSettings
 from lora_study.sweep import RunSpec
 
@@ -66,10 +66,6 @@ PLAN_DEVICES = ("cuda", "cpu")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # The GPU a CUDA plan assumes when it resolves `auto`: one with native bf16 (Ampere or newer).
 PLANNED_GPU = DeviceCapability(device_type="cuda", name="planned GPU (native bf16)", cuda_native_bf16=True)
-
-
-class PlanError(ValueError):
-    """A run cannot be planned (and would fail to train); the message names it."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +94,11 @@ def meta_causal_lm(model_config, dtype: torch.dtype, attn_implementation: str) -
         return AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn_implementation)
 
 
+def meta_attention(resolved: str) -> str:
+    """The implementation a meta-device pass can take for `resolved`: fused kernels count as SDPA."""
+    return "eager" if resolved == "eager" else "sdpa"
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) features of a linear layer: nn.Linear, or GPT-2's Conv1D (weight stored in x out)."""
     if isinstance(module, nn.Linear):
@@ -119,7 +120,7 @@ def _body_linear_layers(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def model_facts(model_config) -> ModelFacts:
-    model = meta_causal_lm(model_config, torch.float32, "sdpa")
+    model = meta_causal_lm(model_config, torch.float32, "eager")  # every model has eager attention
     linear = _body_linear_layers(model)
     quantizable = sum(fan_in * fan_out for fan_in, fan_out in linear.values())
     total = sum(p.numel() for p in model.parameters())
@@ -148,18 +149,23 @@ def _four_bit_bytes(size: int, double_quant: bool) -> float:
     return math.ceil(size / 2) + blocks + math.ceil(blocks / DOUBLE_QUANT_BLOCK) * 4 + 256 * 4
 
 
-def lora_params(facts: ModelFacts, targets: list[str] | str, rank: int) -> int:
-    """Trainable LoRA parameters: rank x (in + out) per targeted linear layer."""
-    from peft.tuners.tuners_utils import check_target_module_exists
+_LORA_PARAMS_CACHE: dict[tuple[Any, ...], int] = {}
 
-    class _Config:  # what check_target_module_exists reads
-        target_modules = targets
-        layers_to_transform = None
-        layers_pattern = None
-        exclude_modules = None
 
-    targeted = [shape for name, shape in facts.linear_layers.items() if check_target_module_exists(_Config, name)]
-    return sum(rank * (fan_in + fan_out) for fan_in, fan_out in targeted)
+def lora_params(model_config, targets: Targets, rank: int) -> int:
+    """Trainable parameters PEFT creates for `targets` at `rank`, counted on the meta device.
+
+    Counting PEFT's own layers covers every case a formula would have to
+    repeat: fused layers, regex scopes, 3-D expert weights.
+    """
+    key = (model_config.to_json_string(), targets.key(), rank)
+    if key not in _LORA_PARAMS_CACHE:
+        from peft import LoraConfig, get_peft_model
+
+        model = meta_causal_lm(model_config, torch.float32, "eager")
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, **targets.lora_kwargs()))
+        _LORA_PARAMS_CACHE[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return _LORA_PARAMS_CACHE[key]
 
 
 _ACTIVATION_CACHE: dict[tuple[Any, ...], tuple[float, float]] = {}
@@ -167,7 +173,7 @@ _ACTIVATION_CACHE: dict[tuple[Any, ...], tuple[float, float]] = {}
 
 def saved_activation_bytes(
     model_config,
-    targets: tuple[str, ...] | str,
+    targets: Targets,
     rank: int,
     dropout: float,
     dtype_name: str,
@@ -181,19 +187,19 @@ def saved_activation_bytes(
     Cached by the config's content and the arguments: runs that differ only in
     what does not change activations share one count.
     """
-    key = (model_config.to_json_string(), targets, rank, dropout, dtype_name, gradient_checkpointing,
+    key = (model_config.to_json_string(), targets.key(), rank, dropout, dtype_name, gradient_checkpointing,
            attn_implementation, batch_size, seq_len)  # fmt: skip
     if key in _ACTIVATION_CACHE:
         return _ACTIVATION_CACHE[key]
     from peft import LoraConfig, get_peft_model
 
     dtype = getattr(torch, dtype_name)
-    model = meta_causal_lm(model_config, dtype, "sdpa" if attn_implementation != "eager" else "eager")
+    model = meta_causal_lm(model_config, dtype, meta_attention(attn_implementation))
     model.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=_targets_arg(targets), lora_dropout=dropout)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, **targets.lora_kwargs())
     model = get_peft_model(model, lora)
     model.train()
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
@@ -227,35 +233,9 @@ def saved_activation_bytes(
     return saved, per_layer
 
 
-def _targets_arg(targets: tuple[str, ...] | str) -> list[str] | str:
-    return targets if isinstance(targets, str) else list(targets)
-
-
 def logits_bytes(positions: int, vocab_size: int, head_bytes: int) -> float:
     """Logits at loss positions, their fp32 copy, log-softmax and gradient."""
     return positions * vocab_size * (head_bytes + 4 + 4 + 4)
-
-
-def quantization_problem(quantization: str) -> str | None:
-    """Why this installation cannot run `quantization`, or None when it can."""
-    if quantization not in BITSANDBYTES:
-        return None
-    try:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ImportError("not installed")
-        import bitsandbytes  # noqa: F401
-    except Exception as error:  # a broken install raises anything from OSError to RuntimeError
-        return f"quantization '{quantization}' needs bitsandbytes, which cannot be imported here ({error})"
-    return None
-
-
-def check_run(run: RunSpec, linear_layers: list[str], model_type: str) -> list[str] | str:
-    """The run's PEFT target modules, after checking it can run here at all (errors name the run)."""
-    targets = resolve_run_targets(run.run_id, run.modules, linear_layers, model_type)
-    problem = quantization_problem(run.quantization)
-    if problem:
-        raise PlanError(f"run '{run.run_id}': {problem}")
-    return targets
 
 
 def planning_recipe(run: RunSpec, plan_device: str) -> Recipe:
@@ -287,9 +267,24 @@ class RunPlan:
     plan_device: str
     budget_gb: float | None
     skip: bool
+    attn_implementation: str = ""
+    plan_error: str = ""  # why there is no prediction (the planner failed on this run; it still trains)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def unplanned(cls, run: RunSpec, plan_device: str, budget_gb: float | None, error: Exception) -> RunPlan:
+        """A run the planner failed on: every prediction missing, never skipped for the budget."""
+        missing = math.nan
+        return cls(
+            run_id=run.run_id, quantization=run.quantization, compute_dtype="", rank=run.rank,
+            modules=",".join(run.modules), trainable_params=0, weights_gb=missing, lora_states_gb=missing,
+            activations_gb=missing, backward_working_gb=missing, logits_gb=missing,
+            predicted_cuda_allocated_gb=missing, predicted_cuda_gb=missing, predicted_cpu_gb=missing,
+            predicted_gb=missing, batch_rows=0, batch_padded_length=0, plan_device=plan_device,
+            budget_gb=budget_gb, skip=False, plan_error=f"{type(error).__name__}: {error}",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -330,28 +325,28 @@ def plan_run(
     recipe: Recipe,
     model_config,
     facts: ModelFacts,
-    targets: list[str] | str,
+    targets: Targets,
     batch: BatchShape,
     plan_device: str,
     budget_gb: float | None,
     weights_file_bytes: int = 0,
+    attn_implementation: str = "sdpa",
 ) -> RunPlan:
     """Predicted peak memory of one run under `recipe`, term by term."""
     training = run.training
     assert training is not None
-    key_targets = targets if isinstance(targets, str) else tuple(targets)
     activations, per_layer = saved_activation_bytes(
         model_config,
-        key_targets,
+        targets,
         run.rank,
         training.lora_dropout,
         str(recipe.torch_compute_dtype).removeprefix("torch."),
         training.gradient_checkpointing,
-        training.attn_implementation,
+        attn_implementation,
         batch.rows,
         batch.padded_length,
     )
-    trainable = lora_params(facts, targets, run.rank)
+    trainable = lora_params(model_config, targets, run.rank)
     weights = weights_bytes(facts, recipe, run.double_quant)
     logits = logits_bytes(batch.loss_positions, facts.vocab_size, DTYPE_BYTES[recipe.compute_dtype])
     states = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[training.optimizer])
@@ -380,35 +375,43 @@ def plan_run(
         plan_device=plan_device,
         budget_gb=budget_gb,
         skip=budget_gb is not None and predicted > budget_gb,
+        attn_implementation=attn_implementation,
     )
 
 
 def plan_study(
     runs: list[RunSpec],
     model_config,
-    model_type: str,
-    linear_layers: list[str],
+    targets: dict[str, Targets],
     lengths: list[int],
     prompt_lengths: list[int],
     plan_device: str,
     budget_gb: float | None,
     weights_file_bytes: int = 0,
     recipes: dict[str, Recipe] | None = None,
+    attention: dict[str, str] | None = None,
 ) -> list[RunPlan]:
     """Plan every run (under `recipes[run_id]`, else its recipe on the planned device).
 
-    A run that could not train at all raises PlanError naming it.
+    `targets` and `attention` hold each run's checked targets and resolved
+    attention implementation. The planner failing on one run (an
+    architecture its meta-device pass cannot take) leaves that run without
+    a prediction, logged and reported; it never stops the other runs.
     """
     facts = model_facts(model_config)
     plans = []
     for run in runs:
-        targets = check_run(run, linear_layers, model_type)
         assert run.training is not None
-        batch = largest_batch(lengths, prompt_lengths, run.training)
-        recipe = (recipes or {}).get(run.run_id) or planning_recipe(run, plan_device)
-        plans.append(
-            plan_run(run, recipe, model_config, facts, targets, batch, plan_device, budget_gb, weights_file_bytes)
-        )
+        try:
+            batch = largest_batch(lengths, prompt_lengths, run.training)
+            recipe = (recipes or {}).get(run.run_id) or planning_recipe(run, plan_device)
+            attn = (attention or {}).get(run.run_id, "sdpa")
+            plan = plan_run(run, recipe, model_config, facts, targets[run.run_id], batch, plan_device, budget_gb,
+                            weights_file_bytes, attn)  # fmt: skip
+        except Exception as error:
+            log.warning("%s: no memory prediction, the planner failed: %s", run.run_id, error, exc_info=True)
+            plan = RunPlan.unplanned(run, plan_device, budget_gb, error)
+        plans.append(plan)
     return plans
 
 
@@ -429,20 +432,22 @@ def plan_for_run(
     train_rows,
     plan_settings: dict[str, Any] | None,
     recipe: Recipe,
+    targets: Targets,
+    attn_implementation: str,
 ) -> dict[str, Any]:
     """One run's plan, as the train job makes it before loading weights (under the job's own recipe)."""
     settings = plan_settings or {"device": "cuda", "memory_budget_gb": None}
     plans = plan_study(
         [run],
         _model_config(manifest),
-        manifest["model_type"],
-        manifest["linear_layers"],
+        {run.run_id: targets},
         [len(ids) for ids in train_rows["input_ids"]],
         list(train_rows["prompt_length"]),
         settings["device"],
         settings["memory_budget_gb"],
         checkpoint_file_bytes(manifest),
         recipes={run.run_id: recipe},
+        attention={run.run_id: attn_implementation},
     )
     return plans[0].to_dict()
 
@@ -477,18 +482,21 @@ def write_plan(
 
     model_config = _model_config(manifest)
     train = load_split(splits_dir, "train")
+    trained = [run for run in runs if not run.is_baseline]
     plans = plan_study(
-        runs,
+        trained,
         model_config,
-        manifest["model_type"],
-        manifest["linear_layers"],
+        check_with_manifest(manifest, trained),
         lengths=[len(ids) for ids in train["input_ids"]],
         prompt_lengths=list(train["prompt_length"]),
         plan_device=settings["device"],
         budget_gb=settings["memory_budget_gb"],
         weights_file_bytes=checkpoint_file_bytes(manifest),
+        attention={run.run_id: resolve_attention(manifest, run.training.attn_implementation) for run in trained},
     )
     for plan in plans:
+        if plan.plan_error:
+            continue
         log.info(
             "%s: predicted %.2f GB (%s, %s compute)%s",
             plan.run_id,

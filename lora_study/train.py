@@ -28,9 +28,10 @@ from lora_study.io import atomic_path, write_json
 from lora_study.loading import add_lora, count_parameters, load_base_model, load_tokenizer, pick_device, set_threads
 from lora_study.loss import ResponseLoss, scored_tokens
 from lora_study.metrics import STATUS_OK, PeakMemory, TrainMetrics
-from lora_study.modules import needs_fan_in_fan_out
-from lora_study.planner import check_run, plan_for_run
+from lora_study.modules import Targets, manifest_layout, resolve_attention
+from lora_study.planner import plan_for_run
 from lora_study.precision import DeviceCapability, GradScaling, Recipe, detect_capability, quiet_int8_casts, recipe_for
+from lora_study.preflight import check_run
 from lora_study.settings import MeasurementSettings, TrainingSettings
 from lora_study.sweep import RunSpec
 
@@ -94,6 +95,7 @@ class Job:
     recipe: Recipe
     started: float
     memory: PeakMemory  # created before CUDA starts: the device reading at start excludes this job
+    attn_implementation: str = "sdpa"  # resolved for the model once the manifest is read
 
     @property
     def training(self) -> TrainingSettings:
@@ -112,6 +114,7 @@ class Job:
             capability=self.capability.to_dict(),
             job_wall_s=time.perf_counter() - self.started,
             environment=job_environment(self.gpu_slot),
+            attn_implementation=self.attn_implementation,
             **fields,
         )
 
@@ -155,10 +158,13 @@ def train_run(
     job = start_job(run, threads)
     measurement = measurement or MeasurementSettings()
     # Resolve modules before loading weights: a typo fails in a second, not after the load.
-    targets = check_run(run, manifest["linear_layers"], manifest["model_type"])
-    log.info("target modules %s -> %s", list(run.modules), targets)
+    targets = check_run(run, manifest_layout(manifest), manifest["linear_layers"], manifest["model_type"])
+    job.attn_implementation = resolve_attention(manifest, job.training.attn_implementation)
+    log.info("target modules %s -> %s; attention %s", list(run.modules), targets.describe(), job.attn_implementation)
     train_rows = load_split(splits_dir, "train")
-    plan = plan_for_run(run, manifest, train_rows, plan_settings, job.recipe)
+    plan = plan_for_run(run, manifest, train_rows, plan_settings, job.recipe, targets, job.attn_implementation)
+    if plan["plan_error"]:
+        log.warning("no memory plan for this run (the planner failed): %s", plan["plan_error"])
     verdict = budget_verdict(plan, plan_settings) if plan_settings else None
     if verdict is not None:
         log.warning("skipped: predicted %.2f GB (%s), over the %.2f GB budget", verdict["predicted_gb"],
@@ -199,18 +205,18 @@ class TrainingSession:
         self.phase = "load"
         self.memory: PeakMemory | None = None
         self.counts: dict[str, int] = {}
-        self.targets: list[str] | str = ""
+        self.targets = Targets("")
         self.steps = 0
         self.loss: ResponseLoss | None = None
         self.scaling = GradScaling(job.recipe, job.device.type)
 
-    def load(self, manifest: dict[str, Any], targets: list[str] | str) -> torch.nn.Module:
+    def load(self, manifest: dict[str, Any], targets: Targets) -> torch.nn.Module:
         """The base model in the run's format with LoRA on `targets`, cast to the recipe."""
         run, training = self.job.run, self.job.training
-        model = load_base_model(manifest, self.job.recipe, run.double_quant, training.attn_implementation,
+        model = load_base_model(manifest, self.job.recipe, run.double_quant, self.job.attn_implementation,
                                 self.job.device)  # fmt: skip
         model = add_lora(model, self.job.recipe, targets, run.rank, run.alpha, training.lora_dropout,
-                         needs_fan_in_fan_out(manifest["model_type"]), training.gradient_checkpointing)  # fmt: skip
+                         training.gradient_checkpointing)  # fmt: skip
         trainable, total = count_parameters(model)
         self.counts = {"trainable_params": trainable, "total_params": total}
         self.targets = targets
@@ -313,6 +319,9 @@ class TrainingSession:
         if step < self.steps and self.checkpointer.due(step):
             self.checkpointer.save(model, self.optimizer, self.scheduler, progress, self.scaling)
 
+    def target_fields(self) -> dict[str, Any]:
+        return {"target_modules": self.targets.modules, "target_parameters": list(self.targets.parameters)}
+
     def oom_metrics(self, error: Exception, plan: dict[str, Any]) -> TrainMetrics:
         training = self.job.training
         failure = {
@@ -325,7 +334,7 @@ class TrainingSession:
         log.error("out of memory while %s (step %d): recorded as status 'oom'", self.phase, failure["step"])
         memory = self.memory.report() if self.memory is not None else {}
         return self.job.base_metrics(STATUS_OOM, failure=failure, memory=memory, memory_plan=plan,
-                                     target_modules=self.targets, **self.counts)  # fmt: skip
+                                     **self.target_fields(), **self.counts)  # fmt: skip
 
     def write(self, model, outputs: TrainOutputs, memory: dict[str, Any], plan: dict[str, Any]) -> TrainMetrics:
         """Adapter, loss curve and metrics; the checkpoint goes once they exist."""
@@ -351,7 +360,7 @@ class TrainingSession:
             total_params=total,
             trainable_percent=100 * trainable / total,
             adapter_size_mb=sum(f.stat().st_size for f in outputs.adapter_dir.glob("*.safetensors")) / 1e6,
-            target_modules=self.targets,
+            **self.target_fields(),
             resumed_from_step=progress.resumed_from_step,
             loss_path=self.loss.path if self.loss else None,
             lr_scheduler=scheduler_name(self.job.training),

@@ -15,6 +15,7 @@ from lora_study.config import ConfigError, canonical_json, check_local_sources, 
 from lora_study.budget import budget_verdict
 from lora_study.formats import applies_compute_dtype
 from lora_study.io import read_csv_rows
+from lora_study.preflight import PreflightError, check_at_start
 from lora_study.sweep import all_evaluated, expand_study
 
 try:
@@ -24,6 +25,11 @@ try:
     EVALUATED = all_evaluated(config)
 except ConfigError as error:
     raise WorkflowError(f"invalid config: {error}") from None
+try:
+    # A local model of a known family is checked from its config.json now; others by rule check_runs.
+    check_at_start(config["model"]["source"], RUNS.values())
+except PreflightError as error:
+    raise WorkflowError(f"runs that cannot start:\n{error}") from None
 
 
 wildcard_constraints:

@@ -4,6 +4,7 @@
 localrules:
     prepare_model,
     prepare_data,
+    check_runs,
 
 
 rule prepare_model:
@@ -44,3 +45,18 @@ rule prepare_data:
         dataset=canonical_json(config["dataset"]),
     script:
         "../scripts/prepare_data.py"
+
+
+rule check_runs:
+    input:
+        manifest=paths.MODEL_MANIFEST,
+    output:
+        checks=paths.RUN_CHECKS,
+    log:
+        f"{paths.LOGS}/check_runs.log",
+    conda:
+        "../envs/study.yaml"
+    params:
+        runs=canonical_json([spec.as_params() for spec in RUNS.values()]),
+    script:
+        "../scripts/check_runs.py"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,46 @@ def build_tiny_llama(out_dir: Path, layers: int = 2) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+# Small configs of other families, with the tiny Llama's tokenizer (vocab 400).
+FAMILY_CONFIGS = {
+    # Gemma 2: no SDPA in transformers (eager attention), its own head_dim and soft-capping.
+    "gemma2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=512),
+    # Phi-3: q, k, v fused in qkv_proj.
+    "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=512),
+    # MPT: attention in one Wqkv layer, a name no standard convention places.
+    "mpt": dict(d_model=64, n_heads=4, n_layers=1, expansion_ratio=2, max_seq_len=512),
+}  # fmt: skip
+
+
+def build_tiny_family(out_dir: Path, model_type: str, tokenizer_dir: Path, **changes) -> Path:
+    """A randomly initialised model of `model_type`, saved with the tiny Llama's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+               bos_token_id=tokenizer.bos_token_id)  # fmt: skip
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **ids, **FAMILY_CONFIGS[model_type])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir, safe_serialization=True)
+    for name in tokenizer_dir.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(name, out_dir / name.name)
+    if changes:
+        config_file = out_dir / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **changes}))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2(tiny_llama, tmp_path_factory) -> Path:
+    return build_tiny_family(tmp_path_factory.mktemp("tiny-gemma2"), "gemma2", tiny_llama)
 
 
 def tiny_study_config(model_dir: Path) -> dict:

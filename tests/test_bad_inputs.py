@@ -14,29 +14,23 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_snakemake, tiny_study_config
+from conftest import build_tiny_family, run_snakemake, tiny_study_config
 
 CORPUS = Path(__file__).parent / "bad_inputs" / "cases.yaml"
 CASES = yaml.safe_load(CORPUS.read_text())
 
 
 @pytest.fixture(scope="session")
-def tiny_opt(tiny_llama, tmp_path_factory) -> Path:
-    """A tiny OPT model: an architecture the module groups do not cover."""
-    import torch
-    from transformers import OPTConfig, OPTForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-opt")
-    for name in tiny_llama.iterdir():  # reuse the tokenizer files
-        if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(name, out / name.name)
-    config = OPTConfig(
-        vocab_size=400, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=512, word_embed_proj_dim=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    OPTForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    return out
+def family_models(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """Local model directories of other kinds: fused attention, unplaceable names, pre-quantized weights."""
+    return {
+        "phi3": build_tiny_family(tmp_path_factory.mktemp("tiny-phi3"), "phi3", tiny_llama),
+        "mpt": build_tiny_family(tmp_path_factory.mktemp("tiny-mpt"), "mpt", tiny_llama),
+        "prequantized": build_tiny_family(
+            tmp_path_factory.mktemp("tiny-gptq"), "phi3", tiny_llama,
+            quantization_config={"quant_method": "gptq", "bits": 4},
+        ),
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -79,8 +73,10 @@ def write_case(case: dict, workdir: Path, model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"].replace(" ", "-") for c in CASES])
-def test_bad_input_stops_early_with_one_clear_message(case, tiny_llama, tiny_opt, pickled_llama, tmp_path):
-    models = {None: tiny_llama, "opt": tiny_opt, "pickle": pickled_llama}
+def test_bad_input_stops_early_with_one_clear_message(
+    case, tiny_llama, tiny_gemma2, family_models, pickled_llama, tmp_path
+):
+    models = {None: tiny_llama, "pickle": pickled_llama, "gemma2": tiny_gemma2, **family_models}
     write_case(case, tmp_path, models[case.get("model")])
     extra_env = {}
     if "hide" in case:  # a platform without this package: every Python process sees it missing
@@ -92,6 +88,9 @@ def test_bad_input_stops_early_with_one_clear_message(case, tiny_llama, tiny_opt
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert re.search(case["expect"], output), output[-4000:]
+    assert "Traceback" not in output  # bad input is one message, not a stack trace
+    if case.get("at_start"):  # refused while the workflow was parsed: no job ran at all
+        assert not (tmp_path / "results").exists()
     trained = list((tmp_path / "results").glob("runs/*/train_metrics.json"))
     assert not trained  # stopped before any run trained
     results = tmp_path / "results"

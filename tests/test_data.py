@@ -78,12 +78,35 @@ def test_local_files_and_their_errors(tiny_llama, tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "output": "y"}\n')
-    with pytest.raises(DataError, match=r"lacks column\(s\) \['instruction'\]"):
+    with pytest.raises(DataError, match=r"bad.jsonl line 1 has no 'instruction'; its keys: \['output', 'prompt'\]"):
         prepare_data(dataset_config(source=str(bad)), tokenizer, tmp_path / "x")
     with pytest.raises(DataError, match="file not found"):
         prepare_data(dataset_config(source=str(tmp_path / "none.json")), tokenizer, tmp_path / "y")
     with pytest.raises(DataError, match="leaves no training rows"):
         prepare_data(dataset_config(source=str(good), validation_size=30), tokenizer, tmp_path / "z")
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": "b",}'],
+         r"line 2 is not valid JSON \(Expecting property name enclosed in double quotes at column 36\)"),
+        (['{"instruction": "a", "output": "b"}', "", '["a", "b"]'], r"line 3 is a JSON list, not an object"),
+        (['{"instruction": "a", "output": null}'], r"line 1 has no 'output'"),
+    ],
+)  # fmt: skip
+def test_a_malformed_json_line_is_named_with_what_is_wrong(tiny_llama, tmp_path, lines, message):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"rows.jsonl " + message):
+        prepare_data(dataset_config(source=str(data)), AutoTokenizer.from_pretrained(tiny_llama), tmp_path / "x")
+
+
+def test_a_json_array_file_names_its_bad_row(tiny_llama, tmp_path):
+    data = tmp_path / "rows.json"
+    data.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c"}]')
+    with pytest.raises(DataError, match=r"rows.json row 2 has no 'output'"):
+        prepare_data(dataset_config(source=str(data)), AutoTokenizer.from_pretrained(tiny_llama), tmp_path / "x")
 
 
 def test_length_grouped_batches_cover_every_row_once_with_little_padding():

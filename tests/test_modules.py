@@ -1,98 +1,221 @@
-"""Module groups resolved on real models built from configs (random weights, no download)."""
+"""Module groups resolved on real models built from each family's transformers config (no download).
+
+Each family's mapping is checked against the module names of a model built
+from its config, and PEFT itself says which layers (and expert weights) the
+resolved targets wrap.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lora_study.modules import (
+    ARCHITECTURES,
+    LOGICAL_GROUPS,
     ModuleResolutionError,
+    families_table,
+    infer_layout,
+    layout_for,
     linear_layer_names,
-    needs_fan_in_fan_out,
-    resolve_target_modules,
+    resolve_targets,
 )
 
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+           shared_expert_intermediate_size=32)  # fmt: skip
+# Settings a family's config needs beyond TINY (its own names for sizes, experts, a vision tower).
+FAMILY_SETTINGS = {
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256),
+    "gptj": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, rotary_dim=8),
+    "falcon": TINY,
+    "gpt_neox": TINY,
+    "phi": TINY,
+    "mixtral": {**TINY, "num_key_value_heads": 2, **MOE},
+    "qwen2_moe": {**TINY, "num_key_value_heads": 2, **MOE},
+    "qwen3_moe": {**TINY, "num_key_value_heads": 2, **MOE},
+    "gemma3": dict(
+        text_config={**TINY, "num_key_value_heads": 2, "head_dim": 16},
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=4,
+    ),
+}
 
 
-def llama():
-    return LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2))
+def tiny_config(model_type: str):
+    return AutoConfig.for_model(model_type, **FAMILY_SETTINGS.get(model_type, {**TINY, "num_key_value_heads": 2}))
 
 
-def phi():
-    return PhiForCausalLM(PhiConfig(**SMALL))
+def build(model_type: str, device: str = "meta") -> torch.nn.Module:
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(tiny_config(model_type))
 
 
-def gpt2():
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64))
+def strip_layer(name: str) -> str:
+    return re.sub(r"^.*?\.\d+\.", "", name)
 
 
-def lora_layers(model, targets, fan_in_fan_out=False) -> set[str]:
-    """The layers PEFT actually wrapped, by per-layer name."""
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, fan_in_fan_out=fan_in_fan_out))
-    wrapped = {
-        name.split(".layers.")[-1].split(".h.")[-1]
-        for name, m in peft_model.named_modules()
-        if hasattr(m, "lora_A") and len(m.lora_A)
+def targeted_layers(model: torch.nn.Module, scope: str | None = None) -> set[str]:
+    """Per-layer names of the linear layers (under `scope`) a model has, output head excluded."""
+    head = model.get_output_embeddings()
+    return {
+        strip_layer(name)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        if module is not head and (scope is None or f".{scope}." in f".{name}")
     }
-    return {name.split(".", 1)[1] for name in wrapped}
 
 
-@pytest.mark.parametrize(
-    "build, groups, expected",
-    [
-        (llama, ["q", "v"], {"self_attn.q_proj", "self_attn.v_proj"}),
-        (
-            llama,
-            ["q", "k", "v", "o"],
-            {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"},
-        ),
-        (llama, ["mlp"], {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
-        (
-            phi,
-            ["q", "k", "v", "o"],
-            {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"},
-        ),
-        (phi, ["mlp"], {"mlp.fc1", "mlp.fc2"}),
-        (gpt2, ["q", "k", "v"], {"attn.c_attn"}),
-        (gpt2, ["o"], {"attn.c_proj"}),
-        (gpt2, ["mlp"], {"mlp.c_fc", "mlp.c_proj"}),
-    ],
-)
-def test_groups_wrap_exactly_the_right_layers(build, groups, expected):
-    model = build()
-    model_type = model.config.model_type
-    targets = resolve_target_modules(model_type, groups, linear_layer_names(model))
-    assert lora_layers(model, targets, needs_fan_in_fan_out(model_type)) == expected
+def wrapped(model: torch.nn.Module, targets) -> tuple[set[str], set[str]]:
+    """(linear layers, 3-D parameters) PEFT wrapped for `targets`, by per-layer name."""
+    peft_model = get_peft_model(model, LoraConfig(r=2, **targets.lora_kwargs()))
+    layers, parameters = set(), set()
+    for name, module in peft_model.named_modules():
+        if not (hasattr(module, "lora_A") and len(module.lora_A)):
+            continue
+        if type(module).__name__ == "ParamWrapper":
+            parameters.add(strip_layer(name).removesuffix(".base_layer") + "." + module.parameter_name)
+        else:
+            layers.add(strip_layer(name.replace(".base_layer", "")))
+    return layers, {re.sub(r"(\.base_layer)+", "", p) for p in parameters}
+
+
+def expected_layers(layout, groups, names) -> set[str]:
+    """The model's per-layer names that the layout's modules for `groups` designate."""
+    wanted = {module for group in groups for module in layout.groups[group]}
+    return {name for name in names if any(name == w or name.endswith("." + w) for w in wanted)}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_layout_names_exactly_the_models_linear_layers(model_type):
+    """Every name the layout declares exists, and every linear layer of the body is declared."""
+    layout = ARCHITECTURES[model_type]
+    model = build(model_type)
+    names = targeted_layers(model, layout.scope)
+    declared = layout.declared_layers()
+    assert all(any(n == d or n.endswith("." + d) for n in names) for d in declared), (declared, names)
+    assert all(any(n == d or n.endswith("." + d) for d in declared) for n in names), (declared, names)
+    experts = {strip_layer(n) for n, p in model.named_parameters() if p.dim() == 3 and "vision" not in n}
+    assert experts == set(layout.expert_parameters)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("groups", [["q", "k", "v", "o"], ["o"], ["mlp"], ["q", "k", "v", "o", "mlp"], ["all-linear"]])
+def test_groups_wrap_exactly_the_right_layers(model_type, groups):
+    layout = ARCHITECTURES[model_type]
+    model = build(model_type)
+    names = targeted_layers(model, layout.scope)
+    targets = resolve_targets(layout, groups, linear_layer_names(model), model_type)
+    layers, parameters = wrapped(model, targets)
+    logical = list(LOGICAL_GROUPS) if groups == ["all-linear"] else groups
+    if groups == ["all-linear"] and not (layout.scope or layout.expert_parameters):
+        assert layers == names  # PEFT's own all-linear: every linear layer but the head
+    else:
+        assert layers == expected_layers(layout, logical, names)
+    assert parameters == (set(layout.expert_parameters) if "mlp" in logical else set())
+    if layout.scope:  # a multimodal checkpoint: nothing in the vision tower
+        peft_names = [n for n, _ in get_peft_model(build(model_type), LoraConfig(r=2, **targets.lora_kwargs()))
+                      .named_modules() if n.endswith("lora_A")]  # fmt: skip
+        assert peft_names and all(".language_model." in n for n in peft_names)
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t, layout in ARCHITECTURES.items() if layout.fused))
+@pytest.mark.parametrize("part", [["q"], ["q", "v"], ["k", "v", "o"]])
+def test_part_of_a_fused_projection_is_refused(model_type, part):
+    model = build(model_type)
+    with pytest.raises(ModuleResolutionError, match=r"stores q, k, v as one fused layer .*request all of"):
+        resolve_targets(ARCHITECTURES[model_type], part, linear_layer_names(model), model_type)
+
+
+def test_fused_families_include_phi3_neox_falcon_gpt2():
+    fused = {t for t, layout in ARCHITECTURES.items() if layout.fused}
+    assert {"phi3", "gpt_neox", "falcon", "gpt2"} <= fused
+
+
+def test_experts_need_lora_dropout_zero():
+    layout = ARCHITECTURES["mixtral"]
+    names = linear_layer_names(build("mixtral"))
+    with pytest.raises(ModuleResolutionError, match=r"mixture of experts .*lora_dropout 0 \(this run has 0.05\)"):
+        resolve_targets(layout, ["q", "v", "mlp"], names, "mixtral", lora_dropout=0.05)
+    assert resolve_targets(layout, ["q", "v"], names, "mixtral", lora_dropout=0.05).parameters == ()
+
+
+def test_experts_train_with_lora_on_their_3d_weights():
+    """A real (CPU) Mixtral-like model: LoRA on the experts changes the output after one step."""
+    torch.manual_seed(0)
+    model = build("mixtral", "cpu")
+    targets = resolve_targets(ARCHITECTURES["mixtral"], ["mlp"], linear_layer_names(model), "mixtral")
+    peft_model = get_peft_model(model, LoraConfig(r=2, init_lora_weights=False, **targets.lora_kwargs()))
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert trainable
+    ids = torch.randint(0, 256, (2, 8))
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+def test_unknown_family_groups_are_inferred_from_standard_names():
+    """OPT is not in the table: its q_proj, k_proj, v_proj, out_proj, fc1, fc2 place every group."""
+    model = build("opt")
+    names = linear_layer_names(model)
+    layout, source = layout_for("opt", names)
+    assert source == "inferred"
+    assert layout.groups == {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("out_proj",),
+                             "mlp": ("fc1", "fc2")}  # fmt: skip
+    layers, _ = wrapped(model, resolve_targets(layout, ["q", "v", "mlp"], names, "opt"))
+    assert layers == {"self_attn.q_proj", "self_attn.v_proj", "fc1", "fc2"}
+
+
+def test_inference_keeps_fused_layouts_fused():
+    layout = infer_layout(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"])
+    assert layout is not None and layout.fused == (("q", "k", "v"),) and layout.fan_in_fan_out
+
+
+def test_unplaceable_family_lists_its_linear_layers():
+    """MPT names attention Wqkv: no standard name places q, so groups are not guessed."""
+    names = linear_layer_names(build("mpt"))
+    layout, source = layout_for("mpt", names)
+    assert (layout, source) == (None, "none")
+    with pytest.raises(ModuleResolutionError, match=r"not defined for architecture 'mpt' .*Wqkv"):
+        resolve_targets(layout, ["q"], names, "mpt")
+    assert resolve_targets(layout, ["Wqkv"], names, "mpt").modules == ["Wqkv"]
 
 
 def test_phi2_output_projection_is_dense_not_o_proj():
-    model = phi()
-    assert resolve_target_modules("phi", ["o"], linear_layer_names(model)) == ["dense"]
-    with pytest.raises(
-        ModuleResolutionError, match=r"\['o_proj'\] not found in phi; its linear layers: .*self_attn.dense"
-    ):
-        resolve_target_modules("phi", ["o_proj"], linear_layer_names(model))
-
-
-def test_gpt2_fused_qkv_cannot_be_split():
-    with pytest.raises(ModuleResolutionError, match="fused layer"):
-        resolve_target_modules("gpt2", ["q", "v"], linear_layer_names(gpt2()))
+    names = linear_layer_names(build("phi"))
+    assert resolve_targets(ARCHITECTURES["phi"], ["o"], names, "phi").modules == ["dense"]
+    with pytest.raises(ModuleResolutionError, match=r"\['o_proj'\] not found in phi; its linear layers: .*dense"):
+        resolve_targets(ARCHITECTURES["phi"], ["o_proj"], names, "phi")
 
 
 def test_explicit_names_and_all_linear():
-    model = llama()
-    names = linear_layer_names(model)
-    assert resolve_target_modules("llama", ["q_proj", "mlp"], names) == [
+    names = linear_layer_names(build("llama"))
+    layout = ARCHITECTURES["llama"]
+    assert resolve_targets(layout, ["q_proj", "mlp"], names, "llama").modules == [
         "down_proj",
         "gate_proj",
         "q_proj",
         "up_proj",
     ]
-    assert resolve_target_modules("llama", ["all-linear"], names) == "all-linear"
+    assert resolve_targets(layout, ["all-linear"], names, "llama").modules == "all-linear"
 
 
-def test_unknown_architecture_lists_its_linear_layers():
-    with pytest.raises(ModuleResolutionError, match=r"not defined for architecture 'mamba'.*q_proj"):
-        resolve_target_modules("mamba", ["q"], ["self_attn.q_proj"])
+def test_readme_lists_every_family_as_the_code_maps_it():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = "<!-- families:start -->", "<!-- families:end -->"
+    assert start in readme and end in readme
+    listed = readme.split(start)[1].split(end)[0].strip()
+    assert listed == families_table(), "regenerate with: python -m lora_study.modules"

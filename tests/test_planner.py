@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from lora_study.modules import Targets
 from lora_study.planner import (
     BatchShape,
     largest_batch,
@@ -52,7 +53,7 @@ def test_predicted_weights_match_what_the_recipe_holds(tiny_llama, quantization,
     recipe = recipe_for(quantization, compute, DeviceCapability("cpu", "test", "AVX512", ("avx512_bf16",)))
     manifest = {"path": str(tiny_llama), "trust_remote_code": False}
     model = load_base_model(manifest, recipe, double_quant, "sdpa", torch.device("cpu"))
-    model = add_lora(model, recipe, ["q_proj", "v_proj"], 4, 8, 0.0, False, gradient_checkpointing=False)
+    model = add_lora(model, recipe, Targets(["q_proj", "v_proj"]), 4, 8, 0.0, gradient_checkpointing=False)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary tables: not weights
     lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     facts = model_facts(AutoConfig.from_pretrained(tiny_llama))
@@ -84,7 +85,7 @@ def test_counted_activations_match_a_real_forward_pass(tiny_llama, targets):
 
     config = AutoConfig.from_pretrained(tiny_llama)
     # Eager attention on both sides: the real CPU pass keeps its T x T matrices too.
-    counted, _ = saved_activation_bytes(config, targets, 8, 0.1, "float32", False, "eager", 4, 48)
+    counted, _ = saved_activation_bytes(config, Targets(list(targets)), 8, 0.1, "float32", False, "eager", 4, 48)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager")
     model.requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), lora_dropout=0.1))

@@ -12,6 +12,7 @@ from lora_study.checkpoints import Progress
 from lora_study.config import validate_config
 from lora_study.loading import add_lora, load_base_model
 from lora_study.loss import ResponseLoss
+from lora_study.modules import Targets
 from lora_study.precision import DeviceCapability, GradScaling, recipe_for, resolve_dtype
 from lora_study.settings import TrainingSettings
 from lora_study.train import scheduler_name
@@ -84,7 +85,7 @@ class MatmulDtypes(TorchDispatchMode):
 def _lora_model(tiny_llama, recipe):
     manifest = {"path": str(tiny_llama), "trust_remote_code": False}
     model = load_base_model(manifest, recipe, True, "sdpa", torch.device("cpu"))
-    return add_lora(model, recipe, ["q_proj", "k_proj", "v_proj", "o_proj"], 4, 8, 0.0, False, False)
+    return add_lora(model, recipe, Targets(["q_proj", "k_proj", "v_proj", "o_proj"]), 4, 8, 0.0, False)
 
 
 def _batch():

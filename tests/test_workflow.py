@@ -9,7 +9,7 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import run_snakemake
+from conftest import run_snakemake, tiny_study_config
 
 
 def test_runs_table_has_one_row_per_run_with_finite_metrics(tiny_study):
@@ -100,3 +100,22 @@ def test_invalid_config_fails_before_any_job(tiny_study, tmp_path):
     assert result.returncode != 0
     assert "config key 'sweep.grids[0].rank[0]': 0 is less than the minimum of 1" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_a_gemma2_model_runs_the_whole_workflow_with_the_attention_it_supports(tiny_gemma2, tmp_path):
+    """Gemma 2 has no SDPA in transformers: `auto` picks eager in the planner, training and evaluation."""
+    config = tiny_study_config(tiny_gemma2)
+    config["sweep"] = {"grids": [{"rank": [4], "modules": [["q", "v"], ["q", "k", "v", "o", "mlp"]],
+                                  "quantization": ["nf4"]}]}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    table = pd.read_csv(tmp_path / "results/tables/runs.csv")
+    assert list(table["run_id"]) == ["base-nf4", "r4-qv-nf4", "r4-qkvo-mlp-nf4"]
+    assert table["perplexity"].map(math.isfinite).all()
+    trained = table[~table["is_baseline"]]
+    assert (trained["attn_implementation"] == "eager").all()
+    assert trained["plan_predicted_cpu_gb"].map(math.isfinite).all()
+    manifest = yaml.safe_load((tmp_path / "results/model/model.json").read_text())
+    assert manifest["module_layout"]["source"] == "known" and manifest["attention_support"]["sdpa"] is False
+    assert (tmp_path / "results/report/findings.html").stat().st_size > 10_000
