@@ -15,12 +15,15 @@ from lora_study.io import setup_logging
 
 
 @contextmanager
-def job(snakemake: Any) -> Iterator[logging.Logger]:
+def job(snakemake: Any, light: bool = False) -> Iterator[logging.Logger]:
+    """`light`: a job that never imports the ML stack (it would cost seconds of import time)."""
     # Byte-level progress bars make unreadable logs; our own progress lines remain.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     log = setup_logging(snakemake.log[0] if snakemake.log else None)
     try:
+        if light:
+            raise ImportError("not needed")
         import datasets
         import transformers
 

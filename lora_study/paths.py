@@ -7,8 +7,8 @@ LOGS = "logs"
 
 MODEL_DIR = f"{RESULTS}/model"
 MODEL_MANIFEST = f"{MODEL_DIR}/model.json"
-# Every run's targets, checked on the prepared model before any training.
-RUN_CHECKS = f"{MODEL_DIR}/run_checks.json"
+# One run's targets, checked on the prepared model before it trains.
+RUN_CHECK = f"{RESULTS}/checks/{{run}}.json"
 DATA_DIR = f"{RESULTS}/data"
 DATA_SUMMARY = f"{DATA_DIR}/summary.json"
 DATA_SPLITS = f"{DATA_DIR}/splits"

@@ -3,8 +3,9 @@
 `check_at_start` runs while the workflow is parsed, from a local model
 directory's config.json alone (no torch import: a no-op rerun stays fast).
 Sources it cannot see into (hub ids, GGUF files) and families whose groups
-must be inferred from the built model are checked by the `check_runs` rule
-(`check_with_manifest`), a light local job before any training.
+must be inferred from the built model are checked by the `check_run` rule
+(`check_with_manifest`), a light local job per run (no torch import) that its
+training waits for.
 """
 
 from __future__ import annotations
@@ -127,8 +128,10 @@ def check_at_start(model_source: str, runs: Iterable[RunSpec]) -> bool:
     return True
 
 
-def check_with_manifest(manifest: dict[str, Any], runs: Iterable[RunSpec]) -> dict[str, Targets]:
-    """Every run's targets on the prepared model (its real module names)."""
+def check_with_manifest(
+    manifest: dict[str, Any], runs: Iterable[RunSpec], import_it: bool = True
+) -> dict[str, Targets]:
+    """Every run's targets on the prepared model (its real module names); `import_it`: see quantization_problem."""
     problem = _prequantized_problem(manifest.get("prequantized"), manifest["source"])
     if problem:
         raise PreflightError(problem)
@@ -136,7 +139,7 @@ def check_with_manifest(manifest: dict[str, Any], runs: Iterable[RunSpec]) -> di
     names, model_type = manifest["linear_layers"], manifest["model_type"]
 
     def check(run: RunSpec) -> Targets:
-        targets = check_run(run, layout, names, model_type)
+        targets = check_run(run, layout, names, model_type, import_it)
         assert run.training is not None
         problem = attention_problem(manifest, run.training.attn_implementation)
         if problem:

@@ -26,7 +26,7 @@ try:
 except ConfigError as error:
     raise WorkflowError(f"invalid config: {error}") from None
 try:
-    # A local model of a known family is checked from its config.json now; others by rule check_runs.
+    # A local model of a known family is checked from its config.json now; others by rule check_run.
     check_at_start(config["model"]["source"], RUNS.values())
 except PreflightError as error:
     raise WorkflowError(f"runs that cannot start:\n{error}") from None

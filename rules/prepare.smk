@@ -4,7 +4,7 @@
 localrules:
     prepare_model,
     prepare_data,
-    check_runs,
+    check_run,
 
 
 rule prepare_model:
@@ -47,16 +47,19 @@ rule prepare_data:
         "../scripts/prepare_data.py"
 
 
-rule check_runs:
+rule check_run:
     input:
         manifest=paths.MODEL_MANIFEST,
     output:
-        checks=paths.RUN_CHECKS,
+        check=paths.RUN_CHECK,
     log:
-        f"{paths.LOGS}/check_runs.log",
+        f"{paths.LOGS}/check/{{run}}.log",
+    # All checks are ready as soon as the model is: run them before any training.
+    priority: 100
     conda:
         "../envs/study.yaml"
     params:
-        runs=canonical_json([spec.as_params() for spec in RUNS.values()]),
+        # The run's own settings: a check reruns only with its run, which retrains anyway.
+        run=run_params,
     script:
-        "../scripts/check_runs.py"
+        "../scripts/check_run.py"

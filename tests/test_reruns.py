@@ -56,6 +56,10 @@ def planned_jobs(workdir: Path, *extra: str) -> set[tuple[str, str | None]]:
     return jobs
 
 
+# What an edit to a run's own settings reruns: its check, its training, its evaluation.
+RUN_RULES = ("check_run", "train", "evaluate")
+
+
 def per_run(rules: tuple[str, ...], runs) -> set[tuple[str, str]]:
     return {(rule, run) for rule in rules for run in runs}
 
@@ -103,7 +107,7 @@ def test_editing_one_run_reruns_only_that_run(study):
     before = snapshot(workdir)
     config["sweep"]["runs"][0]["training"]["learning_rate"] = 0.02
     write_config(workdir, config)
-    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["custom"]) | PLAN_JOB | REPORT_JOBS
+    assert planned_jobs(workdir) == per_run(RUN_RULES, ["custom"]) | PLAN_JOB | REPORT_JOBS
     assert run_snakemake(workdir, "--cores", "2").returncode == 0
     after = snapshot(workdir)
     untouched = [k for k in before if "/custom/" not in k]
@@ -116,7 +120,7 @@ def test_adding_a_run_trains_only_it_and_removing_one_touches_no_files(study):
     added = copy.deepcopy(config)
     added["sweep"]["grids"][0]["rank"] = [4, 8, 16]
     write_config(workdir, added)
-    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["r16-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
+    assert planned_jobs(workdir) == per_run(RUN_RULES, ["r16-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
 
     before = snapshot(workdir)
     config["sweep"]["grids"][0]["rank"] = [4]
@@ -133,7 +137,7 @@ def test_shared_default_reruns_runs_using_it_but_not_an_override(study):
     config["training"]["learning_rate"] = 0.005
     write_config(workdir, config)
     # custom overrides learning_rate; the baseline trains nothing.
-    expected = per_run(("train", "evaluate"), ["r4-qv-fp32", "r8-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
+    expected = per_run(RUN_RULES, ["r4-qv-fp32", "r8-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
     assert planned_jobs(workdir) == expected
 
 
@@ -167,7 +171,8 @@ def test_data_and_model_settings_rerun_everything_downstream(study):
     model_edit = copy.deepcopy(config)
     model_edit["model"]["revision"] = "main"
     write_config(workdir, model_edit)
-    assert planned_jobs(workdir) == {("prepare_model", None), ("prepare_data", None)} | everything_after_data
+    checks = per_run(("check_run",), RUN_IDS)  # a run's check reads the model, not the data
+    assert planned_jobs(workdir) == {("prepare_model", None), ("prepare_data", None)} | everything_after_data | checks
 
 
 def test_evaluation_settings_rerun_evaluation_only(study):

@@ -1,0 +1,16 @@
+"""Rule check_run: one run's modules, quantization and attention checked on the prepared model (no torch)."""
+
+from lora_study.jobs import job
+
+with job(snakemake, light=True) as log:
+    import json
+
+    from lora_study.io import read_json, write_json
+    from lora_study.preflight import check_with_manifest
+    from lora_study.sweep import RunSpec
+
+    run = RunSpec.from_params(json.loads(snakemake.params.run))
+    # bitsandbytes is looked up, not imported (that imports torch); the train job imports it.
+    targets = check_with_manifest(read_json(snakemake.input.manifest), [run], import_it=False)[run.run_id]
+    log.info("%s: %s", run.run_id, targets.describe())
+    write_json(snakemake.output.check, targets.lora_kwargs())
