@@ -206,7 +206,8 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """Cast a (PEFT-wrapped) model's tensors to the recipe: norms and LoRA fp32, embeddings/head compute dtype.
+    """Cast a (PEFT-wrapped) model's tensors to the recipe: norms and LoRA fp32; embeddings, head and
+    MoE expert weights in the compute dtype.
 
     Quantized tensors (bitsandbytes' uint8/int8 weights) are never touched.
     """
@@ -214,6 +215,11 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> nn.Module:
     for module in (lm.get_input_embeddings(), lm.get_output_embeddings()):
         if module is not None:
             _cast_float_params(module, recipe.torch_compute_dtype)
+    for name, param in model.named_parameters():
+        # Mixture-of-experts weights are 3-D parameters bitsandbytes does not quantize, and
+        # prepare_model_for_kbit_training upcasts them to fp32 (twice the 16-bit model's experts).
+        if param.dim() >= 3 and param.dtype.is_floating_point and "lora_" not in name:
+            param.data = param.data.to(recipe.torch_compute_dtype)
     for module in model.modules():
         if is_norm(module):
             _cast_float_params(module, torch.float32)

@@ -77,6 +77,9 @@ FAMILY_CONFIGS = {
     # Phi-3: q, k, v fused in qkv_proj.
     "phi3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=512),
+    # Mixtral: experts as 3-D parameters (transformers 5), which bitsandbytes leaves unquantized.
+    "mixtral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512),
     # MPT: attention in one Wqkv layer, a name no standard convention places.
     "mpt": dict(d_model=64, n_heads=4, n_layers=1, expansion_ratio=2, max_seq_len=512),
 }  # fmt: skip

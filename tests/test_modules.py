@@ -19,6 +19,7 @@ from lora_study.modules import (
     ARCHITECTURES,
     LOGICAL_GROUPS,
     ModuleResolutionError,
+    describe_layout,
     families_table,
     infer_layout,
     layout_for,
@@ -173,6 +174,7 @@ def test_unknown_family_groups_are_inferred_from_standard_names():
     names = linear_layer_names(model)
     layout, source = layout_for("opt", names)
     assert source == "inferred"
+    assert describe_layout("opt", names)["source"] == "inferred"  # what the manifest records
     assert layout.groups == {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("out_proj",),
                              "mlp": ("fc1", "fc2")}  # fmt: skip
     layers, _ = wrapped(model, resolve_targets(layout, ["q", "v", "mlp"], names, "opt"))

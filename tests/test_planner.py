@@ -3,6 +3,8 @@ and autograd's own saved tensors on a real forward pass."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -11,7 +13,9 @@ from lora_study.modules import Targets
 from lora_study.planner import (
     BatchShape,
     largest_batch,
+    lora_params,
     model_facts,
+    plan_study,
     saved_activation_bytes,
     weights_bytes,
 )
@@ -61,6 +65,30 @@ def test_predicted_weights_match_what_the_recipe_holds(tiny_llama, quantization,
     assert predicted == pytest.approx(held_bytes(model) - buffers - lora, rel=0.01)
 
 
+@pytest.mark.parametrize("quantization, compute", [("nf4", "bf16"), ("int8", "bf16"), ("bf16", None)])
+def test_moe_experts_are_held_in_the_compute_dtype_as_predicted(tiny_llama, tmp_path, quantization, compute):
+    """Mixtral's 3-D expert weights: not quantized, not upcast to fp32; the planner counts them so."""
+    from conftest import build_tiny_family
+    from lora_study.loading import add_lora, load_base_model
+    from lora_study.modules import ARCHITECTURES, linear_layer_names, resolve_targets
+    from lora_study.precision import DeviceCapability, recipe_for
+
+    model_dir = build_tiny_family(tmp_path / "mixtral", "mixtral", tiny_llama)
+    recipe = recipe_for(quantization, compute, DeviceCapability("cpu", "test", "AVX512", ("avx512_bf16",)))
+    manifest = {"path": str(model_dir), "trust_remote_code": False}
+    model = load_base_model(manifest, recipe, True, "sdpa", torch.device("cpu"))
+    targets = resolve_targets(ARCHITECTURES["mixtral"], ["q", "v", "mlp"], linear_layer_names(model), "mixtral")
+    model = add_lora(model, recipe, targets, 4, 8, 0.0, gradient_checkpointing=False)
+    experts = [p for n, p in model.named_parameters() if p.dim() == 3 and "lora_" not in n]
+    assert experts and all(p.dtype == torch.bfloat16 for p in experts)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    config = AutoConfig.from_pretrained(model_dir)
+    assert lora == 4 * lora_params(config, targets, 4)  # fp32 LoRA weights, counted on the meta device
+    predicted = weights_bytes(model_facts(config), recipe, True)
+    assert predicted == pytest.approx(held_bytes(model) - buffers - lora, rel=0.01)
+
+
 def real_saved_bytes(model, batch: int, seq: int) -> int:
     """Unique non-parameter storages autograd saves in one real forward pass."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -103,3 +131,21 @@ def test_the_largest_batch_is_the_one_the_run_will_draw():
     # One step sees only its own eight rows.
     one_step = largest_batch(lengths, prompts, training.replace(max_steps=1))
     assert one_step.rows == 8 and one_step.padded_length in (10, 100)
+
+
+def test_a_run_the_planner_fails_on_keeps_no_prediction_and_never_stops_the_others(tiny_llama):
+    """One run's targets break the meta-device pass: that run is unplanned, the others are planned."""
+    from lora_study.budget import budget_verdict
+    from lora_study.sweep import RunSpec
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    training = default_training(max_steps=2, batch_size=2)
+    runs = [RunSpec(name, 4, 8.0, ("q", "v"), "nf4", True, training) for name in ("good", "broken")]
+    targets = {"good": Targets(["q_proj", "v_proj"]), "broken": Targets(["no_such_layer"])}
+    plans = {plan.run_id: plan for plan in plan_study(runs, config, targets, [20] * 8, [10] * 8, "cpu", 0.001)}
+    assert plans["good"].plan_error == "" and plans["good"].skip  # planned, and over the tiny budget
+    assert "no_such_layer" in plans["broken"].plan_error
+    assert math.isnan(plans["broken"].predicted_gb) and not plans["broken"].skip
+    settings = {"device": "cpu", "memory_budget_gb": 0.001}
+    assert budget_verdict(plans["broken"].to_dict(), settings) is None  # no prediction: it trains
+    assert budget_verdict({"predicted_cpu_gb": ""}, settings) is None  # as plan.csv writes a missing value
