@@ -1,0 +1,100 @@
+"""Verdicts and intervals on constructed per-example data with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lora_study.verdicts import Evidence, Verdict, classify, compare, paired_bootstrap_se
+
+ROWS = 400
+
+
+def evidence(nll_rows: np.ndarray, tokens: np.ndarray | None = None) -> Evidence:
+    """Per-row NLL sums (one row per seed) with 10 response tokens per row unless given."""
+    nll = np.atleast_2d(nll_rows)
+    return Evidence(nll=nll, tokens=np.full(nll.shape[1], 10.0) if tokens is None else tokens)
+
+
+def reference_rows(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).gamma(4.0, 5.0, ROWS)  # ~20 nats per 10-token row
+
+
+def test_equivalence_is_checked_before_a_difference():
+    # The interval excludes zero (a detectable change) but lies inside the tolerance: equivalent.
+    assert classify(-0.015, -0.005, -0.014, -0.006, 0.02, lower_is_better=True) is Verdict.EQUIVALENT
+    assert classify(-0.05, -0.03, -0.048, -0.032, 0.02, lower_is_better=True) is Verdict.BETTER
+    assert classify(0.03, 0.05, 0.032, 0.048, 0.02, lower_is_better=True) is Verdict.WORSE
+    assert classify(0.03, 0.05, 0.032, 0.048, 0.02, lower_is_better=False) is Verdict.BETTER
+    assert classify(-0.01, 0.05, -0.008, 0.048, 0.02, lower_is_better=True) is Verdict.INCONCLUSIVE
+
+
+def test_each_verdict_on_constructed_runs():
+    rng = np.random.default_rng(1)
+    reference = reference_rows()
+    noise = rng.normal(0, 0.5, ROWS)
+    cases = {
+        Verdict.BETTER: reference * 0.90 + noise,  # perplexity ratio exp(-0.1 * 2) ~ 0.82
+        Verdict.WORSE: reference * 1.10 + noise,
+        Verdict.EQUIVALENT: reference + noise * 0.1,
+    }
+    for expected, candidate in cases.items():
+        result = compare(evidence(candidate), evidence(reference), "perplexity", tolerance=0.02)
+        assert result.verdict is expected, result.describe()
+        assert result.sources == "evaluation noise only"
+        assert result.low <= result.change <= result.high
+    # A real but small-sample, noisy difference: neither excluded from zero nor inside the tolerance.
+    few = slice(0, 12)
+    noisy = reference[few] * 1.03 + rng.normal(0, 3.0, 12)
+    result = compare(evidence(noisy), evidence(reference[few]), "perplexity", tolerance=0.02)
+    assert result.verdict is Verdict.INCONCLUSIVE, result.describe()
+    assert "validation rows would settle it" in result.settle and "seed noise" in result.settle
+
+
+def test_the_multiple_comparison_correction_widens_the_interval():
+    rng = np.random.default_rng(2)
+    reference = reference_rows()
+    candidate = reference * 0.995 + rng.normal(0, 0.85, ROWS)
+    single = compare(evidence(candidate), evidence(reference), "perplexity", tolerance=0.001)
+    many = compare(evidence(candidate), evidence(reference), "perplexity", tolerance=0.001, comparisons=50)
+    assert single.change == many.change
+    assert many.low < single.low and many.high > single.high
+    assert single.verdict is Verdict.BETTER and many.verdict is Verdict.INCONCLUSIVE, (single, many)
+    assert "50 comparisons" in many.describe()
+
+
+def test_paired_bootstrap_on_a_known_case():
+    rng = np.random.default_rng(3)
+    reference = rng.normal(20, 5, 2500)  # large spread between rows...
+    difference = rng.choice([-1.0, 1.0], 2500)  # ...but each pair differs by exactly +-1
+    se = paired_bootstrap_se(reference + difference, reference, None)
+    assert se == pytest.approx(1 / math.sqrt(2500), rel=0.1)  # sd of the differences / sqrt(n)
+    # A constant shift has no evaluation noise at all when paired.
+    assert paired_bootstrap_se(reference + 0.3, reference, None) == pytest.approx(0, abs=1e-12)
+
+
+def test_seeds_add_their_own_noise_and_say_which_dominates():
+    reference = reference_rows()
+    seeds = np.stack([reference * factor for factor in (1.00, 1.06, 0.95)])  # seeds disagree a lot
+    candidate = np.stack([reference * factor for factor in (0.97, 1.04, 0.99)])
+    result = compare(evidence(candidate), evidence(seeds), "perplexity", tolerance=0.02)
+    assert math.isfinite(result.se_seed) and result.se_seed > result.se_eval
+    assert result.sources == "seeds and evaluation rows (seed noise dominates)"
+    assert result.verdict is Verdict.INCONCLUSIVE
+    assert "seeds per configuration would settle it" in result.settle
+
+
+def test_accuracy_is_compared_pairwise_over_the_same_prompts():
+    rng = np.random.default_rng(4)
+    reference = (rng.random(300) < 0.5).astype(float)
+    candidate = reference.copy()
+    flip = rng.choice(300, 60, replace=False)
+    candidate[flip] = 1.0  # 60 prompts fixed, none broken: about +10 points
+    tokens = np.full(300, 10.0)
+    a = Evidence(nll=np.zeros((1, 300)), tokens=tokens, correct=candidate[None])
+    b = Evidence(nll=np.zeros((1, 300)), tokens=tokens, correct=reference[None])
+    result = compare(a, b, "accuracy", tolerance=0.02)
+    assert result.verdict is Verdict.BETTER and result.change == pytest.approx(candidate.mean() - reference.mean())
+    assert "pts" in result.interval_text()
