@@ -55,8 +55,8 @@ def perplexity_of(model, recipe, manifest, splits: Path, batch_size: int) -> flo
     _, pad_id = load_tokenizer(manifest)
     model.eval()
     rows = list(load_split(splits, "validation"))
-    nll, count = response_nll(ResponseLoss(model), rows, batch_size, pad_id, model.device, recipe)
-    return perplexity(nll, count)
+    nll, tokens = response_nll(ResponseLoss(model), rows, batch_size, pad_id, model.device, recipe)
+    return perplexity(sum(nll), sum(tokens))
 
 
 def worker_ours(run_id: str, steps: int, out: Path, threads: int) -> dict:

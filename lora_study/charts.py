@@ -20,13 +20,17 @@ def _fitting_trained(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _has_spread(frame: pd.DataFrame, metric: str) -> bool:
-    column = f"{metric}_ci95"
-    return column in frame and frame[column].notna().any()
+    return any(column in frame and frame[column].notna().any() for column in (f"{metric}_low", f"{metric}_ci95"))
 
 
 def _error_bars(frame: pd.DataFrame, x: str, metric: str, **encodings) -> alt.Chart:
-    """Mean ± 95 % CI half-width, drawn when configurations have several seeds."""
-    bounds = frame.assign(low=frame[metric] - frame[f"{metric}_ci95"], high=frame[metric] + frame[f"{metric}_ci95"])
+    """Each configuration's own 95 % interval (rows resampled, plus seeds) where the table has it, else the
+    seeds' 95 % t-interval of the mean."""
+    if f"{metric}_low" in frame and frame[f"{metric}_low"].notna().any():
+        bounds = frame.assign(low=frame[f"{metric}_low"], high=frame[f"{metric}_high"])
+    else:
+        half = frame[f"{metric}_ci95"]
+        bounds = frame.assign(low=frame[metric] - half, high=frame[metric] + half)
     return alt.Chart(bounds).mark_errorbar().encode(x=x, y=alt.Y("low:Q", title=metric), y2="high:Q", **encodings)
 
 

@@ -3,8 +3,10 @@ exact-match accuracy of greedy answers."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,18 +41,20 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def response_nll(loss: ResponseLoss, rows, batch_size: int, pad_id: int, device, recipe: Recipe) -> tuple[float, int]:
-    """Summed NLL (float64) and count over all response tokens of `rows`, computed as in training."""
-    total_nll, total_tokens = 0.0, 0
+def response_nll(
+    loss: ResponseLoss, rows, batch_size: int, pad_id: int, device, recipe: Recipe
+) -> tuple[list[float], list[int]]:
+    """Each row's summed NLL (float64) and scored-token count over its response, computed as in training."""
+    nll, tokens = [0.0] * len(rows), [0] * len(rows)
     lengths = [len(r["input_ids"]) for r in rows]
     for indices in batches_by_length(lengths, batch_size):
         batch = collate([rows[i] for i in indices], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with recipe.autocast_context(device.type):
-            loss_sum, count = loss(batch)
-        total_nll += float(loss_sum.double())
-        total_tokens += count
-    return total_nll, total_tokens
+            row_nll, row_tokens = loss.per_row(batch)
+        for index, value, count in zip(indices, row_nll.tolist(), row_tokens.tolist(), strict=True):
+            nll[index], tokens[index] = value, int(count)
+    return nll, tokens
 
 
 @torch.inference_mode()
@@ -84,8 +88,12 @@ def _generate(model, batch, max_new_tokens: int, tokenizer, pad_id: int, device)
     )
 
 
+def answer_hits(predictions: list[str], rows) -> list[bool]:
+    return [normalize_answer(p) == normalize_answer(r["answer"]) for p, r in zip(predictions, rows, strict=True)]
+
+
 def exact_match(predictions: list[str], rows) -> tuple[float, dict[str, float]]:
-    hits = [normalize_answer(p) == normalize_answer(r["answer"]) for p, r in zip(predictions, rows, strict=True)]
+    hits = answer_hits(predictions, rows)
     by_family: dict[str, list[bool]] = defaultdict(list)
     for hit, row in zip(hits, rows, strict=True):
         by_family[row["family"] or "all"].append(hit)
@@ -103,6 +111,7 @@ def evaluate_run(
     metrics_path: Path,
     predictions_path: Path,
     threads: int,
+    examples_path: Path | None = None,
     train_status: str = STATUS_OK,
 ) -> EvalMetrics:
     """Score a run under its precision recipe; a run that did not train (oom, skipped) passes its status through."""
@@ -129,6 +138,8 @@ def evaluate_run(
 
     def not_evaluated(status: str, failure: dict[str, Any]) -> EvalMetrics:
         _write_predictions(predictions_path, [], [])
+        if examples_path is not None:
+            write_examples(examples_path, [], [], {})
         metrics = record(status, failure=failure)
         write_json(metrics_path, metrics.to_dict())
         return metrics
@@ -139,7 +150,8 @@ def evaluate_run(
     log.info("evaluating %s on %s; recipe: %s", run.run_id, capability.summary(), recipe.describe())
     rows = list(load_split(splits_dir, "validation"))
     tokenizer, pad_id = load_tokenizer(manifest)
-    scored = exact_answer_rows(rows, evaluation["exact_match_examples"])
+    scored_indices = exact_answer_indices(rows, evaluation["exact_match_examples"])
+    scored = [rows[i] for i in scored_indices]
     batch_size = evaluation["batch_size"]
     try:
         with memory, quiet_int8_casts():
@@ -148,7 +160,8 @@ def evaluate_run(
                                         str(adapter_dir) if adapter_dir else None)  # fmt: skip
             loss = ResponseLoss(model)
             nll_start = time.perf_counter()
-            total_nll, tokens = response_nll(loss, rows, batch_size, pad_id, device, recipe)
+            row_nll, row_tokens = response_nll(loss, rows, batch_size, pad_id, device, recipe)
+            total_nll, tokens = math.fsum(row_nll), sum(row_tokens)
             nll_seconds = time.perf_counter() - nll_start
             log.info("perplexity %.4f over %d response tokens", perplexity(total_nll, tokens), tokens)
             max_new = evaluation["max_new_tokens"]
@@ -165,6 +178,9 @@ def evaluate_run(
     if scored:
         log.info("exact-match accuracy %.3f on %d prompts", accuracy, len(scored))
     _write_predictions(predictions_path, scored, predictions)
+    if examples_path is not None:
+        hits = {i: hit for i, hit in zip(scored_indices, answer_hits(predictions, scored), strict=True)}
+        write_examples(examples_path, row_nll, row_tokens, hits)
     metrics = record(
         STATUS_OK,
         loss_path=loss.path,
@@ -181,9 +197,9 @@ def evaluate_run(
     return metrics
 
 
-def exact_answer_rows(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """The first `limit` validation rows with exact answers (a non-empty family); warns when none have one."""
-    scored = [r for r in rows if r["family"]][:limit]
+def exact_answer_indices(rows: list[dict[str, Any]], limit: int) -> list[int]:
+    """Positions of the first `limit` validation rows with exact answers (a non-empty family); warns when none."""
+    scored = [i for i, r in enumerate(rows) if r["family"]][:limit]
     if limit and not scored:
         log.warning(
             "evaluation.exact_match_examples is %d but no validation row has an exact answer: accuracy is not "
@@ -198,3 +214,19 @@ def _write_predictions(path: Path, rows, predictions: list[str]) -> None:
         for row, prediction in zip(rows, predictions, strict=True):
             record = {"family": row["family"], "answer": row["answer"], "prediction": prediction}
             handle.write(json.dumps(record) + "\n")
+
+
+EXAMPLE_FIELDS = ("row", "nll", "tokens", "correct")
+
+
+def write_examples(path: Path, nll: list[float], tokens: list[int], hits: dict[int, bool]) -> None:
+    """One line per validation row: summed NLL, scored tokens, exact-match hit (empty when not scored).
+
+    Every run is scored on the same rows in the same order, so two runs compare row by row.
+    """
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(EXAMPLE_FIELDS)
+        for row, (value, count) in enumerate(zip(nll, tokens, strict=True)):
+            hit = hits.get(row)
+            writer.writerow([row, repr(value), count, "" if hit is None else int(hit)])

@@ -6,6 +6,7 @@ definitions in the report's methods section (DEFINITIONS).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +14,8 @@ import pandas as pd
 
 from lora_study.formats import SIXTEEN_BIT, UNQUANTIZED, quantization_label
 from lora_study.modules import modules_label
-from lora_study.replicates import NOISE_RULE, differs
 from lora_study.sweep import baseline_id
+from lora_study.verdicts import ALPHA, Comparison, Judge, Verdict, own_interval
 
 # The unquantized reference of memory and of the base model's quantization cost: highest precision first.
 REFERENCE_FORMATS = ("fp32", SIXTEEN_BIT, "bf16", "fp16")
@@ -36,10 +37,13 @@ DEFINITIONS: dict[str, str] = {
     "base_quantization_cost": "(perplexity of the base model in a weight format - perplexity of the "
     "unquantized base model) / perplexity of the unquantized base model: what quantizing the base model "
     "costs before any adapter is trained.",
-    "sweet_spot": "the smallest rank of the rank sweep whose perplexity is within "
-    "{sweet_spot_tolerance:.0%} of the best perplexity in that sweep.",
-    "diminishing": "returns diminish above rank r when no later rank step lowers perplexity by at "
-    "least {min_relative_gain:.0%} of the perplexity before the step.",
+    "sweet_spot": "the smallest rank of the rank sweep whose perplexity is *equivalent* to the best rank's "
+    "(tolerance sweet_spot_tolerance = {sweet_spot_tolerance:.0%}), every smaller rank being *worse*; "
+    "otherwise the sentence says the comparison is inconclusive. m = the number of smaller ranks.",
+    "diminishing": "each rank step is compared with the rank before it at tolerance min_relative_gain = "
+    "{min_relative_gain:.0%}: *better* = worth it, *equivalent* = not worth it. Returns diminish above rank r "
+    "when every step after r is equivalent or worse and the step into r (if any) is better; m = the number of "
+    "steps.",
     "marginal_gain_per_gb": "perplexity reduction of a rank step divided by the extra peak memory it "
     "costs (empty when memory did not grow).",
     "pareto": "a run is Pareto-optimal when no other run is at least as good on both axes and "
@@ -47,10 +51,27 @@ DEFINITIONS: dict[str, str] = {
     "quality_change": "(perplexity - best perplexity of the sweep) / best perplexity.",
     "memory_saved": "1 - peak memory / peak memory of the highest-precision unquantized run.",
     "time_per_gb": "training wall time in seconds / peak memory in GB.",
-    "decision": "for each memory budget, the run with the lowest perplexity whose measured peak "
-    "memory is at most the budget (ties: less memory).",
-    "noise": NOISE_RULE + "; metrics of a configuration are means over its seeds, _ci95 the half-width "
-    "of their 95 % t-interval.",
+    "decision": "for each memory budget, among the runs whose peak memory is at most the budget: the best is "
+    "the lowest mean perplexity; the pick is the cheapest run (least memory, then least training time) that is "
+    "*equivalent* to the best (tolerance sweet_spot_tolerance), else the best itself; cheaper runs whose "
+    "comparison was inconclusive are named. m = the number of cheaper runs. When memory was measured on a CPU, "
+    "the same table is also given on the planner's predicted GPU memory, labelled as predicted.",
+    "verdicts": "a candidate against a reference on perplexity: change = perplexity ratio - 1, from the "
+    "difference of log perplexities. Its standard error combines evaluation noise (a paired bootstrap over "
+    "the validation rows every run is scored on: 2000 resamples of the rows, the same rows for both runs) "
+    "and, with two or more seeds, seed noise (Welch: the spread of each configuration's per-seed log "
+    "perplexity). Difference interval: estimate +- q(1 - alpha/(2m)) x SE; equivalence interval (two "
+    "one-sided tests, TOST): estimate +- q(1 - alpha/m) x SE, with alpha = "
+    + f"{ALPHA:g}"
+    + ", m the number of comparisons the sentence rests on (Bonferroni, so verdicts and the printed intervals "
+    "agree), q normal with one seed and Student's t on the seeds' Welch degrees of freedom with several. "
+    "Verdict: *equivalent* when the equivalence interval lies inside (-t, +t) (checked first); else "
+    "*better*/*worse* when the difference interval excludes 0; else *inconclusive*, with the seeds (or "
+    "validation rows) that would shrink the interval enough, from its 1/sqrt(n) scaling. Accuracy: the "
+    "same with the difference of exact-match rates, paired over the same prompts.",
+    "noise": "with one seed, intervals cover evaluation noise only (labelled so); metrics of a configuration "
+    "with seeds are means over them, _ci95 the half-width of their 95 % t-interval; perplexity_low/high are "
+    "each configuration's own 95 % interval (rows resampled, plus the seeds' spread), drawn as error bars.",
 }
 
 
@@ -164,6 +185,7 @@ def rank_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     group = group.sort_values("rank")
     table = pd.DataFrame(
         {
+            "run_id": group["run_id"],
             "rank": group["rank"],
             "modules": group["modules_label"],
             "quantization": group["quant_label"],
@@ -183,6 +205,7 @@ def module_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     group = group.sort_values("trainable_params")
     table = pd.DataFrame(
         {
+            "run_id": group["run_id"],
             "modules": group["modules_label"],
             "rank": group["rank"],
             "quantization": group["quant_label"],
@@ -215,6 +238,7 @@ def quantization_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     saved = 1 - group["peak_memory_gb"] / float(reference["peak_memory_gb"]) if reference is not None else float("nan")
     table = pd.DataFrame(
         {
+            "run_id": group["run_id"],
             "quantization": group["quant_label"],
             **_dtype_columns(group),
             "rank": group["rank"],
@@ -304,7 +328,12 @@ def precision_warnings(runs: pd.DataFrame) -> list[str]:
     return warnings
 
 
-def diminishing_returns_table(runs: pd.DataFrame) -> pd.DataFrame | None:
+def diminishing_returns_table(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -> pd.DataFrame | None:
+    """Each rank step's perplexity change, with its verdict at tolerance min_relative_gain.
+
+    The steps together carry the "returns diminish" sentence: m = the number
+    of steps (Bonferroni).
+    """
     ranks = rank_table(runs)
     if ranks is None:
         return None
@@ -326,9 +355,25 @@ def diminishing_returns_table(runs: pd.DataFrame) -> pd.DataFrame | None:
             "marginal_gain_per_gb": (gain / extra_memory).where(extra_memory > 0),
         }
     )
-    if "n" in fitting:
-        steps["beyond_noise"] = [differs(before.iloc[i], after.iloc[i]) for i in range(len(steps))]
-    return steps
+    comparisons = [
+        judge.compare(b, a, "perplexity", settings.min_relative_gain, len(steps))
+        for a, b in zip(before["run_id"], after["run_id"], strict=True)
+    ]
+    return _with_verdicts(steps, comparisons)
+
+
+VERDICT_COLUMNS = ("change_low_pct", "change_high_pct", "verdict", "noise")
+
+
+def _with_verdicts(table: pd.DataFrame, comparisons: list[Comparison | None]) -> pd.DataFrame:
+    """Interval and verdict columns beside each compared row (empty where there was nothing to compare)."""
+    table = table.copy()
+    table["change_low_pct"] = [100 * c.low if c else float("nan") for c in comparisons]
+    table["change_high_pct"] = [100 * c.high if c else float("nan") for c in comparisons]
+    table["verdict"] = [c.verdict.value if c else "" for c in comparisons]
+    table["noise"] = [c.sources if c else "" for c in comparisons]
+    table.attrs["comparisons"] = comparisons
+    return table
 
 
 def time_memory_table(runs: pd.DataFrame) -> pd.DataFrame | None:
@@ -367,28 +412,62 @@ def pareto_table(runs: pd.DataFrame, x: str) -> pd.DataFrame | None:
     return front[columns].reset_index(drop=True)
 
 
-def decision_table(runs: pd.DataFrame, budgets_gb: tuple[float, ...]) -> pd.DataFrame | None:
+def decision_table(
+    runs: pd.DataFrame, budgets_gb: tuple[float, ...], judge: Judge, settings: FindingSettings
+) -> pd.DataFrame | None:
+    """Per memory budget: the cheapest fitting run equivalent to the best fitting run.
+
+    Cheapest = least peak memory, then least training time. The best is the
+    lowest mean perplexity among the runs that fit; each cheaper run is
+    compared with it at tolerance sweet_spot_tolerance (m = the number of
+    cheaper runs compared). A CPU study adds the same table on the planner's
+    predicted GPU memory, labelled as predicted.
+    """
     trained = trained_runs(runs)
-    fitting = trained[trained["fits"]].dropna(subset=["perplexity", "peak_memory_gb"])
     if trained.empty:
         return None
+    fitting = trained[trained["fits"]].dropna(subset=["perplexity", "peak_memory_gb"])
+    bases = [("measured", "peak_memory_gb")]
+    measured_on_cpu = not trained["memory_kind"].fillna("").str.startswith("cuda").any()
+    if measured_on_cpu and "plan_predicted_cuda_gb" in fitting and fitting["plan_predicted_cuda_gb"].notna().any():
+        bases.append(("predicted GPU", "plan_predicted_cuda_gb"))
     rows = []
-    for budget in budgets_gb:
-        candidates = fitting[fitting["peak_memory_gb"] <= budget].sort_values(["perplexity", "peak_memory_gb"])
-        if candidates.empty:
-            rows.append({"budget_gb": budget, "run_id": "nothing measured fits"})
-            continue
-        best = candidates.iloc[0]
-        row = {
-            "budget_gb": budget,
-            "run_id": best["run_id"],
-            "perplexity": best["perplexity"],
-            "accuracy": best.get("accuracy"),
-            "peak_memory_gb": best["peak_memory_gb"],
-        }
-        rows.append(row)
+    for basis, column in bases:
+        for budget in budgets_gb:
+            rows.append({"memory": basis, "budget_gb": budget,
+                         **_cheapest_equivalent(fitting, column, budget, judge, settings)})  # fmt: skip
     table = pd.DataFrame(rows)
     return table[_with_accuracy(list(table.columns), table)]
+
+
+def _cheapest_equivalent(
+    fitting: pd.DataFrame, column: str, budget: float, judge: Judge, settings: FindingSettings
+) -> dict[str, Any]:
+    candidates = fitting[pd.to_numeric(fitting[column], errors="coerce") <= budget]
+    if candidates.empty:
+        return {"run_id": "nothing fits"}
+    best = candidates.sort_values(["perplexity", column]).iloc[0]
+    cheaper = candidates.sort_values([column, "train_wall_s"])
+    cheaper = cheaper[cheaper["run_id"] != best["run_id"]]
+    cheaper = cheaper[pd.to_numeric(cheaper[column]) <= float(best[column])]
+    pick, comparison, undecided = best, None, []
+    for _, row in cheaper.iterrows():
+        result = judge.compare(row["run_id"], best["run_id"], "perplexity", settings.sweet_spot_tolerance, len(cheaper))
+        if result is not None and result.verdict is Verdict.EQUIVALENT:
+            pick, comparison = row, result
+            break
+        if result is None or result.verdict is Verdict.INCONCLUSIVE:
+            undecided.append(row["run_id"])
+    return {
+        "run_id": pick["run_id"],
+        "perplexity": pick["perplexity"],
+        "accuracy": pick.get("accuracy"),
+        "memory_gb": pick[column],
+        "train_wall_s": pick["train_wall_s"],
+        "best_run_id": best["run_id"],
+        "vs_best": comparison.describe() if comparison else "is the best",
+        "cheaper_inconclusive": ", ".join(undecided),
+    }
 
 
 def memory_plan_table(runs: pd.DataFrame) -> pd.DataFrame | None:
@@ -457,29 +536,47 @@ def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-def sweet_spot_finding(ranks: pd.DataFrame | None, settings: FindingSettings) -> str | None:
+def _unjudged(subject: str) -> str:
+    return f"{subject}: not judged (no per-row scores to compare)."
+
+
+def sweet_spot_finding(ranks: pd.DataFrame | None, judge: Judge, settings: FindingSettings) -> str | None:
+    """The smallest rank equivalent to the best rank, every smaller rank shown worse; else inconclusive."""
     if ranks is None:
         return None
-    fitting = ranks.dropna(subset=["perplexity"])
+    fitting = ranks.dropna(subset=["perplexity"]).sort_values("rank")
     if fitting.empty:
         return None
     best = fitting.loc[fitting["perplexity"].idxmin()]
-    threshold = best["perplexity"] * (1 + settings.sweet_spot_tolerance)
-    close = [row["perplexity"] <= threshold or differs(row, best) is False for _, row in fitting.iterrows()]
-    spot = fitting[close].iloc[0]
-    memory_ratio = spot["peak_memory_gb"] / best["peak_memory_gb"]
-    sentence = (
-        f"Sweet-spot rank: {int(spot['rank'])} reaches perplexity {_fmt(spot['perplexity'])}, within "
-        f"{settings.sweet_spot_tolerance:.0%} of the best rank or indistinguishable from it within seed noise "
-        f"({int(best['rank'])}: {_fmt(best['perplexity'])})"
-        if differs(spot, best) is False and spot["perplexity"] > threshold
-        else f"Sweet-spot rank: {int(spot['rank'])} reaches perplexity {_fmt(spot['perplexity'])}, within "
-        f"{settings.sweet_spot_tolerance:.0%} of the best rank ({int(best['rank'])}: "
-        f"{_fmt(best['perplexity'])})"
+    smaller = fitting[fitting["rank"] < best["rank"]]
+    tolerance = f"tolerance {settings.sweet_spot_tolerance:.0%}"
+    if smaller.empty:
+        return (f"Sweet-spot rank: {int(best['rank'])}, the smallest rank tried, is also the best "
+                f"(perplexity {_fmt(best['perplexity'])}; {_sweep(fitting)}).")  # fmt: skip
+    worse = []
+    for _, row in smaller.iterrows():
+        result = judge.compare(row["run_id"], best["run_id"], "perplexity", settings.sweet_spot_tolerance,
+                               len(smaller))  # fmt: skip
+        if result is None:
+            return _unjudged("Sweet-spot rank")
+        if result.verdict is Verdict.EQUIVALENT:
+            shown = f"; smaller ranks are worse ({'; '.join(worse)})" if worse else ""
+            ratio = row["peak_memory_gb"] / best["peak_memory_gb"]
+            return (
+                f"Sweet-spot rank: {int(row['rank'])} (perplexity {_fmt(row['perplexity'])}) is equivalent to the "
+                f"best rank {int(best['rank'])} ({_fmt(best['perplexity'])}) within the {tolerance}: "
+                f"{result.describe()}, at {ratio:.0%} of its peak memory{shown}."
+            )
+        if result.verdict is not Verdict.WORSE:
+            return (
+                f"Sweet-spot rank: inconclusive. Rank {int(row['rank'])} against the best rank "
+                f"{int(best['rank'])} is {result.describe()}."
+            )
+        worse.append(f"{int(row['rank'])}: {result.interval_text()}")
+    return (
+        f"Sweet-spot rank: {int(best['rank'])}, the best rank (perplexity {_fmt(best['perplexity'])}); every "
+        f"smaller rank is worse ({'; '.join(worse)}; {tolerance}, {len(smaller)} comparisons)."
     )
-    if spot["rank"] == best["rank"]:
-        return sentence.split(", within")[0] + f"; it is also the best rank in the sweep ({_sweep(fitting)})."
-    return sentence + f", at {memory_ratio:.0%} of its peak memory."
 
 
 def _sweep(ranks: pd.DataFrame) -> str:
@@ -487,32 +584,32 @@ def _sweep(ranks: pd.DataFrame) -> str:
 
 
 def diminishing_finding(steps: pd.DataFrame | None, settings: FindingSettings) -> str | None:
+    """Returns diminish above r when every step above r is shown not worth it and the step into r was."""
     if steps is None:
         return None
-    gains = -steps["perplexity_change_pct"] / 100
-    big = gains >= settings.min_relative_gain
-    if "beyond_noise" in steps:  # a gain inside seed noise is no gain
-        big &= steps["beyond_noise"].map(lambda beyond: beyond is not False).astype(bool)
-    if big.iloc[-1]:
-        last = steps.iloc[-1]
-        return (
-            f"Returns had not diminished by the largest rank tried: the step {last['step']} still lowers "
-            f"perplexity by {-last['perplexity_change_pct']:.1f}%."
-        )
-    later_small = ~big[::-1].cummax()[::-1]  # True from the last big step onwards
-    first_small = int(later_small.idxmax())
-    knee = steps.iloc[first_small]
-    gains_text = "; ".join(
-        f"{s}: {c:+.1f}%" for s, c in zip(steps["step"], steps["perplexity_change_pct"], strict=True)
-    )
-    return (
-        f"Returns diminish above rank {int(knee['from_rank'])}: no later rank step lowers perplexity by "
-        f"{settings.min_relative_gain:.0%} or more{' beyond seed noise' if 'beyond_noise' in steps else ''} "
-        f"(perplexity change per step: {gains_text})."
-    )
+    comparisons: list[Comparison | None] = steps.attrs.get("comparisons", [])
+    if not comparisons or any(c is None for c in comparisons):
+        return _unjudged("Diminishing returns")
+    verdicts = [c.verdict for c in comparisons]
+    listed = "; ".join(f"{s}: {c.interval_text()} {c.verdict.value}" for s, c in zip(steps["step"], comparisons,
+                                                                                   strict=True))  # fmt: skip
+    counted = f"{len(steps)} steps compared" if len(steps) > 1 else "1 step"
+    tolerance = f"tolerance {settings.min_relative_gain:.0%}, {counted}, {comparisons[0].sources}"
+    if verdicts[-1] is Verdict.BETTER:
+        return (f"Returns had not diminished by the largest rank tried: the step {steps['step'].iloc[-1]} is still "
+                f"better ({listed}; {tolerance}).")  # fmt: skip
+    worth = [k for k, v in enumerate(verdicts) if v is Verdict.BETTER]
+    tail = verdicts[(worth[-1] + 1) if worth else 0 :]
+    knee = int(steps["from_rank"].iloc[(worth[-1] + 1) if worth else 0])
+    if all(v in (Verdict.EQUIVALENT, Verdict.WORSE) for v in tail):
+        return (f"Returns diminish above rank {knee}: every later rank step is shown to change perplexity by less "
+                f"than {settings.min_relative_gain:.0%} or to hurt ({listed}; {tolerance}).")  # fmt: skip
+    undecided = next(c for c in comparisons[len(verdicts) - len(tail) :] if c.verdict is Verdict.INCONCLUSIVE)
+    return f"Diminishing returns: inconclusive above rank {knee} ({listed}; {tolerance}); {undecided.settle}."
 
 
-def attention_finding(modules: pd.DataFrame | None, settings: FindingSettings) -> str | None:
+def attention_finding(modules: pd.DataFrame | None, judge: Judge, settings: FindingSettings) -> str | None:
+    """Best module set with the MLP against the best attention-only set, at tolerance min_relative_gain."""
     if modules is None:
         return None
     fitting = modules.dropna(subset=["perplexity"])
@@ -522,19 +619,22 @@ def attention_finding(modules: pd.DataFrame | None, settings: FindingSettings) -
         return None
     best_attention = attention.loc[attention["perplexity"].idxmin()]
     best_mlp = with_mlp.loc[with_mlp["perplexity"].idxmin()]
-    change = (best_mlp["perplexity"] - best_attention["perplexity"]) / best_attention["perplexity"]
     params_ratio = best_mlp["trainable_params"] / best_attention["trainable_params"]
-    enough = -change < settings.min_relative_gain or differs(best_mlp, best_attention) is False
-    verdict = (
-        "attention-only targeting is enough here"
-        if enough
-        else "the MLP layers add quality that attention-only targeting misses"
-    )
+    # Picking the best of each side considered every pair: correct for all of them.
+    result = judge.compare(best_mlp["run_id"], best_attention["run_id"], "perplexity", settings.min_relative_gain,
+                           len(attention) * len(with_mlp))  # fmt: skip
+    if result is None:
+        return _unjudged("Target modules")
+    conclusion = {
+        Verdict.EQUIVALENT: "attention-only targeting is enough here",
+        Verdict.BETTER: "the MLP layers add quality that attention-only targeting misses",
+        Verdict.WORSE: "adding the MLP layers makes it worse",
+        Verdict.INCONCLUSIVE: "inconclusive whether the MLP layers are worth adding",
+    }[result.verdict]
     return (
-        f"Target modules: adding the MLP ({best_mlp['modules']}, perplexity {_fmt(best_mlp['perplexity'])}) "
-        f"vs the best attention-only set ({best_attention['modules']}, {_fmt(best_attention['perplexity'])}) "
-        f"changes perplexity by {100 * change:+.1f}% for {params_ratio:.1f}x the trainable parameters: "
-        f"{verdict} (threshold: a {settings.min_relative_gain:.0%} gain)."
+        f"Target modules: {conclusion}. Adding the MLP ({best_mlp['modules']}, perplexity "
+        f"{_fmt(best_mlp['perplexity'])}) against the best attention-only set ({best_attention['modules']}, "
+        f"{_fmt(best_attention['perplexity'])}) for {params_ratio:.1f}x the trainable parameters: {result.describe()}."
     )
 
 
@@ -544,23 +644,28 @@ def _memory_change_text(saved_pct: float) -> str:
     return f"{-saved_pct:.0f}% more peak memory than the unquantized run"
 
 
-def quantization_findings(quant: pd.DataFrame | None) -> list[str]:
+def quantization_findings(quant: pd.DataFrame | None, judge: Judge, settings: FindingSettings) -> list[str]:
+    """Each weight format against the best one, at tolerance sweet_spot_tolerance."""
     if quant is None:
         return []
     fitting = quant.dropna(subset=["perplexity"])
     best = fitting.loc[fitting["perplexity"].idxmin()] if len(fitting) else None
     sentences = []
     for _, row in fitting.iterrows():
-        is_best = row["quantization"] == best["quantization"]
-        noise = ", within seed noise of the best" if not is_best and differs(row, best) is False else ""
         saved = (
             f", {_memory_change_text(row['memory_saved_pct'])}"
             if pd.notna(row["memory_saved_pct"]) and row["quantization"] not in UNQUANTIZED
             else ""
         )
+        if row["quantization"] == best["quantization"]:
+            against = "the best format"
+        else:
+            result = judge.compare(row["run_id"], best["run_id"], "perplexity", settings.sweet_spot_tolerance,
+                                   len(fitting) - 1)  # fmt: skip
+            verdict = result.describe() if result else "not judged"
+            against = f"against {best['quantization']}: {verdict}"
         sentences.append(
-            f"Quantization {row['quantization']}: perplexity {_fmt(row['perplexity'])} "
-            f"({row['quality_change_pct']:+.1f}% vs the best{noise}), "
+            f"Quantization {row['quantization']}: perplexity {_fmt(row['perplexity'])} ({against}), "
             f"peak memory {row['peak_memory_gb']:.2f} GB{saved}."
         )
     for _, row in quant[quant["status"] != "ok"].iterrows():
@@ -582,60 +687,92 @@ def decision_findings(decisions: pd.DataFrame | None, memory_text: str) -> list[
     if decisions is None:
         return []
     sentences = []
-    rows = list(decisions.to_dict("records"))
-    start = 0
-    for end in range(len(rows)):
-        if end + 1 < len(rows) and rows[end + 1]["run_id"] == rows[start]["run_id"]:
-            continue
-        first, last, row = rows[start]["budget_gb"], rows[end]["budget_gb"], rows[start]
-        budget = f"Budget {first:g} GB" if first == last else f"Budgets {first:g}-{last:g} GB"
-        if row["run_id"] == "nothing measured fits":
-            sentences.append(f"{budget}: no measured run fits.")
-        else:
-            sentences.append(
-                f"{budget}: {row['run_id']} (perplexity {_fmt(row['perplexity'])}, "
-                f"{row['peak_memory_gb']:.2f} GB {memory_text})."
-            )
-        start = end + 1
+    for basis, group in decisions.groupby("memory", sort=False):
+        rows = list(group.to_dict("records"))
+        label = memory_text if basis == "measured" else "predicted GPU memory (planner)"
+        start = 0
+        for end in range(len(rows)):
+            same = ("run_id", "best_run_id")  # one sentence while the pick and the reason stay the same
+            if end + 1 < len(rows) and all(rows[end + 1].get(k) == rows[start].get(k) for k in same):
+                continue
+            first, last, row = rows[start]["budget_gb"], rows[end]["budget_gb"], rows[start]
+            budget = f"Budget {first:g} GB" if first == last else f"Budgets {first:g}-{last:g} GB"
+            if basis != "measured":
+                budget += " (predicted GPU memory)"
+            if row["run_id"] == "nothing fits":
+                sentences.append(f"{budget}: nothing fits.")
+            else:
+                choice = (f"{row['run_id']} (perplexity {_fmt(row['perplexity'])}, {row['memory_gb']:.2f} GB "
+                          f"{label})")  # fmt: skip
+                best = row["best_run_id"]
+                why = ("the best that fits" if row["run_id"] == best
+                       else f"the cheapest run equivalent to the best that fits, {best}: {row['vs_best']}")  # fmt: skip
+                undecided = (f"; cheaper {row['cheaper_inconclusive']} inconclusive against it"
+                             if row.get("cheaper_inconclusive") else "")  # fmt: skip
+                sentences.append(f"{budget}: {choice}, {why}{undecided}.")
+            start = end + 1
     return sentences
 
 
-def noise_finding(trained: pd.DataFrame) -> str:
+def noise_finding(trained: pd.DataFrame, judge: Judge) -> str:
     seeds = int(trained["n"].max()) if "n" in trained and len(trained) else 1
+    rows = max((e.nll.shape[1] for e in judge.evidence.values()), default=0)
     if seeds < 2:
         return (
-            "One seed per configuration: differences are not tested against seed noise "
-            "(set sweep.seeds, e.g. [0, 1, 2], to measure it)."
+            f"Noise: one seed per configuration, so every verdict covers evaluation noise only (which "
+            f"{rows} validation rows were drawn, resampled pairwise); seed-to-seed noise is not measured "
+            "(set sweep.seeds, e.g. [0, 1, 2], to include it)."
         )
     spread = trained["perplexity_std"].dropna()
     return (
-        f"Noise: {seeds} seeds per configuration; the standard deviation of perplexity across seeds is "
-        f"{spread.median():.3g} (median over configurations, max {spread.max():.3g}); {NOISE_RULE}."
+        f"Noise: {seeds} seeds per configuration and {rows} validation rows; the standard deviation of "
+        f"perplexity across seeds is {spread.median():.3g} (median over configurations, max {spread.max():.3g}); "
+        "verdicts cover both sources and say which dominates."
     )
 
 
-def all_tables(table: pd.DataFrame, settings: FindingSettings) -> dict[str, pd.DataFrame]:
+def all_tables(table: pd.DataFrame, settings: FindingSettings, judge: Judge | None = None) -> dict[str, pd.DataFrame]:
     """Every derived table the study supports, by name (missing axes are skipped)."""
+    judge = judge or Judge({})
     runs = prepare(table)
     tables: dict[str, Any] = {
         "rank": rank_table(runs),
         "modules": module_table(runs),
         "quantization": quantization_table(runs),
         "base_quantization": base_quantization_table(runs),
-        "diminishing_returns": diminishing_returns_table(runs),
+        "diminishing_returns": diminishing_returns_table(runs, judge, settings),
         "time_memory": time_memory_table(runs),
         "pareto_memory": pareto_table(runs, "peak_memory_gb"),
         "pareto_time": pareto_table(runs, "train_wall_s"),
-        "decision": decision_table(runs, settings.memory_budgets_gb),
+        "decision": decision_table(runs, settings.memory_budgets_gb, judge, settings),
         "memory_plan": memory_plan_table(runs),
     }
+    for name in ("rank", "modules", "quantization"):
+        if tables[name] is not None:
+            tables[name] = _with_own_intervals(tables[name], judge)
     return {name: frame for name, frame in tables.items() if frame is not None}
 
 
-def headline_findings(table: pd.DataFrame, settings: FindingSettings) -> list[str]:
+def _with_own_intervals(table: pd.DataFrame, judge: Judge) -> pd.DataFrame:
+    """Each configuration's own 95 % interval of perplexity and accuracy (error bars), where it has row scores."""
+    for metric in ("perplexity", "accuracy"):
+        if metric not in table:
+            continue
+        bounds = [
+            own_interval(judge.evidence[run_id], metric) if run_id in judge.evidence else (math.nan, math.nan)
+            for run_id in table["run_id"]
+        ]
+        position = table.columns.get_loc(metric) + 1
+        table.insert(position, f"{metric}_high", [high for _, high in bounds])
+        table.insert(position, f"{metric}_low", [low for low, _ in bounds])
+    return table
+
+
+def headline_findings(table: pd.DataFrame, settings: FindingSettings, judge: Judge | None = None) -> list[str]:
     """The report's headline sentences, each computed from the measured numbers."""
+    judge = judge or Judge({})
     runs = prepare(table)
-    tables = all_tables(table, settings)
+    tables = all_tables(table, settings, judge)
     memory_text = "CPU RSS" if "CPU" in memory_label(runs) else "GPU memory"
     trained = trained_runs(runs)
     sentences: list[str | None] = [*precision_warnings(runs)]
@@ -645,12 +782,12 @@ def headline_findings(table: pd.DataFrame, settings: FindingSettings) -> list[st
         start = f"from {_fmt(base)} (the base model in {best['quant_label']}, no adapter) " if pd.notna(base) else ""
         best_ppl = _fmt(best["perplexity"])
         sentences.append(f"Best run: {best['run_id']} lowers validation perplexity {start}to {best_ppl}.")
-    sentences.append(noise_finding(trained))
+    sentences.append(noise_finding(trained, judge))
     sentences += [
-        sweet_spot_finding(tables.get("rank"), settings),
+        sweet_spot_finding(tables.get("rank"), judge, settings),
         diminishing_finding(tables.get("diminishing_returns"), settings),
-        attention_finding(tables.get("modules"), settings),
-        *quantization_findings(tables.get("quantization")),
+        attention_finding(tables.get("modules"), judge, settings),
+        *quantization_findings(tables.get("quantization"), judge, settings),
         base_quantization_finding(tables.get("base_quantization")),
         pareto_finding(tables.get("pareto_memory"), "peak_memory_gb", "peak memory", "GB"),
         pareto_finding(tables.get("pareto_time"), "train_wall_s", "training time", "s"),

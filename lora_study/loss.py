@@ -47,10 +47,22 @@ class ResponseLoss:
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
+        selected = self._selected_logits(batch, keep)
+        return F.cross_entropy(selected.float(), labels[keep], reduction="sum"), scored_tokens(batch)
+
+    def per_row(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed NLL (float64) and its number of scored tokens (paired comparisons need rows)."""
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        token_nll = F.cross_entropy(self._selected_logits(batch, keep).float(), labels[keep], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=labels.device)
+        return sums.index_add_(0, rows, token_nll.double()), keep.sum(dim=1)
+
+    def _selected_logits(self, batch, keep) -> torch.Tensor:
         if self.path is None:
             self.path = self._choose_path(batch, keep)
-        selected = self._full_logits(batch, keep) if self.path == FULL_LOGITS else self._shortcut_logits(batch, keep)
-        return F.cross_entropy(selected.float(), labels[keep], reduction="sum"), scored_tokens(batch)
+        return self._full_logits(batch, keep) if self.path == FULL_LOGITS else self._shortcut_logits(batch, keep)
 
     def _full_logits(self, batch, keep) -> torch.Tensor:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

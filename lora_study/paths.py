@@ -19,6 +19,8 @@ TRAIN_METRICS = f"{RUN_DIR}/train_metrics.json"
 LOSS_CURVE = f"{RUN_DIR}/loss_curve.csv"
 EVAL_METRICS = f"{RUN_DIR}/eval_metrics.json"
 PREDICTIONS = f"{RUN_DIR}/predictions.jsonl"
+# Per validation row: summed NLL, tokens, exact-match hit (paired comparisons between runs).
+EXAMPLES = f"{RUN_DIR}/examples.csv"
 # Outside the run's outputs: Snakemake deletes a failed job's outputs, a checkpoint must survive.
 CHECKPOINT = f"{RESULTS}/checkpoints/{{run}}"
 
@@ -28,6 +30,7 @@ RUNS_MD = f"{TABLES}/runs.md"
 CONFIGS_CSV = f"{TABLES}/configs.csv"
 CONFIGS_MD = f"{TABLES}/configs.md"
 LOSS_CURVES_CSV = f"{TABLES}/loss_curves.csv"
+EXAMPLES_CSV = f"{TABLES}/examples.csv"
 PLAN_CSV = f"{TABLES}/plan.csv"
 PLAN_MD = f"{TABLES}/plan.md"
 DERIVED_TABLES = f"{TABLES}/derived"

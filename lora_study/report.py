@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from lora_study.charts import build_charts, save_chart
+from lora_study.claims import reference_claims
 from lora_study.findings import (
     DEFINITIONS,
     FindingSettings,
@@ -23,6 +24,7 @@ from lora_study.findings import (
 )
 from lora_study.formats import quantization_label, recipe_text_rows
 from lora_study.io import atomic_path
+from lora_study.verdicts import Judge, evidence_from_examples
 
 log = logging.getLogger("lora_study")
 
@@ -37,7 +39,12 @@ TABLE_TITLES: dict[str, str] = {
     "pareto_time": "Pareto set: training time vs perplexity",
     "decision": "Which configuration for my memory budget",
     "memory_plan": "Memory plan: predicted vs measured peak memory",
+    "reference_claims": "The reference study's claims, checked",
 }
+CLAIMS_INTRO = (
+    "Each claim of the reference write-up, restated as a question and answered from this study's runs "
+    "(supported / contradicted / inconclusive / not tested); its numbers are not expected values here."
+)
 
 
 @dataclass
@@ -126,8 +133,13 @@ def render_markdown(
 ) -> str:
     parts = ["# LoRA efficiency study: findings", "", "## Headline findings", ""]
     parts += [f"- {sentence}" for sentence in findings]
+    if "reference_claims" in tables:
+        parts += ["", f"## {TABLE_TITLES['reference_claims']}", "", CLAIMS_INTRO, ""]
+        parts += [_markdown(tables["reference_claims"])]
     parts += ["", "## Tables", "", f"Memory columns: {memory_text}.", ""]
     for name, frame in tables.items():
+        if name == "reference_claims":
+            continue
         parts += [f"### {TABLE_TITLES[name]}", "", _markdown(frame), ""]
     parts += ["## Charts", ""]
     parts += [f"![{name}](../charts/{name}.svg)" for name in chart_names]
@@ -155,10 +167,16 @@ def render_html(
     """One page; every chart is drawn by the inlined Vega libraries, offline."""
     body = ["<h1>LoRA efficiency study: findings</h1>", "<h2>Headline findings</h2>", "<ul>"]
     body += [f"<li>{html.escape(s)}</li>" for s in findings]
-    body += ["</ul>", "<h2>Charts</h2>"]
+    body += ["</ul>"]
+    if "reference_claims" in tables:
+        body += [f"<h2>{html.escape(TABLE_TITLES['reference_claims'])}</h2>", f"<p>{html.escape(CLAIMS_INTRO)}</p>",
+                 tables["reference_claims"].to_html(index=False, na_rep="")]  # fmt: skip
+    body += ["<h2>Charts</h2>"]
     body += [f'<div class="chart" id="chart-{name}"></div>' for name in specs]
     body += ["<h2>Tables</h2>", f"<p>Memory columns: {html.escape(memory_text)}.</p>"]
     for name, frame in tables.items():
+        if name == "reference_claims":
+            continue
         body += [
             f"<h3>{html.escape(TABLE_TITLES[name])}</h3>",
             frame.to_html(index=False, float_format="{:.4g}".format, na_rep=""),
@@ -186,13 +204,20 @@ def build_report(
     charts_dir: Path,
     markdown_path: Path,
     html_path: Path,
+    examples: pd.DataFrame | None = None,
 ) -> list[str]:
-    """Write derived tables, charts and the report; return the headline findings."""
+    """Write derived tables, charts and the report; return the headline findings.
+
+    `examples` (results/tables/examples.csv) holds every run's per-row scores: the verdicts' evidence.
+    """
     import vl_convert
 
+    judge = Judge(evidence_from_examples(examples) if examples is not None else {})
     memory_text = memory_label(prepare(table))
-    tables = all_tables(table, settings)
-    findings = headline_findings(table, settings)
+    tables = all_tables(table, settings, judge)
+    findings = headline_findings(table, settings, judge)
+    claims = reference_claims(tables, judge, settings, memory_text)
+    tables["reference_claims"] = pd.DataFrame([claim.to_dict() for claim in claims])
     with atomic_path(tables_dir) as tmp:
         write_tables(tables, tmp, memory_text)
     memory_title = "peak memory (GB, " + ("CPU RSS" if "CPU" in memory_text else "GPU") + ")"

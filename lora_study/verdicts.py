@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
+import pandas as pd
 
 ALPHA = 0.05
 BOOTSTRAP_RESAMPLES = 2000
@@ -94,15 +95,18 @@ class Comparison:
         return f"seeds and evaluation rows ({dominant} noise dominates)"
 
     def interval_text(self) -> str:
+        """The change and the interval its verdict rests on: the equivalence interval for an equivalent
+        verdict, the difference interval otherwise, with its confidence level."""
         scale, unit = (100, "%") if self.metric == "perplexity" else (100, " pts")
-        return f"{scale * self.change:+.1f}{unit} [{scale * self.low:+.1f}, {scale * self.high:+.1f}]"
+        low, high = (self.eq_low, self.eq_high) if self.verdict is Verdict.EQUIVALENT else (self.low, self.high)
+        level = 1 - (2 if self.verdict is Verdict.EQUIVALENT else 1) * ALPHA / self.comparisons
+        return f"{scale * self.change:+.1f}{unit} [{scale * low:+.1f}, {scale * high:+.1f}] ({level:.1%} interval)"
 
     def describe(self) -> str:
-        """'equivalent (+0.8% [-0.9, +2.5], tolerance 2%, evaluation noise only)'."""
+        """'equivalent (+0.8% [-0.9, +2.5] (90.0% interval), tolerance 2%, evaluation noise only)'."""
         correction = f", {self.comparisons} comparisons" if self.comparisons > 1 else ""
-        text = (
-            f"{self.verdict.value} ({self.interval_text()}, tolerance {self.tolerance:.0%}{correction}, {self.sources})"
-        )
+        interval = f"{self.interval_text()}, tolerance {self.tolerance:.0%}{correction}, {self.sources}"
+        text = f"{self.verdict.value} ({interval})"
         return text + (f"; {self.settle}" if self.settle else "")
 
 
@@ -229,3 +233,57 @@ def _with_settle(comparison: Comparison, estimate: float, se: float, q_diff: flo
         if not math.isfinite(comparison.se_seed):
             text += " (seed noise, not measured with one seed, may need more)"
     return replace(comparison, settle=text)
+
+
+def evidence_from_examples(examples: pd.DataFrame) -> dict[str, Evidence]:
+    """Per configuration (config_id), its seeds' per-row scores from results/tables/examples.csv."""
+    evidence = {}
+    for config_id, group in examples.groupby("config_id", sort=False):
+        runs = [run.sort_values("row") for _, run in group.groupby("run_id", sort=True)]
+        if not runs or any(run.empty for run in runs) or len({len(run) for run in runs}) != 1:
+            continue
+        correct = [pd.to_numeric(run["correct"], errors="coerce").dropna().to_numpy() for run in runs]
+        evidence[str(config_id)] = Evidence(
+            nll=np.stack([run["nll"].to_numpy(dtype=float) for run in runs]),
+            tokens=runs[0]["tokens"].to_numpy(dtype=float),
+            correct=np.stack(correct) if correct[0].size else None,
+        )
+    return evidence
+
+
+def own_interval(evidence: Evidence, metric: str = "perplexity") -> tuple[float, float]:
+    """95 % interval of one configuration's own metric (rows resampled, plus seed spread), for error bars."""
+    from scipy import stats
+
+    if metric == "perplexity":
+        per_seed = evidence.log_perplexity()
+        rows, weights = evidence.nll.mean(axis=0), evidence.tokens
+    else:
+        if evidence.correct is None:
+            return float("nan"), float("nan")
+        per_seed, rows, weights = evidence.accuracy(), evidence.correct.mean(axis=0), None
+    zeros = np.zeros_like(rows)
+    se_eval = paired_bootstrap_se(rows, zeros, weights)  # reference 0: the statistic is the metric itself
+    se_seed = per_seed.std(ddof=1) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else 0.0
+    se = math.sqrt((se_eval if math.isfinite(se_eval) else 0.0) ** 2 + se_seed**2)
+    z = float(stats.norm.ppf(1 - ALPHA / 2))
+    centre = float(per_seed.mean())
+    low, high = centre - z * se, centre + z * se
+    return (math.exp(low), math.exp(high)) if metric == "perplexity" else (low, high)
+
+
+@dataclass
+class Judge:
+    """Compares configurations by id; None where a configuration has no per-row scores."""
+
+    evidence: dict[str, Evidence]
+
+    def compare(
+        self, candidate: str, reference: str, metric: str, tolerance: float, comparisons: int = 1
+    ) -> Comparison | None:
+        if candidate not in self.evidence or reference not in self.evidence:
+            return None
+        a, b = self.evidence[candidate], self.evidence[reference]
+        if metric == "accuracy" and (a.correct is None or b.correct is None):
+            return None
+        return compare(a, b, metric, tolerance, max(1, comparisons))

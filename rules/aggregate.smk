@@ -10,6 +10,7 @@ rule aggregate:
         evaluations=expand(paths.EVAL_METRICS, run=EVALUATED),
         trainings=expand(paths.TRAIN_METRICS, run=RUNS),
         loss_curves=expand(paths.LOSS_CURVE, run=RUNS),
+        examples=expand(paths.EXAMPLES, run=EVALUATED),
         data_summary=paths.DATA_SUMMARY,
         manifest=paths.MODEL_MANIFEST,
         plan=paths.PLAN_CSV,
@@ -19,6 +20,7 @@ rule aggregate:
         configs=report(paths.CONFIGS_CSV, caption="../report/configs.rst", category="Tables"),
         configs_markdown=paths.CONFIGS_MD,
         loss_curves=paths.LOSS_CURVES_CSV,
+        examples=paths.EXAMPLES_CSV,
     log:
         f"{paths.LOGS}/aggregate.log",
     benchmark:

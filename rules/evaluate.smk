@@ -7,6 +7,7 @@ rule evaluate:
     output:
         metrics=paths.EVAL_METRICS,
         predictions=paths.PREDICTIONS,
+        examples=paths.EXAMPLES,
     log:
         paths.EVAL_LOG,
     benchmark:

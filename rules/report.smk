@@ -9,6 +9,7 @@ rule findings:
     input:
         configs=paths.CONFIGS_CSV,
         loss_curves=paths.LOSS_CURVES_CSV,
+        examples=paths.EXAMPLES_CSV,
         manifest=paths.MODEL_MANIFEST,
         data_summary=paths.DATA_SUMMARY,
     output:

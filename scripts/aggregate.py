@@ -5,7 +5,13 @@ from lora_study.jobs import job
 with job(snakemake) as log:
     import json
 
-    from lora_study.aggregate import CONFIG_SUMMARY_COLUMNS, combine_loss_curves, runs_table, write_table
+    from lora_study.aggregate import (
+        CONFIG_SUMMARY_COLUMNS,
+        combine_examples,
+        combine_loss_curves,
+        runs_table,
+        write_table,
+    )
     from lora_study.io import read_csv_rows, read_json
     from lora_study.replicates import config_table
 
@@ -23,4 +29,5 @@ with job(snakemake) as log:
         list(json.loads(snakemake.params.runs_trained)),
         snakemake.output.loss_curves,
     )
+    combine_examples(snakemake.input.examples, table, snakemake.output.examples)
     log.info("%d runs in %s", len(table), snakemake.output.csv)

@@ -20,6 +20,7 @@ with job(snakemake):
         adapter_dir=Path(snakemake.input.adapter) if is_trained_run else None,
         metrics_path=Path(snakemake.output.metrics),
         predictions_path=Path(snakemake.output.predictions),
+        examples_path=Path(snakemake.output.examples),
         threads=snakemake.threads,
         train_status=read_json(snakemake.input.train_metrics)["status"] if is_trained_run else "ok",
     )

@@ -32,6 +32,7 @@ with job(snakemake) as log:
         charts_dir=Path(snakemake.output.charts),
         markdown_path=Path(snakemake.output.markdown),
         html_path=Path(snakemake.output.html),
+        examples=pd.read_csv(snakemake.input.examples),
     )
     for sentence in findings:
         log.info("finding: %s", sentence)

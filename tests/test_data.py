@@ -127,7 +127,7 @@ def test_exact_answers_come_from_a_family_column_or_the_exact_answers_setting(tm
     import json
 
     from lora_study.data import load_records
-    from lora_study.evaluate import exact_answer_rows
+    from lora_study.evaluate import exact_answer_indices
 
     path = tmp_path / "rows.jsonl"
     rows = [{"instruction": f"Say {n}.", "input": "", "output": str(n)} for n in range(4)]
@@ -138,7 +138,7 @@ def test_exact_answers_come_from_a_family_column_or_the_exact_answers_setting(tm
     assert [r["family"] for r in with_column] == ["numbers", "", "", ""]  # only declared rows are scored
     declared = load_records({**config, "exact_answers": True})
     assert [r["family"] for r in declared] == ["numbers", "all", "all", "all"]
-    assert len(exact_answer_rows(declared, 3)) == 3
+    assert exact_answer_indices(declared, 3) == [0, 1, 2]
     free_text = [{**r, "family": ""} for r in with_column]
-    assert exact_answer_rows(free_text, 3) == []
+    assert exact_answer_indices(free_text, 3) == []
     assert "no validation row has an exact answer" in caplog.text  # a setting that cannot apply says so

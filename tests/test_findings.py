@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -14,6 +15,7 @@ from lora_study.findings import (
     pareto_front,
     prepare,
 )
+from lora_study.verdicts import Evidence, Judge
 
 SETTINGS = FindingSettings(sweet_spot_tolerance=0.02, min_relative_gain=0.01, memory_budgets_gb=(2, 5, 8))
 
@@ -50,6 +52,34 @@ def study(*runs) -> pd.DataFrame:
     return pd.DataFrame([base("nf4", 20.0), base("fp32", 19.0), *runs])
 
 
+def judge_for(table: pd.DataFrame, noise: float = 0.0, rows: int = 400, noisy: tuple[str, ...] = ()) -> Judge:
+    """Constructed per-row scores whose perplexity is each run's: one shared row pattern (paired rows),
+    plus independent per-row noise (nats) for the runs in `noisy` (all runs when empty)."""
+    rng = np.random.default_rng(0)
+    pattern = rng.gamma(4.0, 1.0, rows)
+    tokens = np.full(rows, 10.0)
+    evidence = {}
+    for run_id, ppl in zip(table["run_id"], table["perplexity"], strict=True):
+        if not math.isfinite(ppl):
+            continue
+        nll = tokens * math.log(ppl) * pattern / pattern.mean()
+        if noise and (not noisy or run_id in noisy):
+            shift = rng.normal(0, noise, rows)
+            nll = nll + shift - shift.mean()  # noisy rows, same total: the perplexity stays exact
+        evidence[run_id] = Evidence(nll=nll[None], tokens=tokens)
+    return Judge(evidence)
+
+
+def findings(*runs, **judge_options) -> list[str]:
+    table = study(*runs)
+    return headline_findings(table, SETTINGS, judge_for(table, **judge_options))
+
+
+def tables_of(*runs, table: pd.DataFrame | None = None, **judge_options) -> dict[str, pd.DataFrame]:
+    table = study(*runs) if table is None else table
+    return all_tables(table, SETTINGS, judge_for(table, **judge_options))
+
+
 RANK_SWEEP = [
     run("r4", rank=4, ppl=8.0, mem=2.0, time=10),
     run("r8", rank=8, ppl=6.0, mem=3.0, time=12),
@@ -60,7 +90,7 @@ RANK_SWEEP = [
 
 
 def test_rank_table_and_quality_per_gb():
-    tables = all_tables(study(*RANK_SWEEP), SETTINGS)
+    tables = tables_of(*RANK_SWEEP)
     ranks = tables["rank"]
     assert list(ranks["rank"]) == [4, 8, 16, 32, 64]
     # (20 - 8) / 2 GB
@@ -68,12 +98,12 @@ def test_rank_table_and_quality_per_gb():
 
 
 def test_diminishing_returns_steps_and_the_knee():
-    steps = all_tables(study(*RANK_SWEEP), SETTINGS)["diminishing_returns"]
+    steps = tables_of(*RANK_SWEEP)["diminishing_returns"]
     assert list(steps["step"]) == ["4 -> 8", "8 -> 16", "16 -> 32", "32 -> 64"]
     assert steps["perplexity_change"].iloc[0] == pytest.approx(-2.0)
     assert steps["perplexity_change_pct"].iloc[0] == pytest.approx(-25.0)
     assert steps["marginal_gain_per_gb"].iloc[1] == pytest.approx(1.0)  # 1.0 ppl for 1 GB
-    sentences = headline_findings(study(*RANK_SWEEP), SETTINGS)
+    sentences = findings(*RANK_SWEEP)
     assert any(s.startswith("Returns diminish above rank 16:") for s in sentences)
     # rank 16 is within 2% of the best (4.96) at 4/9 of its memory
     assert any(s.startswith("Sweet-spot rank: 16 ") and "44% of its peak memory" in s for s in sentences)
@@ -81,9 +111,10 @@ def test_diminishing_returns_steps_and_the_knee():
 
 def test_returns_that_never_diminish_are_reported_as_such():
     runs = [run("a", rank=4, ppl=8.0, mem=2.0), run("b", rank=8, ppl=6.0, mem=3.0)]
-    sentences = headline_findings(study(*runs), SETTINGS)
+    sentences = findings(*runs)
     assert any("had not diminished by the largest rank tried" in s for s in sentences)
-    assert any(s.startswith("Sweet-spot rank: 8 ") and "also the best rank" in s for s in sentences)
+    sweet = next(s for s in sentences if s.startswith("Sweet-spot rank: 8, the best rank"))
+    assert "every smaller rank is worse" in sweet
 
 
 def test_pareto_front_keeps_ties_and_drops_dominated_points():
@@ -99,11 +130,11 @@ def test_pareto_front_keeps_ties_and_drops_dominated_points():
 
 
 def test_missing_axes_yield_only_supported_tables():
-    only_ranks = all_tables(study(*RANK_SWEEP), SETTINGS)
+    only_ranks = tables_of(*RANK_SWEEP)
     assert "rank" in only_ranks and "modules" not in only_ranks and "quantization" not in only_ranks
     one_run = all_tables(pd.DataFrame([base("nf4", 20.0), run("solo")]), SETTINGS)
     assert set(one_run) == {"time_memory", "pareto_memory", "pareto_time", "decision"}  # one base: no base cost
-    sentences = headline_findings(study(run("solo")), SETTINGS)
+    sentences = findings(run("solo"))
     assert not any("Sweet-spot" in s or "Returns" in s for s in sentences)
 
 
@@ -113,14 +144,14 @@ def test_module_table_and_attention_verdict():
         run("qkvo", modules="q,k,v,o", ppl=5.0, params=200),
         run("mlp", modules="q,k,v,o,mlp", ppl=4.99, params=600),
     ]
-    tables = all_tables(study(*runs), SETTINGS)
+    tables = tables_of(*runs)
     assert list(tables["modules"]["modules"]) == ["qv", "qkvo", "qkvo-mlp"]
-    sentence = next(s for s in headline_findings(study(*runs), SETTINGS) if s.startswith("Target modules"))
+    sentence = next(s for s in findings(*runs) if s.startswith("Target modules"))
     assert "-0.2%" in sentence and "3.0x the trainable parameters" in sentence
     assert "attention-only targeting is enough" in sentence
 
     runs[2] = run("mlp", modules="q,k,v,o,mlp", ppl=4.0, params=600)
-    sentence = next(s for s in headline_findings(study(*runs), SETTINGS) if s.startswith("Target modules"))
+    sentence = next(s for s in findings(*runs) if s.startswith("Target modules"))
     assert "MLP layers add quality" in sentence
 
 
@@ -131,14 +162,14 @@ def test_quantization_table_with_an_out_of_memory_run():
         run("bf16", quant="bf16", ppl=5.0, mem=6.0),
         run("fp32", quant="fp32", ppl=float("nan"), mem=float("nan"), status="oom"),
     ]
-    quant = all_tables(study(*runs), SETTINGS)["quantization"]
+    quant = tables_of(*runs)["quantization"]
     by_label = quant.set_index("quantization")
     assert by_label.loc["nf4", "quality_change_pct"] == pytest.approx(2.0)
     # fp32 did not fit, so bf16 is the unquantized reference: 1 - 3/6
     assert by_label.loc["nf4", "memory_saved_pct"] == pytest.approx(50.0)
     assert by_label.loc["fp32", "status"] == STATUS_LABELS["oom"] == "does not fit (out of memory)"
     assert math.isnan(by_label.loc["fp32", "perplexity"])
-    sentences = headline_findings(study(*runs), SETTINGS)
+    sentences = findings(*runs)
     assert "Quantization fp32: does not fit (out of memory)." in sentences
     assert any(
         s.startswith("Quantization int8:") and "25% more peak memory than the unquantized" in s for s in sentences
@@ -154,15 +185,42 @@ def test_decision_table_picks_best_fitting_run_per_budget_with_ties_on_memory():
         run("tie-small", rank=16, ppl=5.0, mem=4.0),
         run("best", rank=32, ppl=4.0, mem=7.5),
     ]
-    decision = all_tables(study(*runs), SETTINGS)["decision"].set_index("budget_gb")
+    decision = tables_of(*runs)["decision"].set_index("budget_gb")
     assert decision.loc[2, "run_id"] == "small"
     assert decision.loc[5, "run_id"] == "tie-small"
     assert decision.loc[8, "run_id"] == "best"
-    none_fit = all_tables(study(run("huge", mem=50.0)), SETTINGS)["decision"]
-    assert set(none_fit["run_id"]) == {"nothing measured fits"}
-    sentences = headline_findings(study(*runs), SETTINGS)
-    assert "Budget 2 GB: small (perplexity 7, 1.50 GB CPU RSS)." in sentences
-    assert "Budgets 2-8 GB: no measured run fits." in headline_findings(study(run("huge", mem=50.0)), SETTINGS)
+    none_fit = tables_of(run("huge", mem=50.0))["decision"]
+    assert set(none_fit["run_id"]) == {"nothing fits"}
+    sentences = findings(*runs)
+    assert "Budget 2 GB: small (perplexity 7, 1.50 GB CPU RSS), the best that fits." in sentences
+    assert "Budgets 2-8 GB: nothing fits." in findings(run("huge", mem=50.0))
+
+
+def test_the_budget_table_prefers_the_cheapest_run_within_noise_of_the_best():
+    runs = [run("cheap", rank=4, ppl=5.03, mem=2.0, time=5), run("best", rank=32, ppl=5.0, mem=6.0, time=20)]
+    decision = tables_of(*runs)["decision"].set_index("budget_gb")
+    assert decision.loc[8, "run_id"] == "cheap" and decision.loc[8, "best_run_id"] == "best"
+    assert decision.loc[8, "vs_best"].startswith("equivalent (+0.6%")
+    sentence = next(s for s in findings(*runs) if s.startswith("Budget 8 GB"))
+    assert "cheap" in sentence and "the cheapest run equivalent to the best that fits, best" in sentence
+    # The same means with noisy rows: the cheap run can no longer be shown equivalent, so the best is kept
+    # and the cheaper run is named as inconclusive.
+    noisy = tables_of(*runs, noise=8.0, rows=40)["decision"].set_index("budget_gb")
+    assert noisy.loc[8, "run_id"] == "best" and noisy.loc[8, "cheaper_inconclusive"] == "cheap"
+    # Measured on a CPU: the same choice also on the planner's predicted GPU memory, labelled as such.
+    predicted = [
+        dict(r, plan_predicted_cuda_gb=g, plan_predicted_cpu_gb=g) for r, g in zip(runs, (3.0, 10.0), strict=True)
+    ]
+    table = tables_of(table=study(*predicted))["decision"]
+    on_gpu = table[table["memory"] == "predicted GPU"].set_index("budget_gb")
+    assert on_gpu.loc[5, "run_id"] == "cheap" and on_gpu.loc[8, "run_id"] == "cheap"
+
+
+def test_a_sweet_spot_the_data_cannot_settle_is_called_inconclusive():
+    sentences = findings(*RANK_SWEEP, noise=30.0, rows=30, noisy=("r16",))
+    sentence = next(s for s in sentences if s.startswith("Sweet-spot rank"))
+    assert sentence.startswith("Sweet-spot rank: inconclusive. Rank 16 against the best rank 64 is inconclusive")
+    assert "validation rows would settle it" in sentence
 
 
 def test_each_run_gains_against_the_base_in_its_own_format_and_the_base_cost_is_reported():
@@ -202,3 +260,26 @@ def test_memory_label_says_cpu_when_no_gpu_was_used():
 def test_accuracy_columns_disappear_when_the_data_has_no_exact_answers():
     table = study(*RANK_SWEEP).assign(accuracy=float("nan"))
     assert "accuracy" not in all_tables(table, SETTINGS)["rank"].columns
+
+
+def test_the_reference_claims_are_answered_from_the_data():
+    from lora_study.claims import CONTRADICTED, NOT_TESTED, SUPPORTED, reference_claims
+
+    def answers(*runs, **options) -> dict[str, str]:
+        table = study(*runs)
+        judge = judge_for(table, **options)
+        claims = reference_claims(all_tables(table, SETTINGS, judge), judge, SETTINGS, "CPU RSS")
+        return {claim.claim.split(":")[0].split(" ")[0] + str(i): claim.answer for i, claim in enumerate(claims)}
+
+    ranks = list(answers(*RANK_SWEEP).values())
+    assert ranks[:2] == [SUPPORTED, SUPPORTED]  # r16 within 2% of r64 at 44% memory; r32 -> r64 gains 0.4%
+    assert ranks[2:] == [NOT_TESTED] * 5  # no module or quantization sweep, no full fine-tuning
+    modules = [run("qv", modules="q,v", ppl=6.0, params=100), run("qkvo", ppl=5.0, params=200),
+               run("mlp", modules="q,k,v,o,mlp", ppl=4.99, params=600)]  # fmt: skip
+    assert list(answers(*modules).values())[2:4] == [SUPPORTED, SUPPORTED]
+    modules[2] = run("mlp", modules="q,k,v,o,mlp", ppl=4.0, params=600)  # a 20 % gain: not "about 2 %"
+    assert list(answers(*modules).values())[3] == CONTRADICTED
+    quant = [run("nf4", quant="nf4", ppl=5.1, mem=3.0), run("bf16", quant="bf16", ppl=5.0, mem=6.0)]
+    assert list(answers(*quant).values())[4:6] == [SUPPORTED, SUPPORTED]  # +2 % < 3 %; 50 % less memory
+    quant[0] = run("nf4", quant="nf4", ppl=5.5, mem=5.5)
+    assert list(answers(*quant).values())[4:6] == [CONTRADICTED, CONTRADICTED]

@@ -45,6 +45,12 @@ def test_response_loss_matches_transformers_own_loss_on_response_tokens():
     assert loss.path == SHORTCUT  # checked against the full logits, and they agree
     assert count == 4
     assert float(loss_sum) / count == pytest.approx(float(reference), rel=1e-5)
+    # Per row: the same tokens, split by row (2 and 2), summing to the batch's loss.
+    row_nll, row_tokens = loss.per_row(batch)
+    assert row_tokens.tolist() == [2, 2]
+    assert float(row_nll.sum()) == pytest.approx(float(loss_sum), rel=1e-6)
+    single = ResponseLoss(model).per_row(collate(rows[1:], pad_id=0))[0]
+    assert float(row_nll[1]) == pytest.approx(float(single[0]), rel=1e-5)  # padding changes nothing
 
 
 @pytest.mark.parametrize("known_by_name", [True, False])

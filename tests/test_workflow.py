@@ -51,7 +51,7 @@ def test_report_is_built_by_the_same_run(tiny_study):
     tables = {p.stem for p in (results / "tables/derived").glob("*.csv")}
     assert tables == {
         "rank", "modules", "quantization", "diminishing_returns", "time_memory",
-        "pareto_memory", "pareto_time", "decision", "memory_plan", "base_quantization",
+        "pareto_memory", "pareto_time", "decision", "memory_plan", "base_quantization", "reference_claims",
     }  # fmt: skip
     charts = {p.stem for p in (results / "charts").glob("*.svg")}
     assert len(charts) == 7
