@@ -19,11 +19,6 @@ REPLICATED_METRICS = (
     "eval_tokens_per_s",
 )
 CONFIDENCE = 0.95
-SIGNIFICANCE = 0.05  # Welch's t-test level for "better than"
-NOISE_RULE = (
-    f"two configurations differ only when Welch's t-test over their seeds gives p < {SIGNIFICANCE} "
-    "(both need at least 2 seeds); with a single seed no difference is tested against noise"
-)
 
 
 def ci_halfwidth(std: float, n: int, confidence: float = CONFIDENCE) -> float:
@@ -67,20 +62,3 @@ def config_table(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"{metric}_ci95"] = ci_halfwidth(std, len(values))
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def differs(a: pd.Series, b: pd.Series, metric: str = "perplexity") -> bool | None:
-    """Whether two configurations' means differ beyond seed noise (Welch's t-test).
-
-    None when either has fewer than 2 seeds: the difference cannot be tested.
-    """
-    from scipy import stats
-
-    n_a, n_b = int(a.get("n", 1)), int(b.get("n", 1))
-    if n_a < 2 or n_b < 2:
-        return None
-    std_a, std_b = float(a[f"{metric}_std"]), float(b[f"{metric}_std"])
-    if std_a == 0 and std_b == 0:  # perfectly repeatable: any difference is real
-        return bool(a[metric] != b[metric])
-    result = stats.ttest_ind_from_stats(a[metric], std_a, n_a, b[metric], std_b, n_b, equal_var=False)
-    return bool(result.pvalue < SIGNIFICANCE)
