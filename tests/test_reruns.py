@@ -190,8 +190,10 @@ def test_report_settings_rerun_only_the_report(study):
     assert planned_jobs(workdir) == {("findings", None), ("all", None)}
     assert run_snakemake(workdir, "--cores", "2").returncode == 0
     assert snapshot(workdir) == before
-    decision = (workdir / "results/tables/derived/decision.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in decision[1:]] == ["1", "2", "4"]
+    decision = pd.read_csv(workdir / "results/tables/derived/decision.csv")
+    # Measured CPU RSS, then the planner's predicted GPU memory (a CPU study): the new budgets in each.
+    assert list(decision["budget_gb"]) == [1, 2, 4] * 2
+    assert list(decision["memory"]) == ["measured"] * 3 + ["predicted GPU"] * 3
 
 
 def test_editing_a_rule_script_reruns_its_jobs_and_touch_accepts_it(study, tmp_path):
