@@ -130,7 +130,12 @@ def quantization_claims(quant: pd.DataFrame | None, judge: Judge, memory_text: s
     memory_answer = SUPPORTED if 0.4 <= saved <= 0.6 else CONTRADICTED
     return [
         Claim(e_claim, e_question, answer, f"{against}: {_one_sided(result) if result else 'no per-row scores'}"),
-        Claim(f_claim, f_question, memory_answer, f"{against}: {100 * saved:.0f}% less peak memory ({memory_text})"),
+        Claim(
+            f_claim,
+            f_question,
+            memory_answer,
+            f"{against}: {abs(100 * saved):.0f}% {'less' if saved >= 0 else 'more'} peak memory; {memory_text}",
+        ),
     ]
 
 
