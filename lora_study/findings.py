@@ -553,7 +553,7 @@ def sweet_spot_finding(ranks: pd.DataFrame | None, judge: Judge, settings: Findi
     if smaller.empty:
         return (f"Sweet-spot rank: {int(best['rank'])}, the smallest rank tried, is also the best "
                 f"(perplexity {_fmt(best['perplexity'])}; {_sweep(fitting)}).")  # fmt: skip
-    worse = []
+    worse, sources = [], ""
     for _, row in smaller.iterrows():
         result = judge.compare(row["run_id"], best["run_id"], "perplexity", settings.sweet_spot_tolerance,
                                len(smaller))  # fmt: skip
@@ -573,9 +573,11 @@ def sweet_spot_finding(ranks: pd.DataFrame | None, judge: Judge, settings: Findi
                 f"{int(best['rank'])} is {result.describe()}."
             )
         worse.append(f"{int(row['rank'])}: {result.interval_text()}")
+        sources = result.sources
+    counted = f"{len(smaller)} comparisons" if len(smaller) > 1 else "1 comparison"
     return (
         f"Sweet-spot rank: {int(best['rank'])}, the best rank (perplexity {_fmt(best['perplexity'])}); every "
-        f"smaller rank is worse ({'; '.join(worse)}; {tolerance}, {len(smaller)} comparisons)."
+        f"smaller rank is worse ({'; '.join(worse)}; {tolerance}, {counted}, {sources})."
     )
 
 
