@@ -596,18 +596,24 @@ def diminishing_finding(steps: pd.DataFrame | None, settings: FindingSettings) -
     listed = "; ".join(f"{s}: {c.interval_text()} {c.verdict.value}" for s, c in zip(steps["step"], comparisons,
                                                                                    strict=True))  # fmt: skip
     counted = f"{len(steps)} steps compared" if len(steps) > 1 else "1 step"
-    tolerance = f"tolerance {settings.min_relative_gain:.0%}, {counted}, {comparisons[0].sources}"
+
+    def rests_on(comparison: Comparison) -> str:
+        # The noise sources of the step the conclusion rests on (steps may differ; the table has each).
+        return f"tolerance {settings.min_relative_gain:.0%}, {counted}, {comparison.sources}"
+
     if verdicts[-1] is Verdict.BETTER:
         return (f"Returns had not diminished by the largest rank tried: the step {steps['step'].iloc[-1]} is still "
-                f"better ({listed}; {tolerance}).")  # fmt: skip
+                f"better ({listed}; {rests_on(comparisons[-1])}).")  # fmt: skip
     worth = [k for k, v in enumerate(verdicts) if v is Verdict.BETTER]
-    tail = verdicts[(worth[-1] + 1) if worth else 0 :]
-    knee = int(steps["from_rank"].iloc[(worth[-1] + 1) if worth else 0])
-    if all(v in (Verdict.EQUIVALENT, Verdict.WORSE) for v in tail):
+    first_after = (worth[-1] + 1) if worth else 0
+    tail = comparisons[first_after:]
+    knee = int(steps["from_rank"].iloc[first_after])
+    undecided = [c for c in tail if c.verdict is Verdict.INCONCLUSIVE]
+    if not undecided:
         return (f"Returns diminish above rank {knee}: every later rank step is shown to change perplexity by less "
-                f"than {settings.min_relative_gain:.0%} or to hurt ({listed}; {tolerance}).")  # fmt: skip
-    undecided = next(c for c in comparisons[len(verdicts) - len(tail) :] if c.verdict is Verdict.INCONCLUSIVE)
-    return f"Diminishing returns: inconclusive above rank {knee} ({listed}; {tolerance}); {undecided.settle}."
+                f"than {settings.min_relative_gain:.0%} or to hurt ({listed}; {rests_on(tail[0])}).")  # fmt: skip
+    return (f"Diminishing returns: inconclusive above rank {knee} ({listed}; {rests_on(undecided[0])}); "
+            f"{undecided[0].settle}.")  # fmt: skip
 
 
 def attention_finding(modules: pd.DataFrame | None, judge: Judge, settings: FindingSettings) -> str | None:
