@@ -92,8 +92,8 @@ def answer_hits(predictions: list[str], rows) -> list[bool]:
     return [normalize_answer(p) == normalize_answer(r["answer"]) for p, r in zip(predictions, rows, strict=True)]
 
 
-def exact_match(predictions: list[str], rows) -> tuple[float, dict[str, float]]:
-    hits = answer_hits(predictions, rows)
+def exact_match(hits: list[bool], rows) -> tuple[float, dict[str, float]]:
+    """Accuracy overall and per family, from each scored prompt's hit."""
     by_family: dict[str, list[bool]] = defaultdict(list)
     for hit, row in zip(hits, rows, strict=True):
         by_family[row["family"] or "all"].append(hit)
@@ -110,8 +110,8 @@ def evaluate_run(
     adapter_dir: Path | None,
     metrics_path: Path,
     predictions_path: Path,
+    examples_path: Path,
     threads: int,
-    examples_path: Path | None = None,
     train_status: str = STATUS_OK,
 ) -> EvalMetrics:
     """Score a run under its precision recipe; a run that did not train (oom, skipped) passes its status through."""
@@ -138,8 +138,7 @@ def evaluate_run(
 
     def not_evaluated(status: str, failure: dict[str, Any]) -> EvalMetrics:
         _write_predictions(predictions_path, [], [])
-        if examples_path is not None:
-            write_examples(examples_path, [], [], {})
+        write_examples(examples_path, [], [], {})
         metrics = record(status, failure=failure)
         write_json(metrics_path, metrics.to_dict())
         return metrics
@@ -174,13 +173,12 @@ def evaluate_run(
         return not_evaluated(STATUS_OOM, {**failure, **memory_in_use_gb(device)})
 
     eval_tokens = sum(len(r["input_ids"]) for r in rows)
-    accuracy, by_family = exact_match(predictions, scored) if scored else (None, {})
+    hits = answer_hits(predictions, scored)
+    accuracy, by_family = exact_match(hits, scored) if scored else (None, {})
     if scored:
         log.info("exact-match accuracy %.3f on %d prompts", accuracy, len(scored))
     _write_predictions(predictions_path, scored, predictions)
-    if examples_path is not None:
-        hits = {i: hit for i, hit in zip(scored_indices, answer_hits(predictions, scored), strict=True)}
-        write_examples(examples_path, row_nll, row_tokens, hits)
+    write_examples(examples_path, row_nll, row_tokens, dict(zip(scored_indices, hits, strict=True)))
     metrics = record(
         STATUS_OK,
         loss_path=loss.path,

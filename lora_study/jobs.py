@@ -14,6 +14,18 @@ from lora_study.errors import UserError
 from lora_study.io import setup_logging
 
 
+def _quiet_libraries() -> None:
+    """transformers' and datasets' progress bars off, transformers' warnings down to errors."""
+    try:
+        import datasets
+        import transformers
+    except ImportError:
+        return
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 @contextmanager
 def job(snakemake: Any, light: bool = False) -> Iterator[logging.Logger]:
     """`light`: a job that never imports the ML stack (it would cost seconds of import time)."""
@@ -21,17 +33,8 @@ def job(snakemake: Any, light: bool = False) -> Iterator[logging.Logger]:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     log = setup_logging(snakemake.log[0] if snakemake.log else None)
-    try:
-        if light:
-            raise ImportError("not needed")
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    if not light:
+        _quiet_libraries()
     try:
         yield log
     except UserError as error:

@@ -74,6 +74,12 @@ _GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 _EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _FUSED_QKV = (("q", "k", "v"),)
 
+
+def _fused_attention(qkv: str, o: str) -> dict[str, tuple[str, ...]]:
+    """q, k and v all name the one fused projection; requesting part of it is refused (Layout.fused)."""
+    return {"q": (qkv,), "k": (qkv,), "v": (qkv,), "o": (o,)}
+
+
 LLAMA = Layout("llama", {**_ATTENTION, "mlp": _GATED_MLP})
 PHI = Layout(
     "phi",
@@ -82,32 +88,20 @@ PHI = Layout(
 )
 PHI3 = Layout(
     "phi3",
-    {
-        "q": ("qkv_proj",),
-        "k": ("qkv_proj",),
-        "v": ("qkv_proj",),
-        "o": ("o_proj",),
-        "mlp": ("gate_up_proj", "down_proj"),
-    },
+    {**_fused_attention("qkv_proj", "o_proj"), "mlp": ("gate_up_proj", "down_proj")},
     fused=_FUSED_QKV,
     notes="q, k, v fused in `qkv_proj`; gate and up fused in `gate_up_proj`",
 )
 GPT2 = Layout(
     "gpt2",
-    {"q": ("c_attn",), "k": ("c_attn",), "v": ("c_attn",), "o": ("attn.c_proj",), "mlp": ("c_fc", "mlp.c_proj")},
+    {**_fused_attention("c_attn", "attn.c_proj"), "mlp": ("c_fc", "mlp.c_proj")},
     fused=_FUSED_QKV,
     fan_in_fan_out=True,
     notes="q, k, v fused in the Conv1D `c_attn`",
 )
 NEOX = Layout(
     "gpt_neox",
-    {
-        "q": ("query_key_value",),
-        "k": ("query_key_value",),
-        "v": ("query_key_value",),
-        "o": ("dense",),
-        "mlp": ("dense_h_to_4h", "dense_4h_to_h"),
-    },
+    {**_fused_attention("query_key_value", "dense"), "mlp": ("dense_h_to_4h", "dense_4h_to_h")},
     fused=_FUSED_QKV,
     notes="q, k, v fused in `query_key_value`",
 )

@@ -74,13 +74,12 @@ def prequantized_method(model_config: dict[str, Any]) -> str | None:
     return str(quantization.get("quant_method") or "unknown method")
 
 
-def _prequantized_problem(method: str | None, source: str) -> str | None:
-    if method is None:
-        return None
-    return (
-        f"model.source {source} is already quantized ({method}); the study quantizes the base model itself, "
-        "so point model.source at the unquantized (16- or 32-bit) checkpoint"
-    )
+def _refuse_prequantized(method: str | None, source: str) -> None:
+    if method is not None:
+        raise PreflightError(
+            f"model.source {source} is already quantized ({method}); the study quantizes the base model itself, "
+            "so point model.source at the unquantized (16- or 32-bit) checkpoint"
+        )
 
 
 def check_run(
@@ -116,9 +115,7 @@ def check_at_start(model_source: str, runs: Iterable[RunSpec]) -> bool:
     model_config = local_model_config(model_source)
     if model_config is None:
         return False
-    problem = _prequantized_problem(prequantized_method(model_config), model_source)
-    if problem:
-        raise PreflightError(problem)
+    _refuse_prequantized(prequantized_method(model_config), model_source)
     model_type = model_config.get("model_type", "")
     layout = ARCHITECTURES.get(model_type)
     if layout is None:
@@ -132,9 +129,7 @@ def check_with_manifest(
     manifest: dict[str, Any], runs: Iterable[RunSpec], import_it: bool = True
 ) -> dict[str, Targets]:
     """Every run's targets on the prepared model (its real module names); `import_it`: see quantization_problem."""
-    problem = _prequantized_problem(manifest.get("prequantized"), manifest["source"])
-    if problem:
-        raise PreflightError(problem)
+    _refuse_prequantized(manifest.get("prequantized"), manifest["source"])
     layout = manifest_layout(manifest)
     names, model_type = manifest["linear_layers"], manifest["model_type"]
 

@@ -34,7 +34,7 @@ def train_and_score(setup, run_id: str, seed: int, name: str) -> float:
     )  # fmt: skip
     metrics = evaluate_run(
         run, config["evaluation"], config["training"], manifest, workdir / "splits",
-        out / "adapter", out / "e.json", out / "p.jsonl", threads=1,
+        out / "adapter", out / "e.json", out / "p.jsonl", out / "examples.csv", threads=1,
     )  # fmt: skip
     return metrics.perplexity
 
