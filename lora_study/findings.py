@@ -283,8 +283,9 @@ def base_quantization_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
 
 
-def base_quantization_finding(table: pd.DataFrame | None) -> str | None:
-    """One sentence: each quantized base's perplexity against the unquantized base's."""
+def base_quantization_finding(table: pd.DataFrame | None, judge: Judge, settings: FindingSettings) -> str | None:
+    """One sentence: each quantized base's perplexity against the unquantized base's, with its verdict
+    (tolerance sweet_spot_tolerance, m = the quantized bases)."""
     if table is None:
         return None
     fitting = table.dropna(subset=["perplexity"])
@@ -294,10 +295,18 @@ def base_quantization_finding(table: pd.DataFrame | None) -> str | None:
         return None
     parts = [f"{r['quantization']} {_fmt(r['perplexity'])} ({r['perplexity_change_pct']:+.1f}%)"
              for _, r in quantized.iterrows()]  # fmt: skip
+    verdicts = []
+    for _, row in quantized.iterrows():
+        result = judge.compare(row["run_id"], ref["run_id"], "perplexity", settings.sweet_spot_tolerance,
+                               len(quantized))  # fmt: skip
+        verdicts.append(f"{row['quantization']} {result.describe() if result else 'not judged'}")
     return (
         f"Cost of quantizing the base model (no adapter): perplexity {_fmt(ref['perplexity'])} with "
-        f"{_weights_text(ref)} weights; " + ", ".join(parts) + ". Each run's gain is measured against the base "
-        "model in its own format."
+        f"{_weights_text(ref)} weights; "
+        + ", ".join(parts)
+        + f". Against {_weights_text(ref)}: "
+        + "; ".join(verdicts)
+        + ". Each run's gain is measured against the base model in its own format."
     )
 
 
@@ -796,7 +805,7 @@ def headline_findings(table: pd.DataFrame, settings: FindingSettings, judge: Jud
         diminishing_finding(tables.get("diminishing_returns"), settings),
         attention_finding(tables.get("modules"), judge, settings),
         *quantization_findings(tables.get("quantization"), judge, settings),
-        base_quantization_finding(tables.get("base_quantization")),
+        base_quantization_finding(tables.get("base_quantization"), judge, settings),
         pareto_finding(tables.get("pareto_memory"), "peak_memory_gb", "peak memory", "GB"),
         pareto_finding(tables.get("pareto_time"), "train_wall_s", "training time", "s"),
         *decision_findings(tables.get("decision"), memory_text),

@@ -234,6 +234,9 @@ def test_each_run_gains_against_the_base_in_its_own_format_and_the_base_cost_is_
     assert best in sentences
     assert any(s.startswith("Cost of quantizing the base model (no adapter): perplexity 19 with fp32") and
                "nf4 20 (+5.3%)" in s for s in sentences)  # fmt: skip
+    judged = headline_findings(table, SETTINGS, judge_for(table))
+    cost = next(s for s in judged if s.startswith("Cost of quantizing"))
+    assert "Against fp32: nf4 worse (+5.3% [" in cost and "evaluation noise only" in cost
     assert list(prepare(table)["base_perplexity"])[2:] == [20.0, 19.0]
 
 
