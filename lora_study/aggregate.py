@@ -8,12 +8,14 @@ from typing import Any
 import pandas as pd
 
 from lora_study.io import atomic_path
+from lora_study.methods import LORA
 from lora_study.metrics import STATUS_OK
 
 CONFIG_COLUMNS = ("run_id", "config_id", "is_baseline", "rank", "alpha", "modules", "quantization", "double_quant")
 # The readable subset shown in runs.md; runs.csv has every column.
 SUMMARY_COLUMNS = (
     "run_id",
+    "method",
     "rank",
     "alpha",
     "modules",
@@ -45,6 +47,7 @@ def run_row(
     plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {key: run[key] for key in CONFIG_COLUMNS}
+    row["method"] = run.get("method", LORA)
     row["modules"] = ",".join(run["modules"])
     run_training = run["training"] or {}
     row["seed"] = run_training.get("seed")

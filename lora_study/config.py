@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,40 @@ class ConfigError(UserError):
 
 
 def load_schema() -> dict[str, Any]:
+    """config/schema.yaml, with the grids' training axes derived from the training settings."""
     with SCHEMA_PATH.open() as handle:
-        return yaml.safe_load(handle)
+        schema = yaml.safe_load(handle)
+    schema["$defs"]["training_axes"] = training_axes_schema(schema["$defs"]["training"])
+    return schema
+
+
+def training_axes_schema(training: dict[str, Any]) -> dict[str, Any]:
+    """Every training setting as a grid axis: a non-empty list of values valid for that setting."""
+    axes = {
+        key: {"type": "array", "minItems": 1, "uniqueItems": True, "items": setting}
+        for key, setting in training["properties"].items()
+    }
+    return {
+        "description": "Training settings as grid axes (any key of `training`, a list of values each).",
+        "type": "object",
+        "additionalProperties": False,
+        "properties": axes,
+        "default": {},
+    }
+
+
+@functools.cache
+def training_defaults(method: str = "lora") -> dict[str, Any]:
+    """The schema's default of every training setting for `method` (what run ids are relative to).
+
+    Full fine-tuning's schema default learning rate counts as its default; a
+    config's own `training` or `methods` values never do.
+    """
+    properties = load_schema()["properties"]
+    defaults = {key: spec["default"] for key, spec in properties["training"]["properties"].items()}
+    method_schema = properties["methods"]["properties"].get(method, {})
+    defaults.update({key: spec["default"] for key, spec in method_schema.get("properties", {}).items()})
+    return defaults
 
 
 def _validator_with_defaults(schema: dict[str, Any]) -> jsonschema.protocols.Validator:

@@ -155,8 +155,9 @@ def evaluate_run(
     try:
         with memory, quiet_int8_casts():
             attention = resolve_attention(manifest, compute_settings["attn_implementation"])
+            adapter = str(adapter_dir) if adapter_dir else None
             model = load_for_evaluation(manifest, recipe, run.double_quant, attention, device,
-                                        str(adapter_dir) if adapter_dir else None)  # fmt: skip
+                                        None if run.is_full else adapter, adapter if run.is_full else None)  # fmt: skip
             loss = ResponseLoss(model)
             nll_start = time.perf_counter()
             row_nll, row_tokens = response_nll(loss, rows, batch_size, pad_id, device, recipe)

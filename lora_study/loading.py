@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_study.methods import PEFT_FLAGS
 from lora_study.modules import Targets
 from lora_study.precision import Recipe, apply_recipe, dtype_summary
 
@@ -62,14 +63,19 @@ def load_base_model(
     double_quant: bool,
     attn_implementation: str,
     device: torch.device,
+    weights_dir: str | None = None,
 ) -> nn.Module:
-    """The frozen base model in the run's weight format; tensors bitsandbytes keeps are in the compute dtype."""
+    """The base model (or a fully fine-tuned one from `weights_dir`) in the run's weight format.
+
+    Tensors bitsandbytes keeps are in the compute dtype.
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        manifest["path"],
-        # Unquantized weights, and the tensors bitsandbytes leaves alone, in the compute dtype.
-        dtype=recipe.torch_compute_dtype,
+        weights_dir or manifest["path"],
+        # Unquantized weights in their format (fp32 masters for full fine-tuning); the
+        # tensors bitsandbytes leaves alone in the compute dtype.
+        dtype=recipe.load_dtype,
         quantization_config=quantization_config(recipe, double_quant),
         attn_implementation=attn_implementation,
         device_map={"": str(device)},
@@ -89,8 +95,9 @@ def add_lora(
     alpha: float,
     dropout: float,
     gradient_checkpointing: bool,
+    method: str = "lora",
 ) -> nn.Module:
-    """LoRA on the target modules, with every tensor where the recipe puts it."""
+    """LoRA (or the PEFT variant `method`) on the target modules, with every tensor where the recipe puts it."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if recipe.quantized:
@@ -101,9 +108,18 @@ def add_lora(
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                      **targets.lora_kwargs())  # fmt: skip
+                      **targets.lora_kwargs(), **PEFT_FLAGS[method])  # fmt: skip
     model = apply_recipe(get_peft_model(model, lora), recipe)
     log.info("parameters by dtype after the %s recipe: %s", recipe.compute_dtype, dtype_summary(model))
+    return model
+
+
+def prepare_full(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+    """Full fine-tuning: every weight trainable (fp32 masters, loaded so by the recipe)."""
+    model.requires_grad_(True)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info("full fine-tuning; parameters by dtype: %s", dtype_summary(model))
     return model
 
 
@@ -114,11 +130,16 @@ def load_for_evaluation(
     attn_implementation: str,
     device: torch.device,
     adapter_dir: str | None,
+    full_weights_dir: str | None = None,
 ) -> nn.Module:
-    """The base model in the run's format with its adapter (if any), cast like in training, KV cache on."""
+    """The base model in the run's format with its adapter (if any), cast like in training, KV cache on.
+
+    A fully fine-tuned run is its own weights (`full_weights_dir`), evaluated
+    in the format its unquantized base is.
+    """
     from peft import PeftModel
 
-    model = load_base_model(manifest, recipe, double_quant, attn_implementation, device)
+    model = load_base_model(manifest, recipe, double_quant, attn_implementation, device, full_weights_dir)
     # Training turns the KV cache off; greedy generation without it recomputes every
     # prefix (measured: 8x slower on the default model).
     model.config.use_cache = True

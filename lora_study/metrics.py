@@ -60,6 +60,9 @@ class TrainMetrics:
     total_params: int | None = None
     trainable_percent: float | None = None
     adapter_size_mb: float | None = None
+    # Elements saved: a PiSSA/OLoRA adapter converted for the original base holds rank 2r; full
+    # fine-tuning saves the whole model.
+    adapter_params: int | None = None
     target_modules: list[str] | str = ""
     # MoE experts' 3-D weights adapted through PEFT's target_parameters.
     target_parameters: list[str] = field(default_factory=list)

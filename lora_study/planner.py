@@ -10,7 +10,12 @@ The prediction is a sum of terms, each reported on its own:
   dtype and norms in fp32; unquantized runs hold their weights in the
   resolved weight dtype.
 - LoRA states: fp32 weights, gradients and AdamW's two moments (16 bytes per
-  trainable parameter; 10 with 8-bit AdamW).
+  trainable parameter; 10 with 8-bit AdamW), counted on PEFT's own layers for
+  the run's method (DoRA adds a magnitude vector per adapted layer, and its
+  forward saves the combined weight and its norm: the meta pass counts them).
+- full fine-tuning: fp32 master weights, their gradients and AdamW states
+  for every parameter, plus the compute-dtype copies autocast makes of the
+  weights for the forward pass (kept for the backward pass).
 - activations: the tensors autograd saves for the backward pass, counted
   from a forward pass of the real architecture on PyTorch's meta device
   (shapes and dtypes only: no weights, no arithmetic), with the run's
@@ -46,6 +51,7 @@ from torch import nn
 
 from lora_study.batching import total_steps
 from lora_study.formats import FOUR_BIT
+from lora_study.methods import DORA, FULL, LORA
 from lora_study.modules import Targets, resolve_attention
 from lora_study.precision import DeviceCapability, Recipe, detect_capability, is_norm, recipe_for
 from lora_study.preflight import check_with_manifest
@@ -76,6 +82,10 @@ class ModelFacts:
     other_params: int  # embeddings, norms, biases, output head
     vocab_size: int
     norm_params: int = 0  # part of other_params: kept in fp32 by the recipe
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.quantizable_sizes) + self.other_params
 
     @property
     def quantizable_sizes(self) -> list[int]:
@@ -152,18 +162,24 @@ def _four_bit_bytes(size: int, double_quant: bool) -> float:
 _LORA_PARAMS_CACHE: dict[tuple[Any, ...], int] = {}
 
 
-def lora_params(model_config, targets: Targets, rank: int) -> int:
+def _planning_flags(method: str) -> dict[str, Any]:
+    """The LoraConfig flags that change memory: DoRA's. (rsLoRA scales; PiSSA/OLoRA only initialise.)"""
+    return {"use_dora": True} if method == DORA else {}
+
+
+def lora_params(model_config, targets: Targets, rank: int, method: str = LORA) -> int:
     """Trainable parameters PEFT creates for `targets` at `rank`, counted on the meta device.
 
     Counting PEFT's own layers covers every case a formula would have to
     repeat: fused layers, regex scopes, 3-D expert weights.
     """
-    key = (model_config.to_json_string(), targets.key(), rank)
+    flags = _planning_flags(method)
+    key = (model_config.to_json_string(), targets.key(), rank, tuple(flags))
     if key not in _LORA_PARAMS_CACHE:
         from peft import LoraConfig, get_peft_model
 
         model = meta_causal_lm(model_config, torch.float32, "eager")
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, **targets.lora_kwargs()))
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, **targets.lora_kwargs(), **flags))
         _LORA_PARAMS_CACHE[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return _LORA_PARAMS_CACHE[key]
 
@@ -181,28 +197,34 @@ def saved_activation_bytes(
     attn_implementation: str,
     batch_size: int,
     seq_len: int,
+    method: str = LORA,
 ) -> tuple[float, float]:
     """(bytes autograd saves in one forward pass, bytes one layer saves without checkpointing).
 
+    Full fine-tuning (`method` full) trains every weight, no LoRA layers.
     Cached by the config's content and the arguments: runs that differ only in
     what does not change activations share one count.
     """
     key = (model_config.to_json_string(), targets.key(), rank, dropout, dtype_name, gradient_checkpointing,
-           attn_implementation, batch_size, seq_len)  # fmt: skip
+           attn_implementation, batch_size, seq_len, method)  # fmt: skip
     if key in _ACTIVATION_CACHE:
         return _ACTIVATION_CACHE[key]
     from peft import LoraConfig, get_peft_model
 
     dtype = getattr(torch, dtype_name)
     model = meta_causal_lm(model_config, dtype, meta_attention(attn_implementation))
-    model.requires_grad_(False)
+    model.requires_grad_(method == FULL)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, **targets.lora_kwargs())
-    model = get_peft_model(model, lora)
+        if method != FULL:
+            model.enable_input_require_grads()
+    if method != FULL:
+        lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, **targets.lora_kwargs(),
+                          **_planning_flags(method))  # fmt: skip
+        model = get_peft_model(model, lora)
     model.train()
-    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    # Weights are counted apart (frozen base, or full fine-tuning's masters and their autocast copies).
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad or method == FULL}
     fused_attention = attn_implementation != "eager"
     seen: dict[int, torch.Tensor] = {}
 
@@ -218,7 +240,7 @@ def saved_activation_bytes(
     # A ready 4-D mask: transformers' mask builder inspects values, which meta tensors lack.
     mask = torch.zeros(batch_size, 1, seq_len, seq_len, dtype=dtype, device="meta")
     positions = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-    inner = model.get_base_model().base_model
+    inner = model.get_base_model().base_model if method != FULL else model.base_model
     with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
         inner(input_ids=ids, attention_mask=mask, position_ids=positions)
     saved = sum(t.numel() * t.element_size() for t in seen.values())
@@ -226,7 +248,7 @@ def saved_activation_bytes(
         saved += model_config.num_hidden_layers * batch_size * model_config.num_attention_heads * seq_len * 4
     if gradient_checkpointing:
         per_layer = saved_activation_bytes(model_config, targets, rank, dropout, dtype_name, False,
-                                           attn_implementation, batch_size, seq_len)[1]  # fmt: skip
+                                           attn_implementation, batch_size, seq_len, method)[1]  # fmt: skip
     else:
         per_layer = saved / model_config.num_hidden_layers
     _ACTIVATION_CACHE[key] = (saved, per_layer)
@@ -242,7 +264,7 @@ def planning_recipe(run: RunSpec, plan_device: str) -> Recipe:
     """The recipe a run will follow on the planned device (`auto` resolved for it)."""
     capability = PLANNED_GPU if plan_device == "cuda" else detect_capability(torch.device("cpu"))
     assert run.training is not None
-    return recipe_for(run.quantization, run.training.compute_dtype, capability)
+    return recipe_for(run.quantization, run.training.compute_dtype, capability, full=run.is_full)
 
 
 @dataclass
@@ -345,11 +367,19 @@ def plan_run(
         attn_implementation,
         batch.rows,
         batch.padded_length,
+        run.method,
     )
-    trainable = lora_params(model_config, targets, run.rank)
-    weights = weights_bytes(facts, recipe, run.double_quant)
     logits = logits_bytes(batch.loss_positions, facts.vocab_size, DTYPE_BYTES[recipe.compute_dtype])
-    states = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[training.optimizer])
+    if run.is_full:
+        trainable = facts.total_params
+        weights = trainable * 4.0  # fp32 masters
+        # Gradients and optimizer moments, and the compute-dtype weight copies autocast keeps for backward.
+        copies = trainable * DTYPE_BYTES[recipe.compute_dtype] if recipe.autocast else 0
+        states = trainable * (4 + OPTIMIZER_STATE_BYTES[training.optimizer]) + copies
+    else:
+        trainable = lora_params(model_config, targets, run.rank, run.method)
+        weights = weights_bytes(facts, recipe, run.double_quant)
+        states = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[training.optimizer])
     allocated = weights + states + activations + per_layer + logits
     cuda = allocated * (1 + CUDA_ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB
     cpu = (allocated + weights_file_bytes) / GB + CPU_RUNTIME_GB

@@ -158,6 +158,16 @@ class Recipe:
     def torch_compute_dtype(self) -> torch.dtype:
         return DTYPES[self.compute_dtype]
 
+    @property
+    def master_weights(self) -> bool:
+        """Full fine-tuning: fp32 weights (and states) trained under autocast in the compute dtype."""
+        return self.weight_format == "fp32" and self.compute_dtype != "fp32"
+
+    @property
+    def load_dtype(self) -> torch.dtype:
+        """What unquantized weights are loaded in: the weight format, else (bitsandbytes) the compute dtype."""
+        return DTYPES.get(self.weight_format, self.torch_compute_dtype)
+
     def autocast_context(self, device_type: str) -> contextlib.AbstractContextManager:
         if not self.autocast:
             return contextlib.nullcontext()
@@ -175,6 +185,8 @@ class Recipe:
             )
         if self.quantized:
             return f"4-bit weights dequantized to {self.compute_dtype} per matmul"
+        if self.master_weights:
+            return f"fp32 master weights, matmuls in {self.compute_dtype} under autocast"
         return f"matmuls in {self.compute_dtype}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,18 +199,22 @@ class Recipe:
         }
 
 
-def recipe_for(quantization: str, compute_dtype: str | None, capability: DeviceCapability) -> Recipe:
+def recipe_for(
+    quantization: str, compute_dtype: str | None, capability: DeviceCapability, full: bool = False
+) -> Recipe:
     """The recipe of a run with this quantization on this device.
 
     `compute_dtype` applies to bitsandbytes runs only; an unquantized run
-    computes in its own weight dtype (`16bit`: the device's fast one).
+    computes in its own weight dtype (`16bit`: the device's fast one). Full
+    fine-tuning (`full`) keeps fp32 master weights and computes in that dtype
+    under autocast (mixed precision).
     """
     if quantization in BITSANDBYTES:
         return Recipe(quantization, quantization, resolve_dtype(compute_dtype or AUTO, capability))
     weights = capability.fast_dtype if quantization == SIXTEEN_BIT else quantization
     if weights not in DTYPES:
         raise ValueError(f"unknown quantization {quantization!r}")
-    return Recipe(quantization, weights, weights)
+    return Recipe(quantization, "fp32" if full else weights, weights)
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -7,8 +7,9 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from lora_study.config import ConfigError
+from lora_study.config import ConfigError, training_defaults
 from lora_study.formats import FOUR_BIT, applies_compute_dtype, quantization_label
+from lora_study.methods import FULL, LORA, default_alpha, method_problem
 from lora_study.modules import ALL_LINEAR, canonical_modules, modules_label
 from lora_study.settings import TrainingSettings
 
@@ -32,16 +33,23 @@ class RunSpec:
     is_baseline: bool = False
     # The configuration this run replicates (equal to run_id without a seeds axis).
     config_id: str = ""
+    method: str = LORA  # lora, dora, rslora, pissa, olora, or full (fine-tuning without an adapter)
 
     def __post_init__(self) -> None:
         if not self.config_id:
             object.__setattr__(self, "config_id", self.run_id)
 
     def as_params(self) -> dict[str, Any]:
-        """Plain data for Snakemake params and run tables."""
+        """Plain data for Snakemake params and run tables.
+
+        `method` appears only when it is not plain LoRA, so studies run before
+        the method axis existed keep their params (and do not retrain).
+        """
         params = asdict(self)
         params["modules"] = list(self.modules)
         params["training"] = self.training.to_dict() if self.training else None
+        if self.method == LORA:
+            del params["method"]
         return params
 
     @classmethod
@@ -63,9 +71,19 @@ class RunSpec:
         """The baseline this run is compared with: the base model in the same weight format."""
         return baseline_id(self.quantization, self.double_quant)
 
+    @property
+    def is_full(self) -> bool:
+        """Full fine-tuning: every weight trained, no adapter."""
+        return self.method == FULL
 
-def resolve_alpha(alpha: float | str, rank: int) -> float:
-    """'2r' -> 2 * rank; a number stays as it is."""
+
+AUTO_ALPHA = "auto"
+
+
+def resolve_alpha(alpha: float | str, rank: int, method: str = LORA) -> float:
+    """'auto' -> the method's default (2r; rsLoRA: a constant), '2r' -> 2 * rank; a number stays as it is."""
+    if alpha == AUTO_ALPHA:
+        return default_alpha(method, rank)
     if isinstance(alpha, str):
         return float(alpha[:-1]) * rank
     return float(alpha)
@@ -83,51 +101,169 @@ def _format_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def run_id(rank: int, alpha: float, modules: tuple[str, ...], quantization: str, double_quant: bool) -> str:
-    """`r16-qkvo-nf4`; alpha appears only when it is not 2 x rank."""
-    parts = [f"r{rank}"]
-    if alpha != 2 * rank:
-        parts.append(f"a{_format_number(alpha)}")
-    parts.append(modules_label(modules))
-    parts.append(quantization_label(quantization, double_quant))
+def compact_number(value: float) -> str:
+    """Short, exact text for an id: 0.0002 -> 2e-4, 1.5e-05 -> 1.5e-5, 0.05 -> 0.05, 16 -> 16."""
+    if float(value).is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    if abs(value) >= 0.01:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+# Short names of training settings in run ids (a key without one is spelt out).
+SETTING_ABBREVIATIONS = {
+    "learning_rate": "lr",
+    "lora_dropout": "drop",
+    "max_steps": "steps",
+    "epochs": "ep",
+    "batch_size": "bs",
+    "gradient_accumulation_steps": "ga",
+    "weight_decay": "wd",
+    "optimizer": "opt",
+    "lr_scheduler": "sched",
+    "warmup_steps": "warm",
+    "max_grad_norm": "clip",
+    "gradient_checkpointing": "gc",
+    "group_by_length": "gbl",
+    "attn_implementation": "attn",
+    "compute_dtype": "cd",
+    "memory_limit_gb": "mem",
+}
+# Settings that cannot be a grid axis, and what to use instead.
+NOT_AN_AXIS = {"seed": "seeds are replicates of one configuration: set sweep.seeds"}
+
+
+def setting_suffix(key: str, value: Any) -> str:
+    """`lr2e-4`, `bs4`, `nogc`, `optadamw_8bit`: one swept setting in a run id."""
+    name = SETTING_ABBREVIATIONS.get(key, key)
+    if isinstance(value, bool):
+        return name if value else f"no{name}"
+    if value is None:
+        return f"{name}none"
+    if isinstance(value, int | float):
+        return f"{name}{compact_number(value)}"
+    return f"{name}{value}"
+
+
+def settings_suffix(own_settings: dict[str, Any], method: str = LORA) -> list[str]:
+    """The id parts of a run's own (swept or overridden) settings that differ from the schema's defaults.
+
+    Only the schema's defaults count, never the config's shared `training`
+    block: editing a shared default changes what runs compute, not their names.
+    """
+    defaults = training_defaults(method)
+    order = list(defaults)
+    parts = []
+    for key in sorted(own_settings, key=lambda k: order.index(k) if k in order else len(order)):
+        if own_settings[key] != defaults.get(key):
+            parts.append(setting_suffix(key, own_settings[key]))
+    return parts
+
+
+def run_id(
+    rank: int,
+    alpha: float,
+    modules: tuple[str, ...],
+    quantization: str,
+    double_quant: bool,
+    method: str = LORA,
+    own_settings: dict[str, Any] | None = None,
+) -> str:
+    """`r16-qkvo-nf4`, `r16-qkvo-nf4-dora-lr2e-4`, `full-16bit`.
+
+    Alpha appears only when it is not the method's default; the method only
+    when it is not LoRA; a swept setting only when it differs from the schema default.
+    """
+    if method == FULL:
+        parts = [FULL, quantization_label(quantization, double_quant)]
+    else:
+        parts = [f"r{rank}"]
+        if alpha != default_alpha(method, rank):
+            parts.append(f"a{_format_number(alpha)}")
+        parts.append(modules_label(modules))
+        parts.append(quantization_label(quantization, double_quant))
+        if method != LORA:
+            parts.append(method)
+    parts += settings_suffix(own_settings or {}, method)
     return "-".join(parts)
 
 
-def _make_spec(
-    entry_id: str | None,
-    rank: int,
-    alpha_setting: float | str,
-    modules: list[str],
-    quantization: str,
-    double_quant: bool,
-    training: dict[str, Any],
-    origin: str = "sweep",
-) -> RunSpec:
-    if ALL_LINEAR in modules and len(modules) > 1:
-        raise ConfigError(f"modules {modules}: 'all-linear' cannot be combined with other modules")
-    alpha = resolve_alpha(alpha_setting, rank)
-    ordered = tuple(canonical_modules(modules))
+@dataclass(frozen=True)
+class Entry:
+    """One run as a grid cell or a named run describes it, before defaults are resolved."""
+
+    rank: int
+    alpha: float | str
+    modules: list[str]
+    quantization: str
+    double_quant: bool
+    method: str
+    own_settings: dict[str, Any]  # the training values this entry sets itself (grid axes or named overrides)
+    explicit_id: str | None = None
+
+
+def _make_spec(entry: Entry, shared: dict[str, Any], method_settings: dict[str, Any], origin: str) -> RunSpec:
+    """Resolve an entry: schema and shared defaults, then the method's own settings, then the entry's."""
+    problem = method_problem(entry.method, entry.quantization)
+    if problem:
+        raise ConfigError(f"{origin}: method '{entry.method}' with quantization '{entry.quantization}': {problem}")
+    full = entry.method == FULL
+    if not full and ALL_LINEAR in entry.modules and len(entry.modules) > 1:
+        raise ConfigError(f"modules {entry.modules}: 'all-linear' cannot be combined with other modules")
+    # Full fine-tuning has no rank, alpha or target modules: every grid cell collapses to one run.
+    rank = 0 if full else entry.rank
+    alpha = 0.0 if full else resolve_alpha(entry.alpha, rank, entry.method)
+    ordered = () if full else tuple(canonical_modules(entry.modules))
     # Double quantization only exists for 4-bit weights; normalise it elsewhere.
-    double_quant = double_quant if quantization in FOUR_BIT else False
-    if not applies_compute_dtype(quantization):
-        training = {key: value for key, value in training.items() if key != "compute_dtype"}
+    double_quant = entry.double_quant if entry.quantization in FOUR_BIT else False
+    training = {**shared, **method_settings.get(entry.method, {}), **entry.own_settings}
+    own = dict(entry.own_settings)
+    if not applies_compute_dtype(entry.quantization):
+        training.pop("compute_dtype", None)
+        own.pop("compute_dtype", None)
     return RunSpec(
-        run_id=entry_id or run_id(rank, alpha, ordered, quantization, double_quant),
+        run_id=entry.explicit_id or run_id(rank, alpha, ordered, entry.quantization, double_quant, entry.method, own),
         rank=rank,
         alpha=alpha,
         modules=ordered,
-        quantization=quantization,
+        quantization=entry.quantization,
         double_quant=double_quant,
         training=TrainingSettings.from_dict(training, origin),
+        method=entry.method,
     )
 
 
-def _grid_specs(grid: dict[str, Any], training: dict[str, Any]) -> list[RunSpec]:
-    axes = itertools.product(grid["rank"], grid["alpha"], grid["modules"], grid["quantization"], grid["double_quant"])
-    return [
-        _make_spec(None, rank, alpha, list(modules), quant, dq, training, "sweep.grids")
-        for rank, alpha, modules, quant, dq in axes
+def _grid_entries(grid: dict[str, Any], origin: str) -> list[Entry]:
+    axes = grid.get("training", {})
+    for key in axes:
+        if key in NOT_AN_AXIS:
+            raise ConfigError(f"config key '{origin}.training.{key}': {NOT_AN_AXIS[key]}")
+    keys = list(axes)
+    entries = []
+    for rank, alpha, modules, quant, dq, method in itertools.product(
+        grid["rank"], grid["alpha"], grid["modules"], grid["quantization"], grid["double_quant"], grid["method"]
+    ):
+        for values in itertools.product(*(axes[key] for key in keys)):
+            own = dict(zip(keys, values, strict=True))
+            entries.append(Entry(rank, alpha, list(modules), quant, dq, method, own))
+    return entries
+
+
+def _describe_difference(first: RunSpec, second: RunSpec) -> str:
+    """What two specs with one id differ in (their training settings, when that is all)."""
+    if first.training is None or second.training is None:
+        return ""
+    a, b = first.training.to_dict(), second.training.to_dict()
+    differing = [
+        f"training.{k} ({a.get(k)!r} vs {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
     ]
+    if not differing or replace(first, training=second.training) != second:
+        return ""
+    return (
+        f": they differ in {', '.join(differing)}, and an id names only swept values that differ from the "
+        "schema's default; sweep the same values in both places, or give the named run an id"
+    )
 
 
 def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
@@ -137,7 +273,8 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
     with one id are an error, as is an empty sweep.
     """
     sweep = config["sweep"]
-    defaults = config["training"]
+    shared = config["training"]
+    method_settings = config.get("methods", {})
     runs: dict[str, RunSpec] = {}
     origins: dict[str, str] = {}
 
@@ -146,29 +283,25 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
             raise ConfigError(f"{origin}: run ids '{BASELINE_PREFIX}' and '{BASELINE_PREFIX}-*' name the baselines")
         previous = runs.get(spec.run_id)
         if previous is not None and (previous != spec or origin.startswith("sweep.runs")):
-            raise ConfigError(f"duplicate run id '{spec.run_id}' from {origins[spec.run_id]} and {origin}")
+            raise ConfigError(
+                f"duplicate run id '{spec.run_id}' from {origins[spec.run_id]} and {origin}"
+                + _describe_difference(previous, spec)
+            )
         runs.setdefault(spec.run_id, spec)
         origins.setdefault(spec.run_id, origin)
 
     for index, grid in enumerate(sweep["grids"]):
-        for spec in _grid_specs(grid, dict(defaults)):
-            add(spec, f"sweep.grids[{index}]")
-    for index, entry in enumerate(sweep["runs"]):
-        training = {**defaults, **entry["training"]}
-        if "compute_dtype" in entry["training"] and not applies_compute_dtype(entry["quantization"]):
-            log.warning("sweep.runs[%d]: training.compute_dtype does not apply to %s weights (an unquantized run "
-                        "computes in its weight dtype); ignored", index, entry["quantization"])  # fmt: skip
-        spec = _make_spec(
-            entry.get("id"),
-            entry["rank"],
-            entry["alpha"],
-            list(entry["modules"]),
-            entry["quantization"],
-            entry["double_quant"],
-            training,
-            f"sweep.runs[{index}]",
-        )
-        add(spec, f"sweep.runs[{index}]")
+        origin = f"sweep.grids[{index}]"
+        for entry in _grid_entries(grid, origin):
+            add(_make_spec(entry, dict(shared), method_settings, origin), origin)
+    for index, named in enumerate(sweep["runs"]):
+        origin = f"sweep.runs[{index}]"
+        if "compute_dtype" in named["training"] and not applies_compute_dtype(named["quantization"]):
+            log.warning("%s: training.compute_dtype does not apply to %s weights (an unquantized run computes in "
+                        "its weight dtype); ignored", origin, named["quantization"])  # fmt: skip
+        entry = Entry(named["rank"], named["alpha"], list(named["modules"]), named["quantization"],
+                      named["double_quant"], named["method"], dict(named["training"]), named.get("id"))  # fmt: skip
+        add(_make_spec(entry, dict(shared), method_settings, origin), origin)
     if not runs:
         raise ConfigError("config key 'sweep': no runs; add a grid or a named run")
     return replicate(runs, sweep["seeds"])

@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,17 @@ from lora_study.data import load_split
 from lora_study.failures import STATUS_OOM, STATUS_SKIPPED, is_out_of_memory, memory_cap, memory_in_use_gb
 from lora_study.gpu_slots import GpuSlot, claim_gpu, job_environment
 from lora_study.io import atomic_path, write_json
-from lora_study.loading import add_lora, count_parameters, load_base_model, load_tokenizer, pick_device, set_threads
+from lora_study.loading import (
+    add_lora,
+    count_parameters,
+    load_base_model,
+    load_tokenizer,
+    pick_device,
+    prepare_full,
+    set_threads,
+)
 from lora_study.loss import ResponseLoss, scored_tokens
+from lora_study.methods import is_converted
 from lora_study.metrics import STATUS_OK, PeakMemory, TrainMetrics
 from lora_study.modules import Targets, manifest_layout, resolve_attention
 from lora_study.planner import plan_for_run
@@ -128,7 +138,7 @@ def start_job(run: RunSpec, threads: int) -> Job:
     memory = PeakMemory(device)
     capability = detect_capability(device)
     assert run.training is not None
-    recipe = recipe_for(run.quantization, run.training.compute_dtype, capability)
+    recipe = recipe_for(run.quantization, run.training.compute_dtype, capability, full=run.is_full)
     log.info("run %s on %s, %d threads", run.run_id, capability.summary(), torch.get_num_threads())
     log.info("recipe: %s (compute %s, autocast %s, grad scaler %s)", recipe.describe(), recipe.compute_dtype,
              recipe.autocast, recipe.grad_scaler)  # fmt: skip
@@ -160,7 +170,11 @@ def train_run(
     # Resolve modules before loading weights: a typo fails in a second, not after the load.
     targets = check_run(run, manifest_layout(manifest), manifest["linear_layers"], manifest["model_type"])
     job.attn_implementation = resolve_attention(manifest, job.training.attn_implementation)
-    log.info("target modules %s -> %s; attention %s", list(run.modules), targets.describe(), job.attn_implementation)
+    if run.is_full:
+        log.info("full fine-tuning (every weight trains); attention %s", job.attn_implementation)
+    else:
+        log.info("%s on target modules %s -> %s; attention %s", run.method, list(run.modules), targets.describe(),
+                 job.attn_implementation)  # fmt: skip
     train_rows = load_split(splits_dir, "train")
     plan = plan_for_run(run, manifest, train_rows, plan_settings, job.recipe, targets, job.attn_implementation)
     if plan["plan_error"]:
@@ -209,14 +223,21 @@ class TrainingSession:
         self.steps = 0
         self.loss: ResponseLoss | None = None
         self.scaling = GradScaling(job.recipe, job.device.type)
+        # PiSSA/OLoRA: the adapter as initialised, to convert the trained one for the original base.
+        self.initial_adapter: tempfile.TemporaryDirectory | None = None
 
     def load(self, manifest: dict[str, Any], targets: Targets) -> torch.nn.Module:
-        """The base model in the run's format with LoRA on `targets`, cast to the recipe."""
+        """The base model in the run's format with LoRA on `targets`, cast to the recipe (full: all trainable)."""
         run, training = self.job.run, self.job.training
         model = load_base_model(manifest, self.job.recipe, run.double_quant, self.job.attn_implementation,
                                 self.job.device)  # fmt: skip
-        model = add_lora(model, self.job.recipe, targets, run.rank, run.alpha, training.lora_dropout,
-                         training.gradient_checkpointing)  # fmt: skip
+        if run.is_full:
+            model = prepare_full(model, training.gradient_checkpointing)
+        else:
+            model = add_lora(model, self.job.recipe, targets, run.rank, run.alpha, training.lora_dropout,
+                             training.gradient_checkpointing, run.method)  # fmt: skip
+        if is_converted(run.method):
+            self.initial_adapter = save_initial_adapter(model)
         trainable, total = count_parameters(model)
         self.counts = {"trainable_params": trainable, "total_params": total}
         self.targets = targets
@@ -340,7 +361,7 @@ class TrainingSession:
         """Adapter, loss curve and metrics; the checkpoint goes once they exist."""
         progress = self.progress
         with atomic_path(outputs.adapter_dir) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            save_trained(model, tmp, self.job, self.initial_adapter)
         _write_curve(outputs.loss_curve_path, progress.curve)
         tokens_per_s, loss_tokens_per_s, measured_steps = progress.throughput()
         trainable, total = self.counts["trainable_params"], self.counts["total_params"]
@@ -360,6 +381,7 @@ class TrainingSession:
             total_params=total,
             trainable_percent=100 * trainable / total,
             adapter_size_mb=sum(f.stat().st_size for f in outputs.adapter_dir.glob("*.safetensors")) / 1e6,
+            adapter_params=saved_parameters(outputs.adapter_dir),
             **self.target_fields(),
             resumed_from_step=progress.resumed_from_step,
             loss_path=self.loss.path if self.loss else None,
@@ -374,6 +396,48 @@ class TrainingSession:
                  "peak %.2f GB (%s)", progress.train_seconds, self.steps, progress.checkpoint_seconds, tokens_per_s,
                  measured_steps, memory["peak_memory_gb"], memory["memory_kind"])  # fmt: skip
         return metrics
+
+
+INITIAL_ADAPTER = "initial"  # PEFT names the adapter it loads for the conversion after this folder
+
+
+def save_initial_adapter(model) -> tempfile.TemporaryDirectory:
+    """The PiSSA/OLoRA adapter before training, for PEFT's conversion at save time.
+
+    Saved with init_lora_weights=True, as PEFT requires (loading it must not
+    decompose the residual base again). A resumed run rebuilds the same
+    initialisation (a deterministic decomposition of the same weights) and saves it again.
+    """
+    folder = tempfile.TemporaryDirectory(prefix="lora-init-")
+    config = model.peft_config["default"]
+    method, config.init_lora_weights = config.init_lora_weights, True
+    model.save_pretrained(Path(folder.name) / INITIAL_ADAPTER, safe_serialization=True)
+    config.init_lora_weights = method
+    return folder
+
+
+def save_trained(model, out_dir: Path, job: Job, initial_adapter: tempfile.TemporaryDirectory | None) -> None:
+    """The adapter (PiSSA/OLoRA: converted for the original base, rank 2r) or, for full fine-tuning, the
+    whole model in the dtype it is evaluated in."""
+    if job.run.is_full:
+        model.to(job.recipe.torch_compute_dtype).save_pretrained(out_dir, safe_serialization=True)
+    elif initial_adapter is not None:
+        initial = str(Path(initial_adapter.name) / INITIAL_ADAPTER)
+        model.save_pretrained(out_dir, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def saved_parameters(folder: Path) -> int:
+    """Elements stored in a folder's safetensors files (a converted adapter holds rank 2r)."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                count += math.prod(handle.get_slice(name).get_shape())
+    return count
 
 
 def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:
