@@ -15,6 +15,7 @@ include: "rules/prepare.smk"
 include: "rules/plan.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/anatomy.smk"
 include: "rules/aggregate.smk"
 include: "rules/report.smk"
 

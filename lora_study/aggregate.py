@@ -138,12 +138,18 @@ CONFIG_SUMMARY_COLUMNS = (
 )
 
 
-def combine_loss_curves(curve_paths: list[str], run_ids: list[str], out_path: str | Path) -> None:
-    """Every run's loss curve in one long table (run_id, step, loss, ...)."""
-    frames = [pd.read_csv(path).assign(run_id=run_id) for path, run_id in zip(curve_paths, run_ids, strict=True)]
-    combined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "step", "loss"])
+def combine_per_run(paths: list[str], run_ids: list[str], out_path: str | Path, columns: list[str]) -> None:
+    """Every run's CSV (loss curve, anatomy) in one long table with a run_id column; `columns` if there are none."""
+    frames = [pd.read_csv(path).assign(run_id=run_id) for path, run_id in zip(paths, run_ids, strict=True)]
+    frames = [frame for frame in frames if len(frame)]
+    combined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", *columns])
     with atomic_path(out_path) as tmp:
         combined.to_csv(tmp, index=False)
+
+
+def combine_loss_curves(curve_paths: list[str], run_ids: list[str], out_path: str | Path) -> None:
+    """Every run's loss curve in one long table (run_id, step, loss, ...)."""
+    combine_per_run(curve_paths, run_ids, out_path, ["step", "loss"])
 
 
 def combine_examples(example_paths: list[str], table: pd.DataFrame, out_path: str | Path) -> None:

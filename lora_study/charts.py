@@ -191,6 +191,53 @@ def time_vs_memory(table: pd.DataFrame, memory_title: str) -> alt.Chart | None:
     )
 
 
+def matrix_heatmaps(tables: dict[str, pd.DataFrame]) -> dict[str, alt.Chart]:
+    """A heatmap of perplexity per two-axis matrix (one cell per run), the value written in each cell."""
+    charts = {}
+    for matrix in tables.values():
+        if "cells" not in matrix.attrs:
+            continue
+        first, second = matrix.attrs["axes"]
+        cells = matrix.attrs["cells"].dropna(subset=["perplexity"]).copy()
+        cells[first], cells[second] = cells[first].astype(str), cells[second].astype(str)
+        base = alt.Chart(cells).encode(
+            x=alt.X(f"{second}:O", title=second, sort=None),
+            y=alt.Y(f"{first}:O", title=first, sort=None),
+        )
+        heat = base.mark_rect().encode(
+            color=alt.Color("perplexity:Q", scale=alt.Scale(scheme="viridis", reverse=True)),
+            tooltip=["run_id", first, second, alt.Tooltip("perplexity:Q", format=".4g")],
+        )
+        text = base.mark_text(fontSize=11).encode(text=alt.Text("perplexity:Q", format=".3g"))
+        title = f"perplexity: {first} x {second}"
+        charts[f"heatmap_{first}_x_{second}"] = (heat + text).properties(width=WIDTH, height=HEIGHT, title=title)
+    return charts
+
+
+def effective_rank_chart(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
+    """Effective rank per module group against the adapter's rank, with the line where all of it is used."""
+    anatomy = tables.get("anatomy")
+    if anatomy is None:
+        return None
+    adapters = anatomy.dropna(subset=["rank"])
+    if adapters["rank"].nunique() < 2:
+        return None
+    axis = alt.X("rank:Q", scale=alt.Scale(type="log", base=2), title="adapter rank")
+    points = (
+        alt.Chart(adapters)
+        .mark_point(filled=True)
+        .encode(
+            x=axis,
+            y=alt.Y("effective_rank:Q", title="effective rank (90% energy)"),
+            color="group:N",
+            tooltip=["run_id", "group", alt.Tooltip("effective_rank:Q", format=".3g"), "rank_use"],
+        )
+    )
+    ranks = pd.DataFrame({"rank": sorted(adapters["rank"].unique())})
+    full_use = alt.Chart(ranks).mark_line(strokeDash=[4, 4], color="gray").encode(x=axis, y="rank:Q")
+    return (points + full_use).properties(width=WIDTH, height=HEIGHT, title="rank used by the updates")
+
+
 def build_charts(
     table: pd.DataFrame, tables: dict[str, pd.DataFrame], curves: pd.DataFrame, memory_title: str
 ) -> dict[str, alt.Chart]:
@@ -203,6 +250,8 @@ def build_charts(
         "quantization": quantization_comparison(tables, memory_title),
         "loss_curves": loss_curves(curves),
         "time_vs_memory": time_vs_memory(table, memory_title),
+        "effective_rank": effective_rank_chart(tables),
+        **matrix_heatmaps(tables),
     }
     return {name: chart for name, chart in charts.items() if chart is not None}
 

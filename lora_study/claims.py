@@ -146,9 +146,25 @@ def reference_claims(
         *rank_claims(tables.get("rank"), judge, settings),
         *module_claims(tables.get("modules"), judge),
         *quantization_claims(tables.get("quantization"), judge, memory_text),
-        _untested(
-            "LoRA reaches about 90% of full fine-tuning.",
-            "Does the best adapter reach 90% of a full fine-tuning run's quality?",
-            "full fine-tuning run (the method axis is not part of this workflow yet)",
-        ),
+        full_claim(tables.get("full_finetuning"), judge),
     ]
+
+
+def full_claim(shares: pd.DataFrame | None, judge: Judge, claimed_share: float = 0.9) -> Claim:
+    """Share of full fine-tuning's improvement >= 90 % is, with base and full fixed, the best adapter's
+    perplexity at most full's + 10 % of (base - full): a one-sided test against full fine-tuning."""
+    claim = "LoRA reaches about 90% of full fine-tuning."
+    question = "Does the best adapter recover at least 90% of full fine-tuning's perplexity improvement?"
+    if shares is None or shares["share_of_full_pct"].isna().all():
+        return _untested(claim, question, "full fine-tuning run beside adapter runs and an unquantized base model")
+    best = shares.dropna(subset=["share_of_full_pct"]).iloc[0]
+    base, full = shares.attrs["base_perplexity"], shares.attrs["full_perplexity"]
+    threshold = (1 - claimed_share) * (base - full) / full
+    result = judge.compare(best["run_id"], shares.attrs["full_id"], "perplexity", threshold)
+    answer = _side(result, threshold, below_is_claimed=True) if result else INCONCLUSIVE
+    evidence = (
+        f"{best['run_id']} recovers {best['share_of_full_pct']:.0f}% of {shares.attrs['full_id']}'s improvement over "
+        f"{shares.attrs['base_id']}; at least {claimed_share:.0%} means a perplexity change against full "
+        f"fine-tuning of at most {100 * threshold:+.1f}%: " + (_one_sided(result) if result else "no per-row scores")
+    )
+    return Claim(claim, question, answer, evidence)

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from lora_study.formats import SIXTEEN_BIT, UNQUANTIZED, quantization_label
+from lora_study.methods import LORA
 from lora_study.modules import modules_label
 from lora_study.sweep import baseline_id
 from lora_study.verdicts import ALPHA, Comparison, Judge, Verdict, own_interval
@@ -69,6 +70,22 @@ DEFINITIONS: dict[str, str] = {
     "*better*/*worse* when the difference interval excludes 0; else *inconclusive*, with the seeds (or "
     "validation rows) that would shrink the interval enough, from its 1/sqrt(n) scaling. Accuracy: the "
     "same with the difference of exact-match rates, paired over the same prompts.",
+    "share_of_full": "(perplexity of the unquantized base model - perplexity of the run) / (perplexity of the "
+    "unquantized base - perplexity of the best full fine-tuning run): the share of full fine-tuning's improvement "
+    "a run recovers (accuracy: the same with accuracy gains); a quantized run's quantization cost counts against "
+    "it. memory_vs_full, time_vs_full: peak memory and training time over full fine-tuning's. The 90% claim is "
+    "tested one-sided against full fine-tuning at the perplexity change a 90% share allows.",
+    "effective_rank": "per layer, the update is the merged weight minus the base weight (fp32, on the original "
+    "unquantized base; PiSSA/OLoRA adapters converted to it); its effective rank is the fewest singular "
+    "directions holding 90% of its energy (squared singular values). Utilisation = effective rank / adapter "
+    "rank: saturated at >= 75% (the adapter may want more rank), oversized at <= 25%; above 100% (DoRA's "
+    "rescaled magnitudes, PiSSA/OLoRA saved converted at rank 2r) the update is not confined to r directions.",
+    "learning_rate_per_rank": "in a rank x learning-rate matrix, the best learning rate of a rank is its "
+    "lowest perplexity; at every rank, each other rank's best learning rate is compared with the rank's own "
+    "best (tolerance sweet_spot_tolerance, m = the number of such comparisons): *worse* anywhere = it moves "
+    "with rank.",
+    "methods": "each LoRA variant against plain LoRA at the same rank, target modules and weight format "
+    "(tolerance min_relative_gain, m = the number of variants); scale = alpha/r (rslora: alpha/sqrt(r)).",
     "noise": "with one seed, intervals cover evaluation noise only (labelled so); metrics of a configuration "
     "with seeds are means over them, _ci95 the half-width of their 95 % t-interval; perplexity_low/high are "
     "each configuration's own 95 % interval (rows resampled, plus the seeds' spread), drawn as error bars.",
@@ -95,6 +112,8 @@ def prepare(table: pd.DataFrame) -> pd.DataFrame:
         quantization_label(q, bool(dq)) for q, dq in zip(runs["quantization"], runs["double_quant"], strict=True)
     ]
     runs["fits"] = runs["status"].fillna("ok").eq("ok")
+    # Tables from before the method axis hold LoRA runs only.
+    runs["method"] = runs["method"].fillna(LORA) if "method" in runs else LORA
     runs["alpha_ratio"] = (runs["alpha"] / runs["rank"].where(runs["rank"] > 0)).round(6)
     runs["base_perplexity"] = base_perplexities(runs)
     return runs
@@ -133,7 +152,8 @@ def sweep_slice(runs: pd.DataFrame, axis: str, fixed: list[str]) -> pd.DataFrame
     trained = trained_runs(runs)
     if trained.empty:
         return None
-    keys = fixed + _training_columns(trained)
+    # Runs of different methods are only compared along the method axis itself.
+    keys = [key for key in [*fixed, "method", *_training_columns(trained)] if key != axis]
     best: pd.DataFrame | None = None
     for _, group in trained.groupby(keys, dropna=False, sort=False):
         values = group[axis].nunique()

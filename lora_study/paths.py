@@ -21,6 +21,8 @@ EVAL_METRICS = f"{RUN_DIR}/eval_metrics.json"
 PREDICTIONS = f"{RUN_DIR}/predictions.jsonl"
 # Per validation row: summed NLL, tokens, exact-match hit (paired comparisons between runs).
 EXAMPLES = f"{RUN_DIR}/examples.csv"
+# Singular values of each layer's learned update (merged minus base weight).
+ANATOMY = f"{RUN_DIR}/anatomy.csv"
 # Outside the run's outputs: Snakemake deletes a failed job's outputs, a checkpoint must survive.
 CHECKPOINT = f"{RESULTS}/checkpoints/{{run}}"
 
@@ -31,6 +33,7 @@ CONFIGS_CSV = f"{TABLES}/configs.csv"
 CONFIGS_MD = f"{TABLES}/configs.md"
 LOSS_CURVES_CSV = f"{TABLES}/loss_curves.csv"
 EXAMPLES_CSV = f"{TABLES}/examples.csv"
+ANATOMY_CSV = f"{TABLES}/anatomy.csv"
 PLAN_CSV = f"{TABLES}/plan.csv"
 PLAN_MD = f"{TABLES}/plan.md"
 DERIVED_TABLES = f"{TABLES}/derived"
@@ -43,6 +46,7 @@ BENCHMARKS = "benchmarks"
 
 TRAIN_LOG = f"{LOGS}/train/{{run}}.log"
 EVAL_LOG = f"{LOGS}/evaluate/{{run}}.log"
+ANATOMY_LOG = f"{LOGS}/anatomy/{{run}}.log"
 
 
 def for_run(template: str, run_id: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from lora_study.axes import MATRIX_PREFIX, axis_tables, best_learning_rate_finding, matrix_title
 from lora_study.charts import build_charts, save_chart
 from lora_study.claims import reference_claims
 from lora_study.findings import (
@@ -24,6 +25,13 @@ from lora_study.findings import (
 )
 from lora_study.formats import quantization_label, recipe_text_rows
 from lora_study.io import atomic_path
+from lora_study.method_tables import (
+    anatomy_finding,
+    full_share_finding,
+    method_tables,
+    methods_finding,
+)
+from lora_study.methods import DESCRIPTIONS
 from lora_study.verdicts import Judge, evidence_from_examples
 
 log = logging.getLogger("lora_study")
@@ -39,6 +47,9 @@ TABLE_TITLES: dict[str, str] = {
     "pareto_time": "Pareto set: training time vs perplexity",
     "decision": "Which configuration for my memory budget",
     "memory_plan": "Memory plan: predicted vs measured peak memory",
+    "methods": "LoRA variants against plain LoRA",
+    "full_finetuning": "Share of full fine-tuning's improvement (against the unquantized base model)",
+    "anatomy": "Adapter anatomy: effective rank of each update per module group",
     "reference_claims": "The reference study's claims, checked",
 }
 CLAIMS_INTRO = (
@@ -58,12 +69,21 @@ class StudyContext:
     measurement: dict[str, Any] | None = None
 
 
+def table_title(name: str) -> str:
+    """The heading of a derived table (axis tables and matrices are named after their axes)."""
+    if name.startswith(MATRIX_PREFIX):
+        return matrix_title(name)
+    if name.startswith("training_"):
+        return f"Training setting swept: {name.removeprefix('training_')}"
+    return TABLE_TITLES[name]
+
+
 def write_tables(tables: dict[str, pd.DataFrame], out_dir: Path, memory_text: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in tables.items():
         frame.to_csv(out_dir / f"{name}.csv", index=False)
         (out_dir / f"{name}.md").write_text(
-            f"# {TABLE_TITLES[name]}\n\nMemory: {memory_text}.\n\n" + _markdown(frame) + "\n"
+            f"# {table_title(name)}\n\nMemory: {memory_text}.\n\n" + _markdown(frame) + "\n"
         )
 
 
@@ -100,6 +120,7 @@ def methods_lines(context: StudyContext, settings: FindingSettings, memory_text:
         "Precision recipe per quantization (dtypes resolved in each job; see compute_dtype and weight_format "
         "in runs.csv):",
         *[f"- {name}: {text}." for name, text in recipe_text_rows()],
+        *_methods_used(runs),
         *_resolved_recipes(runs),
         "Definitions:",
     ]
@@ -109,6 +130,14 @@ def methods_lines(context: StudyContext, settings: FindingSettings, memory_text:
     }
     lines += [f"- {name}: {text.format(**formats)}" for name, text in DEFINITIONS.items()]
     return lines
+
+
+def _methods_used(runs: pd.DataFrame) -> list[str]:
+    """What each training method in the study does."""
+    used = list(dict.fromkeys(runs["method"].dropna())) if "method" in runs else []
+    if used == ["lora"] or not used:
+        return []
+    return ["Training methods:", *[f"- {DESCRIPTIONS[m]}." for m in used if m in DESCRIPTIONS]]
 
 
 def _resolved_recipes(runs: pd.DataFrame) -> list[str]:
@@ -140,7 +169,7 @@ def render_markdown(
     for name, frame in tables.items():
         if name == "reference_claims":
             continue
-        parts += [f"### {TABLE_TITLES[name]}", "", _markdown(frame), ""]
+        parts += [f"### {table_title(name)}", "", _markdown(frame), ""]
     parts += ["## Charts", ""]
     parts += [f"![{name}](../charts/{name}.svg)" for name in chart_names]
     parts += ["", "## Methods", "", *methods, ""]
@@ -178,7 +207,7 @@ def render_html(
         if name == "reference_claims":
             continue
         body += [
-            f"<h3>{html.escape(TABLE_TITLES[name])}</h3>",
+            f"<h3>{html.escape(table_title(name))}</h3>",
             frame.to_html(index=False, float_format="{:.4g}".format, na_rep=""),
         ]
     body += ["<h2>Methods</h2>", "<ul>"]
@@ -195,6 +224,29 @@ def render_html(
     )
 
 
+def study_tables(
+    table: pd.DataFrame, settings: FindingSettings, judge: Judge, anatomy: pd.DataFrame | None = None
+) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """Every derived table and headline sentence: the fixed axes, any swept axis, methods and anatomy."""
+    runs = prepare(table)
+    tables = {
+        **all_tables(table, settings, judge),
+        **axis_tables(runs),
+        **method_tables(runs, judge, settings, anatomy),
+    }
+    findings = headline_findings(table, settings, judge)
+    extra = [
+        best_learning_rate_finding(tables, judge, settings),
+        methods_finding(tables.get("methods")),
+        full_share_finding(runs, tables.get("full_finetuning"), judge, settings),
+        anatomy_finding(tables),
+    ]
+    # Before the list of runs that did not fit, which closes the headline.
+    position = next((i for i, s in enumerate(findings) if s.startswith("Not measured:")), len(findings))
+    findings[position:position] = [s for s in extra if s]
+    return tables, findings
+
+
 def build_report(
     table: pd.DataFrame,
     curves: pd.DataFrame,
@@ -205,17 +257,18 @@ def build_report(
     markdown_path: Path,
     html_path: Path,
     examples: pd.DataFrame | None = None,
+    anatomy: pd.DataFrame | None = None,
 ) -> list[str]:
     """Write derived tables, charts and the report; return the headline findings.
 
-    `examples` (results/tables/examples.csv) holds every run's per-row scores: the verdicts' evidence.
+    `examples` (results/tables/examples.csv) holds every run's per-row scores: the verdicts' evidence;
+    `anatomy` (results/tables/anatomy.csv) every trained layer's update spectrum.
     """
     import vl_convert
 
     judge = Judge(evidence_from_examples(examples) if examples is not None else {})
     memory_text = memory_label(prepare(table))
-    tables = all_tables(table, settings, judge)
-    findings = headline_findings(table, settings, judge)
+    tables, findings = study_tables(table, settings, judge, anatomy)
     claims = reference_claims(tables, judge, settings, memory_text)
     tables["reference_claims"] = pd.DataFrame([claim.to_dict() for claim in claims])
     with atomic_path(tables_dir) as tmp:

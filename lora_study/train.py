@@ -418,9 +418,10 @@ def save_initial_adapter(model) -> tempfile.TemporaryDirectory:
 
 def save_trained(model, out_dir: Path, job: Job, initial_adapter: tempfile.TemporaryDirectory | None) -> None:
     """The adapter (PiSSA/OLoRA: converted for the original base, rank 2r) or, for full fine-tuning, the
-    whole model in the dtype it is evaluated in."""
+    whole model as its fp32 master weights: a 16-bit copy would round away small updates, which the
+    anatomy step measures as weight differences."""
     if job.run.is_full:
-        model.to(job.recipe.torch_compute_dtype).save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
     elif initial_adapter is not None:
         initial = str(Path(initial_adapter.name) / INITIAL_ADAPTER)
         model.save_pretrained(out_dir, safe_serialization=True, path_initial_model_for_weight_conversion=initial)

@@ -11,6 +11,7 @@ rule aggregate:
         trainings=expand(paths.TRAIN_METRICS, run=RUNS),
         loss_curves=expand(paths.LOSS_CURVE, run=RUNS),
         examples=expand(paths.EXAMPLES, run=EVALUATED),
+        anatomy=expand(paths.ANATOMY, run=RUNS),
         data_summary=paths.DATA_SUMMARY,
         manifest=paths.MODEL_MANIFEST,
         plan=paths.PLAN_CSV,
@@ -21,6 +22,7 @@ rule aggregate:
         configs_markdown=paths.CONFIGS_MD,
         loss_curves=paths.LOSS_CURVES_CSV,
         examples=paths.EXAMPLES_CSV,
+        anatomy=paths.ANATOMY_CSV,
     log:
         f"{paths.LOGS}/aggregate.log",
     benchmark:

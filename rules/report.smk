@@ -10,6 +10,7 @@ rule findings:
         configs=paths.CONFIGS_CSV,
         loss_curves=paths.LOSS_CURVES_CSV,
         examples=paths.EXAMPLES_CSV,
+        anatomy=paths.ANATOMY_CSV,
         manifest=paths.MODEL_MANIFEST,
         data_summary=paths.DATA_SUMMARY,
     output:

@@ -9,6 +9,7 @@ with job(snakemake) as log:
         CONFIG_SUMMARY_COLUMNS,
         combine_examples,
         combine_loss_curves,
+        combine_per_run,
         runs_table,
         write_table,
     )
@@ -30,4 +31,6 @@ with job(snakemake) as log:
         snakemake.output.loss_curves,
     )
     combine_examples(snakemake.input.examples, table, snakemake.output.examples)
+    trained = list(json.loads(snakemake.params.runs_trained))
+    combine_per_run(snakemake.input.anatomy, trained, snakemake.output.anatomy, ["layer", "group", "effective_rank"])
     log.info("%d runs in %s", len(table), snakemake.output.csv)

@@ -33,6 +33,7 @@ with job(snakemake) as log:
         markdown_path=Path(snakemake.output.markdown),
         html_path=Path(snakemake.output.html),
         examples=pd.read_csv(snakemake.input.examples),
+        anatomy=pd.read_csv(snakemake.input.anatomy),
     )
     for sentence in findings:
         log.info("finding: %s", sentence)

@@ -1,0 +1,159 @@
+"""Adapter anatomy: the singular values of each layer's learned update, and how much of its rank it uses.
+
+The update of a layer is its merged weight minus its base weight, both in
+fp32 on the original (unquantized) base. That covers every method: for LoRA
+and rsLoRA it is the scaled product B A; DoRA also rescales each output's
+norm; a PiSSA/OLoRA adapter is saved converted for the original base (rank
+2r); full fine-tuning's update is the trained weight minus the base weight.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_study.io import atomic_path
+from lora_study.method_tables import ENERGY_SHARE
+from lora_study.modules import Layout, manifest_layout
+
+log = logging.getLogger("lora_study")
+
+TOP_VALUES = 8  # leading singular values kept per layer (the top of full fine-tuning's spectrum)
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    """One layer's update, summarised by its spectrum."""
+
+    layer: str  # full module name
+    group: str  # logical group (q, k, v, o, qkv, mlp) or the layer's own name
+    rows: int
+    cols: int
+    norm: float  # Frobenius norm of the update
+    effective_rank: int
+    top_energy_share: float  # share of the energy in the TOP_VALUES leading directions
+    singular_values: str  # the leading TOP_VALUES, space-separated
+
+
+def effective_rank(singular_values: torch.Tensor, share: float = ENERGY_SHARE) -> int:
+    """The fewest leading directions whose squared singular values reach `share` of the total (0: no update)."""
+    energy = singular_values.double().pow(2)
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0
+    cumulative = torch.cumsum(energy, 0) / total
+    # A tolerance: equal values must not need one more direction because of rounding.
+    return int(torch.searchsorted(cumulative, torch.tensor(share - 1e-9, dtype=torch.float64)).item()) + 1
+
+
+def summarise(layer: str, group: str, update: torch.Tensor) -> LayerUpdate:
+    singular = torch.linalg.svdvals(update.double())
+    energy = singular.pow(2)
+    total = float(energy.sum())
+    top = singular[:TOP_VALUES]
+    return LayerUpdate(
+        layer=layer,
+        group=group,
+        rows=update.shape[0],
+        cols=update.shape[1],
+        norm=math.sqrt(total),
+        effective_rank=effective_rank(singular),
+        top_energy_share=float(energy[:TOP_VALUES].sum()) / total if total else 0.0,
+        singular_values=" ".join(f"{value:.6g}" for value in top.tolist()),
+    )
+
+
+def group_of(layout: Layout | None, layer: str) -> str:
+    """The logical group(s) a layer belongs to ('qkv' for a fused projection), else its own name."""
+    leaf = layer.rsplit(".", 1)[-1]
+    if layout is not None:
+        groups = [g for g, names in layout.groups.items() if any(layer == n or layer.endswith("." + n) for n in names)]
+        if groups:
+            return "".join(groups) if all(len(g) == 1 for g in groups) else "+".join(groups)
+    return leaf
+
+
+def adapter_updates(model: nn.Module, layout: Layout | None) -> list[LayerUpdate]:
+    """Each adapted linear layer's merged minus base weight (fp32), layer by layer (PEFT's own merge)."""
+    from peft.tuners.lora import LoraLayer
+
+    updates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weight = getattr(module.get_base_layer(), "weight", None)
+        if weight is None or weight.dim() != 2:
+            continue  # experts' 3-D parameters: not covered
+        before = weight.detach().float().clone()
+        with torch.no_grad():
+            module.merge()
+        update = module.get_base_layer().weight.detach().float() - before
+        updates.append(summarise(_layer_name(name), group_of(layout, _layer_name(name)), update))
+    return updates
+
+
+def _layer_name(name: str) -> str:
+    """The model's own module name, without PEFT's wrapper prefix."""
+    return name.removeprefix("base_model.model.")
+
+
+def full_updates(trained: nn.Module, base: nn.Module, layout: Layout | None) -> list[LayerUpdate]:
+    """Full fine-tuning: trained minus base weight of every linear layer in the body (not the output head)."""
+    base_layers = dict(base.named_modules())
+    output_head = trained.get_output_embeddings()
+    updates = []
+    for name, module in trained.named_modules():
+        if not isinstance(module, nn.Linear) or module is output_head:
+            continue
+        update = module.weight.detach().float() - base_layers[name].weight.detach().float()
+        updates.append(summarise(name, group_of(layout, name), update))
+    return updates
+
+
+def load_fp32(path: str, manifest: dict[str, Any]) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch.float32,
+        device_map={"": "cpu"},
+        trust_remote_code=manifest["trust_remote_code"],
+        use_safetensors=None if manifest.get("allow_pickle") else True,
+    )
+
+
+def run_anatomy(manifest: dict[str, Any], weights_dir: Path, is_full: bool, out_path: Path, threads: int) -> int:
+    """Write one run's per-layer update spectra to `out_path`; returns the number of layers."""
+    torch.set_num_threads(max(1, threads))
+    layout = manifest_layout(manifest)
+    if not any(weights_dir.glob("*.safetensors")):
+        log.info("%s holds no trained weights (the run did not train): nothing to measure", weights_dir)
+        return _write(out_path, [])
+    base = load_fp32(manifest["path"], manifest)
+    if is_full:
+        updates = full_updates(load_fp32(str(weights_dir), manifest), base, layout)
+    else:
+        from peft import PeftModel
+
+        updates = adapter_updates(PeftModel.from_pretrained(base, str(weights_dir)), layout)
+    log.info("%d layers; effective rank (%.0f%% of the energy): median %s", len(updates), 100 * ENERGY_SHARE,
+             sorted(u.effective_rank for u in updates)[len(updates) // 2] if updates else "-")  # fmt: skip
+    return _write(out_path, updates)
+
+
+FIELDS = tuple(f.name for f in fields(LayerUpdate))
+
+
+def _write(out_path: Path, updates: list[LayerUpdate]) -> int:
+    with atomic_path(out_path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(asdict(u) for u in updates)
+    return len(updates)

@@ -1,0 +1,168 @@
+"""Tables for any swept axis: one per swept training setting, a matrix for two axes swept together,
+and the best learning rate per rank."""
+
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+
+from lora_study.findings import (
+    FindingSettings,
+    _measured,
+    _status,
+    _training_columns,
+    _with_accuracy,
+    sweep_slice,
+    trained_runs,
+)
+from lora_study.verdicts import Judge, Verdict
+
+# Axes a matrix can pair (beside every training setting), with their readable names.
+DESIGN_AXES = {"rank": "rank", "modules_label": "modules", "quant_label": "quantization", "method": "method"}
+LEARNING_RATE = "training.learning_rate"
+MATRIX_PREFIX = "matrix__"
+
+
+def axis_name(column: str) -> str:
+    """`training.learning_rate` -> `learning_rate`, `quant_label` -> `quantization`."""
+    return DESIGN_AXES.get(column, column.removeprefix("training."))
+
+
+def training_axis_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """One table per swept training setting (named `training_<key>`): the runs that differ only in it."""
+    tables = {}
+    for column in _training_columns(runs):
+        group = sweep_slice(runs, column, ["rank", "alpha", "modules_label", "quant_label"])
+        if group is None:
+            continue
+        group = group.sort_values(column)
+        table = pd.DataFrame(
+            {
+                "run_id": group["run_id"],
+                axis_name(column): group[column],
+                "rank": group["rank"],
+                "modules": group["modules_label"],
+                "quantization": group["quant_label"],
+                "method": group["method"],
+                **_measured(group, "perplexity", "accuracy", "peak_memory_gb", "train_wall_s"),
+                "status": _status(group),
+            }
+        )
+        tables[f"training_{axis_name(column)}"] = table[_with_accuracy(list(table.columns), table)].reset_index(
+            drop=True
+        )
+    return tables
+
+
+def _matrix_group(trained: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
+    """The largest set of runs that differ only in `first` and `second` and cover every combination of them."""
+    keys = [k for k in [*DESIGN_AXES, "alpha_ratio", *_training_columns(trained)] if k not in (first, second)]
+    best = None
+    for _, group in trained.groupby(keys, dropna=False, sort=False):
+        a, b = group[first].nunique(), group[second].nunique()
+        complete = len(group.drop_duplicates([first, second])) == a * b
+        if a >= 2 and b >= 2 and complete and (best is None or a * b > best[first].nunique() * best[second].nunique()):
+            best = group
+    return best
+
+
+def matrices(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """For every two axes swept together: perplexity with `first` down and `second` across.
+
+    Named `matrix__<first>__<second>`; the long form (one row per run) is in the table's attrs["cells"].
+    """
+    trained = trained_runs(runs)
+    if trained.empty:
+        return {}
+    axes = [*DESIGN_AXES, *_training_columns(trained)]
+    found = {}
+    for first, second in itertools.combinations(axes, 2):
+        if first == "method" and second.startswith("training."):
+            first, second = second, first
+        group = _matrix_group(trained, first, second)
+        if group is None:
+            continue
+        cells = pd.DataFrame(
+            {
+                "run_id": group["run_id"],
+                axis_name(first): group[first],
+                axis_name(second): group[second],
+                **_measured(group, "perplexity", "accuracy"),
+            }
+        )
+        matrix = cells.pivot_table(
+            index=axis_name(first), columns=axis_name(second), values="perplexity", aggfunc="first", dropna=False
+        )
+        matrix.columns = [f"{axis_name(second)}={value:g}" if isinstance(value, float) else f"{axis_name(second)}="
+                          f"{value}" for value in matrix.columns]  # fmt: skip
+        matrix = matrix.reset_index()
+        matrix.attrs["cells"] = cells
+        matrix.attrs["axes"] = (axis_name(first), axis_name(second))
+        found[f"{MATRIX_PREFIX}{axis_name(first)}__{axis_name(second)}"] = matrix
+    return found
+
+
+def matrix_title(name: str) -> str:
+    first, second = name.removeprefix(MATRIX_PREFIX).split("__")
+    return f"Perplexity: {first} x {second}"
+
+
+def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, settings: FindingSettings) -> str | None:
+    """The best learning rate at each rank, and whether it moves with rank (verdicts, m = comparisons made).
+
+    At every rank, each other rank's best learning rate is compared with that
+    rank's own best at tolerance sweet_spot_tolerance: *worse* anywhere means
+    the best learning rate moves with rank; all *equivalent* means it does not.
+    """
+    matrix = tables.get(f"{MATRIX_PREFIX}rank__learning_rate")
+    if matrix is None:
+        return None
+    cells = matrix.attrs["cells"].dropna(subset=["perplexity"])
+    best = cells.loc[cells.groupby("rank")["perplexity"].idxmin()].set_index("rank")
+    if len(best) < 2:
+        return None
+    listed = ", ".join(f"rank {int(r)}: {best.loc[r, 'learning_rate']:g}" for r in best.index)
+    if best["learning_rate"].nunique() == 1:
+        return (
+            f"Best learning rate per rank: {listed}: the same at every rank "
+            f"({len(cells)} runs; {cells['learning_rate'].nunique()} learning rates)."
+        )
+    pairs = []
+    for rank in best.index:
+        own = best.loc[rank]
+        for other in best.index:
+            other_lr = best.loc[other, "learning_rate"]
+            if other == rank or other_lr == own["learning_rate"]:
+                continue
+            candidate = cells[(cells["rank"] == rank) & (cells["learning_rate"] == other_lr)]
+            if len(candidate):
+                pairs.append((rank, other_lr, candidate.iloc[0]["run_id"], own["run_id"]))
+    pairs = list(dict.fromkeys(pairs))
+    results = [(p, judge.compare(p[2], p[3], "perplexity", settings.sweet_spot_tolerance, len(pairs))) for p in pairs]
+    if any(result is None for _, result in results):
+        return f"Best learning rate per rank: {listed}; whether it moves with rank: not judged (no per-row scores)."
+    worse = [(p, r) for p, r in results if r.verdict is Verdict.WORSE]
+    if worse:
+        (rank, lr, _, _), result = worse[0]
+        return (
+            f"Best learning rate per rank: {listed}. It moves with rank: at rank {int(rank)}, learning rate {lr:g} "
+            f"(best at another rank) is {result.describe()} against that rank's best "
+            f"({len(worse)} of {len(results)} such comparisons worse)."
+        )
+    if all(r.verdict is Verdict.EQUIVALENT for _, r in results):
+        return (
+            f"Best learning rate per rank: {listed}; it does not detectably move with rank: every rank's best "
+            f"learning rate is equivalent at every other rank (tolerance {settings.sweet_spot_tolerance:.0%}, "
+            f"{len(results)} comparisons)."
+        )
+    (rank, lr, _, _), result = next((p, r) for p, r in results if r.verdict is not Verdict.EQUIVALENT)
+    return (
+        f"Best learning rate per rank: {listed}; whether it moves with rank is inconclusive: at rank {int(rank)}, "
+        f"learning rate {lr:g} is {result.describe()} against that rank's best."
+    )
+
+
+def axis_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Every swept training setting's table and every two-axis matrix the runs support."""
+    return {**training_axis_tables(runs), **matrices(runs)}
