@@ -279,6 +279,15 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
     origins: dict[str, str] = {}
 
     def add(spec: RunSpec, origin: str) -> None:
+        same = next(
+            (r for r in runs.values() if replace(r, run_id=spec.run_id, config_id=spec.config_id) == spec), None
+        )
+        if same is not None and same.run_id != spec.run_id and not origin.startswith("sweep.runs"):
+            # A grid cell that repeats an earlier run under another id (a swept value equal to the shared
+            # default): trained once, under the first id.
+            log.info("%s: %s is the same configuration as %s; trained once, as %s", origin, spec.run_id,
+                     same.run_id, same.run_id)  # fmt: skip
+            return
         if is_baseline_id(spec.run_id):
             raise ConfigError(f"{origin}: run ids '{BASELINE_PREFIX}' and '{BASELINE_PREFIX}-*' name the baselines")
         previous = runs.get(spec.run_id)

@@ -37,7 +37,7 @@ def test_findings_html_draws_every_chart_offline(tiny_study, tmp_path):
     assert not re.search(r"<script[^>]+src=|<link[^>]+href=\"?https?:", source), "page must not load anything"
     dom = rendered_dom(page, tmp_path / "profile")
     chart_ids = re.findall(r'<div class="chart[^"]*" id="(chart-[\w-]+)"', dom)
-    assert len(chart_ids) == len(list((tiny_study / "results/charts").glob("*.svg"))) == 7, chart_ids
+    assert len(chart_ids) == len(list((tiny_study / "results/charts").glob("*.svg"))) == 8, chart_ids
     for chart_id in chart_ids:
         section = dom.split(f'id="{chart_id}"', 1)[1].split('<div class="chart', 1)[0]
         assert "<svg" in section, f"{chart_id} drew nothing"

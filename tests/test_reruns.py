@@ -56,8 +56,10 @@ def planned_jobs(workdir: Path, *extra: str) -> set[tuple[str, str | None]]:
     return jobs
 
 
-# What an edit to a run's own settings reruns: its check, its training, its evaluation.
-RUN_RULES = ("check_run", "train", "evaluate")
+# What an edit to a run's own settings reruns: its check, its training, its evaluation, its anatomy.
+RUN_RULES = ("check_run", "train", "evaluate", "anatomy")
+# What retraining a run (new data, model or memory verdict) reruns.
+RETRAIN_RULES = ("train", "evaluate", "anatomy")
 
 
 def per_run(rules: tuple[str, ...], runs) -> set[tuple[str, str]]:
@@ -141,13 +143,30 @@ def test_shared_default_reruns_runs_using_it_but_not_an_override(study):
     assert planned_jobs(workdir) == expected
 
 
+def test_adding_a_learning_rate_trains_only_the_new_runs(study):
+    workdir, config = study
+    # 0.001 is both the shared and the schema's default: those runs keep their ids and results.
+    config["sweep"]["grids"][0]["training"] = {"learning_rate": [0.001, 0.003]}
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == per_run(RUN_RULES, ["r4-qv-fp32-lr3e-3", "r8-qv-fp32-lr3e-3"]) | PLAN_JOB | (
+        REPORT_JOBS
+    )
+
+
+def test_changing_one_named_runs_method_reruns_only_it(study):
+    workdir, config = study
+    config["sweep"]["runs"][0]["method"] = "dora"
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == per_run(RUN_RULES, ["custom"]) | PLAN_JOB | REPORT_JOBS
+
+
 def test_memory_budget_skips_and_reruns_only_runs_it_flips(study):
     workdir, config = study
     plan = pd.read_csv(workdir / "results/tables/plan.csv").set_index("run_id")["predicted_cpu_gb"]
     assert plan["r8-qv-fp32"] > plan["r4-qv-fp32"] == plan["custom"]  # rank 8 holds more LoRA state
     config["plan"] = {"device": "cpu", "memory_budget_gb": float((plan["r8-qv-fp32"] + plan["r4-qv-fp32"]) / 2)}
     write_config(workdir, config)
-    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["r8-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
+    assert planned_jobs(workdir) == per_run(RETRAIN_RULES, ["r8-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
     assert run_snakemake(workdir, "--cores", "2").returncode == 0
     runs = pd.read_csv(workdir / "results/tables/runs.csv").set_index("run_id")
     assert runs.loc["r8-qv-fp32", "status"] == "skipped" and pd.isna(runs.loc["r8-qv-fp32", "perplexity"])
@@ -156,12 +175,12 @@ def test_memory_budget_skips_and_reruns_only_runs_it_flips(study):
 
     config["plan"]["memory_budget_gb"] = None  # lifting the budget trains just the skipped run
     write_config(workdir, config)
-    assert planned_jobs(workdir) == per_run(("train", "evaluate"), ["r8-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
+    assert planned_jobs(workdir) == per_run(RETRAIN_RULES, ["r8-qv-fp32"]) | PLAN_JOB | REPORT_JOBS
 
 
 def test_data_and_model_settings_rerun_everything_downstream(study):
     workdir, config = study
-    trained_and_base = per_run(("train", "evaluate"), RUN_IDS) | {("evaluate", "base-fp32")}
+    trained_and_base = per_run(RETRAIN_RULES, RUN_IDS) | {("evaluate", "base-fp32")}
     everything_after_data = trained_and_base | PLAN_JOB | REPORT_JOBS
     data_edit = copy.deepcopy(config)
     data_edit["dataset"]["validation_size"] = 20

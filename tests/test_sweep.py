@@ -117,3 +117,91 @@ def test_a_compute_dtype_that_cannot_apply_is_dropped_with_a_warning(caplog):
     spec = expand_study(config)["full"]
     assert spec.training.compute_dtype is None
     assert "sweep.runs[0]: training.compute_dtype does not apply to fp32 weights" in caplog.text
+
+
+def test_any_training_setting_is_a_grid_axis():
+    grid = {
+        "rank": [8],
+        "training": {"learning_rate": [2e-4, 1e-3], "batch_size": [4, 8], "gradient_checkpointing": [True]},
+    }
+    runs = expand_study(config_with_sweep({"grids": [grid]}))
+    # 1e-3 and 8 are the schema's defaults: no suffix; everything else is named.
+    assert list(runs) == ["r8-qkvo-nf4-lr2e-4-bs4-gc", "r8-qkvo-nf4-lr2e-4-gc", "r8-qkvo-nf4-bs4-gc", "r8-qkvo-nf4-gc"]
+    spec = runs["r8-qkvo-nf4-lr2e-4-bs4-gc"].training
+    assert (spec.learning_rate, spec.batch_size, spec.gradient_checkpointing) == (2e-4, 4, True)
+    assert runs["r8-qkvo-nf4-gc"].training.learning_rate == 1e-3
+
+
+def test_editing_a_shared_default_renames_no_run():
+    sweep = {"grids": [{"rank": [8, 16], "training": {"learning_rate": [3e-4, 1e-3]}, "method": ["lora", "dora"]}]}
+    before = expand_study(config_with_sweep(copy.deepcopy(sweep)))
+    edited = config_with_sweep(copy.deepcopy(sweep))
+    edited["training"].update(learning_rate=5e-4, batch_size=4, lora_dropout=0.0)
+    after = expand_study(edited)
+    assert list(after) == list(before)
+    assert "r8-qkvo-nf4-dora-lr3e-4" in after
+    # The shared block changes what the runs compute, not their names.
+    assert after["r8-qkvo-nf4-dora-lr3e-4"].training.batch_size == 4
+
+
+def test_methods_name_runs_and_get_their_alpha_defaults():
+    grid = {"rank": [4, 16], "method": ["lora", "rslora", "pissa", "full"], "quantization": ["16bit"]}
+    runs = expand_study(config_with_sweep({"grids": [grid]}))
+    assert list(runs) == ["r4-qkvo-16bit", "r4-qkvo-16bit-rslora", "r4-qkvo-16bit-pissa", "full-16bit",
+                          "r16-qkvo-16bit", "r16-qkvo-16bit-rslora", "r16-qkvo-16bit-pissa"]  # fmt: skip
+    assert runs["r16-qkvo-16bit"].alpha == 32 and runs["r16-qkvo-16bit-rslora"].alpha == 8
+    full = runs["full-16bit"]
+    assert (full.rank, full.modules, full.training.learning_rate) == (0, (), 1e-4)  # methods.full's default
+    # An explicit alpha that is not the method's default is named.
+    named = expand_study(config_with_sweep({"runs": [{"method": "rslora", "alpha": "2r", "quantization": "16bit"}]}))
+    assert list(named) == ["r16-a32-qkvo-16bit-rslora"]
+    # Plain LoRA params carry no method key: studies from before the axis keep their params.
+    assert "method" not in runs["r4-qkvo-16bit"].as_params()
+    assert RunSpec.from_params(runs["full-16bit"].as_params()) == full
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ({"grids": [{"training": {"seed": [0, 1]}}]}, r"'sweep.grids\[0\].training.seed': seeds are replicates"),
+        ({"grids": [{"method": ["pissa"], "quantization": ["nf4"]}]}, "pissa initialises the adapter from the base"),
+        ({"runs": [{"method": "olora", "quantization": "int8"}]}, "olora initialises the adapter"),
+        ({"grids": [{"method": ["full"], "quantization": ["nf4"]}]}, "full fine-tuning trains every weight"),
+        # A swept value equal to the schema default, against a named run with the shared value: one id.
+        ({"grids": [{"training": {"learning_rate": [1e-3]}}], "runs": [{"training": {"learning_rate": 1e-3}}]},
+         "duplicate run id 'r16-qkvo-nf4'"),
+    ],
+)  # fmt: skip
+def test_bad_axes_and_methods_fail_at_start(sweep, message):
+    with pytest.raises(ConfigError, match=message):
+        expand_study(config_with_sweep(copy.deepcopy(sweep)))
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"training": {"learning_rate": ["fast"]}}, r"'sweep.grids\[0\].training.learning_rate\[0\]': 'fast' is not"),
+        ({"training": {"learnig_rate": [1e-3]}}, r"'sweep.grids\[0\].training': Additional properties"),
+        ({"training": {"batch_size": []}}, r"'sweep.grids\[0\].training.batch_size': \[\] should be non-empty"),
+        ({"method": ["qlora"]}, r"'sweep.grids\[0\].method\[0\]': 'qlora' is not one of"),
+    ],
+)
+def test_schema_rejects_a_bad_axis_value_naming_the_key(grid, message):
+    with pytest.raises(ConfigError, match=message):
+        config_with_sweep({"grids": [grid]})
+
+
+def test_a_grid_value_and_a_named_run_that_differ_in_training_explain_the_clash():
+    sweep = {"grids": [{"training": {"learning_rate": [1e-3]}}], "runs": [{"training": {"max_steps": 24}}]}
+    config = config_with_sweep(sweep)
+    config["training"]["learning_rate"] = 2e-4
+    with pytest.raises(ConfigError, match=r"differ in training.learning_rate \(0.001 vs 0.0002\)"):
+        expand_study(config)
+
+
+def test_a_grid_cell_repeating_an_earlier_run_under_another_id_trains_once():
+    # The shared learning rate is 2e-4; the lr axis repeats it: r16-qkvo-nf4 and r16-qkvo-nf4-lr2e-4 are one run.
+    sweep = {"grids": [{"rank": [16]}, {"rank": [16], "training": {"learning_rate": [2e-4, 5e-4]}}]}
+    config = config_with_sweep(sweep)
+    config["training"]["learning_rate"] = 2e-4
+    assert list(expand_study(config)) == ["r16-qkvo-nf4", "r16-qkvo-nf4-lr5e-4"]

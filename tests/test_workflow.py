@@ -52,9 +52,10 @@ def test_report_is_built_by_the_same_run(tiny_study):
     assert tables == {
         "rank", "modules", "quantization", "diminishing_returns", "time_memory",
         "pareto_memory", "pareto_time", "decision", "memory_plan", "base_quantization", "reference_claims",
+        "anatomy",
     }  # fmt: skip
     charts = {p.stem for p in (results / "charts").glob("*.svg")}
-    assert len(charts) == 7
+    assert len(charts) == 8 and "effective_rank" in charts
     for stem in charts:
         for fmt in ("html", "svg", "png"):
             assert (results / f"charts/{stem}.{fmt}").stat().st_size > 1000, (stem, fmt)

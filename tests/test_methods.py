@@ -1,0 +1,329 @@
+"""The method axis on real (tiny) models: PEFT flags on the built model, PiSSA/OLoRA conversion, full
+fine-tuning, adapter anatomy on constructed updates, and a whole methods study through the workflow."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import run_snakemake
+from lora_study.anatomy import adapter_updates, effective_rank
+from lora_study.config import training_defaults
+from lora_study.loading import add_lora, load_base_model, load_for_evaluation, prepare_full
+from lora_study.methods import PEFT_FLAGS, RSLORA
+from lora_study.modules import Targets, layout_for
+from lora_study.planner import lora_params, model_facts, plan_run, saved_activation_bytes
+from lora_study.precision import detect_capability, recipe_for
+from lora_study.settings import TrainingSettings
+from lora_study.train import save_initial_adapter, save_trained
+
+CPU = torch.device("cpu")
+TARGETS = Targets(["q_proj", "v_proj"])
+
+
+@pytest.fixture
+def manifest(tiny_llama) -> dict:
+    return {"path": str(tiny_llama), "trust_remote_code": False}
+
+
+def fp32_recipe(full: bool = False):
+    return recipe_for("fp32", None, detect_capability(CPU), full=full)
+
+
+def adapted(manifest, method: str, rank: int = 4, alpha: float = 8.0):
+    model = load_base_model(manifest, fp32_recipe(), False, "sdpa", CPU)
+    return add_lora(model, fp32_recipe(), TARGETS, rank, alpha, 0.0, False, method)
+
+
+def batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (4, 24), generator=generator)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def loss_of(model, inputs) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(model(**inputs).loss)
+
+
+def train_steps(model, inputs, steps: int = 4, lr: float = 2e-2) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "pissa", "olora"])
+def test_each_method_reaches_peft_with_its_flags(manifest, method):
+    model = adapted(manifest, method)
+    config = model.peft_config["default"]
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert config.use_dora is (method == "dora")
+    assert config.use_rslora is (method == RSLORA)
+    # The scale PEFT applies: alpha/sqrt(r) for rsLoRA, alpha/r otherwise.
+    assert layer.scaling["default"] == pytest.approx(8.0 / (2.0 if method == RSLORA else 4.0))
+    assert ("default" in layer.lora_magnitude_vector) is (method == "dora")
+    base = load_base_model(manifest, fp32_recipe(), False, "sdpa", CPU).model.layers[0].self_attn.q_proj.weight
+    moved = not torch.equal(layer.get_base_layer().weight, base)
+    # PiSSA and OLoRA move the principal part of W into the adapter; the others leave W alone.
+    assert moved is (method in ("pissa", "olora"))
+    if method in ("pissa", "olora"):
+        assert config.init_lora_weights == PEFT_FLAGS[method]["init_lora_weights"]
+        # The adapted model starts as the base model: residual + A0 B0 == W.
+        assert torch.allclose(layer.get_base_layer().weight + layer.get_delta_weight("default"), base, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_converted_adapter_on_the_original_base_equals_the_trained_model(manifest, tmp_path, method):
+    model = adapted(manifest, method)
+    initial = save_initial_adapter(model)
+    inputs = batch(model.config.vocab_size)
+    train_steps(model, inputs)
+    trained_loss = loss_of(model, inputs)
+    save_trained(model, tmp_path / "converted", False, initial)
+    model.save_pretrained(tmp_path / "unconverted")
+
+    saved = yaml.safe_load((tmp_path / "converted" / "adapter_config.json").read_text())
+    assert saved["r"] == 8 and saved["init_lora_weights"] is True  # rank 2r, loads without decomposing again
+    fresh = load_for_evaluation(manifest, fp32_recipe(), False, "sdpa", CPU, str(tmp_path / "converted"))
+    assert loss_of(fresh, inputs) == pytest.approx(trained_loss, rel=1e-5)
+    # Without the conversion the adapter scores against the wrong base.
+    wrong = load_for_evaluation(manifest, fp32_recipe(), False, "sdpa", CPU, str(tmp_path / "unconverted"))
+    assert abs(loss_of(wrong, inputs) - trained_loss) > 1e-2
+
+
+def test_a_resumed_pissa_run_rebuilds_its_initialisation_and_converts_the_same(manifest, tmp_path):
+    from lora_study.checkpoints import Checkpointer, Progress
+
+    def session():
+        model = adapted(manifest, "pissa")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return model, optimizer, scheduler, save_initial_adapter(model)
+
+    def step(model, optimizer, inputs):
+        model.train()
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    inputs = batch(128)
+    whole, whole_opt, _, whole_init = session()
+    for _ in range(4):
+        step(whole, whole_opt, inputs)
+    # The same run stopped after two steps and resumed in a new process (a fresh model, the same init).
+    first, first_opt, first_sched, _ = session()
+    for _ in range(2):
+        step(first, first_opt, inputs)
+    checkpointer = Checkpointer(tmp_path / "checkpoint", "fingerprint", every_steps=1)
+    checkpointer.save(first, first_opt, first_sched, Progress(step=2))
+    resumed, resumed_opt, resumed_sched, resumed_init = session()
+    assert checkpointer.restore(resumed, resumed_opt, resumed_sched).step == 2
+    for _ in range(2):
+        step(resumed, resumed_opt, inputs)
+    save_trained(whole, tmp_path / "whole", False, whole_init)
+    save_trained(resumed, tmp_path / "resumed", False, resumed_init)
+    a, b = (
+        load_file(tmp_path / "whole/adapter_model.safetensors"),
+        load_file(tmp_path / "resumed/adapter_model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_full_finetuning_trains_every_parameter_in_fp32_under_autocast(manifest):
+    recipe = recipe_for("16bit", None, detect_capability(CPU), full=True)
+    assert recipe.weight_format == "fp32" and recipe.master_weights == (recipe.compute_dtype != "fp32")
+    model = prepare_full(load_base_model(manifest, recipe, False, "sdpa", CPU), False)
+    params = dict(model.named_parameters())
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in params.values())
+    before = {name: p.detach().clone() for name, p in params.items()}
+    inputs = batch(model.config.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with recipe.autocast_context("cpu"):
+        model(**inputs).loss.backward()
+    optimizer.step()
+    changed = [name for name, p in params.items() if not torch.equal(p, before[name])]
+    assert set(changed) == set(params)
+
+
+def test_effective_rank_of_constructed_updates(manifest):
+    assert effective_rank(torch.tensor([3.0, 3.0, 3.0, 0.0])) == 3
+    assert effective_rank(torch.tensor([10.0, 1.0, 0.1])) == 1  # 100 of 101.01 is over 90 %
+    assert effective_rank(torch.zeros(4)) == 0
+    model = adapted(manifest, "lora", rank=8, alpha=16.0)
+    layers = model.base_model.model.model.layers
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                module.lora_A["default"].weight.zero_()
+                module.lora_B["default"].weight.zero_()
+        # q of layer 0: three directions of equal strength; v of layer 0: one dominant direction.
+        q, v = layers[0].self_attn.q_proj, layers[0].self_attn.v_proj
+        for i in range(3):
+            q.lora_A["default"].weight[i, i] = 1.0
+            q.lora_B["default"].weight[i, i] = 1.5  # scale 2: singular values 3, 3, 3
+        v.lora_A["default"].weight[0, 0] = v.lora_A["default"].weight[1, 1] = 1.0
+        v.lora_B["default"].weight[0, 0], v.lora_B["default"].weight[1, 1] = 5.0, 0.5
+    updates = {u.layer: u for u in adapter_updates(model, layout_for("llama")[0])}
+    q_update, v_update = updates["model.layers.0.self_attn.q_proj"], updates["model.layers.0.self_attn.v_proj"]
+    assert (q_update.effective_rank, q_update.group) == (3, "q")
+    assert q_update.norm == pytest.approx(math.sqrt(3 * 9))
+    assert [float(x) for x in q_update.singular_values.split()[:4]] == pytest.approx([3, 3, 3, 0], abs=1e-6)
+    assert (v_update.effective_rank, v_update.group) == (1, "v")
+    assert updates["model.layers.1.self_attn.q_proj"].effective_rank == 0  # no update at all
+
+
+def test_planner_counts_dora_magnitudes_and_full_finetuning_states(tiny_llama):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    lora, dora = lora_params(config, TARGETS, 4), lora_params(config, TARGETS, 4, "dora")
+    # One magnitude per output feature of each adapted layer: q (64) and v (32) in 2 layers.
+    assert dora - lora == 2 * (64 + 32)
+    saved = {m: saved_activation_bytes(config, TARGETS, 4, 0.0, "float32", False, "sdpa", 2, 32, m)[0]
+             for m in ("lora", "dora", "full")}  # fmt: skip
+    assert saved["dora"] > saved["lora"]  # DoRA's forward keeps the combined weight and its norm
+
+    from lora_study.planner import BatchShape
+    from lora_study.sweep import RunSpec
+
+    training = TrainingSettings.from_dict({**training_defaults(), "max_steps": 2, "batch_size": 2, "lora_dropout": 0.0})
+    facts = model_facts(config)
+    shape = BatchShape(2, 32, 40)
+    full_run = RunSpec("full-fp32", 0, 0.0, (), "fp32", False, training, method="full")
+    lora_run = RunSpec("r4-qv-fp32", 4, 8.0, ("q", "v"), "fp32", False, training)
+    full = plan_run(full_run, fp32_recipe(full=True), config, facts, Targets(""), shape, "cpu", None)
+    adapter = plan_run(lora_run, fp32_recipe(), config, facts, TARGETS, shape, "cpu", None)
+    assert full.trainable_params == facts.total_params == sum(p.numel() for p in _model(config).parameters())
+    # fp32 gradients and AdamW's two moments for every parameter (fp32 compute: no autocast copies).
+    assert full.lora_states_gb * 1024**3 == pytest.approx(facts.total_params * 12)
+    assert full.predicted_cpu_gb > adapter.predicted_cpu_gb
+
+
+def _model(config):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)
+
+
+# --- a whole methods study through the workflow -------------------------------------------------------
+
+
+def methods_config(model_dir) -> dict:
+    return {
+        "model": {"source": str(model_dir)},
+        "dataset": {"source": "generated", "generated_examples": 200, "validation_size": 16, "max_length": 128},
+        "training": {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "log_every": 1},
+        "methods": {"full": {"learning_rate": 1.0e-3}},
+        "evaluation": {"batch_size": 8, "exact_match_examples": 4, "max_new_tokens": 4},
+        "sweep": {
+            "grids": [
+                {
+                    "rank": [4, 8],
+                    "modules": [["q", "v"]],
+                    "quantization": ["fp32"],
+                    "training": {"learning_rate": [1.0e-3, 3.0e-3]},
+                },
+                {"rank": [4], "modules": [["q", "v"]], "quantization": ["fp32"], "method": ["dora", "pissa"]},
+                {"method": ["full"], "quantization": ["fp32"]},
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def methods_study(tiny_llama, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("methods-study")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(methods_config(tiny_llama)))
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return workdir
+
+
+def derived(workdir, name: str) -> pd.DataFrame:
+    return pd.read_csv(workdir / "results/tables/derived" / f"{name}.csv")
+
+
+def test_methods_study_runs_and_records_each_method(methods_study):
+    runs = pd.read_csv(methods_study / "results/tables/runs.csv").set_index("run_id")
+    assert set(runs.index) == {"base-fp32", "r4-qv-fp32", "r4-qv-fp32-lr3e-3", "r8-qv-fp32", "r8-qv-fp32-lr3e-3",
+                               "r4-qv-fp32-dora", "r4-qv-fp32-pissa", "full-fp32"}  # fmt: skip
+    assert runs.loc["r4-qv-fp32-lr3e-3", "training.learning_rate"] == 3e-3
+    assert runs.loc["full-fp32", "trainable_params"] == runs.loc["full-fp32", "total_params"]
+    assert runs.loc["full-fp32", "training.learning_rate"] == 1e-3  # methods.full
+    assert runs.loc["r4-qv-fp32-pissa", "adapter_params"] == 2 * runs.loc["r4-qv-fp32-pissa", "trainable_params"]
+    assert runs.loc["r4-qv-fp32-dora", "trainable_params"] > runs.loc["r4-qv-fp32", "trainable_params"]
+    assert runs["perplexity"].notna().all()
+
+
+def test_full_finetuning_saves_every_trained_weight(methods_study, tiny_llama):
+    trained = load_file(methods_study / "results/runs/full-fp32/adapter/model.safetensors")
+    base = load_file(tiny_llama / "model.safetensors")
+    linear = [name for name, tensor in base.items() if tensor.dim() == 2 and "proj" in name]
+    assert linear and all(trained[name].dtype == torch.float32 for name in linear)
+    assert all(not torch.equal(trained[name], base[name]) for name in linear)
+
+
+def test_methods_study_tables(methods_study):
+    runs = pd.read_csv(methods_study / "results/tables/runs.csv").set_index("run_id")
+    matrix = derived(methods_study, "matrix__rank__learning_rate")
+    assert list(matrix["rank"]) == [4, 8]
+    assert list(matrix.columns[1:]) == ["learning_rate=0.001", "learning_rate=0.003"]
+    assert matrix.iloc[1, 2] == pytest.approx(runs.loc["r8-qv-fp32-lr3e-3", "perplexity"])
+
+    methods = derived(methods_study, "methods").set_index("method")
+    assert list(methods.index) == ["lora", "dora", "pissa"]
+    assert pd.isna(methods.loc["lora", "verdict"])  # the reference itself
+    assert set(methods.loc[["dora", "pissa"], "verdict"]) <= {"better", "worse", "equivalent", "inconclusive"}
+
+    shares = derived(methods_study, "full_finetuning").set_index("run_id")
+    base, full = runs.loc["base-fp32", "perplexity"], runs.loc["full-fp32", "perplexity"]
+    for run_id, row in shares.iterrows():
+        expected = 100 * (base - runs.loc[run_id, "perplexity"]) / (base - full)
+        assert row["share_of_full_pct"] == pytest.approx(expected)
+        assert row["memory_vs_full_pct"] == pytest.approx(
+            100 * runs.loc[run_id, "peak_memory_gb"] / runs.loc["full-fp32", "peak_memory_gb"]
+        )
+    assert "full-fp32" not in shares.index and len(shares) == 6
+
+    anatomy = derived(methods_study, "anatomy")
+    assert set(anatomy["run_id"]) == set(runs.index) - {"base-fp32"}
+    lora = anatomy[anatomy["run_id"] == "r4-qv-fp32"].set_index("group")
+    assert set(lora.index) == {"q", "v"} and (lora["effective_rank"] <= 4).all()
+    assert (lora["utilisation"] == lora["effective_rank"] / 4).all()
+    assert anatomy.loc[anatomy["run_id"] == "full-fp32", "group"].nunique() == 5  # q, k, v, o, mlp
+
+    report = (methods_study / "results/report/findings.md").read_text()
+    for sentence in ("Best learning rate per rank:", "Methods at rank 4", "Full fine-tuning (full-fp32",
+                     "Rank usage (effective rank"):  # fmt: skip
+        assert sentence in report
+    assert "LoRA reaches about 90% of full fine-tuning. | Does the best adapter" in report
+    assert (methods_study / "results/charts/heatmap_rank_x_learning_rate.svg").is_file()
+    assert (methods_study / "results/charts/effective_rank.svg").is_file()
+
+
+def test_variants_peft_cannot_put_on_expert_weights_are_refused_by_the_check():
+    from lora_study.modules import ARCHITECTURES
+    from lora_study.preflight import ModuleResolutionError, check_run
+    from lora_study.sweep import RunSpec
+
+    layout = ARCHITECTURES["mixtral"]
+    training = TrainingSettings.from_dict({**training_defaults(), "lora_dropout": 0.0})
+    names = [*layout.declared_layers(), "lm_head"]
+    run = RunSpec("r8-mlp-16bit-dora", 8, 16.0, ("mlp",), "16bit", False, training, method="dora")
+    with pytest.raises(ModuleResolutionError, match="dora cannot adapt mixture-of-experts weights"):
+        check_run(run, layout, names, "mixtral", import_it=False)
+    attention_only = RunSpec("r8-qkvo-16bit-dora", 8, 16.0, ("q", "k", "v", "o"), "16bit", False, training,
+                             method="dora")  # fmt: skip
+    assert check_run(attention_only, layout, names, "mixtral", import_it=False).parameters == ()
+    full = RunSpec("full-16bit", 0, 0.0, (), "16bit", False, training, method="full")
+    assert check_run(full, layout, names, "mixtral", import_it=False).modules == ""
