@@ -1,0 +1,96 @@
+"""Swept training settings, two-axis matrices, the methods table and the share of full fine-tuning, on
+small hand-built run tables with constructed per-row scores."""
+
+import pandas as pd
+import pytest
+from test_findings import SETTINGS, judge_for, run, study
+
+from lora_study.axes import axis_tables, best_learning_rate_finding
+from lora_study.claims import full_claim
+from lora_study.findings import prepare
+from lora_study.method_tables import anatomy_table, full_share_finding, method_tables, methods_finding, usage_label
+
+
+def lr_run(rank: int, lr: float, ppl: float, **extra) -> dict:
+    suffix = "" if lr == 1e-3 else f"-lr{lr:g}"
+    return {**run(f"r{rank}{suffix}", rank=rank, ppl=ppl, **extra), "training.learning_rate": lr, "method": "lora"}
+
+
+def lr_matrix_findings(cells: dict[tuple[int, float], float]) -> tuple[dict[str, pd.DataFrame], str]:
+    table = study(*[lr_run(rank, lr, ppl) for (rank, lr), ppl in cells.items()])
+    judge = judge_for(table)
+    tables = axis_tables(prepare(table))
+    return tables, best_learning_rate_finding(tables, judge, SETTINGS)
+
+
+def test_rank_by_learning_rate_matrix_and_a_best_learning_rate_that_moves():
+    tables, sentence = lr_matrix_findings({(4, 1e-3): 8.0, (4, 3e-3): 6.0, (16, 1e-3): 5.0, (16, 3e-3): 7.0})
+    matrix = tables["matrix__rank__learning_rate"]
+    assert list(matrix.columns) == ["rank", "learning_rate=0.001", "learning_rate=0.003"]
+    assert matrix.set_index("rank").loc[4, "learning_rate=0.003"] == 6.0
+    assert set(tables["training_learning_rate"]["learning_rate"]) == {1e-3, 3e-3}
+    assert sentence.startswith("Best learning rate per rank: rank 4: 0.003, rank 16: 0.001. It moves with rank")
+    assert "worse" in sentence and "2 of 2 such comparisons worse" in sentence
+
+
+def test_a_best_learning_rate_shared_by_every_rank():
+    _, sentence = lr_matrix_findings({(4, 1e-3): 6.0, (4, 3e-3): 7.0, (16, 1e-3): 5.0, (16, 3e-3): 6.0})
+    assert sentence == (
+        "Best learning rate per rank: rank 4: 0.001, rank 16: 0.001: the same at every rank (4 runs; 2 learning rates)."
+    )
+
+
+def test_an_incomplete_cross_gets_no_matrix():
+    tables, sentence = lr_matrix_findings({(4, 1e-3): 6.0, (4, 3e-3): 7.0, (16, 1e-3): 5.0})
+    assert "matrix__rank__learning_rate" not in tables and sentence is None
+
+
+def full_study() -> pd.DataFrame:
+    return study(
+        {**run("full-fp32", rank=0, modules="", quant="fp32", ppl=10.0, mem=8.0, time=40.0, params=99000),
+         "method": "full", "training.learning_rate": 1e-4},
+        {**run("r16-fp32", quant="fp32", ppl=11.0, mem=4.0, time=20.0), "method": "lora"},
+        {**run("r16-fp32-dora", quant="fp32", ppl=10.5, mem=4.4, time=30.0), "method": "dora"},
+        {**run("r16-nf4", ppl=12.0, mem=2.0, time=30.0), "method": "lora"},
+    )  # fmt: skip
+
+
+def test_share_of_full_finetuning_counts_against_the_unquantized_base():
+    table = full_study()
+    judge = judge_for(table)
+    runs = prepare(table)
+    tables = method_tables(runs, judge, SETTINGS, None)
+    shares = tables["full_finetuning"].set_index("run_id")
+    # The unquantized base has perplexity 19: full fine-tuning gains 9.
+    assert shares.loc["r16-fp32", "share_of_full_pct"] == pytest.approx(100 * 8 / 9)
+    assert shares.loc["r16-nf4", "share_of_full_pct"] == pytest.approx(100 * 7 / 9)  # not against base-nf4 (20)
+    assert shares.loc["r16-nf4", "memory_vs_full_pct"] == 25 and shares.loc["r16-nf4", "time_vs_full_pct"] == 75
+    sentence = full_share_finding(runs, tables["full_finetuning"], judge, SETTINGS)
+    assert sentence.startswith("Full fine-tuning (full-fp32, learning rate 0.0001) moves perplexity from 19")
+    assert "r16-fp32-dora, recovers 94% of it" in sentence
+    # 94 % >= 90 %: the claim holds for the best adapter, at the change a 90 % share allows (+9 %).
+    claim = full_claim(tables["full_finetuning"], judge)
+    assert claim.answer == "supported" and "at most +9.0%" in claim.evidence
+
+
+def test_methods_table_judges_each_variant_against_plain_lora():
+    table = full_study()
+    tables = method_tables(prepare(table), judge_for(table), SETTINGS, None)
+    methods = tables["methods"].set_index("method")
+    assert list(methods.index) == ["lora", "dora"]
+    assert methods.loc["dora", "verdict"] == "better" and methods.loc["lora", "verdict"] == ""
+    assert methods_finding(tables["methods"]).startswith("Methods at rank 16, qkvo, fp32 against plain LoRA")
+
+
+def test_anatomy_table_labels_rank_use():
+    table = full_study()
+    layers = pd.DataFrame(
+        {"run_id": ["r16-fp32"] * 2 + ["full-fp32"], "layer": ["a.q_proj", "b.q_proj", "a.q_proj"],
+         "group": ["q", "q", "q"], "effective_rank": [2, 4, 40], "norm": [1.0, 1.0, 2.0],
+         "top_energy_share": [1.0, 1.0, 0.5]}
+    )  # fmt: skip
+    anatomy = anatomy_table(prepare(table), layers).set_index("run_id")
+    assert anatomy.loc["r16-fp32", "effective_rank"] == 3 and anatomy.loc["r16-fp32", "utilisation"] == 3 / 16
+    assert anatomy.loc["r16-fp32", "rank_use"] == "oversized"
+    assert pd.isna(anatomy.loc["full-fp32", "rank"]) and anatomy.loc["full-fp32", "rank_use"] == ""
+    assert [usage_label(u) for u in (0.8, 0.5, 0.2, 1.5)] == ["saturated", "partly used", "oversized", "beyond rank"]
