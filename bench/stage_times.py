@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-STAGES = ("prepare_model", "prepare_data", "plan", "train", "evaluate", "aggregate", "findings")
+STAGES = ("prepare_model", "prepare_data", "check_run", "plan", "train", "evaluate", "anatomy", "aggregate", "findings")
 
 
 def job_seconds(path: Path) -> float:

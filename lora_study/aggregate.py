@@ -138,11 +138,22 @@ CONFIG_SUMMARY_COLUMNS = (
 )
 
 
-def combine_per_run(paths: list[str], run_ids: list[str], out_path: str | Path, columns: list[str]) -> None:
-    """Every run's CSV (loss curve, anatomy) in one long table with a run_id column; `columns` if there are none."""
-    frames = [pd.read_csv(path).assign(run_id=run_id) for path, run_id in zip(paths, run_ids, strict=True)]
+def combine_per_run(
+    paths: list[str], run_ids: list[str], out_path: str | Path, columns: list[str], table: pd.DataFrame | None = None
+) -> None:
+    """Every run's CSV (loss curve, anatomy) in one long table with a run_id column; `columns` if there are none.
+
+    With the runs `table`, each row also names the configuration its run replicates (config_id).
+    """
+    config_ids = dict(zip(table["run_id"], table["config_id"], strict=True)) if table is not None else {}
+    frames = [
+        pd.read_csv(path).assign(run_id=run_id, config_id=config_ids.get(run_id, run_id))
+        for path, run_id in zip(paths, run_ids, strict=True)
+    ]
     frames = [frame for frame in frames if len(frame)]
-    combined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", *columns])
+    combined = (
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "config_id", *columns])
+    )
     with atomic_path(out_path) as tmp:
         combined.to_csv(tmp, index=False)
 

@@ -1,10 +1,11 @@
 """Adapter anatomy: the singular values of each layer's learned update, and how much of its rank it uses.
 
-The update of a layer is its merged weight minus its base weight, both in
-fp32 on the original (unquantized) base. That covers every method: for LoRA
-and rsLoRA it is the scaled product B A; DoRA also rescales each output's
-norm; a PiSSA/OLoRA adapter is saved converted for the original base (rank
-2r); full fine-tuning's update is the trained weight minus the base weight.
+The update of a layer is its merged weight minus its base weight, in fp32,
+on the base weight the run trained against (bitsandbytes weights
+dequantized). That covers every method: for LoRA and rsLoRA it is the scaled
+product B A; DoRA also rescales each output's norm; a PiSSA/OLoRA adapter is
+saved converted for the original base (rank 2r); full fine-tuning's update is
+the trained weight minus the base weight.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import torch
 from torch import nn
 
 from lora_study.io import atomic_path
+from lora_study.loading import load_base_model
 from lora_study.method_tables import ENERGY_SHARE
 from lora_study.modules import Layout, manifest_layout
+from lora_study.precision import detect_capability, recipe_for
+from lora_study.sweep import RunSpec
 
 log = logging.getLogger("lora_study")
 
@@ -80,22 +84,38 @@ def group_of(layout: Layout | None, layer: str) -> str:
     return leaf
 
 
+def layer_update(module, adapter: str = "default") -> torch.Tensor:
+    """One adapted layer's merged minus base weight (fp32), on the base weight as the run trained against it.
+
+    The base weight is dequantized from the run's own format (the 4/8-bit weights
+    DoRA's magnitudes were initialised from): merging into other weights would add
+    a rescaling of every row that training never made. LoRA, rsLoRA and converted
+    PiSSA/OLoRA updates are PEFT's delta weight; DoRA's is its merge (PEFT's weight norm).
+    """
+    from peft.utils.integrations import dequantize_module_weight
+    from peft.utils.other import transpose
+
+    base = dequantize_module_weight(module.get_base_layer()).detach().float()
+    delta = module.get_delta_weight(adapter).detach().float()
+    if not module.use_dora.get(adapter, False):
+        return delta
+    magnitude = module.lora_magnitude_vector[adapter]
+    norm = magnitude.get_weight_norm(base, transpose(delta, module.fan_in_fan_out), scaling=1).detach()
+    factor = transpose((magnitude.weight.detach().float() / norm).view(-1, 1), module.fan_in_fan_out)
+    return factor * (base + delta) - base
+
+
 def adapter_updates(model: nn.Module, layout: Layout | None) -> list[LayerUpdate]:
-    """Each adapted linear layer's merged minus base weight (fp32), layer by layer (PEFT's own merge)."""
+    """Each adapted linear layer's update, layer by layer."""
     from peft.tuners.lora import LoraLayer
 
     updates = []
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        weight = getattr(module.get_base_layer(), "weight", None)
-        if weight is None or weight.dim() != 2:
-            continue  # experts' 3-D parameters: not covered
-        before = weight.detach().float().clone()
-        with torch.no_grad():
-            module.merge()
-        update = module.get_base_layer().weight.detach().float() - before
-        updates.append(summarise(_layer_name(name), group_of(layout, _layer_name(name)), update))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+                continue  # experts' 3-D parameters (ParamWrapper) are not covered
+            layer = _layer_name(name)
+            updates.append(summarise(layer, group_of(layout, layer), layer_update(module)))
     return updates
 
 
@@ -129,22 +149,31 @@ def load_fp32(path: str, manifest: dict[str, Any]) -> nn.Module:
     )
 
 
-def run_anatomy(manifest: dict[str, Any], weights_dir: Path, is_full: bool, out_path: Path, threads: int) -> int:
-    """Write one run's per-layer update spectra to `out_path`; returns the number of layers."""
+def run_anatomy(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, out_path: Path, threads: int) -> int:
+    """Write one run's per-layer update spectra to `out_path`; returns the number of layers.
+
+    Adapters are read on the base model in the run's own format (bitsandbytes
+    weights dequantized per layer); full fine-tuning compares fp32 weights.
+    """
     torch.set_num_threads(max(1, threads))
     layout = manifest_layout(manifest)
     if not any(weights_dir.glob("*.safetensors")):
         log.info("%s holds no trained weights (the run did not train): nothing to measure", weights_dir)
         return _write(out_path, [])
-    base = load_fp32(manifest["path"], manifest)
-    if is_full:
-        updates = full_updates(load_fp32(str(weights_dir), manifest), base, layout)
+    if run.is_full:
+        updates = full_updates(load_fp32(str(weights_dir), manifest), load_fp32(manifest["path"], manifest), layout)
     else:
         from peft import PeftModel
 
+        assert run.training is not None
+        cpu = torch.device("cpu")
+        recipe = recipe_for(run.quantization, run.training.compute_dtype, detect_capability(cpu))
+        # Attention never runs here: eager exists for every model.
+        base = load_base_model(manifest, recipe, run.double_quant, "eager", cpu)
         updates = adapter_updates(PeftModel.from_pretrained(base, str(weights_dir)), layout)
-    log.info("%d layers; effective rank (%.0f%% of the energy): median %s", len(updates), 100 * ENERGY_SHARE,
-             sorted(u.effective_rank for u in updates)[len(updates) // 2] if updates else "-")  # fmt: skip
+    median = sorted(u.effective_rank for u in updates)[len(updates) // 2] if updates else "-"
+    log.info("%s: %d layers; effective rank (%.0f%% of the energy): median %s", run.run_id, len(updates),
+             100 * ENERGY_SHARE, median)  # fmt: skip
     return _write(out_path, updates)
 
 

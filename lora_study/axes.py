@@ -22,6 +22,7 @@ from lora_study.verdicts import Judge, Verdict
 DESIGN_AXES = {"rank": "rank", "modules_label": "modules", "quant_label": "quantization", "method": "method"}
 LEARNING_RATE = "training.learning_rate"
 MATRIX_PREFIX = "matrix__"
+MAX_SUBSETS = 4096
 
 
 def axis_name(column: str) -> str:
@@ -55,15 +56,35 @@ def training_axis_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def complete_block(group: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
+    """The largest block of `group` where every value of `first` meets every value of `second` (2 x 2 at least).
+
+    A rank grid at one learning rate beside a rank x learning-rate grid leaves
+    ranks with one learning rate only: the block drops them instead of the matrix.
+    """
+    present = set(zip(group[first], group[second], strict=True))
+    second_values = list(dict.fromkeys(group[second]))
+    best: tuple[list, tuple] | None = None
+    # Subsets of the second axis's values (few: they are swept by hand), largest first, with the
+    # first-axis values that meet all of them; bounded for axes with very many values.
+    subsets = (c for size in range(len(second_values), 1, -1) for c in itertools.combinations(second_values, size))
+    for chosen in itertools.islice(subsets, MAX_SUBSETS):
+        rows = [a for a in dict.fromkeys(group[first]) if all((a, b) in present for b in chosen)]
+        if len(rows) >= 2 and (best is None or len(rows) * len(chosen) > len(best[0]) * len(best[1])):
+            best = (rows, chosen)
+    if best is None:
+        return None
+    return group[group[first].isin(best[0]) & group[second].isin(best[1])]
+
+
 def _matrix_group(trained: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
-    """The largest set of runs that differ only in `first` and `second` and cover every combination of them."""
-    keys = [k for k in [*DESIGN_AXES, "alpha_ratio", *_training_columns(trained)] if k not in (first, second)]
+    """The largest complete block of runs that differ only in `first` and `second`."""
+    keys = [k for k in [*DESIGN_AXES, "alpha_rule", *_training_columns(trained)] if k not in (first, second)]
     best = None
     for _, group in trained.groupby(keys, dropna=False, sort=False):
-        a, b = group[first].nunique(), group[second].nunique()
-        complete = len(group.drop_duplicates([first, second])) == a * b
-        if a >= 2 and b >= 2 and complete and (best is None or a * b > best[first].nunique() * best[second].nunique()):
-            best = group
+        block = complete_block(group, first, second) if group[first].nunique() >= 2 else None
+        if block is not None and (best is None or len(block) > len(best)):
+            best = block
     return best
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from lora_study.findings import FindingSettings, _reference_row
+from lora_study.methods import LORA
 from lora_study.verdicts import Comparison, Judge
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = "supported", "contradicted", "inconclusive", "not tested"
@@ -154,10 +155,11 @@ def full_claim(shares: pd.DataFrame | None, judge: Judge, claimed_share: float =
     """Share of full fine-tuning's improvement >= 90 % is, with base and full fixed, the best adapter's
     perplexity at most full's + 10 % of (base - full): a one-sided test against full fine-tuning."""
     claim = "LoRA reaches about 90% of full fine-tuning."
-    question = "Does the best adapter recover at least 90% of full fine-tuning's perplexity improvement?"
-    if shares is None or shares["share_of_full_pct"].isna().all():
-        return _untested(claim, question, "full fine-tuning run beside adapter runs and an unquantized base model")
-    best = shares.dropna(subset=["share_of_full_pct"]).iloc[0]
+    question = "Does the best LoRA run recover at least 90% of full fine-tuning's perplexity improvement?"
+    lora = shares[shares["method"] == LORA].dropna(subset=["share_of_full_pct"]) if shares is not None else None
+    if lora is None or lora.empty:
+        return _untested(claim, question, "full fine-tuning run beside LoRA runs and an unquantized base model")
+    best = lora.iloc[0]
     base, full = shares.attrs["base_perplexity"], shares.attrs["full_perplexity"]
     threshold = (1 - claimed_share) * (base - full) / full
     result = judge.compare(best["run_id"], shares.attrs["full_id"], "perplexity", threshold)

@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from lora_study.formats import SIXTEEN_BIT, UNQUANTIZED, quantization_label
-from lora_study.methods import LORA
+from lora_study.methods import LORA, default_alpha
 from lora_study.modules import modules_label
 from lora_study.sweep import baseline_id
 from lora_study.verdicts import ALPHA, Comparison, Judge, Verdict, own_interval
@@ -115,6 +115,13 @@ def prepare(table: pd.DataFrame) -> pd.DataFrame:
     # Tables from before the method axis hold LoRA runs only.
     runs["method"] = runs["method"].fillna(LORA) if "method" in runs else LORA
     runs["alpha_ratio"] = (runs["alpha"] / runs["rank"].where(runs["rank"] > 0)).round(6)
+    # Runs along a rank axis share their alpha rule: the method's default (2r; rsLoRA a constant), else k x r.
+    runs["alpha_rule"] = [
+        "default" if alpha == default_alpha(method, rank) else f"{ratio:g}r"
+        for alpha, method, rank, ratio in zip(
+            runs["alpha"], runs["method"], runs["rank"], runs["alpha_ratio"], strict=True
+        )
+    ]
     runs["base_perplexity"] = base_perplexities(runs)
     return runs
 
@@ -199,7 +206,7 @@ def _with_accuracy(columns: list[str], frame: pd.DataFrame) -> list[str]:
 
 
 def rank_table(runs: pd.DataFrame) -> pd.DataFrame | None:
-    group = sweep_slice(runs, "rank", ["modules_label", "quant_label", "alpha_ratio"])
+    group = sweep_slice(runs, "rank", ["modules_label", "quant_label", "alpha_rule"])
     if group is None:
         return None
     group = group.sort_values("rank")

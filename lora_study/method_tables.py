@@ -11,10 +11,10 @@ from lora_study.findings import (
     _measured,
     _reference_row,
     _status,
+    _training_columns,
     _with_accuracy,
     _with_verdicts,
     baselines,
-    sweep_slice,
     trained_runs,
 )
 from lora_study.methods import FULL, LORA, lora_scale
@@ -42,11 +42,16 @@ def usage_label(utilisation: float) -> str:
 
 
 def methods_table(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -> pd.DataFrame | None:
-    """LoRA variants at one rank, targets and format, each against plain LoRA (tolerance min_relative_gain;
-    m = the number of variants)."""
-    group = sweep_slice(runs, "method", ["rank", "modules_label", "quant_label"])
-    if group is None:
+    """LoRA variants side by side: one block per rank, targets, format and training settings holding two or
+    more methods, each variant against the block's plain LoRA run (tolerance min_relative_gain; m = the
+    block's variants). A variant trained with its own settings (methods.<method>) forms its own block."""
+    trained = trained_runs(runs)
+    adapters = trained[trained["method"] != FULL]
+    keys = ["rank", "modules_label", "quant_label", *_training_columns(adapters)]
+    blocks = [group for _, group in adapters.groupby(keys, dropna=False, sort=False) if group["method"].nunique() > 1]
+    if not blocks:
         return None
+    group = pd.concat(blocks)
     table = pd.DataFrame(
         {
             "run_id": group["run_id"],
@@ -65,17 +70,20 @@ def methods_table(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -
         }
     ).reset_index(drop=True)
     table = table[_with_accuracy(list(table.columns), table)]
-    reference = table[table["method"] == LORA]
-    if reference.empty:
-        return table
-    variants = table[table["method"] != LORA]
-    lora_id = reference.iloc[0]["run_id"]
-    comparisons = [
-        None
-        if method == LORA
-        else judge.compare(run_id, lora_id, "perplexity", settings.min_relative_gain, len(variants))
-        for run_id, method in zip(table["run_id"], table["method"], strict=True)
-    ]
+    references, comparisons = [], []
+    for block in blocks:
+        lora = block[block["method"] == LORA]
+        reference = lora.iloc[0]["run_id"] if len(lora) else ""
+        variants = (block["method"] != LORA).sum()
+        for run_id, method in zip(block["run_id"], block["method"], strict=True):
+            compared = bool(reference) and method != LORA
+            references.append(reference if compared else "")
+            comparisons.append(
+                judge.compare(run_id, reference, "perplexity", settings.min_relative_gain, variants)
+                if compared
+                else None
+            )
+    table.insert(1, "compared_with", references)
     return _with_verdicts(table, comparisons)
 
 
@@ -163,6 +171,9 @@ def anatomy_table(runs: pd.DataFrame, layers: pd.DataFrame | None) -> pd.DataFra
     if layers is None or layers.empty:
         return None
     info = trained_runs(runs).set_index("run_id")
+    # With seeds the findings read one row per configuration: its replicates' layers are pooled.
+    if "config_id" in layers:
+        layers = layers.assign(run_id=layers["config_id"].fillna(layers["run_id"]))
     layers = layers[layers["run_id"].isin(info.index)]
     if layers.empty:
         return None
@@ -206,18 +217,23 @@ def anatomy_finding(tables: dict[str, pd.DataFrame]) -> str | None:
 
 
 def methods_finding(table: pd.DataFrame | None) -> str | None:
-    """Each variant against plain LoRA at the same rank, targets and format."""
-    if table is None or "verdict" not in table:
+    """Per block, each variant against plain LoRA at the same rank, targets, format and settings."""
+    if table is None:
         return None
-    compared = [(row, c) for (_, row), c in zip(table.iterrows(), table.attrs["comparisons"], strict=True) if c]
-    if not compared:
-        return None
-    lora = table[table["method"] == LORA].iloc[0]
-    parts = [f"{row['method']} {_fmt(row['perplexity'])}: {c.describe()}" for row, c in compared]
-    return (
-        f"Methods at rank {int(lora['rank'])}, {lora['modules']}, {lora['quantization']} against plain LoRA "
-        f"(perplexity {_fmt(lora['perplexity'])}): " + "; ".join(parts) + "."
-    )
+    by_id = table.set_index("run_id")
+    sentences = []
+    for reference, rows in table.groupby("compared_with", sort=False):
+        comparisons = table.attrs["comparisons"]
+        judged = [(row, comparisons[i]) for i, row in rows.iterrows() if comparisons[i] is not None]
+        if not reference or not judged:
+            continue
+        lora = by_id.loc[reference]
+        parts = [f"{row['method']} {_fmt(row['perplexity'])}: {c.describe()}" for row, c in judged]
+        sentences.append(
+            f"Methods at rank {int(lora['rank'])}, {lora['modules']}, {lora['quantization']} against plain LoRA "
+            f"({reference}, perplexity {_fmt(lora['perplexity'])}): " + "; ".join(parts) + "."
+        )
+    return " ".join(sentences) or None
 
 
 def method_tables(

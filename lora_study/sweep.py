@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import asdict, dataclass, replace
+from decimal import Decimal
 from typing import Any
 
 from lora_study.config import ConfigError, training_defaults
@@ -102,13 +103,19 @@ def _format_number(value: float) -> str:
 
 
 def compact_number(value: float) -> str:
-    """Short, exact text for an id: 0.0002 -> 2e-4, 1.5e-05 -> 1.5e-5, 0.05 -> 0.05, 16 -> 16."""
-    if float(value).is_integer() and abs(value) < 1e6:
-        return str(int(value))
-    if abs(value) >= 0.01:
-        return f"{value:g}"
-    mantissa, exponent = f"{value:e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    """Short, exact text for an id: 0.0002 -> 2e-4, 1.5e-05 -> 1.5e-5, 0.05 -> 0.05, 16 -> 16.
+
+    Built from the float's shortest round-trip text, so two different values never share a name.
+    """
+    number = float(value)
+    if number.is_integer() and abs(number) < 1e15:
+        return str(int(number))
+    text = repr(number)
+    if abs(number) >= 0.01 and "e" not in text:
+        return text
+    sign, digits, exponent = Decimal(text).normalize().as_tuple()
+    mantissa = str(digits[0]) + ("." + "".join(map(str, digits[1:])) if len(digits) > 1 else "")
+    return f"{'-' if sign else ''}{mantissa}e{exponent + len(digits) - 1}"
 
 
 # Short names of training settings in run ids (a key without one is spelt out).
@@ -262,8 +269,34 @@ def _describe_difference(first: RunSpec, second: RunSpec) -> str:
         return ""
     return (
         f": they differ in {', '.join(differing)}, and an id names only swept values that differ from the "
-        "schema's default; sweep the same values in both places, or give the named run an id"
+        "schema's default (never the shared training block); sweep the same values in both places, or make "
+        "one of them a named run with its own id"
     )
+
+
+def _content(spec: RunSpec) -> RunSpec:
+    """The configuration without its name: equal for grid cells that train the same thing."""
+    return replace(spec, run_id="", config_id="")
+
+
+def _merged_grid_cells(cells: list[tuple[RunSpec, str]]) -> list[tuple[RunSpec, str]]:
+    """One spec per distinct configuration, in order of first appearance, named by its shortest id.
+
+    A grid cell can repeat a configuration under another id (a swept value that equals the shared
+    default: r16-qkvo-nf4 and r16-qkvo-nf4-lr2e-4). It trains once, and the name it gets does not
+    depend on the order of the grids.
+    """
+    groups: dict[RunSpec, list[tuple[RunSpec, str]]] = {}
+    for spec, origin in cells:
+        groups.setdefault(_content(spec), []).append((spec, origin))
+    merged = []
+    for members in groups.values():
+        spec, origin = min(members, key=lambda member: (len(member[0].run_id), member[0].run_id))
+        others = sorted({m[0].run_id for m in members} - {spec.run_id})
+        if others:
+            log.info("%s: %s is the same configuration; trained once, as %s", origin, ", ".join(others), spec.run_id)
+        merged.append((spec, origin))
+    return merged
 
 
 def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
@@ -279,30 +312,24 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
     origins: dict[str, str] = {}
 
     def add(spec: RunSpec, origin: str) -> None:
-        same = next(
-            (r for r in runs.values() if replace(r, run_id=spec.run_id, config_id=spec.config_id) == spec), None
-        )
-        if same is not None and same.run_id != spec.run_id and not origin.startswith("sweep.runs"):
-            # A grid cell that repeats an earlier run under another id (a swept value equal to the shared
-            # default): trained once, under the first id.
-            log.info("%s: %s is the same configuration as %s; trained once, as %s", origin, spec.run_id,
-                     same.run_id, same.run_id)  # fmt: skip
-            return
         if is_baseline_id(spec.run_id):
             raise ConfigError(f"{origin}: run ids '{BASELINE_PREFIX}' and '{BASELINE_PREFIX}-*' name the baselines")
         previous = runs.get(spec.run_id)
-        if previous is not None and (previous != spec or origin.startswith("sweep.runs")):
+        if previous is not None:
             raise ConfigError(
                 f"duplicate run id '{spec.run_id}' from {origins[spec.run_id]} and {origin}"
                 + _describe_difference(previous, spec)
             )
-        runs.setdefault(spec.run_id, spec)
-        origins.setdefault(spec.run_id, origin)
+        runs[spec.run_id] = spec
+        origins[spec.run_id] = origin
 
+    cells = []
     for index, grid in enumerate(sweep["grids"]):
         origin = f"sweep.grids[{index}]"
-        for entry in _grid_entries(grid, origin):
-            add(_make_spec(entry, dict(shared), method_settings, origin), origin)
+        cells += [(_make_spec(entry, dict(shared), method_settings, origin), origin)
+                  for entry in _grid_entries(grid, origin)]  # fmt: skip
+    for spec, origin in _merged_grid_cells(cells):
+        add(spec, origin)
     for index, named in enumerate(sweep["runs"]):
         origin = f"sweep.runs[{index}]"
         if "compute_dtype" in named["training"] and not applies_compute_dtype(named["quantization"]):

@@ -15,9 +15,9 @@ rule anatomy:
         "../envs/study.yaml"
     threads: 2
     resources:
-        mem_mb=lambda wildcards, attempt: 8000 * attempt,
-        runtime=lambda wildcards, attempt: 30 * attempt,
+        mem_mb=anatomy_mem_mb,
+        runtime=anatomy_runtime,
     params:
-        method=lambda wildcards: RUNS[wildcards.run].method,
+        run=run_params,
     script:
         "../scripts/anatomy.py"

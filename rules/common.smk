@@ -1,5 +1,6 @@
 # Everything that reads the config lives here: validation, the run table, params.
 import functools
+import json
 import os
 import re
 import sys
@@ -75,6 +76,26 @@ def memory_plan(wildcards):
 def planned_rows():
     """plan.csv as it is on disk when the job graph is built (read once, not once per run)."""
     return read_csv_rows(paths.PLAN_CSV, "run_id") if os.path.exists(paths.PLAN_CSV) else {}
+
+
+def model_parameters():
+    """The prepared model's parameter count (0 before prepare_model has run)."""
+    if not os.path.exists(paths.MODEL_MANIFEST):
+        return 0
+    with open(paths.MODEL_MANIFEST) as handle:
+        return json.load(handle).get("num_parameters", 0)
+
+
+def anatomy_mem_mb(wildcards, attempt):
+    """The base model in fp32 at most, twice for full fine-tuning (trained and base weights), plus 2 GB."""
+    copies = 2 if RUNS[wildcards.run].is_full else 1
+    return attempt * max(8000, int(model_parameters() * 4 * copies / 1e6) + 2000)
+
+
+def anatomy_runtime(wildcards, attempt):
+    """Minutes: full fine-tuning's update of every layer takes one SVD per layer of the whole model."""
+    extra = model_parameters() // 100_000_000 if RUNS[wildcards.run].is_full else 0
+    return attempt * (30 + extra)
 
 
 def evaluation_inputs(wildcards):

@@ -32,5 +32,7 @@ with job(snakemake) as log:
     )
     combine_examples(snakemake.input.examples, table, snakemake.output.examples)
     trained = list(json.loads(snakemake.params.runs_trained))
-    combine_per_run(snakemake.input.anatomy, trained, snakemake.output.anatomy, ["layer", "group", "effective_rank"])
+    combine_per_run(
+        snakemake.input.anatomy, trained, snakemake.output.anatomy, ["layer", "group", "effective_rank"], table
+    )
     log.info("%d runs in %s", len(table), snakemake.output.csv)

@@ -3,16 +3,17 @@
 from lora_study.jobs import job
 
 with job(snakemake):
+    import json
     from pathlib import Path
 
     from lora_study.anatomy import run_anatomy
     from lora_study.io import read_json
-    from lora_study.methods import FULL
+    from lora_study.sweep import RunSpec
 
     run_anatomy(
         manifest=read_json(snakemake.input.manifest),
         weights_dir=Path(snakemake.input.adapter),
-        is_full=snakemake.params.method == FULL,
+        run=RunSpec.from_params(json.loads(snakemake.params.run)),
         out_path=Path(snakemake.output.layers),
         threads=snakemake.threads,
     )

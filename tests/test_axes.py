@@ -45,6 +45,16 @@ def test_an_incomplete_cross_gets_no_matrix():
     assert "matrix__rank__learning_rate" not in tables and sentence is None
 
 
+def test_the_matrix_is_the_largest_complete_block():
+    # Ranks 8 and 32 only at the shared learning rate (a rank grid beside a rank x learning-rate grid).
+    cells = {(rank, 2e-4): 6.0 for rank in (4, 8, 16, 32, 64)}
+    cells |= {(rank, lr): 7.0 for rank in (4, 16, 64) for lr in (5e-5, 5e-4)}
+    tables, sentence = lr_matrix_findings(cells)
+    matrix = tables["matrix__rank__learning_rate"]
+    assert list(matrix["rank"]) == [4, 16, 64] and matrix.shape == (3, 4)
+    assert sentence.startswith("Best learning rate per rank: rank 4: 0.0002, rank 16: 0.0002, rank 64: 0.0002")
+
+
 def full_study() -> pd.DataFrame:
     return study(
         {**run("full-fp32", rank=0, modules="", quant="fp32", ppl=10.0, mem=8.0, time=40.0, params=99000),
@@ -68,9 +78,11 @@ def test_share_of_full_finetuning_counts_against_the_unquantized_base():
     sentence = full_share_finding(runs, tables["full_finetuning"], judge, SETTINGS)
     assert sentence.startswith("Full fine-tuning (full-fp32, learning rate 0.0001) moves perplexity from 19")
     assert "r16-fp32-dora, recovers 94% of it" in sentence
-    # 94 % >= 90 %: the claim holds for the best adapter, at the change a 90 % share allows (+9 %).
+    # The claim is about LoRA: r16-fp32 recovers 89 % (< 90 %), at a change against full fine-tuning of +10 %
+    # where a 90 % share allows +9 % (DoRA's 94 % does not count).
     claim = full_claim(tables["full_finetuning"], judge)
-    assert claim.answer == "supported" and "at most +9.0%" in claim.evidence
+    assert claim.answer == "contradicted" and claim.evidence.startswith("r16-fp32 recovers 89%")
+    assert "at most +9.0%" in claim.evidence
 
 
 def test_methods_table_judges_each_variant_against_plain_lora():
@@ -80,6 +92,21 @@ def test_methods_table_judges_each_variant_against_plain_lora():
     assert list(methods.index) == ["lora", "dora"]
     assert methods.loc["dora", "verdict"] == "better" and methods.loc["lora", "verdict"] == ""
     assert methods_finding(tables["methods"]).startswith("Methods at rank 16, qkvo, fp32 against plain LoRA")
+
+
+def test_each_block_of_methods_is_judged_against_its_own_lora_run():
+    table = study(
+        {**run("r16-nf4", ppl=12.0), "method": "lora"},
+        {**run("r16-nf4-dora", ppl=11.0), "method": "dora"},
+        {**run("r16-fp32", quant="fp32", ppl=11.0), "method": "lora"},
+        {**run("r16-fp32-pissa", quant="fp32", ppl=11.0), "method": "pissa"},
+    )
+    methods = method_tables(prepare(table), judge_for(table), SETTINGS, None)["methods"].set_index("run_id")
+    assert methods.loc["r16-nf4-dora", "compared_with"] == "r16-nf4"
+    assert methods.loc["r16-fp32-pissa", "compared_with"] == "r16-fp32"
+    assert (
+        methods.loc["r16-nf4-dora", "verdict"] == "better" and methods.loc["r16-fp32-pissa", "verdict"] == "equivalent"
+    )
 
 
 def test_anatomy_table_labels_rank_use():
@@ -94,3 +121,7 @@ def test_anatomy_table_labels_rank_use():
     assert anatomy.loc["r16-fp32", "rank_use"] == "oversized"
     assert pd.isna(anatomy.loc["full-fp32", "rank"]) and anatomy.loc["full-fp32", "rank_use"] == ""
     assert [usage_label(u) for u in (0.8, 0.5, 0.2, 1.5)] == ["saturated", "partly used", "oversized", "beyond rank"]
+    # With seeds the findings read one row per configuration: its replicates' layers are pooled.
+    seeded = layers.assign(config_id=layers["run_id"], run_id=[f"{r}-s{i}" for i, r in enumerate(layers["run_id"])])
+    pooled = anatomy_table(prepare(table), seeded).set_index("run_id")
+    assert pooled.loc["r16-fp32", "effective_rank"] == 3 and pooled.loc["r16-fp32", "layers"] == 2

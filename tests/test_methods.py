@@ -90,6 +90,8 @@ def test_converted_adapter_on_the_original_base_equals_the_trained_model(manifes
     train_steps(model, inputs)
     trained_loss = loss_of(model, inputs)
     save_trained(model, tmp_path / "converted", False, initial)
+    # The trained A, B as a plain LoRA adapter: what scoring it on the original base without conversion means.
+    model.peft_config["default"].init_lora_weights = True
     model.save_pretrained(tmp_path / "unconverted")
 
     saved = yaml.safe_load((tmp_path / "converted" / "adapter_config.json").read_text())
@@ -98,7 +100,7 @@ def test_converted_adapter_on_the_original_base_equals_the_trained_model(manifes
     assert loss_of(fresh, inputs) == pytest.approx(trained_loss, rel=1e-5)
     # Without the conversion the adapter scores against the wrong base.
     wrong = load_for_evaluation(manifest, fp32_recipe(), False, "sdpa", CPU, str(tmp_path / "unconverted"))
-    assert abs(loss_of(wrong, inputs) - trained_loss) > 1e-2
+    assert abs(loss_of(wrong, inputs) - trained_loss) > 1e-3
 
 
 def test_a_resumed_pissa_run_rebuilds_its_initialisation_and_converts_the_same(manifest, tmp_path):
@@ -140,8 +142,8 @@ def test_a_resumed_pissa_run_rebuilds_its_initialisation_and_converts_the_same(m
 
 
 def test_full_finetuning_trains_every_parameter_in_fp32_under_autocast(manifest):
-    recipe = recipe_for("16bit", None, detect_capability(CPU), full=True)
-    assert recipe.weight_format == "fp32" and recipe.master_weights == (recipe.compute_dtype != "fp32")
+    recipe = recipe_for("bf16", None, detect_capability(CPU), full=True)
+    assert (recipe.weight_format, recipe.compute_dtype, recipe.master_weights) == ("fp32", "bf16", True)
     model = prepare_full(load_base_model(manifest, recipe, False, "sdpa", CPU), False)
     params = dict(model.named_parameters())
     assert all(p.requires_grad and p.dtype == torch.float32 for p in params.values())
@@ -149,10 +151,31 @@ def test_full_finetuning_trains_every_parameter_in_fp32_under_autocast(manifest)
     inputs = batch(model.config.vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with recipe.autocast_context("cpu"):
-        model(**inputs).loss.backward()
+        logits = model(input_ids=inputs["input_ids"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), inputs["labels"].flatten())
+    assert logits.dtype == torch.bfloat16  # computed in bf16 ...
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in params.values())  # ... gradients for the fp32 masters
     optimizer.step()
     changed = [name for name, p in params.items() if not torch.equal(p, before[name])]
     assert set(changed) == set(params)
+
+
+def test_an_untrained_dora_adapter_has_no_update_on_the_4bit_base_it_trains_on(manifest, tmp_path):
+    from lora_study.anatomy import run_anatomy
+    from lora_study.sweep import RunSpec
+
+    recipe = recipe_for("nf4", "fp32", detect_capability(CPU))
+    model = add_lora(load_base_model(manifest, recipe, True, "eager", CPU), recipe, TARGETS, 4, 8.0, 0.0, False, "dora")
+    model.save_pretrained(tmp_path / "dora")
+    training = TrainingSettings.from_dict({**training_defaults(), "compute_dtype": "fp32", "lora_dropout": 0.0})
+    run = RunSpec("r4-qv-nf4-dora", 4, 8.0, ("q", "v"), "nf4", True, training, method="dora")
+    layout = layout_for("llama")[0]
+    full_manifest = {**manifest, "model_type": "llama", "linear_layers": layout.declared_layers()}
+    assert run_anatomy(full_manifest, tmp_path / "dora", run, tmp_path / "anatomy.csv", 1) == 4
+    # DoRA's magnitudes start at the norms of the dequantized 4-bit rows: on that base, nothing moved yet.
+    # (Merged into the fp32 weights instead, every row would be rescaled by ||W_nf4|| / ||W_fp32||.)
+    assert (pd.read_csv(tmp_path / "anatomy.csv")["norm"] < 1e-5).all()
 
 
 def test_effective_rank_of_constructed_updates(manifest):
@@ -306,7 +329,9 @@ def test_methods_study_tables(methods_study):
     for sentence in ("Best learning rate per rank:", "Methods at rank 4", "Full fine-tuning (full-fp32",
                      "Rank usage (effective rank"):  # fmt: skip
         assert sentence in report
-    assert "LoRA reaches about 90% of full fine-tuning. | Does the best adapter" in report
+    claims = derived(methods_study, "reference_claims").set_index("claim")
+    assert claims.loc["LoRA reaches about 90% of full fine-tuning.", "answer"] in {"supported", "contradicted",
+                                                                                  "inconclusive"}  # fmt: skip
     assert (methods_study / "results/charts/heatmap_rank_x_learning_rate.svg").is_file()
     assert (methods_study / "results/charts/effective_rank.svg").is_file()
 

@@ -199,9 +199,27 @@ def test_a_grid_value_and_a_named_run_that_differ_in_training_explain_the_clash(
         expand_study(config)
 
 
-def test_a_grid_cell_repeating_an_earlier_run_under_another_id_trains_once():
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_a_grid_cell_repeating_a_run_under_another_id_trains_once_whatever_the_grid_order(order):
     # The shared learning rate is 2e-4; the lr axis repeats it: r16-qkvo-nf4 and r16-qkvo-nf4-lr2e-4 are one run.
-    sweep = {"grids": [{"rank": [16]}, {"rank": [16], "training": {"learning_rate": [2e-4, 5e-4]}}]}
-    config = config_with_sweep(sweep)
+    grids = [{"rank": [16]}, {"rank": [16], "training": {"learning_rate": [2e-4, 5e-4]}}]
+    config = config_with_sweep({"grids": [grids[i] for i in order]})
     config["training"]["learning_rate"] = 2e-4
-    assert list(expand_study(config)) == ["r16-qkvo-nf4", "r16-qkvo-nf4-lr5e-4"]
+    assert set(expand_study(config)) == {"r16-qkvo-nf4", "r16-qkvo-nf4-lr5e-4"}
+    # A swept schema default (1e-3) and the shared 2e-4 would share a name: refused in either order.
+    clash = [{"rank": [16]}, {"rank": [16], "training": {"learning_rate": [2e-4, 1e-3]}}]
+    config = config_with_sweep({"grids": [clash[i] for i in order]})
+    config["training"]["learning_rate"] = 2e-4
+    with pytest.raises(ConfigError, match=r"duplicate run id 'r16-qkvo-nf4'.*differ in training\.learning_rate"):
+        expand_study(config)
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [(2e-4, "2e-4"), (1.5e-5, "1.5e-5"), (0.05, "0.05"), (16, "16"), (1e-3, "1e-3"), (1.00000001e-4, "1.00000001e-4"),
+     (1e20, "1e20"), (0.5, "0.5"), (3.0, "3")],
+)  # fmt: skip
+def test_numbers_in_ids_are_short_and_exact(value, text):
+    from lora_study.sweep import compact_number
+
+    assert compact_number(value) == text
