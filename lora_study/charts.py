@@ -208,7 +208,12 @@ def matrix_heatmaps(tables: dict[str, pd.DataFrame]) -> dict[str, alt.Chart]:
             color=alt.Color("perplexity:Q", scale=alt.Scale(scheme="viridis", reverse=True)),
             tooltip=["run_id", first, second, alt.Tooltip("perplexity:Q", format=".4g")],
         )
-        text = base.mark_text(fontSize=11).encode(text=alt.Text("perplexity:Q", format=".3g"))
+        # Light text on the dark (high-perplexity) end of the scale, dark text elsewhere.
+        middle = (cells["perplexity"].min() + cells["perplexity"].max()) / 2
+        text = base.mark_text(fontSize=11).encode(
+            text=alt.Text("perplexity:Q", format=".3g"),
+            color=alt.condition(alt.datum.perplexity > middle, alt.value("white"), alt.value("black")),
+        )
         title = f"perplexity: {first} x {second}"
         charts[f"heatmap_{first}_x_{second}"] = (heat + text).properties(width=WIDTH, height=HEIGHT, title=title)
     return charts

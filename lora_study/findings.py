@@ -153,20 +153,22 @@ def _training_columns(runs: pd.DataFrame) -> list[str]:
 def sweep_slice(runs: pd.DataFrame, axis: str, fixed: list[str]) -> pd.DataFrame | None:
     """The runs that vary only along `axis` (all else equal), the largest such set.
 
-    None when no set has two or more values of the axis: a study without that
-    axis gets no table for it.
+    Among equally large sets (a rank sweep at each of several learning rates)
+    the one through the best run (lowest perplexity). None when no set has two
+    or more values of the axis: a study without that axis gets no table for it.
     """
     trained = trained_runs(runs)
     if trained.empty:
         return None
     # Runs of different methods are only compared along the method axis itself.
     keys = [key for key in [*fixed, "method", *_training_columns(trained)] if key != axis]
-    best: pd.DataFrame | None = None
-    for _, group in trained.groupby(keys, dropna=False, sort=False):
-        values = group[axis].nunique()
-        if values >= 2 and (best is None or values > best[axis].nunique()):
-            best = group
-    return best
+
+    def rank_of(group: pd.DataFrame) -> tuple[int, float]:
+        best_perplexity = group["perplexity"].where(group["fits"]).min()
+        return group[axis].nunique(), -(best_perplexity if pd.notna(best_perplexity) else math.inf)
+
+    groups = [group for _, group in trained.groupby(keys, dropna=False, sort=False) if group[axis].nunique() >= 2]
+    return max(groups, key=rank_of) if groups else None
 
 
 # --- derived tables ------------------------------------------------------------------------
