@@ -137,18 +137,6 @@ def full_updates(trained: nn.Module, base: nn.Module, layout: Layout | None) -> 
     return updates
 
 
-def load_fp32(path: str, manifest: dict[str, Any]) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=torch.float32,
-        device_map={"": "cpu"},
-        trust_remote_code=manifest["trust_remote_code"],
-        use_safetensors=None if manifest.get("allow_pickle") else True,
-    )
-
-
 def run_anatomy(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, out_path: Path, threads: int) -> int:
     """Write one run's per-layer update spectra to `out_path`; returns the number of layers.
 
@@ -160,16 +148,17 @@ def run_anatomy(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, out_p
     if not any(weights_dir.glob("*.safetensors")):
         log.info("%s holds no trained weights (the run did not train): nothing to measure", weights_dir)
         return _write(out_path, [])
+    assert run.training is not None
+    cpu = torch.device("cpu")
+    # Full fine-tuning's recipe loads fp32 masters. Attention never runs here: eager exists for every model.
+    recipe = recipe_for(run.quantization, run.training.compute_dtype, detect_capability(cpu), full=run.is_full)
+    base = load_base_model(manifest, recipe, run.double_quant, "eager", cpu)
     if run.is_full:
-        updates = full_updates(load_fp32(str(weights_dir), manifest), load_fp32(manifest["path"], manifest), layout)
+        trained = load_base_model(manifest, recipe, run.double_quant, "eager", cpu, str(weights_dir))
+        updates = full_updates(trained, base, layout)
     else:
         from peft import PeftModel
 
-        assert run.training is not None
-        cpu = torch.device("cpu")
-        recipe = recipe_for(run.quantization, run.training.compute_dtype, detect_capability(cpu))
-        # Attention never runs here: eager exists for every model.
-        base = load_base_model(manifest, recipe, run.double_quant, "eager", cpu)
         updates = adapter_updates(PeftModel.from_pretrained(base, str(weights_dir)), layout)
     median = sorted(u.effective_rank for u in updates)[len(updates) // 2] if updates else "-"
     log.info("%s: %d layers; effective rank (%.0f%% of the energy): median %s", run.run_id, len(updates),

@@ -20,7 +20,6 @@ from lora_study.verdicts import Judge, Verdict
 
 # Axes a matrix can pair (beside every training setting), with their readable names.
 DESIGN_AXES = {"rank": "rank", "modules_label": "modules", "quant_label": "quantization", "method": "method"}
-LEARNING_RATE = "training.learning_rate"
 MATRIX_PREFIX = "matrix__"
 MAX_SUBSETS = 4096
 

@@ -75,8 +75,9 @@ DEFINITIONS: dict[str, str] = {
     "a run recovers (accuracy: the same with accuracy gains); a quantized run's quantization cost counts against "
     "it. memory_vs_full, time_vs_full: peak memory and training time over full fine-tuning's. The 90% claim is "
     "tested one-sided against full fine-tuning at the perplexity change a 90% share allows.",
-    "effective_rank": "per layer, the update is the merged weight minus the base weight (fp32, on the original "
-    "unquantized base; PiSSA/OLoRA adapters converted to it); its effective rank is the fewest singular "
+    "effective_rank": "per layer, the update is the merged weight minus the base weight, in fp32 on the base "
+    "weight the run trained against (bitsandbytes weights dequantized; PiSSA/OLoRA adapters converted for the "
+    "original base); full fine-tuning: trained minus base weight. Its effective rank is the fewest singular "
     "directions holding 90% of its energy (squared singular values). Utilisation = effective rank / adapter "
     "rank: saturated at >= 75% (the adapter may want more rank), oversized at <= 25%; above 100% (DoRA's "
     "rescaled magnitudes, PiSSA/OLoRA saved converted at rank 2r) the update is not confined to r directions.",
@@ -84,8 +85,9 @@ DEFINITIONS: dict[str, str] = {
     "lowest perplexity; at every rank, each other rank's best learning rate is compared with the rank's own "
     "best (tolerance sweet_spot_tolerance, m = the number of such comparisons): *worse* anywhere = it moves "
     "with rank.",
-    "methods": "each LoRA variant against plain LoRA at the same rank, target modules and weight format "
-    "(tolerance min_relative_gain, m = the number of variants); scale = alpha/r (rslora: alpha/sqrt(r)).",
+    "methods": "each LoRA variant against the plain LoRA run of its block (same rank, target modules, weight "
+    "format and training settings; tolerance min_relative_gain, m = the number of variants in the block); "
+    "scale = alpha/r (rslora: alpha/sqrt(r)).",
     "noise": "with one seed, intervals cover evaluation noise only (labelled so); metrics of a configuration "
     "with seeds are means over them, _ci95 the half-width of their 95 % t-interval; perplexity_low/high are "
     "each configuration's own 95 % interval (rows resampled, plus the seeds' spread), drawn as error bars.",
@@ -814,11 +816,19 @@ def _with_own_intervals(table: pd.DataFrame, judge: Judge) -> pd.DataFrame:
     return table
 
 
-def headline_findings(table: pd.DataFrame, settings: FindingSettings, judge: Judge | None = None) -> list[str]:
-    """The report's headline sentences, each computed from the measured numbers."""
+def headline_findings(
+    table: pd.DataFrame,
+    settings: FindingSettings,
+    judge: Judge | None = None,
+    tables: dict[str, pd.DataFrame] | None = None,
+) -> list[str]:
+    """The report's headline sentences, each computed from the measured numbers.
+
+    `tables`: all_tables' result when the caller has it already (its verdicts are not recomputed).
+    """
     judge = judge or Judge({})
     runs = prepare(table)
-    tables = all_tables(table, settings, judge)
+    tables = tables if tables is not None else all_tables(table, settings, judge)
     memory_text = "CPU RSS" if "CPU" in memory_label(runs) else "GPU memory"
     trained = trained_runs(runs)
     sentences: list[str | None] = [*precision_warnings(runs)]

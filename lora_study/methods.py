@@ -13,8 +13,6 @@ RSLORA = "rslora"
 PISSA = "pissa"
 OLORA = "olora"
 FULL = "full"
-ADAPTER_METHODS = (LORA, DORA, RSLORA, PISSA, OLORA)
-METHODS = (*ADAPTER_METHODS, FULL)
 # Initialisations that move the principal part of each base weight into the adapter: the trained
 # adapter only fits the changed base, so it is saved converted for the original one (rank 2r).
 CONVERTED_METHODS = (PISSA, OLORA)

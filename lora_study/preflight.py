@@ -18,7 +18,7 @@ from typing import Any
 
 from lora_study.errors import UserError
 from lora_study.formats import BITSANDBYTES
-from lora_study.methods import LORA, RSLORA, method_problem
+from lora_study.methods import LORA, RSLORA
 from lora_study.modules import (
     ARCHITECTURES,
     OUTPUT_HEAD,
@@ -89,13 +89,14 @@ def check_run(
     """The run's targets, after checking it can start at all (errors name the run and the fix)."""
     training = run.training
     assert training is not None
-    problem = method_problem(run.method, run.quantization) or quantization_problem(run.quantization, import_it)
+    # Methods a weight format cannot take were refused when the sweep was expanded (sweep._make_spec).
+    problem = quantization_problem(run.quantization, import_it)
     if problem:
         raise ModuleResolutionError(f"run '{run.run_id}': {problem}")
     if run.is_full:
         return Targets("")  # every weight trains: nothing to resolve
     targets = resolve_run_targets(run.run_id, run.modules, layout, list(layer_names), model_type, training.lora_dropout)
-    if run.method != LORA and run.method != RSLORA and targets.parameters:
+    if run.method not in (LORA, RSLORA) and targets.parameters:
         raise ModuleResolutionError(
             f"run '{run.run_id}': {run.method} cannot adapt mixture-of-experts weights ({list(targets.parameters)}): "
             "PEFT supports only plain LoRA and rslora on them; target attention only, or use method lora"

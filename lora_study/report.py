@@ -234,7 +234,7 @@ def study_tables(
         **axis_tables(runs),
         **method_tables(runs, judge, settings, anatomy),
     }
-    findings = headline_findings(table, settings, judge)
+    findings = headline_findings(table, settings, judge, tables)
     extra = [
         best_learning_rate_finding(tables, judge, settings),
         methods_finding(tables.get("methods")),

@@ -326,7 +326,7 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
     cells = []
     for index, grid in enumerate(sweep["grids"]):
         origin = f"sweep.grids[{index}]"
-        cells += [(_make_spec(entry, dict(shared), method_settings, origin), origin)
+        cells += [(_make_spec(entry, shared, method_settings, origin), origin)
                   for entry in _grid_entries(grid, origin)]  # fmt: skip
     for spec, origin in _merged_grid_cells(cells):
         add(spec, origin)
@@ -337,7 +337,7 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
                         "its weight dtype); ignored", origin, named["quantization"])  # fmt: skip
         entry = Entry(named["rank"], named["alpha"], list(named["modules"]), named["quantization"],
                       named["double_quant"], named["method"], dict(named["training"]), named.get("id"))  # fmt: skip
-        add(_make_spec(entry, dict(shared), method_settings, origin), origin)
+        add(_make_spec(entry, shared, method_settings, origin), origin)
     if not runs:
         raise ConfigError("config key 'sweep': no runs; add a grid or a named run")
     return replicate(runs, sweep["seeds"])

@@ -361,7 +361,7 @@ class TrainingSession:
         """Adapter, loss curve and metrics; the checkpoint goes once they exist."""
         progress = self.progress
         with atomic_path(outputs.adapter_dir) as tmp:
-            save_trained(model, tmp, self.job.run.is_full, self.initial_adapter)
+            save_trained(model, tmp, self.initial_adapter)
         _write_curve(outputs.loss_curve_path, progress.curve)
         tokens_per_s, loss_tokens_per_s, measured_steps = progress.throughput()
         trainable, total = self.counts["trainable_params"], self.counts["total_params"]
@@ -416,17 +416,14 @@ def save_initial_adapter(model) -> tempfile.TemporaryDirectory:
     return folder
 
 
-def save_trained(model, out_dir: Path, is_full: bool, initial_adapter: tempfile.TemporaryDirectory | None) -> None:
+def save_trained(model, out_dir: Path, initial_adapter: tempfile.TemporaryDirectory | None) -> None:
     """The adapter (PiSSA/OLoRA: converted for the original base, rank 2r) or, for full fine-tuning, the
-    whole model as its fp32 master weights: a 16-bit copy would round away small updates, which the
-    anatomy step measures as weight differences."""
-    if is_full:
-        model.save_pretrained(out_dir, safe_serialization=True)
-    elif initial_adapter is not None:
-        initial = str(Path(initial_adapter.name) / INITIAL_ADAPTER)
-        model.save_pretrained(out_dir, safe_serialization=True, path_initial_model_for_weight_conversion=initial)
-    else:
-        model.save_pretrained(out_dir, safe_serialization=True)
+    whole model as its fp32 master weights (as trained: a 16-bit copy would round away small updates,
+    which the anatomy step measures as weight differences)."""
+    conversion = {}
+    if initial_adapter is not None:
+        conversion["path_initial_model_for_weight_conversion"] = str(Path(initial_adapter.name) / INITIAL_ADAPTER)
+    model.save_pretrained(out_dir, safe_serialization=True, **conversion)
 
 
 def saved_parameters(folder: Path) -> int:

@@ -89,7 +89,7 @@ def test_converted_adapter_on_the_original_base_equals_the_trained_model(manifes
     inputs = batch(model.config.vocab_size)
     train_steps(model, inputs)
     trained_loss = loss_of(model, inputs)
-    save_trained(model, tmp_path / "converted", False, initial)
+    save_trained(model, tmp_path / "converted", initial)
     # The trained A, B as a plain LoRA adapter: what scoring it on the original base without conversion means.
     model.peft_config["default"].init_lora_weights = True
     model.save_pretrained(tmp_path / "unconverted")
@@ -132,8 +132,8 @@ def test_a_resumed_pissa_run_rebuilds_its_initialisation_and_converts_the_same(m
     assert checkpointer.restore(resumed, resumed_opt, resumed_sched).step == 2
     for _ in range(2):
         step(resumed, resumed_opt, inputs)
-    save_trained(whole, tmp_path / "whole", False, whole_init)
-    save_trained(resumed, tmp_path / "resumed", False, resumed_init)
+    save_trained(whole, tmp_path / "whole", whole_init)
+    save_trained(resumed, tmp_path / "resumed", resumed_init)
     a, b = (
         load_file(tmp_path / "whole/adapter_model.safetensors"),
         load_file(tmp_path / "resumed/adapter_model.safetensors"),
