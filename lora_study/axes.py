@@ -144,10 +144,7 @@ def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, se
         return None
     listed = ", ".join(f"rank {int(r)}: {best.loc[r, 'learning_rate']:g}" for r in best.index)
     if best["learning_rate"].nunique() == 1:
-        return (
-            f"Best learning rate per rank: {listed}: the same at every rank "
-            f"({len(cells)} runs; {cells['learning_rate'].nunique()} learning rates)."
-        )
+        return _shared_best_finding(cells, best, listed, judge, settings)
     pairs = []
     for rank in best.index:
         own = best.loc[rank]
@@ -180,6 +177,39 @@ def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, se
     return (
         f"Best learning rate per rank: {listed}; whether it moves with rank is inconclusive: at rank {int(rank)}, "
         f"learning rate {lr:g} is {result.describe()} against that rank's best."
+    )
+
+
+def _shared_best_finding(
+    cells: pd.DataFrame, best: pd.DataFrame, listed: str, judge: Judge, settings: FindingSettings
+) -> str:
+    """One learning rate is best at every rank: is it shown better than the others at each rank?
+
+    Every other learning rate at each rank is compared with that rank's best
+    (tolerance sweet_spot_tolerance, m = the number of comparisons).
+    """
+    start = (
+        f"Best learning rate per rank: {listed}: the same at every rank "
+        f"({len(cells)} runs; {cells['learning_rate'].nunique()} learning rates)"
+    )
+    pairs = [
+        (int(row["rank"]), row["learning_rate"], row["run_id"], best.loc[row["rank"], "run_id"])
+        for _, row in cells.iterrows()
+        if row["run_id"] != best.loc[row["rank"], "run_id"]
+    ]
+    results = [(p, judge.compare(p[2], p[3], "perplexity", settings.sweet_spot_tolerance, len(pairs))) for p in pairs]
+    if not results or any(result is None for _, result in results):
+        return f"{start}; not judged (no per-row scores)."
+    worse = [r for _, r in results if r.verdict is Verdict.WORSE]
+    if len(worse) == len(results):
+        return (
+            f"{start}; every other learning rate is worse at every rank ({len(results)} comparisons, tolerance "
+            f"{settings.sweet_spot_tolerance:.0%}, {worse[0].sources})."
+        )
+    (rank, lr, _, _), result = next((p, r) for p, r in results if r.verdict is not Verdict.WORSE)
+    return (
+        f"{start}, but not shown better than every alternative: at rank {rank}, learning rate {lr:g} is "
+        f"{result.describe()} against it ({len(worse)} of {len(results)} comparisons worse)."
     )
 
 

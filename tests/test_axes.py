@@ -36,7 +36,19 @@ def test_rank_by_learning_rate_matrix_and_a_best_learning_rate_that_moves():
 def test_a_best_learning_rate_shared_by_every_rank():
     _, sentence = lr_matrix_findings({(4, 1e-3): 6.0, (4, 3e-3): 7.0, (16, 1e-3): 5.0, (16, 3e-3): 6.0})
     assert sentence == (
-        "Best learning rate per rank: rank 4: 0.001, rank 16: 0.001: the same at every rank (4 runs; 2 learning rates)."
+        "Best learning rate per rank: rank 4: 0.001, rank 16: 0.001: the same at every rank (4 runs; 2 learning "
+        "rates); every other learning rate is worse at every rank (2 comparisons, tolerance 2%, evaluation noise only)."
+    )
+
+
+def test_a_shared_best_learning_rate_within_noise_is_not_called_better():
+    cells = {(4, 1e-3): 6.0, (4, 3e-3): 6.01, (16, 1e-3): 5.0, (16, 3e-3): 6.0}
+    table = study(*[lr_run(rank, lr, ppl) for (rank, lr), ppl in cells.items()])
+    tables = axis_tables(prepare(table))
+    sentence = best_learning_rate_finding(tables, judge_for(table, noise=2.0), SETTINGS)
+    assert (
+        ": the same at every rank (4 runs; 2 learning rates), but not shown better than every alternative: at rank 4"
+        in sentence
     )
 
 
@@ -53,6 +65,9 @@ def test_the_matrix_is_the_largest_complete_block():
     matrix = tables["matrix__rank__learning_rate"]
     assert list(matrix["rank"]) == [4, 16, 64] and matrix.shape == (3, 4)
     assert sentence.startswith("Best learning rate per rank: rank 4: 0.0002, rank 16: 0.0002, rank 64: 0.0002")
+    # 7.0 against 6.0 at every rank: each of the six alternatives is shown worse.
+    assert sentence.endswith("every other learning rate is worse at every rank (6 comparisons, tolerance 2%, "
+                             "evaluation noise only).")  # fmt: skip
 
 
 def full_study() -> pd.DataFrame:
