@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from decimal import Decimal
 from typing import Any
 
-from lora_study.config import ConfigError, training_defaults
+from lora_study.config import ConfigError, load_schema, training_defaults
 from lora_study.formats import FOUR_BIT, applies_compute_dtype, quantization_label
 from lora_study.methods import FULL, LORA, default_alpha, method_problem
 from lora_study.modules import ALL_LINEAR, canonical_modules, modules_label
@@ -229,6 +229,8 @@ def _make_spec(entry: Entry, shared: dict[str, Any], method_settings: dict[str, 
     if not applies_compute_dtype(entry.quantization):
         training.pop("compute_dtype", None)
         own.pop("compute_dtype", None)
+    if full:
+        own.pop("lora_dropout", None)  # no adapter: a dropout value must not name the run
     return RunSpec(
         run_id=entry.explicit_id or run_id(rank, alpha, ordered, entry.quantization, double_quant, entry.method, own),
         rank=rank,
@@ -299,6 +301,16 @@ def _merged_grid_cells(cells: list[tuple[RunSpec, str]]) -> list[tuple[RunSpec, 
     return merged
 
 
+def _warn_unused_by_full(named: dict[str, Any], origin: str) -> None:
+    """A named full fine-tuning run that sets rank, alpha, modules or LoRA dropout: they do not apply."""
+    defaults = load_schema()["properties"]["sweep"]["properties"]["runs"]["items"]["properties"]
+    ignored = [key for key in ("rank", "alpha", "modules") if named[key] != defaults[key]["default"]]
+    ignored += ["training.lora_dropout"] if "lora_dropout" in named["training"] else []
+    if ignored:
+        log.warning("%s: %s do not apply to full fine-tuning (every weight trains, no adapter); ignored", origin,
+                    ", ".join(ignored))  # fmt: skip
+
+
 def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
     """All runs of a validated config, by run id, in config order.
 
@@ -335,6 +347,8 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
         if "compute_dtype" in named["training"] and not applies_compute_dtype(named["quantization"]):
             log.warning("%s: training.compute_dtype does not apply to %s weights (an unquantized run computes in "
                         "its weight dtype); ignored", origin, named["quantization"])  # fmt: skip
+        if named["method"] == FULL:
+            _warn_unused_by_full(named, origin)
         entry = Entry(named["rank"], named["alpha"], list(named["modules"]), named["quantization"],
                       named["double_quant"], named["method"], dict(named["training"]), named.get("id"))  # fmt: skip
         add(_make_spec(entry, shared, method_settings, origin), origin)

@@ -223,3 +223,10 @@ def test_numbers_in_ids_are_short_and_exact(value, text):
     from lora_study.sweep import compact_number
 
     assert compact_number(value) == text
+
+
+def test_settings_a_named_full_finetuning_run_cannot_use_are_named_in_a_warning(caplog):
+    runs = [{"method": "full", "quantization": "16bit", "rank": 64, "training": {"lora_dropout": 0.1}}]
+    spec = expand_study(config_with_sweep({"runs": runs}))["full-16bit"]
+    assert spec.rank == 0
+    assert "sweep.runs[0]: rank, training.lora_dropout do not apply to full fine-tuning" in caplog.text
