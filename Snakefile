@@ -16,6 +16,7 @@ include: "rules/plan.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/anatomy.smk"
+include: "rules/downstream.smk"
 include: "rules/aggregate.smk"
 include: "rules/report.smk"
 

@@ -174,3 +174,25 @@ def combine_examples(example_paths: list[str], table: pd.DataFrame, out_path: st
     combined = pd.concat(frames, ignore_index=True)
     with atomic_path(out_path) as tmp:
         combined.to_csv(tmp, index=False)
+
+
+def deployment_frames(
+    downstream: list[dict[str, Any]], samples: list[pd.DataFrame], deploy: list[dict[str, Any]], table: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """lm-eval scores, per-document scores and deployment records as long tables keyed by run and configuration."""
+    from lora_study.deployment_tables import deploy_frame, downstream_frame
+    from lora_study.downstream import SAMPLE_COLUMNS
+
+    config_ids = dict(zip(table["run_id"], table["config_id"], strict=True))
+    frames = [frame for frame in samples if len(frame)]
+    combined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*SAMPLE_COLUMNS, "run_id"])
+    combined["config_id"] = combined["run_id"].map(config_ids)
+    return downstream_frame(downstream, config_ids), combined, deploy_frame(deploy, config_ids)
+
+
+def with_deployment_columns(table: pd.DataFrame, downstream: pd.DataFrame, deploy: pd.DataFrame) -> pd.DataFrame:
+    """runs.csv with each run's lm-eval scores, merge check and serving cost (none when they are off)."""
+    from lora_study.deployment_tables import runs_columns
+
+    extra = runs_columns(downstream, deploy)
+    return table.merge(extra, on="run_id", how="left") if len(extra) else table

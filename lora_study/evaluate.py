@@ -101,6 +101,30 @@ def exact_match(hits: list[bool], rows) -> tuple[float, dict[str, float]]:
     return sum(hits) / len(hits), family_accuracy
 
 
+def inference_setup(run: RunSpec, compute_settings: dict[str, Any], threads: int):
+    """(GPU slot, device, capability, recipe) of a job that loads one run for inference."""
+    gpu_slot = claim_gpu()  # held until this process ends
+    set_threads(threads)
+    device = pick_device()
+    capability = detect_capability(device)
+    return gpu_slot, device, capability, recipe_for(run.quantization, compute_settings.get("compute_dtype"), capability)
+
+
+def load_run_model(
+    run: RunSpec,
+    recipe: Recipe,
+    manifest: dict[str, Any],
+    compute_settings: dict[str, Any],
+    adapter_dir: Path | None,
+    device: torch.device,
+):
+    """The run as it was evaluated: base in its format with the adapter, or the fully fine-tuned weights."""
+    attention = resolve_attention(manifest, compute_settings["attn_implementation"])
+    adapter = str(adapter_dir) if adapter_dir else None
+    return load_for_evaluation(manifest, recipe, run.double_quant, attention, device,
+                               None if run.is_full else adapter, adapter if run.is_full else None)  # fmt: skip
+
+
 def evaluate_run(
     run: RunSpec,
     evaluation: dict[str, Any],
@@ -116,12 +140,8 @@ def evaluate_run(
 ) -> EvalMetrics:
     """Score a run under its precision recipe; a run that did not train (oom, skipped) passes its status through."""
     start = time.perf_counter()
-    gpu_slot = claim_gpu()  # held until this process ends
-    set_threads(threads)
-    device = pick_device()
+    gpu_slot, device, capability, recipe = inference_setup(run, compute_settings, threads)
     memory = PeakMemory(device)
-    capability = detect_capability(device)
-    recipe = recipe_for(run.quantization, compute_settings.get("compute_dtype"), capability)
 
     def record(status: str, **fields: Any) -> EvalMetrics:
         return EvalMetrics(
@@ -154,10 +174,7 @@ def evaluate_run(
     batch_size = evaluation["batch_size"]
     try:
         with memory, quiet_int8_casts():
-            attention = resolve_attention(manifest, compute_settings["attn_implementation"])
-            adapter = str(adapter_dir) if adapter_dir else None
-            model = load_for_evaluation(manifest, recipe, run.double_quant, attention, device,
-                                        None if run.is_full else adapter, adapter if run.is_full else None)  # fmt: skip
+            model = load_run_model(run, recipe, manifest, compute_settings, adapter_dir, device)
             loss = ResponseLoss(model)
             nll_start = time.perf_counter()
             row_nll, row_tokens = response_nll(loss, rows, batch_size, pad_id, device, recipe)

@@ -23,6 +23,15 @@ PREDICTIONS = f"{RUN_DIR}/predictions.jsonl"
 EXAMPLES = f"{RUN_DIR}/examples.csv"
 # Singular values of each layer's learned update (merged minus base weight).
 ANATOMY = f"{RUN_DIR}/anatomy.csv"
+# lm-evaluation-harness scores and per-document scores; deployment (merge check, serving cost).
+DOWNSTREAM = f"{RUN_DIR}/downstream.json"
+DOWNSTREAM_SAMPLES = f"{RUN_DIR}/downstream_samples.csv"
+DEPLOY = f"{RUN_DIR}/deploy.json"
+MERGED = f"{RUN_DIR}/merged"
+# The study's own exact-answer prompts as lm-eval task files, and every configured task checked.
+LM_EVAL_DIR = f"{RESULTS}/lm_eval"
+LM_EVAL_TASKS = f"{LM_EVAL_DIR}/tasks"
+LM_EVAL_CHECK = f"{LM_EVAL_DIR}/check.json"
 # Outside the run's outputs: Snakemake deletes a failed job's outputs, a checkpoint must survive.
 CHECKPOINT = f"{RESULTS}/checkpoints/{{run}}"
 
@@ -34,6 +43,9 @@ CONFIGS_MD = f"{TABLES}/configs.md"
 LOSS_CURVES_CSV = f"{TABLES}/loss_curves.csv"
 EXAMPLES_CSV = f"{TABLES}/examples.csv"
 ANATOMY_CSV = f"{TABLES}/anatomy.csv"
+DOWNSTREAM_CSV = f"{TABLES}/downstream.csv"
+DOWNSTREAM_SAMPLES_CSV = f"{TABLES}/downstream_samples.csv"
+DEPLOY_CSV = f"{TABLES}/deploy.csv"
 PLAN_CSV = f"{TABLES}/plan.csv"
 PLAN_MD = f"{TABLES}/plan.md"
 DERIVED_TABLES = f"{TABLES}/derived"
@@ -47,6 +59,8 @@ BENCHMARKS = "benchmarks"
 TRAIN_LOG = f"{LOGS}/train/{{run}}.log"
 EVAL_LOG = f"{LOGS}/evaluate/{{run}}.log"
 ANATOMY_LOG = f"{LOGS}/anatomy/{{run}}.log"
+DOWNSTREAM_LOG = f"{LOGS}/downstream/{{run}}.log"
+DEPLOY_LOG = f"{LOGS}/deploy/{{run}}.log"
 
 
 def for_run(template: str, run_id: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pandas as pd
 from lora_study.axes import MATRIX_PREFIX, axis_tables, best_learning_rate_finding, matrix_title
 from lora_study.charts import build_charts, save_chart
 from lora_study.claims import reference_claims
+from lora_study.deployment_tables import deployment_report
 from lora_study.findings import (
     DEFINITIONS,
     FindingSettings,
@@ -50,6 +51,10 @@ TABLE_TITLES: dict[str, str] = {
     "methods": "LoRA variants against plain LoRA",
     "full_finetuning": "Share of full fine-tuning's improvement (against the unquantized base model)",
     "anatomy": "Adapter anatomy: effective rank of each update per module group",
+    "downstream": "Downstream tasks (lm-evaluation-harness) against the base model",
+    "downstream_agreement": "lm-eval's exact match beside the study's own, on the same prompts",
+    "merge_check": "Merge check: perplexity of each way of merging, against the unmerged adapter",
+    "serving": "What each configuration costs to serve",
     "reference_claims": "The reference study's claims, checked",
 }
 CLAIMS_INTRO = (
@@ -224,15 +229,37 @@ def render_html(
     )
 
 
+@dataclass
+class Deployment:
+    """What rules downstream and deploy measured, as aggregate wrote it (empty tables when they were off)."""
+
+    downstream: pd.DataFrame | None = None
+    samples: pd.DataFrame | None = None
+    deploy: pd.DataFrame | None = None
+    examples: pd.DataFrame | None = None
+    evaluation: dict = field(default_factory=dict)
+
+
 def study_tables(
-    table: pd.DataFrame, settings: FindingSettings, judge: Judge, anatomy: pd.DataFrame | None = None
+    table: pd.DataFrame,
+    settings: FindingSettings,
+    judge: Judge,
+    anatomy: pd.DataFrame | None = None,
+    deployment: Deployment | None = None,
 ) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """Every derived table and headline sentence: the fixed axes, any swept axis, methods and anatomy."""
+    """Every derived table and headline sentence: the fixed axes, any swept axis, methods, anatomy, and
+    downstream scores, merge check and serving cost."""
     runs = prepare(table)
+    deployment = deployment or Deployment()
+    deployed, deployed_findings = deployment_report(
+        runs, deployment.downstream, deployment.samples, deployment.deploy, deployment.examples,
+        deployment.evaluation, settings,
+    )  # fmt: skip
     tables = {
         **all_tables(table, settings, judge),
         **axis_tables(runs),
         **method_tables(runs, judge, settings, anatomy),
+        **deployed,
     }
     findings = headline_findings(table, settings, judge, tables)
     extra = [
@@ -240,6 +267,7 @@ def study_tables(
         methods_finding(tables.get("methods")),
         full_share_finding(runs, tables.get("full_finetuning"), judge, settings),
         anatomy_finding(tables),
+        *deployed_findings,
     ]
     # Before the list of runs that did not fit, which closes the headline.
     position = next((i for i, s in enumerate(findings) if s.startswith("Not measured:")), len(findings))
@@ -258,6 +286,7 @@ def build_report(
     html_path: Path,
     examples: pd.DataFrame | None = None,
     anatomy: pd.DataFrame | None = None,
+    deployment: Deployment | None = None,
 ) -> list[str]:
     """Write derived tables, charts and the report; return the headline findings.
 
@@ -268,7 +297,7 @@ def build_report(
 
     judge = Judge(evidence_from_examples(examples) if examples is not None else {})
     memory_text = memory_label(prepare(table))
-    tables, findings = study_tables(table, settings, judge, anatomy)
+    tables, findings = study_tables(table, settings, judge, anatomy, deployment)
     claims = reference_claims(tables, judge, settings, memory_text)
     tables["reference_claims"] = pd.DataFrame([claim.to_dict() for claim in claims])
     with atomic_path(tables_dir) as tmp:

@@ -12,6 +12,9 @@ rule aggregate:
         loss_curves=expand(paths.LOSS_CURVE, run=RUNS),
         examples=expand(paths.EXAMPLES, run=EVALUATED),
         anatomy=expand(paths.ANATOMY, run=RUNS),
+        downstream=expand(paths.DOWNSTREAM, run=EVALUATED) if lm_eval_enabled() else [],
+        downstream_samples=(expand(paths.DOWNSTREAM_SAMPLES, run=EVALUATED) if lm_eval_enabled() else []),
+        deploy=expand(paths.DEPLOY, run=EVALUATED) if deploy_enabled() else [],
         data_summary=paths.DATA_SUMMARY,
         manifest=paths.MODEL_MANIFEST,
         plan=paths.PLAN_CSV,
@@ -23,6 +26,9 @@ rule aggregate:
         loss_curves=paths.LOSS_CURVES_CSV,
         examples=paths.EXAMPLES_CSV,
         anatomy=paths.ANATOMY_CSV,
+        downstream=paths.DOWNSTREAM_CSV,
+        downstream_samples=paths.DOWNSTREAM_SAMPLES_CSV,
+        deploy=paths.DEPLOY_CSV,
     log:
         f"{paths.LOGS}/aggregate.log",
     benchmark:

@@ -104,3 +104,54 @@ def evaluation_inputs(wildcards):
         inputs["adapter"] = paths.for_run(paths.ADAPTER, wildcards.run)
         inputs["train_metrics"] = paths.for_run(paths.TRAIN_METRICS, wildcards.run)
     return inputs
+
+
+def evaluate_params():
+    """The evaluation settings rule evaluate uses: turning on lm-eval, the merge check or serving reruns
+    only their own jobs."""
+    keys = ("batch_size", "exact_match_examples", "max_new_tokens")
+    return canonical_json({key: config["evaluation"][key] for key in keys})
+
+
+def lm_eval_enabled():
+    return bool(config["evaluation"]["lm_eval"]["tasks"])
+
+
+def deploy_enabled():
+    evaluation = config["evaluation"]
+    return evaluation["merge_check"]["enabled"] or evaluation["serving"]["enabled"] or evaluation["save_merged"]
+
+
+def trained_inputs(wildcards):
+    """A trained run's adapter (or weights) and training status; nothing for a base model."""
+    if EVALUATED[wildcards.run].is_baseline:
+        return {}
+    return {
+        "adapter": paths.for_run(paths.ADAPTER, wildcards.run),
+        "train_metrics": paths.for_run(paths.TRAIN_METRICS, wildcards.run),
+    }
+
+
+def downstream_inputs(wildcards):
+    return {"manifest": paths.MODEL_MANIFEST, "tasks": paths.LM_EVAL_TASKS, **trained_inputs(wildcards)}
+
+
+def deploy_inputs(wildcards):
+    inputs = {"manifest": paths.MODEL_MANIFEST, "splits": paths.DATA_SPLITS, **trained_inputs(wildcards)}
+    # The merge check compares with the unmerged adapter's per-row scores from rule evaluate.
+    inputs["examples"] = paths.for_run(paths.EXAMPLES, wildcards.run)
+    return inputs
+
+
+def deploy_outputs():
+    outputs = {"record": paths.DEPLOY}
+    if config["evaluation"]["save_merged"]:
+        outputs["merged"] = directory(paths.MERGED)
+    return outputs
+
+
+def deploy_params(wildcards):
+    """What rule deploy measures: only these settings (and the run) rerun it."""
+    evaluation = config["evaluation"]
+    keys = ("merge_check", "serving", "save_merged", "batch_size")
+    return canonical_json({key: evaluation[key] for key in keys})

@@ -23,6 +23,6 @@ rule evaluate:
     params:
         run=run_params,
         compute=compute_params,
-        evaluation=canonical_json(config["evaluation"]),
+        evaluation=evaluate_params(),
     script:
         "../scripts/evaluate.py"

@@ -11,6 +11,9 @@ rule findings:
         loss_curves=paths.LOSS_CURVES_CSV,
         examples=paths.EXAMPLES_CSV,
         anatomy=paths.ANATOMY_CSV,
+        downstream=paths.DOWNSTREAM_CSV,
+        downstream_samples=paths.DOWNSTREAM_SAMPLES_CSV,
+        deploy=paths.DEPLOY_CSV,
         manifest=paths.MODEL_MANIFEST,
         data_summary=paths.DATA_SUMMARY,
     output:

@@ -4,16 +4,21 @@ from lora_study.jobs import job
 
 with job(snakemake) as log:
     import json
+    from pathlib import Path
+
+    import pandas as pd
 
     from lora_study.aggregate import (
         CONFIG_SUMMARY_COLUMNS,
         combine_examples,
         combine_loss_curves,
         combine_per_run,
+        deployment_frames,
         runs_table,
+        with_deployment_columns,
         write_table,
     )
-    from lora_study.io import read_csv_rows, read_json
+    from lora_study.io import atomic_path, read_csv_rows, read_json
     from lora_study.replicates import config_table
 
     table = runs_table(
@@ -22,7 +27,18 @@ with job(snakemake) as log:
         trainings=[read_json(p) for p in snakemake.input.trainings],
         plans=read_csv_rows(snakemake.input.plan, "run_id"),
     )
+    downstream, samples, deploy = deployment_frames(
+        [read_json(p) for p in snakemake.input.downstream],
+        [pd.read_csv(p).assign(run_id=Path(p).parent.name) for p in snakemake.input.downstream_samples],
+        [read_json(p) for p in snakemake.input.deploy],
+        table,
+    )
+    table = with_deployment_columns(table, downstream, deploy)
     write_table(table, snakemake.output.csv, snakemake.output.markdown)
+    for frame, path in ((downstream, snakemake.output.downstream), (samples, snakemake.output.downstream_samples),
+                        (deploy, snakemake.output.deploy)):  # fmt: skip
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
     configs = config_table(table)
     write_table(configs, snakemake.output.configs, snakemake.output.configs_markdown, CONFIG_SUMMARY_COLUMNS)
     combine_loss_curves(

@@ -10,9 +10,10 @@ with job(snakemake) as log:
 
     from lora_study.findings import FindingSettings
     from lora_study.io import read_json
-    from lora_study.report import StudyContext, build_report
+    from lora_study.report import Deployment, StudyContext, build_report
 
     settings = json.loads(snakemake.params.report)
+    examples = pd.read_csv(snakemake.input.examples)
     findings = build_report(
         table=pd.read_csv(snakemake.input.configs),
         curves=pd.read_csv(snakemake.input.loss_curves),
@@ -32,8 +33,15 @@ with job(snakemake) as log:
         charts_dir=Path(snakemake.output.charts),
         markdown_path=Path(snakemake.output.markdown),
         html_path=Path(snakemake.output.html),
-        examples=pd.read_csv(snakemake.input.examples),
+        examples=examples,
         anatomy=pd.read_csv(snakemake.input.anatomy),
+        deployment=Deployment(
+            downstream=pd.read_csv(snakemake.input.downstream),
+            samples=pd.read_csv(snakemake.input.downstream_samples),
+            deploy=pd.read_csv(snakemake.input.deploy),
+            examples=examples,
+            evaluation=json.loads(snakemake.params.evaluation),
+        ),
     )
     for sentence in findings:
         log.info("finding: %s", sentence)

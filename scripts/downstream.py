@@ -1,0 +1,26 @@
+"""Rule downstream: lm-evaluation-harness on one run (or base model) as the study loaded it."""
+
+from lora_study.jobs import job
+
+with job(snakemake):
+    import json
+    from pathlib import Path
+
+    from lora_study.downstream import LmEvalSettings, run_downstream
+    from lora_study.io import read_json
+    from lora_study.sweep import RunSpec
+
+    is_trained_run = hasattr(snakemake.input, "train_metrics")
+    run_downstream(
+        run=RunSpec.from_params(json.loads(snakemake.params.run)),
+        settings=LmEvalSettings.from_config(json.loads(snakemake.params.lm_eval)),
+        compute_settings=json.loads(snakemake.params.compute),
+        manifest=read_json(snakemake.input.manifest),
+        template=snakemake.params.template,
+        adapter_dir=Path(snakemake.input.adapter) if is_trained_run else None,
+        task_dir=Path(snakemake.input.tasks),
+        scores_path=Path(snakemake.output.scores),
+        samples_path=Path(snakemake.output.samples),
+        threads=snakemake.threads,
+        train_status=read_json(snakemake.input.train_metrics)["status"] if is_trained_run else "ok",
+    )

@@ -1,0 +1,24 @@
+"""Rule lm_eval_tasks: the study's exact-answer prompts as local lm-eval tasks; every configured task checked."""
+
+from lora_study.jobs import job
+
+with job(snakemake) as log:
+    import json
+    from pathlib import Path
+
+    from lora_study.data import load_split
+    from lora_study.downstream import LmEvalSettings, check_tasks, write_local_tasks
+    from lora_study.evaluate import exact_answer_indices
+    from lora_study.io import read_json, write_json
+    from lora_study.loading import load_tokenizer
+
+    settings = LmEvalSettings.from_config(json.loads(snakemake.params.lm_eval))
+    rows = list(load_split(snakemake.input.splits, "validation"))
+    tokenizer, _ = load_tokenizer(read_json(snakemake.input.manifest))
+    scored = exact_answer_indices(rows, snakemake.params.exact_match_examples)
+    task_dir = Path(snakemake.output.tasks)
+    manifest = write_local_tasks(rows, scored, tokenizer, snakemake.params.max_new_tokens, task_dir)
+    documents = check_tasks(settings, manifest, task_dir) if settings.tasks else {}
+    for task, count in documents.items():
+        log.info("lm-eval task %s: %d documents", task, count)
+    write_json(snakemake.output.check, {"tasks": list(settings.tasks), "documents": documents, **manifest})
