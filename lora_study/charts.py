@@ -243,6 +243,59 @@ def effective_rank_chart(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
     return (points + full_use).properties(width=WIDTH, height=HEIGHT, title="rank used by the updates")
 
 
+def downstream_chart(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
+    """Each run's lm-eval score per task with lm-eval's standard error (± 1.96 se)."""
+    scores = tables.get("downstream")
+    if scores is None or scores.empty:
+        return None
+    se = scores["stderr"].fillna(0)
+    frame = scores.assign(low=scores["score"] - 1.96 * se, high=scores["score"] + 1.96 * se)
+    y = alt.Y("run_id:N", sort=list(dict.fromkeys(frame["run_id"])), title=None)
+    tooltip = ["run_id", "task", "metric", alt.Tooltip("score:Q", format=".3f"),
+               alt.Tooltip("stderr:Q", format=".3f"), "documents", "vs_base"]  # fmt: skip
+    points = (
+        alt.Chart(frame)
+        .mark_point(filled=True)
+        .encode(
+            x=alt.X("score:Q", title="score (lm-eval)", scale=alt.Scale(zero=False)),
+            y=y,
+            color=alt.Color("vs_base:N", title="against base"),
+            tooltip=tooltip,
+        )
+    )
+    bars = alt.Chart(frame).mark_errorbar().encode(x=alt.X("low:Q", title="score (lm-eval)"), x2="high:Q", y=y)
+    return (
+        (bars + points)
+        .properties(width=WIDTH, height=alt.Step(14))
+        .facet(column=alt.Column("task:N", title=None))
+        .properties(title="downstream scores (95% interval from lm-eval's standard error)")
+    )
+
+
+def serving_chart(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
+    """What each configuration costs to serve: ms per generated token at batch 1, by deployed form."""
+    serving = tables.get("serving")
+    if serving is None or serving.empty:
+        return None
+    batch_columns = sorted(c for c in serving if c.startswith("tokens_per_s_b") and c != "tokens_per_s_b1")
+    tooltip = ["run_id", "form", alt.Tooltip("ms_per_token_b1:Q", format=".3g"),
+               alt.Tooltip("ttft_ms_b1:Q", format=".3g"), alt.Tooltip("tokens_per_s_b1:Q", format=".4g"),
+               *[alt.Tooltip(f"{c}:Q", format=".4g") for c in batch_columns],
+               alt.Tooltip("peak_memory_gb:Q", format=".3g")]  # fmt: skip
+    return (
+        alt.Chart(serving)
+        .mark_bar()
+        .encode(
+            x=alt.X("ms_per_token_b1:Q", title="ms per generated token (batch 1, after the first)"),
+            y=alt.Y("run_id:N", sort=list(dict.fromkeys(serving["run_id"])), title=None),
+            yOffset="form:N",
+            color=alt.Color("form:N", title="deployed as"),
+            tooltip=tooltip,
+        )
+        .properties(width=WIDTH, title="what each configuration costs to serve")
+    )
+
+
 def build_charts(
     table: pd.DataFrame, tables: dict[str, pd.DataFrame], curves: pd.DataFrame, memory_title: str
 ) -> dict[str, alt.Chart]:
@@ -256,6 +309,8 @@ def build_charts(
         "loss_curves": loss_curves(curves),
         "time_vs_memory": time_vs_memory(table, memory_title),
         "effective_rank": effective_rank_chart(tables),
+        "downstream": downstream_chart(tables),
+        "serving": serving_chart(tables),
         **matrix_heatmaps(tables),
     }
     return {name: chart for name, chart in charts.items() if chart is not None}

@@ -251,7 +251,30 @@ def evaluate_tasks(
         scores += task_scores(results, tasks)
         samples.append(sample_scores(results))
     frame = pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(columns=list(SAMPLE_COLUMNS))
-    return scores, frame
+    return fill_missing_stderr(scores, frame, local_manifest_tasks(task_dir)), frame
+
+
+def fill_missing_stderr(
+    scores: list[dict[str, Any]], samples: pd.DataFrame, group_members: dict[str, list[str]]
+) -> list[dict[str, Any]]:
+    """Where lm-eval gives no standard error (a group with a one-document subtask pools none), the
+    standard error of the mean over the scored documents, as lm-eval computes it for a task."""
+    for row in scores:
+        row["stderr_source"] = "lm-eval" if row["stderr"] is not None else ""
+        if row["stderr"] is not None:
+            continue
+        members = group_members.get(row["task"], [row["task"]])
+        values = samples[samples["task"].isin(members) & (samples["metric"] == row["metric"])]["score"]
+        if len(values) > 1:
+            row["stderr"] = float(values.std(ddof=1) / len(values) ** 0.5)
+            row["stderr_source"] = "per-document"
+    return scores
+
+
+def local_manifest_tasks(task_dir: Path) -> dict[str, list[str]]:
+    """The local group's member tasks, by group name."""
+    manifest = load_local_manifest(task_dir)
+    return {manifest["group"]: manifest["tasks"]} if manifest.get("group") else {}
 
 
 def _simple_evaluate(model, tokenizer, settings, tasks, task_dir, apply_template, add_bos, mixed_precision_dtype):

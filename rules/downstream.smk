@@ -18,7 +18,7 @@ rule lm_eval_tasks:
         "../envs/study.yaml"
     params:
         # Standard tasks' data is fetched here, where the network is, before any job is submitted.
-        lm_eval=canonical_json(config["evaluation"]["lm_eval"]),
+        tasks=canonical_json(config["evaluation"]["lm_eval"]["tasks"]),
         exact_match_examples=config["evaluation"]["exact_match_examples"],
         max_new_tokens=config["evaluation"]["max_new_tokens"],
     script:

@@ -12,7 +12,7 @@ with job(snakemake) as log:
     from lora_study.io import read_json, write_json
     from lora_study.loading import load_tokenizer
 
-    settings = LmEvalSettings.from_config(json.loads(snakemake.params.lm_eval))
+    settings = LmEvalSettings(tuple(json.loads(snakemake.params.tasks)), num_fewshot=0, limit=None, batch_size=1)
     rows = list(load_split(snakemake.input.splits, "validation"))
     tokenizer, _ = load_tokenizer(read_json(snakemake.input.manifest))
     scored = exact_answer_indices(rows, snakemake.params.exact_match_examples)

@@ -232,3 +232,14 @@ def test_editing_a_rule_script_reruns_its_jobs_and_touch_accepts_it(study, tmp_p
     touched = run_snakemake(workdir, "--cores", "1", "--touch", *snakefile)
     assert touched.returncode == 0, touched.stderr[-2000:]
     assert planned_jobs(workdir, *snakefile) == set()
+
+
+def test_turning_on_downstream_and_deployment_runs_only_their_jobs(study):
+    workdir, config = study
+    runs = {run for rule, run in planned_jobs(workdir, "--forcerun", "evaluate") if rule == "evaluate"}
+    config["evaluation"].update(
+        lm_eval={"tasks": ["lora_study_exact"]}, merge_check={"enabled": True}, serving={"enabled": True}
+    )
+    write_config(workdir, config)
+    new_jobs = per_run(("downstream", "deploy"), runs) | {("lm_eval_tasks", None)}
+    assert planned_jobs(workdir) == new_jobs | REPORT_JOBS

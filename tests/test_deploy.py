@@ -1,0 +1,156 @@
+"""Deployment: the merge check tells a correct merge from a wrong one; serving latency leaves warm-up out."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import tiny_study_config
+from lora_study.config import validate_config
+from lora_study.data import load_split, prepare_data
+from lora_study.deploy import (
+    MERGE_FLAGGED,
+    MERGE_OK,
+    MERGED_16BIT,
+    MERGED_REQUANTIZED,
+    UNMERGED,
+    DeploySettings,
+    ServingSettings,
+    measure_serving,
+    run_deploy,
+    serving_prompt,
+    timed_calls,
+)
+from lora_study.evaluate import evaluate_run
+from lora_study.model_source import describe_model
+from lora_study.sweep import RunSpec, expand_study
+from lora_study.train import TrainOutputs, train_run
+
+SERVING = ServingSettings(prompt_tokens=12, new_tokens=4, batch_size=2, warmup=1, repeats=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, tmp_path_factory):
+    """Two real adapters (fp32 and NF4 base) trained long enough to move perplexity, each evaluated by
+    rule evaluate's own function (its examples.csv is the merge check's reference)."""
+    config = validate_config(tiny_study_config(tiny_llama))
+    workdir = tmp_path_factory.mktemp("deploy")
+    prepare_data(config["dataset"], AutoTokenizer.from_pretrained(tiny_llama), workdir / "splits")
+    manifest = describe_model(tiny_llama, str(tiny_llama), trust_remote_code=False)
+    runs = {}
+    for run_id in ("r4-qv-fp32", "r4-qv-nf4"):
+        spec = expand_study(config)[run_id]
+        run = replace(spec, training=spec.training.replace(max_steps=12, learning_rate=1e-2))
+        out = workdir / run_id
+        train_run(run, manifest, workdir / "splits", TrainOutputs(out / "adapter", out / "t.json", out / "c.csv"),
+                  threads=1, checkpoint_dir=out / "checkpoint")  # fmt: skip
+        metrics = evaluate_run(run, config["evaluation"], config["training"], manifest, workdir / "splits",
+                               out / "adapter", out / "e.json", out / "p.jsonl", out / "examples.csv",
+                               threads=1)  # fmt: skip
+        runs[run_id] = (run, out, metrics.perplexity)
+    base_run = RunSpec("base-fp32", 0, 0.0, (), "fp32", False, None, is_baseline=True)
+    base = evaluate_run(base_run, config["evaluation"], config["training"], manifest, workdir / "splits", None,
+                        workdir / "b.json", workdir / "b.jsonl", workdir / "b.csv", threads=1)  # fmt: skip
+    return config, manifest, workdir, runs, base.perplexity
+
+
+def deploy(trained, run_id: str, merge_base_dir=None, serving: ServingSettings | None = None):
+    config, manifest, workdir, runs, _ = trained
+    run, out, _ = runs[run_id]
+    settings = DeploySettings(merge_check=True, tolerance=0.01, serving=serving, save_merged=False,
+                              batch_size=config["evaluation"]["batch_size"])  # fmt: skip
+    return run_deploy(run, settings, config["training"], manifest, workdir / "splits", out / "adapter",
+                      out / "examples.csv", threads=1, train_status="ok", merge_base_dir=merge_base_dir)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def other_base(tiny_llama, tmp_path_factory):
+    """The tiny Llama with every weight perturbed: a base the adapters were not trained on."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    out = tmp_path_factory.mktemp("other-base")
+    model.save_pretrained(out)
+    return str(out)
+
+
+def test_the_adapters_change_the_model(trained):
+    *_, runs, base_perplexity = trained
+    for _, _, perplexity in runs.values():
+        assert perplexity < 0.9 * base_perplexity  # else merging them right or wrong would look the same
+
+
+def test_a_correct_merge_passes(trained):
+    record = deploy(trained, "r4-qv-fp32")
+    check = record["merge"][MERGED_16BIT]
+    assert check["outcome"] == MERGE_OK, check["describe"]
+    assert abs(check["change"]) < 1e-3
+    assert MERGED_REQUANTIZED not in record["merge"]  # an unquantized run has nothing to re-quantize
+
+
+def test_a_merge_into_another_base_is_flagged(trained, other_base):
+    for run_id in ("r4-qv-fp32", "r4-qv-nf4"):
+        record = deploy(trained, run_id, merge_base_dir=other_base)
+        check = record["merge"][MERGED_16BIT]
+        assert check["outcome"] == MERGE_FLAGGED, check["describe"]
+        assert check["verdict"] == "worse"
+
+
+def test_a_quantized_adapter_is_checked_merged_and_requantized(trained):
+    record = deploy(trained, "r4-qv-nf4", serving=SERVING)
+    assert set(record["merge"]) == {MERGED_16BIT, MERGED_REQUANTIZED}
+    for check in record["merge"].values():
+        assert check["outcome"] in ("ok", "flagged", "unclear") and check["low"] <= check["change"] <= check["high"]
+    # Served as evaluated (base NF4 + adapter) and as deployed after merging (re-quantized NF4).
+    assert set(record["serving"]) == {UNMERGED, MERGED_REQUANTIZED}
+    for cost in record["serving"].values():
+        assert cost["ms_per_token_b1"] > 0 and cost["tokens_per_s_b2"] > 0 and cost["peak_memory_gb"] > 0
+
+
+def test_timing_leaves_warm_up_out():
+    calls = []
+
+    def slow_first_call():
+        calls.append(time.perf_counter())
+        time.sleep(0.4 if len(calls) == 1 else 0.01)
+
+    timed = timed_calls(slow_first_call, warmup=1, repeats=3, synchronize=lambda: None)
+    assert len(calls) == 4 and len(timed) == 3
+    assert max(timed) < 0.2
+    calls.clear()
+    untimed_warmup = timed_calls(slow_first_call, warmup=0, repeats=3, synchronize=lambda: None)
+    assert max(untimed_warmup) >= 0.4  # without warm-up the first call's cost would be in the figure
+
+
+def test_serving_generates_the_configured_tokens(trained):
+    from transformers import AutoModelForCausalLM
+
+    _, manifest, workdir, *_ = trained
+    rows = list(load_split(workdir / "splits", "validation"))
+    prompt = serving_prompt(rows, SERVING.prompt_tokens)
+    assert len(prompt) == SERVING.prompt_tokens
+    model = AutoModelForCausalLM.from_pretrained(manifest["path"]).eval()
+    produced = []
+    original = model.generate
+
+    def counting_generate(**kwargs):
+        output = original(**kwargs)
+        produced.append((output.shape[0], output.shape[1] - kwargs["input_ids"].shape[1]))
+        return output
+
+    model.generate = counting_generate
+    cost = measure_serving(model, prompt, SERVING, torch.device("cpu"), contextlib.nullcontext, pad_id=0)
+    # Per batch size: warm-up + repeats of one token (first-token time), then of new_tokens.
+    per_batch = (SERVING.warmup + SERVING.repeats) * 2
+    assert len(produced) == per_batch * len(SERVING.batch_sizes)
+    assert {shape for shape in produced} == {(b, n) for b in (1, 2) for n in (1, SERVING.new_tokens)}
+    assert set(cost) == {f"{k}_b{b}" for k in ("ttft_ms", "ms_per_token", "tokens_per_s") for b in (1, 2)}
