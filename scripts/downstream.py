@@ -1,6 +1,13 @@
 """Rule downstream: lm-evaluation-harness on one run (or base model) as the study loaded it."""
 
+import os
+
 from lora_study.jobs import job
+
+# Standard tasks' data was fetched by rule lm_eval_tasks; compute nodes may have no network.
+# Set before job() imports datasets, which reads them once.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 with job(snakemake):
     import json
