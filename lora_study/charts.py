@@ -249,7 +249,8 @@ def downstream_chart(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
     if scores is None or scores.empty:
         return None
     se = scores["stderr"].fillna(0)
-    frame = scores.assign(low=scores["score"] - 1.96 * se, high=scores["score"] + 1.96 * se)
+    frame = scores.assign(low=scores["score"] - 1.96 * se, high=scores["score"] + 1.96 * se,
+                          vs_base=scores["vs_base"].fillna("").replace("", "base model"))  # fmt: skip
     y = alt.Y("run_id:N", sort=list(dict.fromkeys(frame["run_id"])), title=None)
     tooltip = ["run_id", "task", "metric", alt.Tooltip("score:Q", format=".3f"),
                alt.Tooltip("stderr:Q", format=".3f"), "documents", "vs_base"]  # fmt: skip

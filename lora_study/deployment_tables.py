@@ -155,9 +155,10 @@ def downstream_findings(table: pd.DataFrame | None, agreement: pd.DataFrame | No
             best = judged.loc[judged["score"].idxmax()]
             base = group[group["run_id"] == best["base"]]
             base_text = f" against {_fmt(base['score'].iloc[0])} for {best['base']}" if len(base) else ""
+            stderr = f" (± {_fmt(best['stderr'])})" if pd.notna(best["stderr"]) else ""
             sentences.append(
                 f"Downstream (lm-eval{version}) {task} {metric}: the best run, {best['run_id']}, scores "
-                f"{_fmt(best['score'])} (± {_fmt(best['stderr'])}){base_text}: {best['vs_base_detail']}."
+                f"{_fmt(best['score'])}{stderr}{base_text}: {best['vs_base_detail']}."
             )
     if agreement is not None and len(agreement):
         same = (agreement["agreement"] * agreement["documents"]).sum()
@@ -210,7 +211,8 @@ def merge_finding(table: pd.DataFrame | None, tolerance_text: str) -> str | None
         unclear = table[table[column] == MERGE_UNCLEAR]
         changes = table[f"{form}_change_pct"].dropna()
         span = f"{changes.min():+.1f}% to {changes.max():+.1f}%"
-        text = f"merged {label}: perplexity change {span} over {len(changes)} adapters"
+        adapters = f"{len(changes)} adapter{'s' if len(changes) != 1 else ''}"
+        text = f"merged {label}: perplexity change {span} over {adapters}"
         if len(flagged):
             text += f", flagged ({len(flagged)}): " + ", ".join(
                 f"{r.run_id} {getattr(r, f'{form}_change_pct'):+.1f}%" for r in flagged.itertuples()
@@ -306,3 +308,29 @@ def serving_text(serving: dict[str, Any]) -> str:
         return "greedy generation"
     return (f"greedy, {serving['prompt_tokens']}-token prompt, {serving['new_tokens']} new tokens, batch 1, "
             f"median of {serving['repeats']} after {serving['warmup']} untimed warm-up")  # fmt: skip
+
+
+def deployment_method_lines(evaluation: dict[str, Any]) -> list[str]:
+    """How downstream scores, the merge check and serving cost were measured (nothing when they were off)."""
+    from lora_study.downstream import lm_eval_version
+
+    lines = []
+    lm_eval = evaluation.get("lm_eval") or {}
+    if lm_eval.get("tasks"):
+        limit = lm_eval.get("limit")
+        lines.append(
+            f"Downstream: lm-evaluation-harness {lm_eval_version()} on each run as evaluated (HFLM around the "
+            f"loaded model), tasks {', '.join(lm_eval['tasks'])}, {lm_eval['num_fewshot']}-shot, "
+            f"{'every document' if limit is None else f'limit {limit:g}'}; standard errors from lm-eval."
+        )
+    merge = evaluation.get("merge_check") or {}
+    if merge.get("enabled"):
+        lines.append(
+            "Merge check: each adapter merged into the original base weights in the run's compute dtype and, for "
+            "4/8-bit runs, re-quantized to the run's format after merging, scored on the validation rows the "
+            f"unmerged adapter was scored on; flagged beyond {merge['tolerance']:.0%} and evaluation noise."
+        )
+    serving = evaluation.get("serving") or {}
+    if serving.get("enabled"):
+        lines.append(f"Serving: {serving_text(serving)}, also at batch {serving['batch_size']}.")
+    return lines

@@ -132,6 +132,32 @@ def normalize(resps, docs):
 '''
 
 
+def local_task_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the configured local tasks, decidable before any job runs (else None).
+
+    Local tasks are the exact-answer rows evaluation.exact_match_examples selects; with generated data
+    their families are known now (a user data set's families are checked once it is prepared).
+    """
+    from lora_study.data import GENERATED_SOURCE
+    from lora_study.datagen import FAMILIES
+
+    local = [t for t in config["evaluation"]["lm_eval"]["tasks"] if is_local(t)]
+    if not local:
+        return None
+    if config["evaluation"]["exact_match_examples"] == 0:
+        return (f"evaluation.lm_eval.tasks: {local} score the exact-answer prompts evaluation.exact_match_examples "
+                "selects, and it is 0")  # fmt: skip
+    if config["dataset"]["source"] != GENERATED_SOURCE:
+        return None
+    known = [LOCAL_GROUP, *(local_task_name(family) for family in FAMILIES)]
+    unknown = [t for t in local if t not in known]
+    if unknown:
+        return f"evaluation.lm_eval.tasks: {unknown} are not local tasks of the generated data; local tasks: " + (
+            ", ".join(known)
+        )
+    return None
+
+
 def write_local_tasks(
     validation_rows: list[dict[str, Any]],
     scored_indices: list[int],
@@ -197,7 +223,7 @@ def _fetch_standard(tasks: tuple[str, ...], task_dir: Path) -> dict[str, int]:
     manager = TaskManager(include_path=str(task_dir))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise TaskError(f"evaluation.lm_eval.tasks: lm-eval {_lm_eval_version()} knows no task {unknown}; "
+        raise TaskError(f"evaluation.lm_eval.tasks: lm-eval {lm_eval_version()} knows no task {unknown}; "
                         "`lm-eval ls tasks` lists them")  # fmt: skip
     try:
         task_dict = get_task_dict(list(tasks), manager)
@@ -217,7 +243,7 @@ def _leaf_tasks(task_dict: dict) -> dict[str, Any]:
     return leaves
 
 
-def _lm_eval_version() -> str:
+def lm_eval_version() -> str:
     from importlib.metadata import version
 
     return version("lm_eval")
@@ -244,7 +270,7 @@ def evaluate_tasks(
     for tasks, apply_template, add_bos in passes:
         if not tasks:
             continue
-        log.info("lm-eval %s on %s (%d-shot, limit %s)", _lm_eval_version(), ", ".join(tasks),
+        log.info("lm-eval %s on %s (%d-shot, limit %s)", lm_eval_version(), ", ".join(tasks),
                  settings.num_fewshot, settings.limit)  # fmt: skip
         results = _simple_evaluate(model, tokenizer, settings, tasks, task_dir, apply_template, add_bos,
                                    mixed_precision_dtype)  # fmt: skip
@@ -386,7 +412,7 @@ def run_downstream(
     from lora_study.precision import quiet_int8_casts
 
     start = time.perf_counter()
-    record: dict[str, Any] = {"run_id": run.run_id, "status": train_status, "lm_eval_version": _lm_eval_version(),
+    record: dict[str, Any] = {"run_id": run.run_id, "status": train_status, "lm_eval_version": lm_eval_version(),
                               "num_fewshot": settings.num_fewshot, "limit": settings.limit, "scores": []}  # fmt: skip
     samples = pd.DataFrame(columns=list(SAMPLE_COLUMNS))
     if train_status == STATUS_OK:

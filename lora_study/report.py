@@ -15,7 +15,7 @@ import pandas as pd
 from lora_study.axes import MATRIX_PREFIX, axis_tables, best_learning_rate_finding, matrix_title
 from lora_study.charts import build_charts, save_chart
 from lora_study.claims import reference_claims
-from lora_study.deployment_tables import deployment_report
+from lora_study.deployment_tables import deployment_method_lines, deployment_report
 from lora_study.findings import (
     DEFINITIONS,
     FindingSettings,
@@ -121,6 +121,7 @@ def methods_lines(context: StudyContext, settings: FindingSettings, memory_text:
         "train_wall_s is the sum of all steps, job_wall_s the whole job with loading.",
         f"Evaluation: perplexity over every validation response; accuracy by exact match of greedy answers "
         f"on {context.evaluation['exact_match_examples']} held-out prompts (first line, whitespace normalised).",
+        *deployment_method_lines(context.evaluation),
         f"Hardware: {devices}. Memory: {memory_text}.",
         "Precision recipe per quantization (dtypes resolved in each job; see compute_dtype and weight_format "
         "in runs.csv):",

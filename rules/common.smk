@@ -14,6 +14,7 @@ sys.path.insert(0, workflow.basedir)
 from lora_study import paths
 from lora_study.config import ConfigError, canonical_json, check_local_sources, validate_config
 from lora_study.budget import budget_verdict
+from lora_study.downstream import local_task_problem
 from lora_study.formats import applies_compute_dtype
 from lora_study.io import read_csv_rows
 from lora_study.preflight import PreflightError, check_at_start
@@ -23,6 +24,8 @@ try:
     validate_config(config)
     check_local_sources(config)
     RUNS = expand_study(config)
+    if problem := local_task_problem(config):
+        raise ConfigError(problem)
     EVALUATED = all_evaluated(config)
 except ConfigError as error:
     raise WorkflowError(f"invalid config: {error}") from None
@@ -107,7 +110,7 @@ def evaluation_inputs(wildcards):
 
 
 def evaluate_params():
-    """The evaluation settings rule evaluate uses: turning on lm-eval, the merge check or serving reruns
+    """The evaluation settings the evaluate jobs use: turning on lm-eval, the merge check or serving reruns
     only their own jobs."""
     keys = ("batch_size", "exact_match_examples", "max_new_tokens")
     return canonical_json({key: config["evaluation"][key] for key in keys})
@@ -138,7 +141,7 @@ def downstream_inputs(wildcards):
 
 def deploy_inputs(wildcards):
     inputs = {"manifest": paths.MODEL_MANIFEST, "splits": paths.DATA_SPLITS, **trained_inputs(wildcards)}
-    # The merge check compares with the unmerged adapter's per-row scores from rule evaluate.
+    # The merge check compares with the unmerged adapter's per-row scores from its evaluation.
     inputs["examples"] = paths.for_run(paths.EXAMPLES, wildcards.run)
     return inputs
 
@@ -151,7 +154,7 @@ def deploy_outputs():
 
 
 def deploy_params(wildcards):
-    """What rule deploy measures: only these settings (and the run) rerun it."""
+    """The settings deploy jobs measure with; only these (and the run) rerun them."""
     evaluation = config["evaluation"]
     keys = ("merge_check", "serving", "save_merged", "batch_size")
     return canonical_json({key: evaluation[key] for key in keys})

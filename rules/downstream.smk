@@ -14,6 +14,8 @@ rule lm_eval_tasks:
         check=paths.LM_EVAL_CHECK,
     log:
         f"{paths.LOGS}/lm_eval_tasks.log",
+    # A task that cannot be loaded should stop the study before training starts.
+    priority: 100
     conda:
         "../envs/study.yaml"
     params:

@@ -119,7 +119,8 @@ def deployed_study(tiny_llama, tmp_path_factory):
     from conftest import run_snakemake, tiny_study_config
 
     config = tiny_study_config(tiny_llama)
-    config["sweep"]["grids"] = [{"rank": [4], "modules": [["q", "v"]], "quantization": ["nf4", "fp32"]}]
+    # One QLoRA run and its base: every deployed form of a quantized adapter (unquantized ones: test_deploy.py).
+    config["sweep"]["grids"] = [{"rank": [4], "modules": [["q", "v"]], "quantization": ["nf4"]}]
     config["evaluation"].update(
         lm_eval={"tasks": [LOCAL_GROUP], "batch_size": 4},
         merge_check={"enabled": True},
@@ -133,7 +134,7 @@ def deployed_study(tiny_llama, tmp_path_factory):
     return workdir, config
 
 
-EVALUATED = ("base-nf4", "base-fp32", "r4-qv-nf4", "r4-qv-fp32")
+EVALUATED = ("base-nf4", "r4-qv-nf4")
 
 
 def test_every_run_has_lm_eval_scores_beside_its_own(deployed_study):
@@ -146,7 +147,7 @@ def test_every_run_has_lm_eval_scores_beside_its_own(deployed_study):
     derived = workdir / "results/tables/derived"
     downstream = pd.read_csv(derived / "downstream.csv").set_index("run_id")
     assert downstream.loc["r4-qv-nf4", "base"] == "base-nf4"
-    assert downstream.loc[["r4-qv-nf4", "r4-qv-fp32"], "vs_base"].notna().all()
+    assert downstream.loc["r4-qv-nf4", "vs_base"] in ("better", "worse", "equivalent", "inconclusive")
     agreement = pd.read_csv(derived / "downstream_agreement.csv").set_index("run_id")
     assert set(agreement.index) == set(EVALUATED) and (agreement["documents"] == 8).all()
     assert (agreement["agreement"] >= 0.9).all()
@@ -162,17 +163,14 @@ def test_merge_check_and_serving_cover_every_deployed_form(deployed_study):
     workdir, _ = deployed_study
     derived = workdir / "results/tables/derived"
     merges = pd.read_csv(derived / "merge_check.csv").set_index("run_id")
-    assert set(merges.index) == {"r4-qv-nf4", "r4-qv-fp32"}
-    assert pd.notna(merges.loc["r4-qv-nf4", "merged_requantized_check"])
-    assert pd.isna(merges.loc["r4-qv-fp32", "merged_requantized_check"])
-    assert merges.loc["r4-qv-fp32", "merged_16bit_check"] == "ok"
+    assert list(merges.index) == ["r4-qv-nf4"]
+    for form in ("merged_16bit", "merged_requantized"):
+        assert merges.loc["r4-qv-nf4", f"{form}_check"] in ("ok", "flagged", "unclear")
     serving = pd.read_csv(derived / "serving.csv")
     forms = set(zip(serving["run_id"], serving["form"], strict=True))
-    assert forms == {("base-nf4", "base"), ("base-fp32", "base"), ("r4-qv-nf4", "unmerged"),
-                     ("r4-qv-nf4", "merged_requantized"), ("r4-qv-fp32", "unmerged"),
-                     ("r4-qv-fp32", "merged_16bit")}  # fmt: skip
+    assert forms == {("base-nf4", "base"), ("r4-qv-nf4", "unmerged"), ("r4-qv-nf4", "merged_requantized")}
     assert (serving["ms_per_token_b1"] > 0).all() and (serving["tokens_per_s_b2"] > 0).all()
-    assert serving["unmerged_overhead_pct"].notna().sum() == 2
+    assert serving["unmerged_overhead_pct"].notna().sum() == 1
     findings = (workdir / "results/report/findings.md").read_text()
     for sentence in ("Downstream (lm-eval, 0-shot)", "Merge check (tolerance 1%", "Serving (greedy, 16-token prompt"):
         assert sentence in findings
