@@ -178,6 +178,43 @@ def test_an_untrained_dora_adapter_has_no_update_on_the_4bit_base_it_trains_on(m
     assert (pd.read_csv(tmp_path / "anatomy.csv")["norm"] < 1e-5).all()
 
 
+def test_dora_on_a_4bit_base_gives_in_inference_what_it_gave_in_training(manifest, tmp_path):
+    """bitsandbytes repacks 4-bit weights for its CPU kernel at the first forward without gradients (CPUs
+    with AVX512-BF16); DoRA dequantizes them in every forward and must still read the right weights."""
+    from bitsandbytes.functional import has_avx512bf16
+    from peft import PeftModel
+    from peft.utils.integrations import dequantize_module_weight
+
+    recipe = recipe_for("nf4", "bf16", detect_capability(CPU))  # where `auto` picks bf16, bitsandbytes repacks
+    model = add_lora(load_base_model(manifest, recipe, True, "eager", CPU), recipe, TARGETS, 4, 8.0, 0.0, False, "dora")
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # a trained adapter: updates that DoRA normalises
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    adapter = str(tmp_path / "dora")
+    model.save_pretrained(adapter)
+    inputs = batch(model.config.vocab_size)["input_ids"]
+    with torch.no_grad(), recipe.autocast_context("cpu"):
+        trained = model.train()(input_ids=inputs).logits.float()  # as in training: no repacking
+
+    def inference_logits(loaded) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits after a first forward (the one that would repack) and the weights DoRA then reads."""
+        layer = loaded.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer()
+        before = dequantize_module_weight(layer).float()
+        with torch.inference_mode(), recipe.autocast_context("cpu"):
+            loaded(input_ids=inputs)
+            logits = loaded(input_ids=inputs).logits.float()
+        return logits, (dequantize_module_weight(layer).float() - before).norm() / before.norm()
+
+    logits, weight_change = inference_logits(load_for_evaluation(manifest, recipe, True, "eager", CPU, adapter))
+    assert weight_change == 0
+    assert ((logits - trained).norm() / trained.norm()).item() < 0.02
+    if has_avx512bf16():  # this CPU repacks: without keep_4bit_layout_for_dora DoRA reads other weights
+        plain = PeftModel.from_pretrained(load_base_model(manifest, recipe, True, "eager", CPU), adapter).eval()
+        assert inference_logits(plain)[1] > 0.5
+
+
 def test_effective_rank_of_constructed_updates(manifest):
     assert effective_rank(torch.tensor([3.0, 3.0, 3.0, 0.0])) == 3
     assert effective_rank(torch.tensor([10.0, 1.0, 0.1])) == 1  # 100 of 101.01 is over 90 %
