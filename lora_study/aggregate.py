@@ -187,6 +187,8 @@ def deployment_frames(
     frames = [frame for frame in samples if len(frame)]
     combined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*SAMPLE_COLUMNS, "run_id"])
     combined["config_id"] = combined["run_id"].map(config_ids)
+    # Scores written before documents named their configured task: each document is its own task's.
+    combined["configured_task"] = combined.get("configured_task", combined["task"]).fillna(combined["task"])
     return downstream_frame(downstream, config_ids), combined, deploy_frame(deploy, config_ids)
 
 

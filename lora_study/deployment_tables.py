@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from lora_study.deploy import MERGE_FLAGGED, MERGE_UNCLEAR, MERGED_16BIT, MERGED_REQUANTIZED, UNMERGED
-from lora_study.downstream import LOCAL_GROUP, is_local
+from lora_study.downstream import is_local
 from lora_study.findings import FindingSettings, _fmt, baselines, trained_runs
 from lora_study.verdicts import Evidence, compare
 
@@ -66,7 +66,7 @@ def runs_columns(downstream: pd.DataFrame, deploy: pd.DataFrame) -> pd.DataFrame
 # --- downstream -------------------------------------------------------------------------------------------
 
 
-def _task_evidence(samples: pd.DataFrame, task_docs: pd.DataFrame) -> dict[str, Evidence]:
+def _task_evidence(task_docs: pd.DataFrame) -> dict[str, Evidence]:
     """Per configuration: its seeds' per-document scores on one task (documents in one order)."""
     evidence = {}
     for config_id, group in task_docs.groupby("config_id", sort=False):
@@ -90,8 +90,8 @@ def downstream_table(
     trained = set(trained_runs(runs)["run_id"])
     rows = []
     for (task, metric), scores in primary.groupby(["task", "metric"], sort=False):
-        docs = samples[(samples["metric"] == metric) & samples["task"].isin(_leaf_names(task, samples))]
-        evidence = _task_evidence(samples, docs)
+        docs = samples[(samples["metric"] == metric) & (samples["configured_task"] == task)]
+        evidence = _task_evidence(docs)
         judged = [c for c in scores["config_id"] if c in trained]
         for row in scores.itertuples():
             base = base_of.get(row.config_id)
@@ -106,14 +106,6 @@ def downstream_table(
                 "vs_base_detail": comparison.describe() if comparison else "",
             })  # fmt: skip
     return pd.DataFrame(rows)
-
-
-def _leaf_names(task: str, samples: pd.DataFrame) -> list[str]:
-    """The tasks whose documents make up `task` (a local group is its families)."""
-    if task == LOCAL_GROUP:
-        return sorted({t for t in samples["task"] if is_local(t)})
-    names = sorted(set(samples["task"]))
-    return [task] if task in names else [n for n in names if n.startswith(f"{task}_")]
 
 
 def _base_ids(runs: pd.DataFrame) -> dict[str, str]:

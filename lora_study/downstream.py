@@ -35,7 +35,9 @@ LOCAL_GROUP = f"{LOCAL_PREFIX}exact"
 LOCAL_MANIFEST = "tasks.json"
 # Metrics read as a task's headline score, in order of preference.
 PRIMARY_METRICS = ("exact_match", "acc_norm", "acc", "f1", "bleu")
-SAMPLE_COLUMNS = ("task", "doc_id", "row", "metric", "score", "response")
+# task: the lm-eval task that scored the document; configured_task: the task (or group) of evaluation.lm_eval.tasks
+# it belongs to, so a group's documents can be paired across runs.
+SAMPLE_COLUMNS = ("configured_task", "task", "doc_id", "row", "metric", "score", "response")
 BOOTSTRAP_ITERS = 1000  # lm-eval's stderr of non-mean metrics; mean metrics have a closed form
 RANDOM_SEED = 1234
 
@@ -275,7 +277,7 @@ def evaluate_tasks(
         results = _simple_evaluate(model, tokenizer, settings, tasks, task_dir, apply_template, add_bos,
                                    mixed_precision_dtype)  # fmt: skip
         scores += task_scores(results, tasks)
-        samples.append(sample_scores(results))
+        samples.append(sample_scores(results, tasks))
     frame = pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(columns=list(SAMPLE_COLUMNS))
     return fill_missing_stderr(scores, frame, local_manifest_tasks(task_dir)), frame
 
@@ -363,8 +365,20 @@ def _group_size(results: dict[str, Any], group: str) -> int:
     return sum(results.get("n-samples", {}).get(t, {}).get("effective", 0) for t in subtasks)
 
 
-def sample_scores(results: dict[str, Any]) -> pd.DataFrame:
-    """Every scored document: task, doc_id, validation row (local tasks), metric, score."""
+def configured_tasks(results: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, str]:
+    """Each leaf task lm-eval ran, mapped to the configured task or group it is part of."""
+    groups = results.get("group_subtasks", {})
+
+    def leaves(name: str) -> list[str]:
+        members = groups.get(name) or []
+        return [leaf for member in members for leaf in leaves(member)] if members else [name]
+
+    return {leaf: task for task in tasks for leaf in leaves(task)}
+
+
+def sample_scores(results: dict[str, Any], tasks: tuple[str, ...]) -> pd.DataFrame:
+    """Every scored document: configured task, task, doc_id, validation row (local tasks), metric, score."""
+    owner = configured_tasks(results, tasks)
     records = []
     for task, samples in results.get("samples", {}).items():
         for sample in samples:
@@ -374,7 +388,7 @@ def sample_scores(results: dict[str, Any]) -> pd.DataFrame:
             for metric in sample.get("metrics", []):
                 value = sample.get(metric)
                 if isinstance(value, (int, float)):
-                    records.append((task, sample["doc_id"], row, metric, float(value), response))
+                    records.append((owner.get(task, task), task, sample["doc_id"], row, metric, float(value), response))
     return pd.DataFrame.from_records(records, columns=list(SAMPLE_COLUMNS))
 
 

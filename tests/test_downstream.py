@@ -101,6 +101,16 @@ def test_an_unknown_standard_task_is_named(answering_model, tmp_path):
         check_tasks(LmEvalSettings(("arc_easiest",), 0, None, 1), manifest, tmp_path)
 
 
+def test_documents_of_nested_groups_belong_to_the_configured_task():
+    from lora_study.downstream import configured_tasks
+
+    results = {"group_subtasks": {"mmlu_stem": ["mmlu_stem_physics"], "mmlu_stem_physics": ["mmlu_physics_a",
+               "mmlu_physics_b"], "mmlu_algebra": []}}  # fmt: skip
+    owners = configured_tasks(results, ("mmlu_stem", "mmlu_algebra", "arc_easy"))
+    assert owners == {"mmlu_physics_a": "mmlu_stem", "mmlu_physics_b": "mmlu_stem", "mmlu_algebra": "mmlu_algebra",
+                      "arc_easy": "arc_easy"}  # fmt: skip
+
+
 def test_limit_is_a_count_or_a_fraction():
     block = {"tasks": ["arc_easy"], "num_fewshot": 5, "batch_size": 2}
     assert LmEvalSettings.from_config({**block, "limit": 50.0}).limit == 50
