@@ -32,7 +32,6 @@ log = logging.getLogger("lora_study")
 
 LOCAL_PREFIX = "lora_study_"
 LOCAL_GROUP = f"{LOCAL_PREFIX}exact"
-LOCAL_MANIFEST = "tasks.json"
 # Metrics read as a task's headline score, in order of preference.
 PRIMARY_METRICS = ("exact_match", "acc_norm", "acc", "f1", "bleu")
 # task: the lm-eval task that scored the document; configured_task: the task (or group) of evaluation.lm_eval.tasks
@@ -195,10 +194,8 @@ def write_local_tasks(
     if names:
         (out_dir / f"{LOCAL_GROUP}.yaml").write_text(GROUP_TEMPLATE.format(group=LOCAL_GROUP, tasks=", ".join(names)))
     (out_dir / "utils.py").write_text(UTILS_SOURCE)
-    manifest = {"group": LOCAL_GROUP if names else None, "tasks": names,
-                "documents": {n: len(by_family[n.removeprefix(LOCAL_PREFIX)]) for n in names}}  # fmt: skip
-    write_json(out_dir / LOCAL_MANIFEST, manifest)
-    return manifest
+    return {"group": LOCAL_GROUP if names else None, "tasks": names,
+            "documents": {n: len(by_family[n.removeprefix(LOCAL_PREFIX)]) for n in names}}  # fmt: skip
 
 
 def check_tasks(settings: LmEvalSettings, local_manifest: dict[str, Any], task_dir: Path) -> dict[str, int]:
@@ -279,30 +276,21 @@ def evaluate_tasks(
         scores += task_scores(results, tasks)
         samples.append(sample_scores(results, tasks))
     frame = pd.concat(samples, ignore_index=True) if samples else pd.DataFrame(columns=list(SAMPLE_COLUMNS))
-    return fill_missing_stderr(scores, frame, local_manifest_tasks(task_dir)), frame
+    return fill_missing_stderr(scores, frame), frame
 
 
-def fill_missing_stderr(
-    scores: list[dict[str, Any]], samples: pd.DataFrame, group_members: dict[str, list[str]]
-) -> list[dict[str, Any]]:
+def fill_missing_stderr(scores: list[dict[str, Any]], samples: pd.DataFrame) -> list[dict[str, Any]]:
     """Where lm-eval gives no standard error (a group with a one-document subtask pools none), the
     standard error of the mean over the scored documents, as lm-eval computes it for a task."""
     for row in scores:
         row["stderr_source"] = "lm-eval" if row["stderr"] is not None else ""
         if row["stderr"] is not None:
             continue
-        members = group_members.get(row["task"], [row["task"]])
-        values = samples[samples["task"].isin(members) & (samples["metric"] == row["metric"])]["score"]
+        values = samples[(samples["configured_task"] == row["task"]) & (samples["metric"] == row["metric"])]["score"]
         if len(values) > 1:
             row["stderr"] = float(values.std(ddof=1) / len(values) ** 0.5)
             row["stderr_source"] = "per-document"
     return scores
-
-
-def local_manifest_tasks(task_dir: Path) -> dict[str, list[str]]:
-    """The local group's member tasks, by group name."""
-    manifest = load_local_manifest(task_dir)
-    return {manifest["group"]: manifest["tasks"]} if manifest.get("group") else {}
 
 
 def _simple_evaluate(model, tokenizer, settings, tasks, task_dir, apply_template, add_bos, mixed_precision_dtype):
@@ -361,19 +349,19 @@ def task_scores(results: dict[str, Any], tasks: tuple[str, ...]) -> list[dict[st
 
 
 def _group_size(results: dict[str, Any], group: str) -> int:
-    subtasks = results.get("group_subtasks", {}).get(group, [])
-    return sum(results.get("n-samples", {}).get(t, {}).get("effective", 0) for t in subtasks)
+    """Documents of every leaf task in `group`, nested groups included."""
+    return sum(results.get("n-samples", {}).get(leaf, {}).get("effective", 0) for leaf in leaf_tasks(results, group))
+
+
+def leaf_tasks(results: dict[str, Any], name: str) -> list[str]:
+    """The tasks that scored documents for `name`: itself, or every task below it when it is a group."""
+    members = results.get("group_subtasks", {}).get(name) or []
+    return [leaf for member in members for leaf in leaf_tasks(results, member)] if members else [name]
 
 
 def configured_tasks(results: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, str]:
     """Each leaf task lm-eval ran, mapped to the configured task or group it is part of."""
-    groups = results.get("group_subtasks", {})
-
-    def leaves(name: str) -> list[str]:
-        members = groups.get(name) or []
-        return [leaf for member in members for leaf in leaves(member)] if members else [name]
-
-    return {leaf: task for task in tasks for leaf in leaves(task)}
+    return {leaf: task for task in tasks for leaf in leaf_tasks(results, task)}
 
 
 def sample_scores(results: dict[str, Any], tasks: tuple[str, ...]) -> pd.DataFrame:
@@ -396,11 +384,6 @@ def _first_text(value: Any) -> str | None:
     while isinstance(value, (list, tuple)) and value:
         value = value[0]
     return value if isinstance(value, str) else None
-
-
-def load_local_manifest(task_dir: Path) -> dict[str, Any]:
-    path = task_dir / LOCAL_MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {"group": None, "tasks": [], "documents": {}}
 
 
 def run_downstream(
