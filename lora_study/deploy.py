@@ -210,8 +210,8 @@ def _generation(model, input_ids: torch.Tensor, new_tokens: int, autocast, pad_i
     return call
 
 
-def free(model) -> None:
-    del model
+def release_memory() -> None:
+    """Return what dropped models held (call after `del` of the last reference)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -299,7 +299,8 @@ def run_deploy(
             model = load_run_model(run, recipe, manifest, compute_settings, adapter_dir, device)
             timings = context.serve(model, kind)
         record["serving"][kind] = {**timings, **memory} if timings else {}
-        free(model)
+        del model
+        release_memory()
         if kind == UNMERGED and (settings.merge_check or settings.serving or settings.save_merged):
             reference = reference_rows(examples_path) if settings.merge_check else None
             context.merged_forms(str(adapter_dir), reference, tokenizer, record, merge_base_dir, merged_dir)
@@ -331,24 +332,22 @@ class _DeployContext:
         log.info("%s serving: %s", kind, ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
         return timings
 
-    def check(self, model, form: str, recipe, reference: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+    def check(self, model, form: str, recipe, reference: tuple[np.ndarray, np.ndarray], record: dict[str, Any]) -> None:
         from lora_study.evaluate import response_nll
         from lora_study.loss import ResponseLoss
 
-        if reference is None:
-            return {}
         nll, _ = response_nll(ResponseLoss(model), self.rows, self.settings.batch_size, self.pad_id,
                                    self.device, recipe)  # fmt: skip
         verdict = merge_verdict(np.asarray(nll), reference[0], reference[1], self.settings.tolerance)
         log.info("merge check, %s: perplexity %.4f vs unmerged %.4f: %s", form, verdict["perplexity"],
                  verdict["reference_perplexity"], verdict["describe"])  # fmt: skip
-        return verdict
+        record["merge"][form] = verdict
 
     def merged_forms(self, adapter: str, reference, tokenizer, record: dict[str, Any], base_dir, merged_dir) -> None:
         """Merged into the original base in the compute dtype; for bitsandbytes runs, then re-quantized."""
-        from lora_study.loading import load_base_model
+        from lora_study.loading import load_for_evaluation
         from lora_study.modules import resolve_attention
-        from lora_study.precision import apply_recipe, recipe_for
+        from lora_study.precision import recipe_for
 
         attention = resolve_attention(self.manifest, self.compute_settings["attn_implementation"])
         # The original weights in the run's resolved compute dtype (bf16/fp16, or fp32 where the device has no
@@ -356,10 +355,11 @@ class _DeployContext:
         sixteen = recipe_for(self.recipe.compute_dtype, None, self.capability)
         requantize = self.recipe.quantized
         with window_peak(self.device) as memory:
-            base = load_base_model(self.manifest, sixteen, False, attention, self.device, base_dir)
-            base.config.use_cache = True
-            merged = apply_recipe(merge_into(base, adapter), sixteen).eval()
-            record["merge"][MERGED_16BIT] = self.check(merged, MERGED_16BIT, sixteen, reference)
+            base = load_for_evaluation(self.manifest, sixteen, False, attention, self.device, None, base_dir)
+            merged = merge_into(base, adapter).eval()
+            del base
+            if reference is not None:
+                self.check(merged, MERGED_16BIT, sixteen, reference, record)
             timings = {} if requantize else self.serve(merged, MERGED_16BIT, sixteen)
         if timings:
             record["serving"][MERGED_16BIT] = {**timings, **memory}
@@ -367,19 +367,21 @@ class _DeployContext:
         if not requantize:
             if keep is not None:
                 save_merged(merged, tokenizer, keep)
-            free(merged)
+            del merged
+            release_memory()
             return
         with scratch_dir(keep) as weights_dir:
             save_merged(merged, tokenizer, weights_dir)
-            free(merged)
+            del merged
+            release_memory()
             with window_peak(self.device) as memory:
-                requantized = load_base_model(self.manifest, self.recipe, self.run.double_quant, attention,
-                                              self.device, str(weights_dir))  # fmt: skip
-                requantized.config.use_cache = True
-                requantized = apply_recipe(requantized, self.recipe).eval()
-                record["merge"][MERGED_REQUANTIZED] = self.check(requantized, MERGED_REQUANTIZED, self.recipe,
-                                                                 reference)  # fmt: skip
+                # Loaded from the merged weights in the run's format, as the run itself was.
+                requantized = load_for_evaluation(self.manifest, self.recipe, self.run.double_quant, attention,
+                                                  self.device, None, str(weights_dir))  # fmt: skip
+                if reference is not None:
+                    self.check(requantized, MERGED_REQUANTIZED, self.recipe, reference, record)
                 timings = self.serve(requantized, MERGED_REQUANTIZED)
             if timings:
                 record["serving"][MERGED_REQUANTIZED] = {**timings, **memory}
-            free(requantized)
+            del requantized
+            release_memory()
