@@ -10,7 +10,7 @@ import pandas as pd
 
 from lora_study.deploy import MERGE_FLAGGED, MERGE_UNCLEAR, MERGED_16BIT, MERGED_REQUANTIZED, UNMERGED
 from lora_study.downstream import is_local
-from lora_study.findings import FindingSettings, _fmt, baselines, trained_runs
+from lora_study.findings import FindingSettings, _fmt, baseline_ids, baselines, trained_runs
 from lora_study.verdicts import Evidence, compare
 
 DOWNSTREAM_COLUMNS = ("run_id", "config_id", "task", "metric", "filter", "value", "stderr", "documents", "primary")
@@ -109,11 +109,8 @@ def downstream_table(
 
 
 def _base_ids(runs: pd.DataFrame) -> dict[str, str]:
-    from lora_study.sweep import baseline_id
-
     known = set(baselines(runs)["run_id"])
-    ids = [baseline_id(q, bool(d)) for q, d in zip(runs["quantization"], runs["double_quant"], strict=True)]
-    return {run: base for run, base in zip(runs["run_id"], ids, strict=True) if base in known}
+    return {run: base for run, base in zip(runs["run_id"], baseline_ids(runs), strict=True) if base in known}
 
 
 def agreement_table(runs: pd.DataFrame, samples: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame | None:

@@ -136,12 +136,16 @@ def baselines(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["is_baseline"].astype(bool)]
 
 
+def baseline_ids(runs: pd.DataFrame) -> list[str]:
+    """Each row's baseline: the id of the base model in the row's own weight format."""
+    return [baseline_id(q, bool(dq)) for q, dq in zip(runs["quantization"], runs["double_quant"], strict=True)]
+
+
 def base_perplexities(runs: pd.DataFrame) -> pd.Series:
     """Each row's baseline perplexity: the base model in the row's own weight format (NaN without one)."""
     base = baselines(runs)
     by_id = dict(zip(base["run_id"], base["perplexity"].where(base["fits"]), strict=True))
-    ids = [baseline_id(q, bool(dq)) for q, dq in zip(runs["quantization"], runs["double_quant"], strict=True)]
-    return pd.Series([by_id.get(i, float("nan")) for i in ids], index=runs.index, dtype=float)
+    return pd.Series([by_id.get(i, float("nan")) for i in baseline_ids(runs)], index=runs.index, dtype=float)
 
 
 # Settings that apply to some weight formats only: runs that differ only in them are still comparable.

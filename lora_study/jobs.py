@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lora_study.errors import UserError
@@ -45,3 +46,13 @@ def job(snakemake: Any, light: bool = False) -> Iterator[logging.Logger]:
     except Exception:
         log.exception("job failed")
         raise
+
+
+def trained_run(snakemake: Any) -> tuple[Path | None, str]:
+    """(adapter or weights folder, training status) of the job's run; (None, "ok") for a base model, which
+    has no training inputs."""
+    from lora_study.io import read_json
+
+    if not hasattr(snakemake.input, "train_metrics"):
+        return None, "ok"
+    return Path(snakemake.input.adapter), read_json(snakemake.input.train_metrics)["status"]

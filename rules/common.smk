@@ -102,11 +102,7 @@ def anatomy_runtime(wildcards, attempt):
 
 
 def evaluation_inputs(wildcards):
-    inputs = {"manifest": paths.MODEL_MANIFEST, "splits": paths.DATA_SPLITS}
-    if not EVALUATED[wildcards.run].is_baseline:
-        inputs["adapter"] = paths.for_run(paths.ADAPTER, wildcards.run)
-        inputs["train_metrics"] = paths.for_run(paths.TRAIN_METRICS, wildcards.run)
-    return inputs
+    return {"manifest": paths.MODEL_MANIFEST, "splits": paths.DATA_SPLITS, **trained_inputs(wildcards)}
 
 
 def evaluate_params():

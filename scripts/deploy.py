@@ -1,6 +1,6 @@
 """Rule deploy: the merge check and serving cost of one run (or base model)."""
 
-from lora_study.jobs import job
+from lora_study.jobs import job, trained_run
 
 with job(snakemake):
     import json
@@ -10,7 +10,7 @@ with job(snakemake):
     from lora_study.io import read_json, write_json
     from lora_study.sweep import RunSpec
 
-    is_trained_run = hasattr(snakemake.input, "train_metrics")
+    adapter_dir, train_status = trained_run(snakemake)
     merged_dir = Path(snakemake.output.merged) if hasattr(snakemake.output, "merged") else None
     record = run_deploy(
         run=RunSpec.from_params(json.loads(snakemake.params.run)),
@@ -18,10 +18,10 @@ with job(snakemake):
         compute_settings=json.loads(snakemake.params.compute),
         manifest=read_json(snakemake.input.manifest),
         splits_dir=Path(snakemake.input.splits),
-        adapter_dir=Path(snakemake.input.adapter) if is_trained_run else None,
+        adapter_dir=adapter_dir,
         examples_path=Path(snakemake.input.examples),
         threads=snakemake.threads,
-        train_status=read_json(snakemake.input.train_metrics)["status"] if is_trained_run else "ok",
+        train_status=train_status,
         merged_dir=merged_dir,
     )
     if merged_dir is not None and not any(merged_dir.iterdir() if merged_dir.exists() else []):

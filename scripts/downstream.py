@@ -2,7 +2,7 @@
 
 import os
 
-from lora_study.jobs import job
+from lora_study.jobs import job, trained_run
 
 # Standard tasks' data was fetched by rule lm_eval_tasks; compute nodes may have no network.
 # Set before job() imports datasets, which reads them once.
@@ -17,17 +17,17 @@ with job(snakemake):
     from lora_study.io import read_json
     from lora_study.sweep import RunSpec
 
-    is_trained_run = hasattr(snakemake.input, "train_metrics")
+    adapter_dir, train_status = trained_run(snakemake)
     run_downstream(
         run=RunSpec.from_params(json.loads(snakemake.params.run)),
         settings=LmEvalSettings.from_config(json.loads(snakemake.params.lm_eval)),
         compute_settings=json.loads(snakemake.params.compute),
         manifest=read_json(snakemake.input.manifest),
         template=snakemake.params.template,
-        adapter_dir=Path(snakemake.input.adapter) if is_trained_run else None,
+        adapter_dir=adapter_dir,
         task_dir=Path(snakemake.input.tasks),
         scores_path=Path(snakemake.output.scores),
         samples_path=Path(snakemake.output.samples),
         threads=snakemake.threads,
-        train_status=read_json(snakemake.input.train_metrics)["status"] if is_trained_run else "ok",
+        train_status=train_status,
     )
