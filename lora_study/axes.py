@@ -156,8 +156,8 @@ def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, se
             if len(candidate):
                 pairs.append((rank, other_lr, candidate.iloc[0]["run_id"], own["run_id"]))
     pairs = list(dict.fromkeys(pairs))
-    results = [(p, judge.compare(p[2], p[3], "perplexity", settings.sweet_spot_tolerance, len(pairs))) for p in pairs]
-    if any(result is None for _, result in results):
+    results = _judge_pairs(pairs, judge, settings)
+    if results is None:
         return f"Best learning rate per rank: {listed}; whether it moves with rank: not judged (no per-row scores)."
     worse = [(p, r) for p, r in results if r.verdict is Verdict.WORSE]
     if worse:
@@ -180,6 +180,13 @@ def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, se
     )
 
 
+def _judge_pairs(pairs: list[tuple], judge: Judge, settings: FindingSettings) -> list[tuple] | None:
+    """Each (rank, learning rate, candidate run, reference run) with its perplexity verdict, m = all pairs;
+    None when a run has no per-row scores."""
+    results = [(p, judge.compare(p[2], p[3], "perplexity", settings.sweet_spot_tolerance, len(pairs))) for p in pairs]
+    return None if any(result is None for _, result in results) else results
+
+
 def _shared_best_finding(
     cells: pd.DataFrame, best: pd.DataFrame, listed: str, judge: Judge, settings: FindingSettings
 ) -> str:
@@ -197,8 +204,8 @@ def _shared_best_finding(
         for _, row in cells.iterrows()
         if row["run_id"] != best.loc[row["rank"], "run_id"]
     ]
-    results = [(p, judge.compare(p[2], p[3], "perplexity", settings.sweet_spot_tolerance, len(pairs))) for p in pairs]
-    if not results or any(result is None for _, result in results):
+    results = _judge_pairs(pairs, judge, settings)
+    if not results:
         return f"{start}; not judged (no per-row scores)."
     worse = [r for _, r in results if r.verdict is Verdict.WORSE]
     if len(worse) == len(results):
