@@ -177,7 +177,8 @@ def window_peak(device: torch.device) -> Iterator[dict[str, float]]:
 def measure_serving(
     model, prompt_ids: list[int], settings: ServingSettings, device: torch.device, autocast, pad_id: int
 ) -> dict[str, float]:
-    """Greedy generation cost at each batch size: time to first token, ms per further token, tokens/s."""
+    """Greedy generation cost at each batch size: time to first token, ms per further token, tokens/s, and
+    how far the repeated whole generations spread (max - min over the median, %), the figures' own noise."""
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     record: dict[str, float] = {}
     for batch in settings.batch_sizes:
@@ -193,6 +194,7 @@ def measure_serving(
         record[f"ttft_ms_b{batch}"] = 1000 * first_s
         record[f"ms_per_token_b{batch}"] = 1000 * max(0.0, whole_s - first_s) / decode_tokens
         record[f"tokens_per_s_b{batch}"] = batch * settings.new_tokens / whole_s
+        record[f"spread_pct_b{batch}"] = 100 * (max(whole) - min(whole)) / whole_s
     return record
 
 

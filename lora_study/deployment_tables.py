@@ -15,6 +15,8 @@ from lora_study.verdicts import Evidence, compare
 
 DOWNSTREAM_COLUMNS = ("run_id", "config_id", "task", "metric", "filter", "value", "stderr", "documents", "primary")
 DEPLOY_COLUMNS = ("run_id", "config_id", "form")
+# Serving figures per batch size (…_b1, …_b8): latency, throughput, and the repeats' spread.
+SERVING_PREFIXES = ("ttft_", "ms_per_token_", "tokens_per_s_", "spread_pct_")
 
 
 # --- long tables from the per-run records --------------------------------------------------------------
@@ -51,7 +53,7 @@ def runs_columns(downstream: pd.DataFrame, deploy: pd.DataFrame) -> pd.DataFrame
         entry = columns.setdefault(row.run_id, {})
         entry[f"lm_eval.{row.task}"] = row.value
         entry[f"lm_eval.{row.task}_stderr"] = row.stderr
-    serving_keys = [c for c in deploy.columns if c.startswith(("ttft_", "ms_per_token_", "tokens_per_s_"))]
+    serving_keys = [c for c in deploy.columns if c.startswith(SERVING_PREFIXES)]
     for row in deploy.to_dict("records"):
         entry = columns.setdefault(row["run_id"], {})
         for key in [*serving_keys, "peak_memory_gb"]:
@@ -224,7 +226,7 @@ def serving_table(runs: pd.DataFrame, deploy: pd.DataFrame) -> pd.DataFrame | No
     served = deploy[deploy["ms_per_token_b1"].notna()].copy()
     if served.empty:
         return None
-    keep = ["run_id", "form", *[c for c in served.columns if c.startswith(("ttft_", "ms_per_token_", "tokens_per_s_"))],
+    keep = ["run_id", "form", *[c for c in served.columns if c.startswith(SERVING_PREFIXES)],
             "peak_memory_gb", "memory_kind"]  # fmt: skip
     table = served.assign(run_id=served["config_id"])[keep].reset_index(drop=True)
     merged_cost = {
@@ -258,6 +260,11 @@ def serving_finding(table: pd.DataFrame | None, settings_text: str) -> str | Non
             f"form (median of {len(unmerged)}; by method: {methods}; largest {worst['run_id']} "
             f"{worst['unmerged_overhead_pct']:+.0f}%)"
         )
+    if parts and "spread_pct_b1" in table and table["spread_pct_b1"].notna().any():
+        # One job per form and no interval: the repeats' spread is how far apart two figures must be to count.
+        spread = table["spread_pct_b1"]
+        parts.append(f"not judged by intervals: repeated generations spread by up to {spread.max():.0f}% "
+                     f"(median {spread.median():.0f}%), so smaller differences are not resolved")  # fmt: skip
     return f"Serving ({settings_text}): " + "; ".join(parts) + "." if parts else None
 
 

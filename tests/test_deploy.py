@@ -153,4 +153,4 @@ def test_serving_generates_the_configured_tokens(trained):
     per_batch = (SERVING.warmup + SERVING.repeats) * 2
     assert len(produced) == per_batch * len(SERVING.batch_sizes)
     assert {shape for shape in produced} == {(b, n) for b in (1, 2) for n in (1, SERVING.new_tokens)}
-    assert set(cost) == {f"{k}_b{b}" for k in ("ttft_ms", "ms_per_token", "tokens_per_s") for b in (1, 2)}
+    assert set(cost) == {f"{k}_b{b}" for k in ("ttft_ms", "ms_per_token", "tokens_per_s", "spread_pct") for b in (1, 2)}

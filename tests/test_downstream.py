@@ -181,8 +181,14 @@ def test_merge_check_and_serving_cover_every_deployed_form(deployed_study):
     assert forms == {("base-nf4", "base"), ("r4-qv-nf4", "unmerged"), ("r4-qv-nf4", "merged_requantized")}
     assert (serving["ms_per_token_b1"] > 0).all() and (serving["tokens_per_s_b2"] > 0).all()
     assert serving["unmerged_overhead_pct"].notna().sum() == 1
+    assert (serving["spread_pct_b1"] >= 0).all()
     findings = (workdir / "results/report/findings.md").read_text()
-    for sentence in ("Downstream (lm-eval, 0-shot)", "Merge check (tolerance 1%", "Serving (greedy, 16-token prompt"):
+    for sentence in (
+        "Downstream (lm-eval, 0-shot)",
+        "Merge check (tolerance 1%",
+        "Serving (greedy, 16-token prompt",
+        "not judged by intervals: repeated generations spread by up to",
+    ):
         assert sentence in findings
     for chart in ("downstream", "serving"):
         assert (workdir / f"results/charts/{chart}.svg").stat().st_size > 0
