@@ -19,6 +19,7 @@ include: "rules/anatomy.smk"
 include: "rules/downstream.smk"
 include: "rules/aggregate.smk"
 include: "rules/report.smk"
+include: "rules/track.smk"
 
 
 rule all:

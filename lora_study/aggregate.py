@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,20 @@ def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return {f"{prefix}{key}": value for key, value in values.items()}
 
 
-# Planner columns carried into the runs table (as plan_<name>), next to what was measured.
-PLAN_COLUMNS = ("predicted_cuda_gb", "predicted_cuda_allocated_gb", "predicted_cpu_gb", "skip")
+# Planner columns carried into the runs table (as plan_<name>), next to what was measured: the
+# predictions and their terms (lora_study.planner.MEMORY_TERMS).
+PLAN_COLUMNS = (
+    "predicted_cuda_gb",
+    "predicted_cuda_allocated_gb",
+    "predicted_cpu_gb",
+    "skip",
+    "weights_gb",
+    "adapter_weights_gb",
+    "gradients_optimizer_gb",
+    "activations_gb",
+    "backward_working_gb",
+    "logits_gb",
+)
 
 
 def run_row(
@@ -83,7 +96,8 @@ def run_row(
         row.update({"status": evaluation.get("status", STATUS_OK), **baseline})
         row.update(evaluation["memory"])
     if plan is not None:
-        row.update({f"plan_{key}": plan[key] for key in PLAN_COLUMNS})
+        # A plan.csv written before a column existed lacks it (NaN: that term is not charted).
+        row.update({f"plan_{key}": plan.get(key, math.nan) for key in PLAN_COLUMNS})
         row["plan_error"] = plan.get("plan_error") or ""  # the planner failed: no prediction for this run
     return row
 

@@ -573,6 +573,25 @@ def memory_label(runs: pd.DataFrame) -> str:
     return "peak memory (mixed devices: " + ", ".join(sorted(kinds)) + ")"
 
 
+# Axis titles per memory kind (lora_study.metrics.PeakMemory): the unit and what was measured on which device.
+MEMORY_AXIS_TITLES = {
+    "cuda_nvml_process": "peak GPU memory (GB, per process)",
+    "cuda_nvml_device_delta": "peak GPU memory (GB, device-wide increase)",
+    "cuda_torch_reserved": "peak GPU memory (GB, torch reserved)",
+    "cpu_peak_rss": "peak CPU RSS (GB)",
+}
+
+
+def memory_axis_title(runs: pd.DataFrame) -> str:
+    """A chart axis title for the peak_memory_gb column: unit and device."""
+    kinds = set(runs["memory_kind"].dropna())
+    if len(kinds) == 1:
+        return MEMORY_AXIS_TITLES.get(kinds.pop(), "peak memory (GB)")
+    if kinds and all(k.startswith("cuda") for k in kinds):
+        return "peak GPU memory (GB)"
+    return "peak memory (GB, GPU and CPU runs mixed)"
+
+
 # --- finding sentences ----------------------------------------------------------------------
 
 
@@ -801,11 +820,11 @@ def all_tables(table: pd.DataFrame, settings: FindingSettings, judge: Judge | No
     }
     for name in ("rank", "modules", "quantization"):
         if tables[name] is not None:
-            tables[name] = _with_own_intervals(tables[name], judge)
+            tables[name] = with_own_intervals(tables[name], judge)
     return {name: frame for name, frame in tables.items() if frame is not None}
 
 
-def _with_own_intervals(table: pd.DataFrame, judge: Judge) -> pd.DataFrame:
+def with_own_intervals(table: pd.DataFrame, judge: Judge) -> pd.DataFrame:
     """Each configuration's own 95 % interval of perplexity and accuracy (error bars), where it has row scores."""
     for metric in ("perplexity", "accuracy"):
         if metric not in table:

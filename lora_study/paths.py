@@ -53,6 +53,8 @@ CHARTS = f"{RESULTS}/charts"
 REPORT_DIR = f"{RESULTS}/report"
 FINDINGS_MD = f"{REPORT_DIR}/findings.md"
 FINDINGS_HTML = f"{REPORT_DIR}/findings.html"
+# Where tracking logged each run (MLflow run ids), or why it could not.
+TRACKING_RECORD = f"{RESULTS}/tracking/mlflow.json"
 
 BENCHMARKS = "benchmarks"
 
@@ -61,6 +63,7 @@ EVAL_LOG = f"{LOGS}/evaluate/{{run}}.log"
 ANATOMY_LOG = f"{LOGS}/anatomy/{{run}}.log"
 DOWNSTREAM_LOG = f"{LOGS}/downstream/{{run}}.log"
 DEPLOY_LOG = f"{LOGS}/deploy/{{run}}.log"
+TRACK_LOG = f"{LOGS}/track.log"
 
 
 def for_run(template: str, run_id: str) -> str:

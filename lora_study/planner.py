@@ -42,6 +42,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -276,7 +277,7 @@ class RunPlan:
     modules: str
     trainable_params: int
     weights_gb: float
-    lora_states_gb: float
+    lora_states_gb: float  # adapter_weights_gb + gradients_optimizer_gb
     activations_gb: float
     backward_working_gb: float
     logits_gb: float
@@ -291,6 +292,8 @@ class RunPlan:
     skip: bool
     attn_implementation: str = ""
     plan_error: str = ""  # why there is no prediction (the planner failed on this run; it still trains)
+    adapter_weights_gb: float = math.nan  # the trained LoRA weights (fp32); 0 for full fine-tuning
+    gradients_optimizer_gb: float = math.nan  # their gradients and optimizer states (+ autocast copies)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -373,13 +376,16 @@ def plan_run(
     if run.is_full:
         trainable = facts.total_params
         weights = trainable * 4.0  # fp32 masters
+        adapter = 0.0
         # Gradients and optimizer moments, and the compute-dtype weight copies autocast keeps for backward.
         copies = trainable * DTYPE_BYTES[recipe.compute_dtype] if recipe.autocast else 0
-        states = trainable * (4 + OPTIMIZER_STATE_BYTES[training.optimizer]) + copies
+        gradients_optimizer = trainable * (4 + OPTIMIZER_STATE_BYTES[training.optimizer]) + copies
     else:
         trainable = lora_params(model_config, targets, run.rank, run.method)
         weights = weights_bytes(facts, recipe, run.double_quant)
-        states = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES[training.optimizer])
+        adapter = trainable * 4.0
+        gradients_optimizer = trainable * (4 + OPTIMIZER_STATE_BYTES[training.optimizer])
+    states = adapter + gradients_optimizer
     allocated = weights + states + activations + per_layer + logits
     cuda = allocated * (1 + CUDA_ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB
     cpu = (allocated + weights_file_bytes) / GB + CPU_RUNTIME_GB
@@ -406,7 +412,33 @@ def plan_run(
         budget_gb=budget_gb,
         skip=budget_gb is not None and predicted > budget_gb,
         attn_implementation=attn_implementation,
+        adapter_weights_gb=adapter / GB,
+        gradients_optimizer_gb=gradients_optimizer / GB,
     )
+
+
+# Where a run's predicted peak goes, term by term (plan.csv columns; the overhead is what the device adds
+# on top: CUDA context and allocator slack, or on CPU the runtime and the mapped checkpoint file).
+MEMORY_TERMS = {
+    "base weights": "weights_gb",
+    "LoRA weights": "adapter_weights_gb",
+    "gradients + optimizer states": "gradients_optimizer_gb",
+    "activations": "activations_gb",
+    "backward working memory": "backward_working_gb",
+    "logits": "logits_gb",
+}
+OVERHEAD_TERM = "overhead"
+
+
+def memory_terms(plan: Mapping[str, Any], device_type: str) -> dict[str, float]:
+    """A run's predicted peak on `device_type` ("cuda" or "cpu") split into MEMORY_TERMS and the overhead (GB).
+
+    `plan` holds plan.csv's columns (or the runs table's plan_<column>s with the prefix removed).
+    """
+    terms = {term: float(plan.get(column, math.nan)) for term, column in MEMORY_TERMS.items()}
+    total = float(plan["predicted_cuda_gb" if device_type == "cuda" else "predicted_cpu_gb"])
+    terms[OVERHEAD_TERM] = total - float(plan["predicted_cuda_allocated_gb"])
+    return terms
 
 
 def plan_study(

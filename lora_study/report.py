@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from lora_study.axes import MATRIX_PREFIX, axis_tables, best_learning_rate_finding, matrix_title
-from lora_study.charts import build_charts, save_chart
+from lora_study.charts import build_charts, chart_caption, heatmap_name, save_chart
 from lora_study.claims import reference_claims
 from lora_study.deployment_tables import deployment_method_lines, deployment_report
 from lora_study.findings import (
@@ -21,8 +21,10 @@ from lora_study.findings import (
     FindingSettings,
     all_tables,
     headline_findings,
+    memory_axis_title,
     memory_label,
     prepare,
+    with_own_intervals,
 )
 from lora_study.formats import quantization_label, recipe_text_rows
 from lora_study.io import atomic_path
@@ -159,6 +161,64 @@ def _resolved_recipes(runs: pd.DataFrame) -> list[str]:
     return [f"Resolved in this study: {listed}."]
 
 
+@dataclass(frozen=True)
+class Section:
+    """One part of the findings page: charts beside the tables they summarise."""
+
+    anchor: str
+    title: str
+    charts: list[str]
+    tables: list[str]
+
+
+# The page's sections in reading order: (anchor, heading, charts, tables). Tables and charts of swept axes
+# and two-axis matrices, and any table not listed, get sections of their own after these.
+SECTION_LAYOUT: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("rank", "Rank: quality, memory and diminishing returns", ("quality_vs_rank", "memory_vs_rank"),
+     ("rank", "diminishing_returns")),
+    ("modules", "Target modules", ("perplexity_by_modules",), ("modules",)),
+    ("quantization", "Quantization", ("quantization",), ("quantization", "base_quantization")),
+    ("pareto", "Pareto set and the memory budget", ("memory_vs_perplexity",), ("pareto_memory", "decision")),
+    ("time", "Training time", ("time_vs_memory",), ("time_memory", "pareto_time")),
+    ("memory", "Where the memory goes", ("memory_breakdown",), ("memory_plan",)),
+    ("loss", "Training loss", ("loss_curves",), ()),
+    ("methods", "LoRA variants and full fine-tuning", (), ("methods", "full_finetuning")),
+    ("anatomy", "Adapter anatomy", ("effective_rank",), ("anatomy",)),
+    ("downstream", "Downstream tasks", ("downstream",), ("downstream", "downstream_agreement")),
+    ("deployment", "Merging and serving", ("serving",), ("merge_check", "serving")),
+)  # fmt: skip
+CLAIMS = "reference_claims"
+
+
+def page_sections(table_names: list[str], chart_names: list[str]) -> list[Section]:
+    """The sections that have something to show, each chart placed once, every table placed once."""
+    sections = []
+    for anchor, title, charts, tables in SECTION_LAYOUT:
+        present = Section(
+            anchor, title, [c for c in charts if c in chart_names], [t for t in tables if t in table_names]
+        )
+        if present.charts or present.tables:
+            sections.append(present)
+    placed = {t for s in sections for t in s.tables} | {CLAIMS}
+    for name in table_names:
+        if name in placed:
+            continue
+        chart = heatmap_name(name)
+        charts = [chart] if name.startswith(MATRIX_PREFIX) and chart in chart_names else []
+        sections.append(Section(name.replace("_", "-"), table_title(name), charts, [name]))
+    shown = {c for s in sections for c in s.charts}
+    sections += [Section(f"chart-{c}", c.replace("_", " "), [c], []) for c in chart_names if c not in shown]
+    return sections
+
+
+def _contents(sections: list[Section], has_claims: bool) -> list[tuple[str, str]]:
+    """(anchor, heading) of every part of the page after the headline."""
+    entries = [(s.anchor, s.title) for s in sections]
+    if has_claims:
+        entries.append((CLAIMS.replace("_", "-"), TABLE_TITLES[CLAIMS]))
+    return [*entries, ("methods-and-definitions", "Methods and definitions")]
+
+
 def render_markdown(
     findings: list[str],
     tables: dict[str, pd.DataFrame],
@@ -166,29 +226,59 @@ def render_markdown(
     methods: list[str],
     memory_text: str,
 ) -> str:
+    """The page as Markdown: headline, contents, each chart above the tables it summarises, methods last."""
+    sections = page_sections(list(tables), chart_names)
     parts = ["# LoRA efficiency study: findings", "", "## Headline findings", ""]
     parts += [f"- {sentence}" for sentence in findings]
-    if "reference_claims" in tables:
-        parts += ["", f"## {TABLE_TITLES['reference_claims']}", "", CLAIMS_INTRO, ""]
-        parts += [_markdown(tables["reference_claims"])]
-    parts += ["", "## Tables", "", f"Memory columns: {memory_text}.", ""]
-    for name, frame in tables.items():
-        if name == "reference_claims":
-            continue
-        parts += [f"### {table_title(name)}", "", _markdown(frame), ""]
-    parts += ["## Charts", ""]
-    parts += [f"![{name}](../charts/{name}.svg)" for name in chart_names]
-    parts += ["", "## Methods", "", *methods, ""]
+    parts += ["", "## Contents", ""]
+    parts += [f"- [{title}](#{anchor})" for anchor, title in _contents(sections, CLAIMS in tables)]
+    parts += ["", f"Memory columns: {memory_text}.", ""]
+    for section in sections:
+        parts += [f'<a id="{section.anchor}"></a>', "", f"## {section.title}", ""]
+        for chart in section.charts:
+            parts += [f"![{chart}](../charts/{chart}.svg)", "", f"*{chart_caption(chart)}*", ""]
+        for name in section.tables:
+            if len(section.tables) > 1 or table_title(name) != section.title:
+                parts += [f"### {table_title(name)}", ""]
+            parts += [_markdown(tables[name]), ""]
+    if CLAIMS in tables:
+        parts += ['<a id="reference-claims"></a>', "", f"## {TABLE_TITLES[CLAIMS]}", "", CLAIMS_INTRO, ""]
+        parts += [_markdown(tables[CLAIMS]), ""]
+    parts += ['<a id="methods-and-definitions"></a>', "", "## Methods and definitions", "", *methods, ""]
     return "\n".join(parts)
 
 
 PAGE_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.85rem; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: right; }
 th { background: #f3f3f3; }
-.chart { margin: 1rem 0 2rem; }
+section { border-top: 1px solid #ddd; margin-top: 2rem; }
+.pair { display: flex; flex-wrap: wrap; gap: 1.5rem; align-items: flex-start; }
+.pair > figure { margin: 0; }
+.pair > .tables { flex: 1 1 420px; overflow-x: auto; }
+figcaption { font-size: 0.85rem; color: #555; max-width: 720px; margin-top: 0.3rem; }
+nav ol { columns: 2; font-size: 0.95rem; }
+.chart { margin: 0.5rem 0; }
 """
+
+
+def _html_table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, float_format="{:.4g}".format, na_rep="")
+
+
+def _html_section(section: Section, tables: dict[str, pd.DataFrame]) -> list[str]:
+    body = [f'<section id="{section.anchor}">', f"<h2>{html.escape(section.title)}</h2>", '<div class="pair">']
+    for chart in section.charts:
+        body += [f'<figure><div class="chart" id="chart-{chart}"></div>',
+                 f"<figcaption>{html.escape(chart_caption(chart))}</figcaption></figure>"]  # fmt: skip
+    body += ['<div class="tables">']
+    for name in section.tables:
+        if len(section.tables) > 1 or table_title(name) != section.title:
+            body += [f"<h3>{html.escape(table_title(name))}</h3>"]
+        body += [_html_table(tables[name])]
+    body += ["</div></div></section>"]
+    return body
 
 
 def render_html(
@@ -200,25 +290,22 @@ def render_html(
     vega_bundle: str,
 ) -> str:
     """One page; every chart is drawn by the inlined Vega libraries, offline."""
+    sections = page_sections(list(tables), list(specs))
     body = ["<h1>LoRA efficiency study: findings</h1>", "<h2>Headline findings</h2>", "<ul>"]
     body += [f"<li>{html.escape(s)}</li>" for s in findings]
-    body += ["</ul>"]
-    if "reference_claims" in tables:
-        body += [f"<h2>{html.escape(TABLE_TITLES['reference_claims'])}</h2>", f"<p>{html.escape(CLAIMS_INTRO)}</p>",
-                 tables["reference_claims"].to_html(index=False, na_rep="")]  # fmt: skip
-    body += ["<h2>Charts</h2>"]
-    body += [f'<div class="chart" id="chart-{name}"></div>' for name in specs]
-    body += ["<h2>Tables</h2>", f"<p>Memory columns: {html.escape(memory_text)}.</p>"]
-    for name, frame in tables.items():
-        if name == "reference_claims":
-            continue
-        body += [
-            f"<h3>{html.escape(table_title(name))}</h3>",
-            frame.to_html(index=False, float_format="{:.4g}".format, na_rep=""),
-        ]
-    body += ["<h2>Methods</h2>", "<ul>"]
+    body += ["</ul>", "<nav><h2>Contents</h2><ol>"]
+    body += [f'<li><a href="#{anchor}">{html.escape(title)}</a></li>'
+             for anchor, title in _contents(sections, CLAIMS in tables)]  # fmt: skip
+    body += ["</ol></nav>", f"<p>Memory columns: {html.escape(memory_text)}.</p>"]
+    for section in sections:
+        body += _html_section(section, tables)
+    if CLAIMS in tables:
+        body += ['<section id="reference-claims">', f"<h2>{html.escape(TABLE_TITLES[CLAIMS])}</h2>",
+                 f"<p>{html.escape(CLAIMS_INTRO)}</p>", tables[CLAIMS].to_html(index=False, na_rep=""),
+                 "</section>"]  # fmt: skip
+    body += ['<section id="methods-and-definitions"><h2>Methods and definitions</h2>', "<ul>"]
     body += [f"<li>{html.escape(line.lstrip('- '))}</li>" for line in methods]
-    body += ["</ul>"]
+    body += ["</ul></section>"]
     embeds = "\n".join(
         f"vegaEmbed('#chart-{name}', {json.dumps(spec)}, {{renderer: 'svg', actions: false}}).catch(console.error);"
         for name, spec in specs.items()
@@ -303,8 +390,8 @@ def build_report(
     tables["reference_claims"] = pd.DataFrame([claim.to_dict() for claim in claims])
     with atomic_path(tables_dir) as tmp:
         write_tables(tables, tmp, memory_text)
-    memory_title = "peak memory (GB, " + ("CPU RSS" if "CPU" in memory_text else "GPU") + ")"
-    charts = build_charts(table, tables, curves, memory_title)
+    runs = with_own_intervals(prepare(table), judge)
+    charts = build_charts(runs, tables, curves, memory_axis_title(runs))
     with atomic_path(charts_dir) as tmp:
         tmp.mkdir()
         for name, chart in charts.items():

@@ -41,7 +41,17 @@ wildcard_constraints:
 
 
 def final_outputs():
-    return [paths.RUNS_CSV, paths.RUNS_MD, paths.FINDINGS_MD, paths.FINDINGS_HTML]
+    tracked = [paths.TRACKING_RECORD] if tracking_enabled() else []
+    return [paths.RUNS_CSV, paths.RUNS_MD, paths.FINDINGS_MD, paths.FINDINGS_HTML, *tracked]
+
+
+def tracking_enabled():
+    return config["tracking"]["mlflow"] is not None
+
+
+def tracking_params():
+    """Each run's configuration as the tracker's parameters (method named even when it is plain LoRA)."""
+    return canonical_json({run_id: {**spec.as_params(), "method": spec.method} for run_id, spec in EVALUATED.items()})
 
 
 def run_params(wildcards):

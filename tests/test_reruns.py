@@ -7,6 +7,7 @@ kind of edit, and checks the jobs Snakemake plans, by rule and run id.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 from pathlib import Path
@@ -243,3 +244,69 @@ def test_turning_on_downstream_and_deployment_runs_only_their_jobs(study):
     write_config(workdir, config)
     new_jobs = per_run(("downstream", "deploy"), runs) | {("lm_eval_tasks", None)}
     assert planned_jobs(workdir) == new_jobs | REPORT_JOBS
+
+
+def mlflow_runs(workdir: Path) -> pd.DataFrame:
+    """The study's runs as MLflow holds them (active runs of its experiment), read back by MLflow itself."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["lora-study"])
+
+
+def test_mlflow_tracking_logs_every_run_and_a_rerun_updates_without_duplicates(study):
+    from mlflow import MlflowClient
+
+    workdir, config = study
+    config["tracking"] = {"mlflow": {}}  # the documented default: sqlite:///mlflow.db in the study directory
+    write_config(workdir, config)
+    assert planned_jobs(workdir) == {("track", None), ("all", None)}
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    table = pd.read_csv(workdir / "results/tables/runs.csv")
+    logged = mlflow_runs(workdir).set_index("tags.lora_study.run_id")
+    assert sorted(logged.index) == sorted(table["run_id"])
+    for run in table.to_dict("records"):
+        row = logged.loc[run["run_id"]]
+        assert row["metrics.perplexity"] == pytest.approx(run["perplexity"])
+        assert row["metrics.peak_memory_gb"] == pytest.approx(run["peak_memory_gb"])
+        assert row["params.quantization"] == run["quantization"] and row["params.rank"] == str(run["rank"])
+        assert row["tags.env.torch"] and row["tags.env.capability.summary"]
+        assert row["tags.path.adapter"] == str(workdir / f"results/runs/{run['run_id']}/adapter")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    custom_id = logged.loc["custom", "run_id"]
+    curve = pd.read_csv(workdir / "results/runs/custom/loss_curve.csv")
+    history = client.get_metric_history(custom_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == pytest.approx(list(zip(curve["step"], curve["loss"], strict=True)))
+    artifacts = {a.path for a in client.list_artifacts(custom_id, "report")}
+    assert artifacts == {"report/findings.html", "report/findings.md"}
+    record = json.loads((workdir / "results/tracking/mlflow.json").read_text())
+    assert record["status"] == "ok" and {r["action"] for r in record["runs"].values()} == {"created"}
+
+    # Retraining one run: it gets new numbers, the others stay the same MLflow runs, nothing is duplicated.
+    config["sweep"]["runs"][0]["training"]["learning_rate"] = 0.02
+    write_config(workdir, config)
+    assert run_snakemake(workdir, "--cores", "2").returncode == 0
+    again = mlflow_runs(workdir).set_index("tags.lora_study.run_id")
+    assert sorted(again.index) == sorted(table["run_id"])
+    table = pd.read_csv(workdir / "results/tables/runs.csv").set_index("run_id")
+    assert again.loc["custom", "metrics.perplexity"] == pytest.approx(table.loc["custom", "perplexity"])
+    assert again.loc["custom", "params.training.learning_rate"] == "0.02"
+    others = [r for r in table.index if r != "custom"]
+    assert (again.loc[others, "run_id"] == logged.loc[others, "run_id"]).all()
+    record = json.loads((workdir / "results/tracking/mlflow.json").read_text())
+    actions = {run_id: entry["action"] for run_id, entry in record["runs"].items()}
+    assert actions == {**dict.fromkeys(others, "unchanged"), "custom": "replaced"}
+
+
+def test_mlflow_tracking_failure_is_a_warning_not_a_failed_study(study):
+    workdir, config = study
+    config["tracking"] = {"mlflow": {"uri": "http://127.0.0.1:9"}}  # nothing listens there
+    write_config(workdir, config)
+    result = run_snakemake(workdir, "--cores", "2", extra_env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                                                "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((workdir / "results/tracking/mlflow.json").read_text())
+    assert record["status"] == "failed" and record["error"] and record["runs"] == {}
+    assert "MLflow tracking failed" in (workdir / "logs/track.log").read_text()
