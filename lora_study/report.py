@@ -13,7 +13,8 @@ from typing import Any
 import pandas as pd
 
 from lora_study.axes import MATRIX_PREFIX, axis_tables, best_learning_rate_finding, matrix_title
-from lora_study.charts import build_charts, chart_caption, heatmap_name, save_chart
+from lora_study.captions import chart_caption
+from lora_study.charts import build_charts, heatmap_name, save_chart
 from lora_study.claims import reference_claims
 from lora_study.deployment_tables import deployment_method_lines, deployment_report
 from lora_study.findings import (

@@ -14,6 +14,7 @@ sys.path.insert(0, workflow.basedir)
 from lora_study import paths
 from lora_study.config import ConfigError, canonical_json, check_local_sources, validate_config
 from lora_study.budget import budget_verdict
+from lora_study.captions import CHART_CAPTIONS
 from lora_study.downstream import local_task_problem
 from lora_study.formats import applies_compute_dtype
 from lora_study.io import read_csv_rows

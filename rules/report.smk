@@ -37,5 +37,7 @@ rule findings:
         training=canonical_json(config["training"]),
         evaluation=canonical_json(config["evaluation"]),
         measurement=canonical_json(config["measurement"]),
+        # Read by report/charts.rst: each chart's caption in the Snakemake report.
+        chart_captions=CHART_CAPTIONS,
     script:
         "../scripts/findings.py"
