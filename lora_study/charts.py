@@ -104,20 +104,28 @@ class Style:
         ordered = trained.sort_values("trainable_params", kind="stable") if self.shape_field == "modules" else trained
         return list(dict.fromkeys(ordered[self.shape_field].dropna().astype(str)))
 
-    def colour(self) -> alt.Color:
-        domain = self.quantizations
+    def colour(self, frame: pd.DataFrame) -> alt.Color:
+        """Colour by quantization; the legend lists the formats in `frame`, each in its fixed colour."""
+        domain = [q for q in self.quantizations if q in set(frame["quantization"])]
         scale = alt.Scale(domain=domain, range=[QUANT_COLOURS.get(q, OTHER_COLOUR) for q in domain])
         return alt.Color("quantization:N", title="quantization", scale=scale)
 
-    def shape(self) -> alt.Shape:
-        domain = self.shape_values
-        scale = alt.Scale(domain=domain, range=[SHAPES[i % len(SHAPES)] for i in range(len(domain))])
-        return alt.Shape(f"{self.shape_field}:N", title=self._shape_title, scale=scale)
+    def _symbols(self, frame: pd.DataFrame, symbols: tuple) -> tuple[list[str], list]:
+        """The method or module sets in `frame`, each with the symbol it has everywhere in the study."""
+        everywhere = self.shape_values
+        present = set(frame[self.shape_field].dropna().astype(str))
+        domain = [value for value in everywhere if value in present]
+        return domain, [symbols[everywhere.index(value) % len(symbols)] for value in domain]
 
-    def dash(self) -> alt.StrokeDash:
-        domain = self.shape_values
-        scale = alt.Scale(domain=domain, range=[DASHES[i % len(DASHES)] for i in range(len(domain))])
-        return alt.StrokeDash(f"{self.shape_field}:N", title=self._shape_title, scale=scale)
+    def shape(self, frame: pd.DataFrame) -> alt.Shape:
+        domain, shapes = self._symbols(frame, SHAPES)
+        return alt.Shape(f"{self.shape_field}:N", title=self._shape_title, scale=alt.Scale(domain=domain, range=shapes))
+
+    def dash(self, frame: pd.DataFrame) -> alt.StrokeDash:
+        domain, dashes = self._symbols(frame, DASHES)
+        return alt.StrokeDash(
+            f"{self.shape_field}:N", title=self._shape_title, scale=alt.Scale(domain=domain, range=dashes)
+        )
 
     @property
     def _shape_title(self) -> str:
@@ -163,7 +171,7 @@ def _interval_bars(frame: pd.DataFrame, x: alt.X | str, metric: str, style: Styl
     return (
         alt.Chart(bounds)
         .mark_rule(strokeWidth=1.5)
-        .encode(x=x, y=alt.Y("low:Q", title=METRIC_TITLES[metric]), y2="high:Q", color=style.colour())
+        .encode(x=x, y=alt.Y("low:Q", title=METRIC_TITLES[metric]), y2="high:Q", color=style.colour(frame))
     )
 
 
@@ -175,8 +183,8 @@ def _metric_points(frame: pd.DataFrame, x: alt.X | str, metric: str, style: Styl
         .encode(
             x=x,
             y=alt.Y(f"{metric}:Q", title=METRIC_TITLES[metric], scale=alt.Scale(zero=False)),
-            color=style.colour(),
-            shape=style.shape(),
+            color=style.colour(frame),
+            shape=style.shape(frame),
             tooltip=style.tooltip(frame),
         )
     )
@@ -210,7 +218,7 @@ def memory_vs_rank(tables: dict[str, pd.DataFrame], style: Style) -> alt.Chart |
         .encode(
             x=alt.X("rank:O", title="LoRA rank", sort=sorted(frame["rank"].unique()), axis=alt.Axis(labelAngle=0)),
             y=alt.Y("peak_memory_gb:Q", title=style.memory_title),
-            color=style.colour(),
+            color=style.colour(frame),
             tooltip=style.tooltip(frame),
         )
         .properties(width=WIDTH, height=HEIGHT)
@@ -233,12 +241,14 @@ def memory_vs_perplexity(style: Style) -> alt.Chart | None:
         .mark_line(interpolate="step-after", color="black", strokeDash=[4, 3])
         .encode(x=x, y="perplexity:Q")
     )
-    labels = (
-        alt.Chart(front)
-        .mark_text(align="left", dx=7, dy=-7, fontSize=10)
+    # Frontier points sit close together: labels alternate above-right and below-left so they do not overlap.
+    labels = [
+        alt.Chart(front.iloc[start::2])
+        .mark_text(align=align, dx=dx, dy=dy, fontSize=10)
         .encode(x=x, y="perplexity:Q", text="run_id:N")
-    )
-    return alt.layer(frontier, _metric_points(runs, x, "perplexity", style), labels).properties(
+        for start, align, dx, dy in ((0, "left", 7, -9), (1, "right", -7, 13))
+    ]
+    return alt.layer(frontier, _metric_points(runs, x, "perplexity", style), *labels).properties(
         title="Peak memory vs perplexity (dashed: Pareto frontier)", width=WIDTH, height=HEIGHT
     )
 
@@ -259,7 +269,7 @@ def perplexity_by_modules(tables: dict[str, pd.DataFrame], style: Style) -> alt.
         .encode(
             x=x,
             y=alt.Y("trainable_params:Q", title="trainable parameters"),
-            color=style.colour(),
+            color=style.colour(frame),
             tooltip=style.tooltip(frame),
         )
         .properties(width=WIDTH * 0.75, height=HEIGHT, title="Trainable parameters by target modules")
@@ -282,7 +292,7 @@ def quantization_comparison(tables: dict[str, pd.DataFrame], style: Style) -> al
         .encode(
             x=x,
             y=alt.Y("peak_memory_gb:Q", title=style.memory_title),
-            color=style.colour(),
+            color=style.colour(frame),
             tooltip=style.tooltip(frame),
         )
         .properties(width=WIDTH * 0.6, height=HEIGHT, title="Peak memory by quantization")
@@ -300,8 +310,8 @@ def loss_curves(curves: pd.DataFrame, style: Style) -> alt.Chart | None:
         .encode(
             x=alt.X("step:Q", title="optimizer step"),
             y=alt.Y("loss:Q", title="training loss (response tokens, nats)", scale=alt.Scale(zero=False)),
-            color=style.colour(),
-            strokeDash=style.dash(),
+            color=style.colour(frame),
+            strokeDash=style.dash(frame),
             detail="run_id:N",
             tooltip=[
                 alt.Tooltip("run_id:N", title="run"),
@@ -324,8 +334,8 @@ def time_vs_memory(style: Style) -> alt.Chart | None:
         .encode(
             x=alt.X("peak_memory_gb:Q", title=style.memory_title, scale=alt.Scale(zero=False)),
             y=alt.Y("train_wall_s:Q", title="training time (s, sum of optimizer steps)", scale=alt.Scale(zero=False)),
-            color=style.colour(),
-            shape=style.shape(),
+            color=style.colour(runs),
+            shape=style.shape(runs),
             tooltip=style.tooltip(runs),
         )
         .properties(width=WIDTH, height=HEIGHT)
@@ -428,8 +438,8 @@ def effective_rank_chart(tables: dict[str, pd.DataFrame], style: Style) -> alt.C
         .encode(
             x=axis,
             y=alt.Y("effective_rank:Q", title="effective rank (90% energy)"),
-            color=style.colour(),
-            shape=style.shape(),
+            color=style.colour(frame),
+            shape=style.shape(frame),
             tooltip=[*style.tooltip(frame), "group:N", alt.Tooltip("effective_rank:Q", format=".3g"), "rank_use:Q"],
         )
     )
@@ -461,12 +471,12 @@ def downstream_chart(tables: dict[str, pd.DataFrame], style: Style) -> alt.Chart
         .encode(
             x=alt.X("score:Q", title=x_title, scale=alt.Scale(zero=False)),
             y=y,
-            color=style.colour(),
-            shape=style.shape(),
+            color=style.colour(frame),
+            shape=style.shape(frame),
             tooltip=tooltip,
         )
     )
-    bars = alt.Chart().mark_rule().encode(x=alt.X("low:Q", title=x_title), x2="high:Q", y=y, color=style.colour())
+    bars = alt.Chart().mark_rule().encode(x=alt.X("low:Q", title=x_title), x2="high:Q", y=y, color=style.colour(frame))
     return (
         alt.layer(bars, points, data=frame)
         .properties(width=WIDTH * 0.75, height=alt.Step(14))
@@ -496,7 +506,7 @@ def serving_chart(tables: dict[str, pd.DataFrame], style: Style) -> alt.Chart | 
             x=alt.X("ms_per_token_b1:Q", title="ms per generated token (batch 1, after the first)"),
             y=alt.Y("run_id:N", sort=list(dict.fromkeys(frame["run_id"])), title=None),
             yOffset=alt.YOffset("form:N", sort=forms),
-            color=style.colour(),
+            color=style.colour(frame),
             opacity=alt.Opacity("form:N", title="deployed as", sort=forms, scale=opacity),
             tooltip=tooltip,
         )

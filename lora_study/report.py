@@ -252,12 +252,13 @@ def render_markdown(
 PAGE_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; color: #222; padding: 0 1rem; }
 table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.85rem; }
-th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: right; white-space: nowrap; }
 th { background: #f3f3f3; }
+table.prose td { white-space: normal; text-align: left; }
 section { border-top: 1px solid #ddd; margin-top: 2rem; }
 .pair { display: flex; flex-wrap: wrap; gap: 1.5rem; align-items: flex-start; }
 .pair > figure { margin: 0; }
-.pair > .tables { flex: 1 1 420px; overflow-x: auto; }
+.pair > .tables { flex: 1 1 480px; min-width: 0; overflow-x: auto; }
 figcaption { font-size: 0.85rem; color: #555; max-width: 720px; margin-top: 0.3rem; }
 nav ol { columns: 2; font-size: 0.95rem; }
 .chart { margin: 0.5rem 0; }
@@ -302,7 +303,7 @@ def render_html(
         body += _html_section(section, tables)
     if CLAIMS in tables:
         body += ['<section id="reference-claims">', f"<h2>{html.escape(TABLE_TITLES[CLAIMS])}</h2>",
-                 f"<p>{html.escape(CLAIMS_INTRO)}</p>", tables[CLAIMS].to_html(index=False, na_rep=""),
+                 f"<p>{html.escape(CLAIMS_INTRO)}</p>", tables[CLAIMS].to_html(index=False, na_rep="", classes="prose"),
                  "</section>"]  # fmt: skip
     body += ['<section id="methods-and-definitions"><h2>Methods and definitions</h2>', "<ul>"]
     body += [f"<li>{html.escape(line.lstrip('- '))}</li>" for line in methods]
@@ -393,6 +394,8 @@ def build_report(
         write_tables(tables, tmp, memory_text)
     runs = with_own_intervals(prepare(table), judge)
     charts = build_charts(runs, tables, curves, memory_axis_title(runs))
+    if "plan_predicted_cpu_gb" in runs and "plan_adapter_weights_gb" not in runs:
+        log.warning("no memory breakdown chart: plan.csv predates its terms (snakemake -R plan redraws it)")
     with atomic_path(charts_dir) as tmp:
         tmp.mkdir()
         for name, chart in charts.items():
