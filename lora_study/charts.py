@@ -241,12 +241,12 @@ def memory_vs_perplexity(style: Style) -> alt.Chart | None:
         .mark_line(interpolate="step-after", color="black", strokeDash=[4, 3])
         .encode(x=x, y="perplexity:Q")
     )
-    # Frontier points sit close together: labels alternate above-right and below-left so they do not overlap.
+    # Frontier points sit close together: their labels step through three heights so neighbours do not overlap.
     labels = [
-        alt.Chart(front.iloc[start::2])
-        .mark_text(align=align, dx=dx, dy=dy, fontSize=10)
+        alt.Chart(front.iloc[start::3])
+        .mark_text(align="left", dx=7, dy=dy, fontSize=10)
         .encode(x=x, y="perplexity:Q", text="run_id:N")
-        for start, align, dx, dy in ((0, "left", 7, -9), (1, "right", -7, 13))
+        for start, dy in enumerate((-10, 14, -24))
     ]
     return alt.layer(frontier, _metric_points(runs, x, "perplexity", style), *labels).properties(
         title="Peak memory vs perplexity (dashed: Pareto frontier)", width=WIDTH, height=HEIGHT
@@ -360,7 +360,7 @@ def memory_breakdown(style: Style) -> alt.Chart | None:
     terms = pd.DataFrame(rows)
     term_order = [*MEMORY_TERMS, OVERHEAD_TERM]
     order = list(runs.sort_values("peak_memory_gb", na_position="last")["run_id"])
-    y = alt.Y("run_id:N", sort=order, title=None)
+    y = alt.Y("run_id:N", sort=order, title="run")
     bars = (
         alt.Chart(terms)
         .transform_calculate(term_index=f"indexof({term_order!r}, datum.term)")
@@ -460,7 +460,7 @@ def downstream_chart(tables: dict[str, pd.DataFrame], style: Style) -> alt.Chart
     se = scores["stderr"].fillna(0)
     frame = style.with_runs(scores.assign(low=scores["score"] - 1.96 * se, high=scores["score"] + 1.96 * se,
                                           vs_base=scores["vs_base"].fillna("").replace("", "base model")))  # fmt: skip
-    y = alt.Y("run_id:N", sort=list(dict.fromkeys(frame["run_id"])), title=None)
+    y = alt.Y("run_id:N", sort=list(dict.fromkeys(frame["run_id"])), title="run")
     x_title = "score (lm-eval metric, 95% interval)"
     tooltip = [*style.tooltip(frame), "task:N", "metric:N", alt.Tooltip("score:Q", format=".3f"),
                alt.Tooltip("stderr:Q", format=".3f"), "documents:Q",
@@ -504,7 +504,7 @@ def serving_chart(tables: dict[str, pd.DataFrame], style: Style) -> alt.Chart | 
         .mark_bar()
         .encode(
             x=alt.X("ms_per_token_b1:Q", title="ms per generated token (batch 1, after the first)"),
-            y=alt.Y("run_id:N", sort=list(dict.fromkeys(frame["run_id"])), title=None),
+            y=alt.Y("run_id:N", sort=list(dict.fromkeys(frame["run_id"])), title="run"),
             yOffset=alt.YOffset("form:N", sort=forms),
             color=style.colour(frame),
             opacity=alt.Opacity("form:N", title="deployed as", sort=forms, scale=opacity),

@@ -368,7 +368,7 @@ def test_methods_study_tables(methods_study):
     claims = derived(methods_study, "reference_claims").set_index("claim")
     assert claims.loc["LoRA reaches about 90% of full fine-tuning.", "answer"] in {"supported", "contradicted",
                                                                                   "inconclusive"}  # fmt: skip
-    assert (methods_study / "results/charts/heatmap_rank_x_learning_rate.svg").is_file()
+    assert (methods_study / "results/charts/heatmap__rank__learning_rate.svg").is_file()
     assert (methods_study / "results/charts/effective_rank.svg").is_file()
 
 

@@ -30,6 +30,49 @@ def rendered_dom(page, user_data_dir) -> str:
     return result.stdout
 
 
+@pytest.fixture(scope="module")
+def dom(tiny_study, tmp_path_factory) -> str:
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium (.ci/run installs it)")
+    return rendered_dom(tiny_study / "results/report/findings.html", tmp_path_factory.mktemp("profile"))
+
+
+def chart_sections(dom: str) -> dict[str, str]:
+    """Each chart's rendered markup, by chart id."""
+    chart_ids = re.findall(r'<div class="chart[^"]*" id="(chart-[\w-]+)"', dom)
+    return {chart_id: dom.split(f'id="{chart_id}"', 1)[1].split('<div class="chart', 1)[0] for chart_id in chart_ids}
+
+
+def rendered_axes(section: str) -> list[tuple[str, list[str]]]:
+    """(Vega's accessible description, tick labels) of every axis drawn in a chart."""
+    axes = []
+    for match in re.finditer(r'aria-roledescription="axis" aria-label="([^"]*)"', section):
+        rest = section[match.end() :]
+        labels_group = rest.split("role-axis-label", 1)[1].split("</g>", 1)[0] if "role-axis-label" in rest else ""
+        axes.append((match[1], re.findall(r"<text[^>]*>([^<]*)</text>", labels_group)))
+    return axes
+
+
+def test_every_rendered_chart_titles_its_axes_and_ticks_rank_at_the_swept_ranks(tiny_study, dom):
+    import pandas as pd
+
+    runs = pd.read_csv(tiny_study / "results/tables/runs.csv")
+    swept = sorted(str(int(r)) for r in set(runs.loc[~runs["is_baseline"].astype(bool), "rank"]))
+    sections = chart_sections(dom)
+    assert len(sections) == 9
+    rank_axes = 0
+    for chart_id, section in sections.items():
+        axes = rendered_axes(section)
+        assert {a[:1] for a, _ in axes} == {"X", "Y"}, f"{chart_id} lacks an x or a y axis"
+        for description, ticks in axes:
+            assert re.match(r"[XY]-axis titled '[^']+'", description), f"{chart_id}: untitled axis ({description})"
+            if "rank (log scale)" in description:
+                rank_axes += 1
+                assert ticks == swept, f"{chart_id}: rank ticks {ticks}, swept ranks {swept}"
+    # quality vs rank (perplexity and accuracy panels) and effective rank (a panel per module group).
+    assert rank_axes >= 4
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_findings_html_draws_every_chart_offline(tiny_study, tmp_path):
     page = tiny_study / "results/report/findings.html"
@@ -37,7 +80,7 @@ def test_findings_html_draws_every_chart_offline(tiny_study, tmp_path):
     assert not re.search(r"<script[^>]+src=|<link[^>]+href=\"?https?:", source), "page must not load anything"
     dom = rendered_dom(page, tmp_path / "profile")
     chart_ids = re.findall(r'<div class="chart[^"]*" id="(chart-[\w-]+)"', dom)
-    assert len(chart_ids) == len(list((tiny_study / "results/charts").glob("*.svg"))) == 8, chart_ids
+    assert len(chart_ids) == len(list((tiny_study / "results/charts").glob("*.svg"))) == 9, chart_ids
     for chart_id in chart_ids:
         section = dom.split(f'id="{chart_id}"', 1)[1].split('<div class="chart', 1)[0]
         assert "<svg" in section, f"{chart_id} drew nothing"

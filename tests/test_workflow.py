@@ -1,6 +1,7 @@
 """The whole workflow, run by Snakemake in a temp dir on a tiny Llama, on CPU."""
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -55,10 +56,26 @@ def test_report_is_built_by_the_same_run(tiny_study):
         "anatomy",
     }  # fmt: skip
     charts = {p.stem for p in (results / "charts").glob("*.svg")}
-    assert len(charts) == 8 and "effective_rank" in charts
+    assert len(charts) == 9 and {"effective_rank", "memory_breakdown"} <= charts
     for stem in charts:
         for fmt in ("html", "svg", "png"):
             assert (results / f"charts/{stem}.{fmt}").stat().st_size > 1000, (stem, fmt)
+
+
+def test_report_reads_in_order_headline_contents_sections_methods(tiny_study):
+    findings = (tiny_study / "results/report/findings.md").read_text()
+    headings = [line for line in findings.splitlines() if line.startswith("## ")]
+    assert headings[:2] == ["## Headline findings", "## Contents"]
+    assert headings[-2:] == ["## The reference study's claims, checked", "## Methods and definitions"]
+    # Each chart sits in the section of the table it summarises, its caption under it.
+    section = findings.split("## Where the memory goes", 1)[1].split("\n## ", 1)[0]
+    assert "![memory_breakdown](../charts/memory_breakdown.svg)" in section
+    assert "*Where each run's memory goes:" in section and "| run_id " in section
+    rank = findings.split("## Rank: quality, memory and diminishing returns", 1)[1].split("\n## ", 1)[0]
+    assert "../charts/quality_vs_rank.svg" in rank and "### Diminishing returns per rank step" in rank
+    # Every section is listed in the contents, with a working anchor.
+    for anchor in re.findall(r"\]\(#([\w-]+)\)", findings):
+        assert f'<a id="{anchor}"></a>' in findings, anchor
 
 
 def test_every_row_says_how_it_was_computed_and_runs_gain_against_their_own_base(tiny_study):
