@@ -100,9 +100,11 @@ class Style:
 
     @property
     def shape_values(self) -> list[str]:
-        trained = trained_runs(self.runs.assign(is_baseline=self.runs["is_baseline"].astype(bool)))
+        """Methods in study order, or module sets by trainable parameters; the base models' value last."""
+        trained = trained_runs(self.runs)
         ordered = trained.sort_values("trainable_params", kind="stable") if self.shape_field == "modules" else trained
-        return list(dict.fromkeys(ordered[self.shape_field].dropna().astype(str)))
+        values = [*ordered[self.shape_field].dropna(), *self.runs[self.shape_field].dropna()]
+        return list(dict.fromkeys(str(value) for value in values))
 
     def colour(self, frame: pd.DataFrame) -> alt.Color:
         """Colour by quantization; the legend lists the formats in `frame`, each in its fixed colour."""

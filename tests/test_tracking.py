@@ -35,7 +35,8 @@ def test_changed_metrics_update_the_same_mlflow_run_in_place(tiny_study, tmp_pat
     assert {r.action for k, r in second.runs.items() if k != target} == {"unchanged"}
 
     client = mlflow.MlflowClient(settings.uri)
-    logged = mlflow.search_runs(experiment_names=["in-place"], tracking_uri=settings.uri)
+    mlflow.set_tracking_uri(settings.uri)
+    logged = mlflow.search_runs(experiment_names=["in-place"])
     assert len(logged) == len(runs) and logged[f"tags.{RUN_ID_TAG}"].is_unique
     assert client.get_run(first.runs[target].mlflow_run_id).data.metrics["perplexity"] == 123.5
     # The configuration is parameters, not metrics; flags and text are tags.

@@ -62,6 +62,16 @@ def test_report_is_built_by_the_same_run(tiny_study):
             assert (results / f"charts/{stem}.{fmt}").stat().st_size > 1000, (stem, fmt)
 
 
+def test_snakemake_report_shows_every_chart_with_its_caption(tiny_study, tmp_path):
+    from lora_study.captions import chart_caption
+
+    result = run_snakemake(tiny_study, "--report", str(tmp_path / "report.html"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    page = (tmp_path / "report.html").read_text()
+    for chart in (tiny_study / "results/charts").glob("*.svg"):
+        assert f"<strong>{chart.stem.replace('_', ' ')}</strong>: {chart_caption(chart.stem)}" in page, chart.stem
+
+
 def test_report_reads_in_order_headline_contents_sections_methods(tiny_study):
     findings = (tiny_study / "results/report/findings.md").read_text()
     headings = [line for line in findings.splitlines() if line.startswith("## ")]
