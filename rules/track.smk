@@ -15,6 +15,8 @@ rule track:
         paths.TRACKING_RECORD,
     log:
         paths.TRACK_LOG,
+    benchmark:
+        paths.benchmark("track")
     conda:
         "../envs/tracking.yaml"
     params:
