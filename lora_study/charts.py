@@ -18,7 +18,7 @@ from lora_study.axes import MATRIX_PREFIX
 from lora_study.captions import HEATMAP_PREFIX
 from lora_study.findings import pareto_front, trained_runs
 from lora_study.io import atomic_path
-from lora_study.planner import MEMORY_TERMS, OVERHEAD_TERM, memory_terms
+from lora_study.planner import MEMORY_TERMS, OVERHEAD_TERMS, memory_terms
 
 CHART_FORMATS = ("html", "svg", "png")
 WIDTH, HEIGHT = 360, 240
@@ -360,7 +360,7 @@ def memory_breakdown(style: Style) -> alt.Chart | None:
         for term, gb in memory_terms(plan, device).items():
             rows.append({"run_id": run["run_id"], "term": term, "gb": gb, "device": device})
     terms = pd.DataFrame(rows)
-    term_order = [*MEMORY_TERMS, OVERHEAD_TERM]
+    term_order = [*MEMORY_TERMS, *(t for t in OVERHEAD_TERMS.values() if t in set(terms["term"]))]
     order = list(runs.sort_values("peak_memory_gb", na_position="last")["run_id"])
     y = alt.Y("run_id:N", sort=order, title="run")
     bars = (

@@ -417,8 +417,7 @@ def plan_run(
     )
 
 
-# Where a run's predicted peak goes, term by term (plan.csv columns; the overhead is what the device adds
-# on top: CUDA context and allocator slack, or on CPU the runtime and the mapped checkpoint file).
+# Where a run's predicted peak goes, term by term (plan.csv columns), before the device's overhead.
 MEMORY_TERMS = {
     "base weights": "weights_gb",
     "LoRA weights": "adapter_weights_gb",
@@ -427,7 +426,9 @@ MEMORY_TERMS = {
     "backward working memory": "backward_working_gb",
     "logits": "logits_gb",
 }
-OVERHEAD_TERM = "overhead"
+# What each device adds on top of the allocated terms (CPU_RUNTIME_GB and the checkpoint file the loader maps;
+# CUDA_CONTEXT_GB and CUDA_ALLOCATOR_SLACK).
+OVERHEAD_TERMS = {"cpu": "runtime + mapped checkpoint", "cuda": "CUDA context + allocator slack"}
 
 
 def memory_terms(plan: Mapping[str, Any], device_type: str) -> dict[str, float]:
@@ -437,7 +438,7 @@ def memory_terms(plan: Mapping[str, Any], device_type: str) -> dict[str, float]:
     """
     terms = {term: float(plan.get(column, math.nan)) for term, column in MEMORY_TERMS.items()}
     total = float(plan["predicted_cuda_gb" if device_type == "cuda" else "predicted_cpu_gb"])
-    terms[OVERHEAD_TERM] = total - float(plan["predicted_cuda_allocated_gb"])
+    terms[OVERHEAD_TERMS[device_type]] = total - float(plan["predicted_cuda_allocated_gb"])
     return terms
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from lora_study.charts import QUANT_COLOURS, RANK_TITLE
-from lora_study.planner import MEMORY_TERMS, memory_terms
+from lora_study.planner import MEMORY_TERMS, OVERHEAD_TERMS, memory_terms
 
 QUALITY = {"perplexity", "accuracy"}
 
@@ -98,7 +98,7 @@ def test_memory_breakdown_terms_add_up_to_the_prediction(tiny_study):
     for run in trained.to_dict("records"):
         plan = {k.removeprefix("plan_"): v for k, v in run.items() if k.startswith("plan_")}
         terms = memory_terms(plan, "cpu")
-        assert set(terms) == {*MEMORY_TERMS, "overhead"}
+        assert set(terms) == {*MEMORY_TERMS, OVERHEAD_TERMS["cpu"]}
         assert sum(terms.values()) == pytest.approx(run["plan_predicted_cpu_gb"])
         assert terms["LoRA weights"] * 1024**3 == pytest.approx(run["trainable_params"] * 4)
         assert all(value >= 0 for value in terms.values()), terms
