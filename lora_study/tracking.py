@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import platform
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -119,6 +120,11 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def metric_key(column: str) -> str:
+    """A runs.csv column as an MLflow metric name (MLflow allows letters, digits and _ - . space : /)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", column)
+
+
 def _is_environment(column: str) -> bool:
     return column.startswith(ENVIRONMENT_PREFIXES)
 
@@ -163,7 +169,7 @@ def run_entries(
             if _is_environment(column):
                 tags[f"env.{column}"] = str(value)
             elif number is not None:
-                metrics[column] = number
+                metrics[metric_key(column)] = number
             else:
                 tags[f"runs.{column}"] = str(value)
         tags |= {f"path.{name}": str(workdir / paths.for_run(template, run_id)) for name, template in (

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from lora_study.tracking import RUN_ID_TAG, TrackingSettings, flatten, track_study
+from lora_study.tracking import RUN_ID_TAG, TrackingSettings, flatten, metric_key, track_study
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -51,3 +51,9 @@ def test_flatten_gives_dotted_text_parameters():
         "rank": "8", "modules": "q,v", "training.learning_rate": "0.001", "training.max_steps": "",
     }  # fmt: skip
     assert json.loads(json.dumps(flatten(nested))) == flatten(nested)
+
+
+def test_metric_keys_keep_runs_csv_names_mlflow_accepts():
+    assert metric_key("lm_eval.arc_easy_stderr") == "lm_eval.arc_easy_stderr"
+    assert metric_key("accuracy.arithmetic") == "accuracy.arithmetic"
+    assert metric_key("lm_eval.task,none (acc)") == "lm_eval.task_none _acc_"
