@@ -90,7 +90,9 @@ DEFINITIONS: dict[str, str] = {
     "scale = alpha/r (rslora: alpha/sqrt(r)).",
     "noise": "with one seed, intervals cover evaluation noise only (labelled so); metrics of a configuration "
     "with seeds are means over them, _ci95 the half-width of their 95 % t-interval; perplexity_low/high are "
-    "each configuration's own 95 % interval (rows resampled, plus the seeds' spread), drawn as error bars.",
+    "each configuration's own 95 % interval (rows resampled, plus the seeds' spread), drawn as error bars; "
+    "accuracy_low/high the Wilson score interval of its exact-match hits (within 0 and 1, not empty at 0 hits), "
+    "widened by the seeds' spread.",
 }
 
 

@@ -252,24 +252,34 @@ def evidence_from_examples(examples: pd.DataFrame) -> dict[str, Evidence]:
 
 
 def own_interval(evidence: Evidence, metric: str = "perplexity") -> tuple[float, float]:
-    """95 % interval of one configuration's own metric (rows resampled, plus seed spread), for error bars."""
+    """95 % interval of one configuration's own metric, for error bars.
+
+    Perplexity: normal on the log scale, rows resampled plus the seeds' spread. Accuracy, a proportion of
+    prompts: the Wilson score interval of the pooled hits (inside [0, 1], and not empty at 0 or all hits,
+    where a resampled standard error is zero), each side widened by the seeds' spread in quadrature.
+    """
     from scipy import stats
 
+    z = float(stats.norm.ppf(1 - ALPHA / 2))
     if metric == "perplexity":
         per_seed = evidence.log_perplexity()
-        rows, weights = evidence.nll.mean(axis=0), evidence.tokens
+    elif evidence.correct is None:
+        return float("nan"), float("nan")
     else:
-        if evidence.correct is None:
-            return float("nan"), float("nan")
-        per_seed, rows, weights = evidence.accuracy(), evidence.correct.mean(axis=0), None
-    zeros = np.zeros_like(rows)
-    se_eval = paired_bootstrap_se(rows, zeros, weights)  # reference 0: the statistic is the metric itself
+        per_seed = evidence.accuracy()
     se_seed = per_seed.std(ddof=1) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else 0.0
-    se = math.sqrt((se_eval if math.isfinite(se_eval) else 0.0) ** 2 + se_seed**2)
-    z = float(stats.norm.ppf(1 - ALPHA / 2))
     centre = float(per_seed.mean())
-    low, high = centre - z * se, centre + z * se
-    return (math.exp(low), math.exp(high)) if metric == "perplexity" else (low, high)
+    if metric == "perplexity":
+        rows, weights = evidence.nll.mean(axis=0), evidence.tokens
+        se_eval = paired_bootstrap_se(rows, np.zeros_like(rows), weights)  # reference 0: the metric itself
+        se = math.sqrt((se_eval if math.isfinite(se_eval) else 0.0) ** 2 + se_seed**2)
+        return math.exp(centre - z * se), math.exp(centre + z * se)
+    assert evidence.correct is not None
+    prompts = evidence.correct.shape[1]
+    wilson = stats.binomtest(round(centre * prompts), prompts).proportion_ci(1 - ALPHA, method="wilson")
+    low = centre - math.hypot(centre - wilson.low, z * se_seed)
+    high = centre + math.hypot(wilson.high - centre, z * se_seed)
+    return max(low, 0.0), min(high, 1.0)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lora_study.verdicts import Evidence, Verdict, classify, compare, paired_bootstrap_se
+from lora_study.verdicts import Evidence, Verdict, classify, compare, own_interval, paired_bootstrap_se
 
 ROWS = 400
 
@@ -98,3 +98,21 @@ def test_accuracy_is_compared_pairwise_over_the_same_prompts():
     result = compare(a, b, "accuracy", tolerance=0.02)
     assert result.verdict is Verdict.BETTER and result.change == pytest.approx(candidate.mean() - reference.mean())
     assert "pts" in result.interval_text()
+
+
+def test_own_accuracy_interval_is_a_proportions_interval():
+    """Wilson score: inside [0, 1] and not empty at 0 hits, where a resampled standard error is zero."""
+    rows = 64
+    evidence = {hits: Evidence(np.ones((1, rows)), np.ones(rows), (np.arange(rows) < hits)[None, :].astype(float))
+                for hits in (0, 1, 32, 64)}  # fmt: skip
+    low, high = own_interval(evidence[0], "accuracy")
+    assert low == 0 and high == pytest.approx(1.96**2 / (rows + 1.96**2), rel=1e-3)  # Wilson's upper bound at 0
+    low, high = own_interval(evidence[1], "accuracy")
+    assert 0 < low < 1 / rows < high
+    low, high = own_interval(evidence[32], "accuracy")
+    assert low == pytest.approx(1 - high) and high - low == pytest.approx(2 * 1.96 * 0.5 / 8, rel=0.05)
+    assert own_interval(evidence[64], "accuracy")[1] == 1
+    # Seeds that disagree widen it.
+    seeds = Evidence(np.ones((2, rows)), np.ones(rows), np.stack([np.arange(rows) < 24, np.arange(rows) < 40]) * 1.0)
+    one_seed = own_interval(evidence[32], "accuracy")
+    assert own_interval(seeds, "accuracy")[1] - own_interval(seeds, "accuracy")[0] > one_seed[1] - one_seed[0]
