@@ -16,7 +16,7 @@ import pandas as pd
 
 from lora_study.axes import MATRIX_PREFIX
 from lora_study.captions import HEATMAP_PREFIX
-from lora_study.findings import pareto_front, trained_runs
+from lora_study.findings import measured_device, pareto_front, trained_runs
 from lora_study.io import atomic_path
 from lora_study.planner import MEMORY_TERMS, OVERHEAD_TERMS, memory_terms
 
@@ -229,7 +229,7 @@ def memory_vs_rank(tables: dict[str, pd.DataFrame], style: Style) -> alt.Chart |
 
 def _fitting_trained(style: Style) -> pd.DataFrame:
     runs = trained_runs(style.runs)
-    return runs[runs["status"].fillna("ok").eq("ok")]
+    return runs[runs["fits"]]
 
 
 def memory_vs_perplexity(style: Style) -> alt.Chart | None:
@@ -355,7 +355,7 @@ def memory_breakdown(style: Style) -> alt.Chart | None:
         return None
     rows = []
     for _, run in runs.iterrows():
-        device = "cuda" if str(run.get("memory_kind") or "").startswith("cuda") else "cpu"
+        device = measured_device(run.get("memory_kind"))
         plan = {k.removeprefix("plan_"): v for k, v in run.items() if str(k).startswith("plan_")}
         for term, gb in memory_terms(plan, device).items():
             rows.append({"run_id": run["run_id"], "term": term, "gb": gb, "device": device})

@@ -516,6 +516,12 @@ def _cheapest_equivalent(
     }
 
 
+def measured_device(memory_kind: Any) -> str:
+    """The device a run's peak memory was measured on ("cuda" or "cpu"), from its memory kind: the
+    planner's prediction for that device is the one it is compared with."""
+    return "cuda" if str(memory_kind).startswith("cuda") else "cpu"
+
+
 def memory_plan_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     """The planner's prediction beside the measured peak, for the memory kind that was measured.
 
@@ -525,7 +531,7 @@ def memory_plan_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     trained = trained_runs(runs)
     if trained.empty or "plan_predicted_cuda_gb" not in trained:
         return None
-    on_cuda = trained["memory_kind"].fillna("").str.startswith("cuda")
+    on_cuda = trained["memory_kind"].map(measured_device).eq("cuda")
     predicted = pd.to_numeric(trained["plan_predicted_cuda_gb"].where(on_cuda, trained["plan_predicted_cpu_gb"]))
     measured = trained["peak_memory_gb"].where(trained["fits"])
     return pd.DataFrame(

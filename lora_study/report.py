@@ -171,6 +171,11 @@ class Section:
     charts: list[str]
     tables: list[str]
 
+    def table_heading(self, name: str) -> str | None:
+        """A table's own heading, unless it is the section's only table and shares its title."""
+        title = table_title(name)
+        return title if len(self.tables) > 1 or title != self.title else None
+
 
 # The page's sections in reading order: (anchor, heading, charts, tables). Tables and charts of swept axes
 # and two-axis matrices, and any table not listed, get sections of their own after these.
@@ -239,8 +244,8 @@ def render_markdown(
         for chart in section.charts:
             parts += [f"![{chart}](../charts/{chart}.svg)", "", f"*{chart_caption(chart)}*", ""]
         for name in section.tables:
-            if len(section.tables) > 1 or table_title(name) != section.title:
-                parts += [f"### {table_title(name)}", ""]
+            if heading := section.table_heading(name):
+                parts += [f"### {heading}", ""]
             parts += [_markdown(tables[name]), ""]
     if CLAIMS in tables:
         parts += ['<a id="reference-claims"></a>', "", f"## {TABLE_TITLES[CLAIMS]}", "", CLAIMS_INTRO, ""]
@@ -276,8 +281,8 @@ def _html_section(section: Section, tables: dict[str, pd.DataFrame]) -> list[str
                  f"<figcaption>{html.escape(chart_caption(chart))}</figcaption></figure>"]  # fmt: skip
     body += ['<div class="tables">']
     for name in section.tables:
-        if len(section.tables) > 1 or table_title(name) != section.title:
-            body += [f"<h3>{html.escape(table_title(name))}</h3>"]
+        if heading := section.table_heading(name):
+            body += [f"<h3>{html.escape(heading)}</h3>"]
         body += [_html_table(tables[name])]
     body += ["</div></div></section>"]
     return body
@@ -386,13 +391,13 @@ def build_report(
     import vl_convert
 
     judge = Judge(evidence_from_examples(examples) if examples is not None else {})
-    memory_text = memory_label(prepare(table))
+    runs = with_own_intervals(prepare(table), judge)
+    memory_text = memory_label(runs)
     tables, findings = study_tables(table, settings, judge, anatomy, deployment)
     claims = reference_claims(tables, judge, settings, memory_text)
     tables["reference_claims"] = pd.DataFrame([claim.to_dict() for claim in claims])
     with atomic_path(tables_dir) as tmp:
         write_tables(tables, tmp, memory_text)
-    runs = with_own_intervals(prepare(table), judge)
     charts = build_charts(runs, tables, curves, memory_axis_title(runs))
     if "plan_predicted_cpu_gb" in runs and "plan_adapter_weights_gb" not in runs:
         log.warning("no memory breakdown chart: plan.csv predates its terms (snakemake -R plan redraws it)")
