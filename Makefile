@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CORES ?= 2
+# Test workers: whole-workflow tests spend much of their time starting processes, so two
+# workers keep both cores of a 2-core machine busy (tests/conftest.py groups and orders the tests).
+TEST_WORKERS ?= 2
 
 .PHONY: setup study test lint format clean
 
@@ -22,7 +25,7 @@ study: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -154,13 +154,37 @@ def snakemake_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_TOKEN": FAKE_HUB_TOKEN}
 
 
+# Hang guards, not performance checks. The slowest run of the suite (a whole study, SLURM included) takes
+# about 2.5 min where the AVX2 dispatch is emulated on an AVX-512 machine and about 6 min on a real AVX2
+# machine, up to twice that while another test runs beside it (make test runs two): a process still running
+# after these limits is stuck, whatever the machine.
+HANG_GUARD_S = 1800
+# A single command that is no workflow (a linter, a headless browser, a helper process).
+COMMAND_HANG_GUARD_S = 600
+
+
+def run_guarded(command: list[str], guard_s: float = COMMAND_HANG_GUARD_S, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with output captured; a process that outlives `guard_s` fails the test as hung."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=guard_s, **kwargs)
+    except subprocess.TimeoutExpired as error:
+        output = "".join(part.decode() if isinstance(part, bytes) else part for part in (error.stdout, error.stderr)
+                         if part)  # fmt: skip
+        pytest.fail(
+            f"hang guard: {' '.join(map(str, command[:6]))} ... still running after {guard_s:.0f} s. This limit is "
+            f"several times what the slowest machine class needs; it catches a hung process, not a slow machine.\n"
+            f"{output[-3000:]}",
+            pytrace=False,
+        )
+
+
 def run_snakemake(
-    workdir: Path, *args: str, timeout: float = 300, extra_env: dict[str, str] | None = None
+    workdir: Path, *args: str, guard_s: float = HANG_GUARD_S, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """The real workflow, in `workdir`, with this repository's Snakefile."""
     command = snakemake_command(workdir, *args)
     env = {**snakemake_env(), **(extra_env or {})}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=workdir)
+    return run_guarded(command, guard_s, env=env, cwd=workdir)
 
 
 @pytest.fixture(scope="session")
@@ -173,3 +197,44 @@ def tiny_study(tiny_llama, tmp_path_factory) -> Path:
     result = run_snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return workdir
+
+
+# How `make test` spreads the suite over two pytest-xdist workers (--dist loadscope, with the scheduler below):
+# each group runs whole on one worker, so a study fixture is built once, and the costliest groups start first,
+# so neither worker is left with a long group at the end. A group is a test file, except that the files reading
+# the shared tiny study form one group.
+TINY_STUDY_FILES = ("test_charts.py", "test_report_html.py", "test_tracking.py", "test_workflow.py")
+COSTLIEST_GROUPS = (
+    "test_reruns.py", "tiny_study", "test_faults.py", "test_methods.py", "test_bad_inputs.py",
+    "test_downstream.py", "test_slurm.py", "test_modules.py", "test_gpu_check.py",
+)  # fmt: skip
+
+
+def group_of(nodeid: str) -> str:
+    file = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return "tiny_study" if file in TINY_STUDY_FILES else file
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    strays = [
+        item.nodeid for item in items if "tiny_study" in item.fixturenames and group_of(item.nodeid) != "tiny_study"
+    ]
+    if strays:
+        raise pytest.UsageError(f"tests reading tiny_study must live in {TINY_STUDY_FILES}: {strays}")
+    rank = {group: i for i, group in enumerate(COSTLIEST_GROUPS)}
+    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: file order within a group
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """--dist loadscope with this suite's groups (pytest-xdist's own loadgroup cannot rename node ids on
+    pytest 9, so its xdist_group markers are ignored there)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)

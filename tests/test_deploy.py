@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import replace
 
 import pytest
@@ -116,19 +115,25 @@ def test_a_quantized_adapter_is_checked_merged_and_requantized(trained):
         assert cost["ms_per_token_b1"] > 0 and cost["tokens_per_s_b2"] > 0 and cost["peak_memory_gb"] > 0
 
 
-def test_timing_leaves_warm_up_out():
+def test_timing_leaves_warm_up_out(monkeypatch):
+    """On a clock that each call moves by a known amount, so the check does not depend on the machine's speed."""
+    import types
+
+    from lora_study import deploy as deploy_module
+
+    clock = [0.0]
     calls = []
 
     def slow_first_call():
-        calls.append(time.perf_counter())
-        time.sleep(0.4 if len(calls) == 1 else 0.01)
+        calls.append(clock[0])
+        clock[0] += 40.0 if len(calls) == 1 else 1.0
 
+    monkeypatch.setattr(deploy_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     timed = timed_calls(slow_first_call, warmup=1, repeats=3, synchronize=lambda: None)
-    assert len(calls) == 4 and len(timed) == 3
-    assert max(timed) < 0.2
+    assert len(calls) == 4 and timed == [1.0, 1.0, 1.0]
     calls.clear()
     untimed_warmup = timed_calls(slow_first_call, warmup=0, repeats=3, synchronize=lambda: None)
-    assert max(untimed_warmup) >= 0.4  # without warm-up the first call's cost would be in the figure
+    assert untimed_warmup == [40.0, 1.0, 1.0]  # without warm-up the first call's cost would be in the figure
 
 
 def test_serving_generates_the_configured_tokens(trained):

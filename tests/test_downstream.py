@@ -139,7 +139,7 @@ def deployed_study(tiny_llama, tmp_path_factory):
     )
     workdir = tmp_path_factory.mktemp("deployed")
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    result = run_snakemake(workdir, "--cores", "2", timeout=900)
+    result = run_snakemake(workdir, "--cores", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return workdir, config
 

@@ -7,13 +7,11 @@ import subprocess
 
 import pandas as pd
 
-from conftest import REPO
+from conftest import REPO, run_guarded
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(REPO / "bench/gpu_check.sh"), "--tiny", *args], capture_output=True, text=True, timeout=600
-    )
+    return run_guarded(["bash", str(REPO / "bench/gpu_check.sh"), "--tiny", *args])
 
 
 def test_gpu_check_runs_on_cpu_with_a_tiny_model(tmp_path):

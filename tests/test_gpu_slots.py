@@ -14,7 +14,7 @@ HOLDER = """
 import sys, time
 from pathlib import Path
 from lora_study.gpu_slots import claim_gpu
-slot = claim_gpu(Path(sys.argv[1]), devices=sys.argv[2].split(","), timeout_s=30, poll_s=0.05)
+slot = claim_gpu(Path(sys.argv[1]), devices=sys.argv[2].split(","), timeout_s=600, poll_s=0.05)  # a hang guard
 print(slot.device, flush=True)
 time.sleep(float(sys.argv[3]))
 """

@@ -7,7 +7,7 @@ import tomllib
 
 import yaml
 
-from conftest import REPO
+from conftest import REPO, run_guarded
 
 BIN = REPO / ".venv" / "bin"
 
@@ -18,7 +18,7 @@ def tool(name: str) -> str:
 
 
 def run(*command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run_guarded(list(command), cwd=REPO)
 
 
 def test_ruff_lint_and_format():

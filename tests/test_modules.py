@@ -7,14 +7,18 @@ resolved targets wrap.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from conftest import run_snakemake, tiny_study_config
 from lora_study.modules import (
     ARCHITECTURES,
     LOGICAL_GROUPS,
@@ -221,3 +225,25 @@ def test_readme_lists_every_family_as_the_code_maps_it():
     assert start in readme and end in readme
     listed = readme.split(start)[1].split(end)[0].strip()
     assert listed == families_table(), "regenerate with: python -m lora_study.modules"
+
+
+# --- a family beside Llama through the whole workflow ---------------------------------------------------------
+
+
+def test_a_gemma2_model_runs_the_whole_workflow_with_the_attention_it_supports(tiny_gemma2, tmp_path):
+    """Gemma 2 has no SDPA in transformers: `auto` picks eager in the planner, training and evaluation."""
+    config = tiny_study_config(tiny_gemma2)
+    # One run adapting every module group: attention and Gemma 2's gated MLP.
+    config["sweep"] = {"grids": [{"rank": [4], "modules": [["q", "k", "v", "o", "mlp"]], "quantization": ["nf4"]}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    table = pd.read_csv(tmp_path / "results/tables/runs.csv")
+    assert list(table["run_id"]) == ["base-nf4", "r4-qkvo-mlp-nf4"]
+    assert table["perplexity"].map(math.isfinite).all()
+    trained = table[~table["is_baseline"]]
+    assert (trained["attn_implementation"] == "eager").all()
+    assert trained["plan_predicted_cpu_gb"].map(math.isfinite).all()
+    manifest = yaml.safe_load((tmp_path / "results/model/model.json").read_text())
+    assert manifest["module_layout"]["source"] == "known" and manifest["attention_support"]["sdpa"] is False
+    assert (tmp_path / "results/report/findings.html").stat().st_size > 10_000

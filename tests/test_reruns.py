@@ -105,19 +105,6 @@ def test_reordered_and_reformatted_config_reruns_nothing(study):
     assert planned_jobs(workdir) == set()
 
 
-def test_editing_one_run_reruns_only_that_run(study):
-    workdir, config = study
-    before = snapshot(workdir)
-    config["sweep"]["runs"][0]["training"]["learning_rate"] = 0.02
-    write_config(workdir, config)
-    assert planned_jobs(workdir) == per_run(RUN_RULES, ["custom"]) | PLAN_JOB | REPORT_JOBS
-    assert run_snakemake(workdir, "--cores", "2").returncode == 0
-    after = snapshot(workdir)
-    untouched = [k for k in before if "/custom/" not in k]
-    assert untouched and all(after[k] == before[k] for k in untouched)
-    assert after["results/runs/custom/train_metrics.json"] != before["results/runs/custom/train_metrics.json"]
-
-
 def test_adding_a_run_trains_only_it_and_removing_one_touches_no_files(study):
     workdir, config = study
     added = copy.deepcopy(config)
@@ -254,7 +241,9 @@ def mlflow_runs(workdir: Path) -> pd.DataFrame:
     return mlflow.search_runs(experiment_names=["lora-study"])
 
 
-def test_mlflow_tracking_logs_every_run_and_a_rerun_updates_without_duplicates(study):
+def test_editing_one_run_reruns_only_it_and_replaces_only_its_mlflow_run(study):
+    """The study tracked to MLflow, then one run's settings edited: only that run retrains (every other run's
+    files keep their bytes and mtimes) and only its MLflow run is replaced."""
     from mlflow import MlflowClient
 
     workdir, config = study
@@ -286,9 +275,15 @@ def test_mlflow_tracking_logs_every_run_and_a_rerun_updates_without_duplicates(s
     assert record["status"] == "ok" and {r["action"] for r in record["runs"].values()} == {"created"}
 
     # Retraining one run: it gets new numbers, the others stay the same MLflow runs, nothing is duplicated.
+    before = snapshot(workdir)
     config["sweep"]["runs"][0]["training"]["learning_rate"] = 0.02
     write_config(workdir, config)
+    assert planned_jobs(workdir) == per_run(RUN_RULES, ["custom"]) | PLAN_JOB | REPORT_JOBS | {("track", None)}
     assert run_snakemake(workdir, "--cores", "2").returncode == 0
+    after = snapshot(workdir)
+    untouched = [k for k in before if "/custom/" not in k]
+    assert untouched and all(after[k] == before[k] for k in untouched)
+    assert after["results/runs/custom/train_metrics.json"] != before["results/runs/custom/train_metrics.json"]
     again = mlflow_runs(workdir).set_index("tags.lora_study.run_id")
     assert sorted(again.index) == sorted(table["run_id"])
     table = pd.read_csv(workdir / "results/tables/runs.csv").set_index("run_id")

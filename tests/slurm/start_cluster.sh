@@ -18,7 +18,8 @@ chmod 0400 /etc/munge/munge.key
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
 fi
-for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
+# Generous waits: daemons start in about a second, slower under load; a wait that ends early fails CI.
+for _ in $(seq 300); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
 
 # Node size from slurmd itself; memory a little below what it reports.
 read -r cpus memory < <(slurmd -C | tr ' ' '\n' | awk -F= '/^CPUs=/{c=$2} /^RealMemory=/{m=$2} END{print c, int(m*0.9)}')
@@ -54,8 +55,8 @@ CONF
 
 slurmctld
 slurmd
-for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
-for _ in $(seq 100); do
+for _ in $(seq 300); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 300); do
     [[ "$(sinfo -h -N -o %T 2>/dev/null)" == idle ]] && break
     scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
     sleep 0.3
