@@ -13,6 +13,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# `make test` runs two tests at once (pytest-xdist) on a 2-core machine. Two-thread torch processes side by
+# side then stall at every small op, waiting for a thread the other process has preempted, so under xdist
+# every job and this process compute on one thread (set before anything imports torch).
+PARALLEL_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+if PARALLEL_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 from lora_study.datagen import generate_examples  # noqa: E402
 
 CHAT_TEMPLATE = (
@@ -146,6 +153,7 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
         "--snakefile", str(REPO / "Snakefile"),
         "--directory", str(workdir),
         "--configfile", str(workdir / "config.yaml"),
+        *(("--max-threads", "1") if PARALLEL_WORKER else ()),
         *args,
     ]  # fmt: skip
 
@@ -204,9 +212,10 @@ def tiny_study(tiny_llama, tmp_path_factory) -> Path:
 # so neither worker is left with a long group at the end. A group is a test file, except that the files reading
 # the shared tiny study form one group.
 TINY_STUDY_FILES = ("test_charts.py", "test_report_html.py", "test_tracking.py", "test_workflow.py")
+# The SLURM study goes first: it mostly waits for the cluster, so the other worker's computing hides it.
 COSTLIEST_GROUPS = (
-    "test_reruns.py", "tiny_study", "test_faults.py", "test_methods.py", "test_bad_inputs.py",
-    "test_downstream.py", "test_slurm.py", "test_modules.py", "test_gpu_check.py",
+    "test_slurm.py", "test_reruns.py", "tiny_study", "test_methods.py", "test_faults.py", "test_bad_inputs.py",
+    "test_downstream.py", "test_modules.py", "test_gpu_check.py",
 )  # fmt: skip
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from conftest import (
     COMMAND_HANG_GUARD_S,
+    PARALLEL_WORKER,
     run_snakemake,
     snakemake_command,
     snakemake_env,
@@ -135,12 +136,29 @@ RESUME_TRAINING = {"max_steps": 240, "log_every": 20, "lora_dropout": 0.1}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_llama, tmp_path_factory) -> dict:
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    write_config(workdir, small_config(tiny_llama, RESUME_RUN, **RESUME_TRAINING))
-    result = run_snakemake(workdir, "--cores", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return read_metrics(workdir, "long", "eval_metrics")
+def uninterrupted(tiny_llama, tmp_path_factory) -> float:
+    """The run's perplexity trained and evaluated without interruption, by the functions the workflow's jobs
+    call, on as many threads as the workflow gives a job here."""
+    from transformers import AutoTokenizer
+
+    from lora_study.config import validate_config
+    from lora_study.data import prepare_data
+    from lora_study.evaluate import evaluate_run
+    from lora_study.model_source import describe_model
+    from lora_study.sweep import expand_study
+    from lora_study.train import TrainOutputs, train_run
+
+    config = validate_config(small_config(tiny_llama, RESUME_RUN, **RESUME_TRAINING))
+    out = tmp_path_factory.mktemp("uninterrupted")
+    prepare_data(config["dataset"], AutoTokenizer.from_pretrained(tiny_llama), out / "splits")
+    manifest = describe_model(tiny_llama, str(tiny_llama), trust_remote_code=False)
+    run = expand_study(config)["long"]
+    threads = 1 if PARALLEL_WORKER else 2  # --max-threads 1 under xdist, else the rule's 2 threads
+    train_run(run, manifest, out / "splits", TrainOutputs(out / "adapter", out / "t.json", out / "curve.csv"),
+              threads=threads, checkpoint_dir=out / "checkpoint")  # fmt: skip
+    metrics = evaluate_run(run, config["evaluation"], config["training"], manifest, out / "splits", out / "adapter",
+                           out / "e.json", out / "p.jsonl", out / "examples.csv", threads=threads)  # fmt: skip
+    return metrics.perplexity
 
 
 def test_interrupted_training_resumes_to_the_same_result(tiny_llama, tmp_path, uninterrupted):
@@ -166,7 +184,7 @@ def test_interrupted_training_resumes_to_the_same_result(tiny_llama, tmp_path, u
     assert f"resuming from the checkpoint at step {killed_at}" in train_log.read_text()
     assert read_metrics(tmp_path, "long", "train_metrics")["resumed_from_step"] == killed_at
     evaluation = read_metrics(tmp_path, "long", "eval_metrics")
-    assert evaluation["perplexity"] == pytest.approx(uninterrupted["perplexity"], abs=1e-5)
+    assert evaluation["perplexity"] == pytest.approx(uninterrupted, abs=1e-5)
     assert not (tmp_path / "results/checkpoints/long").exists()  # removed once the run's outputs exist
     print(f"SIGTERM at step {terminated_at}, SIGKILL at step {killed_at}, resumed: {wall_s:.1f} s")
 

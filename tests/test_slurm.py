@@ -39,7 +39,9 @@ SLURM_ARGS = (
     "--workflow-profile", str(REPO / "profiles" / "slurm"),
     # This cluster has no accounting database: query squeue, not sacct.
     "--slurm-status-command", "squeue",
-    "--slurm-init-seconds-before-status-checks", "5",
+    # A local cluster answers at once: poll every second, not every 10 s, so each finished job is seen at once.
+    "--slurm-init-seconds-before-status-checks", "1",
+    "--seconds-between-status-checks", "1",
     "--slurm-no-account",
     "--verbose",
 )  # fmt: skip
