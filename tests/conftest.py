@@ -19,6 +19,9 @@ sys.path.insert(0, str(REPO))
 PARALLEL_WORKER = "PYTEST_XDIST_WORKER" in os.environ
 if PARALLEL_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
+# The threads a training or evaluation job of the tests' workflow runs get: the rules' 2 under `--cores 2`,
+# capped by --max-threads under xdist.
+JOB_THREADS = 1 if PARALLEL_WORKER else 2
 
 from lora_study.datagen import generate_examples  # noqa: E402
 
@@ -153,7 +156,7 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
         "--snakefile", str(REPO / "Snakefile"),
         "--directory", str(workdir),
         "--configfile", str(workdir / "config.yaml"),
-        *(("--max-threads", "1") if PARALLEL_WORKER else ()),
+        *(("--max-threads", str(JOB_THREADS)) if PARALLEL_WORKER else ()),
         *args,
     ]  # fmt: skip
 
@@ -184,6 +187,38 @@ def run_guarded(command: list[str], guard_s: float = COMMAND_HANG_GUARD_S, **kwa
             f"{output[-3000:]}",
             pytrace=False,
         )
+
+
+def require(present: bool, what: str) -> None:
+    """Skip a test whose tool is missing, except under CI, which installs it (.ci/run): there it fails."""
+    if not present:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(what)
+
+
+def prepared_inputs(model_dir: Path, config: dict, out: Path) -> tuple[dict, dict, Path]:
+    """The validated config, model manifest and data splits, made as the prepare_model and prepare_data jobs
+    make them, for tests that call the jobs' functions in-process."""
+    from transformers import AutoTokenizer
+
+    from lora_study.config import validate_config
+    from lora_study.data import prepare_data
+    from lora_study.model_source import describe_model
+
+    config = validate_config(config)
+    prepare_data(config["dataset"], AutoTokenizer.from_pretrained(model_dir), out / "splits")
+    return config, describe_model(model_dir, str(model_dir), trust_remote_code=False), out / "splits"
+
+
+def train_and_evaluate(run, config: dict, manifest: dict, splits: Path, out: Path, threads: int):
+    """One run trained and evaluated in-process by the train and evaluate jobs' own functions; outputs in `out`
+    (adapter/, examples.csv, ...)."""
+    from lora_study.evaluate import evaluate_run
+    from lora_study.train import TrainOutputs, train_run
+
+    train_run(run, manifest, splits, TrainOutputs(out / "adapter", out / "t.json", out / "curve.csv"),
+              threads=threads, checkpoint_dir=out / "checkpoint")  # fmt: skip
+    return evaluate_run(run, config["evaluation"], config["training"], manifest, splits, out / "adapter",
+                        out / "e.json", out / "p.jsonl", out / "examples.csv", threads=threads)  # fmt: skip
 
 
 def run_snakemake(

@@ -7,11 +7,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from conftest import tiny_study_config
-from lora_study.config import validate_config
-from lora_study.data import load_split, prepare_data
+from conftest import prepared_inputs, tiny_study_config, train_and_evaluate
+from lora_study.data import load_split
 from lora_study.deploy import (
     MERGE_FLAGGED,
     MERGE_OK,
@@ -26,9 +24,7 @@ from lora_study.deploy import (
     timed_calls,
 )
 from lora_study.evaluate import evaluate_run
-from lora_study.model_source import describe_model
 from lora_study.sweep import RunSpec, expand_study
-from lora_study.train import TrainOutputs, train_run
 
 SERVING = ServingSettings(prompt_tokens=12, new_tokens=4, batch_size=2, warmup=1, repeats=2)
 
@@ -37,23 +33,16 @@ SERVING = ServingSettings(prompt_tokens=12, new_tokens=4, batch_size=2, warmup=1
 def trained(tiny_llama, tmp_path_factory):
     """Two real adapters (fp32 and NF4 base) trained long enough to move perplexity, each evaluated by
     rule evaluate's own function (its examples.csv is the merge check's reference)."""
-    config = validate_config(tiny_study_config(tiny_llama))
     workdir = tmp_path_factory.mktemp("deploy")
-    prepare_data(config["dataset"], AutoTokenizer.from_pretrained(tiny_llama), workdir / "splits")
-    manifest = describe_model(tiny_llama, str(tiny_llama), trust_remote_code=False)
+    config, manifest, splits = prepared_inputs(tiny_llama, tiny_study_config(tiny_llama), workdir)
     runs = {}
     for run_id in ("r4-qv-fp32", "r4-qv-nf4"):
         spec = expand_study(config)[run_id]
         run = replace(spec, training=spec.training.replace(max_steps=12, learning_rate=1e-2))
         out = workdir / run_id
-        train_run(run, manifest, workdir / "splits", TrainOutputs(out / "adapter", out / "t.json", out / "c.csv"),
-                  threads=1, checkpoint_dir=out / "checkpoint")  # fmt: skip
-        metrics = evaluate_run(run, config["evaluation"], config["training"], manifest, workdir / "splits",
-                               out / "adapter", out / "e.json", out / "p.jsonl", out / "examples.csv",
-                               threads=1)  # fmt: skip
-        runs[run_id] = (run, out, metrics.perplexity)
+        runs[run_id] = (run, out, train_and_evaluate(run, config, manifest, splits, out, threads=1).perplexity)
     base_run = RunSpec("base-fp32", 0, 0.0, (), "fp32", False, None, is_baseline=True)
-    base = evaluate_run(base_run, config["evaluation"], config["training"], manifest, workdir / "splits", None,
+    base = evaluate_run(base_run, config["evaluation"], config["training"], manifest, splits, None,
                         workdir / "b.json", workdir / "b.jsonl", workdir / "b.csv", threads=1)  # fmt: skip
     return config, manifest, workdir, runs, base.perplexity
 

@@ -3,40 +3,22 @@
 from dataclasses import replace
 
 import pytest
-from transformers import AutoTokenizer
 
-from conftest import tiny_study_config
-from lora_study.config import validate_config
-from lora_study.data import prepare_data
-from lora_study.evaluate import evaluate_run
-from lora_study.model_source import describe_model
+from conftest import prepared_inputs, tiny_study_config, train_and_evaluate
 from lora_study.sweep import expand_study
-from lora_study.train import TrainOutputs, train_run
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama, tmp_path_factory):
-    config = validate_config(tiny_study_config(tiny_llama))
     workdir = tmp_path_factory.mktemp("determinism")
-    prepare_data(config["dataset"], AutoTokenizer.from_pretrained(tiny_llama), workdir / "splits")
-    manifest = describe_model(tiny_llama, str(tiny_llama), trust_remote_code=False)
-    return config, manifest, workdir
+    return *prepared_inputs(tiny_llama, tiny_study_config(tiny_llama), workdir), workdir
 
 
 def train_and_score(setup, run_id: str, seed: int, name: str) -> float:
-    config, manifest, workdir = setup
+    config, manifest, splits, workdir = setup
     spec = expand_study(config)[run_id]
     run = replace(spec, training=spec.training.replace(seed=seed))
-    out = workdir / name
-    train_run(
-        run, manifest, workdir / "splits", TrainOutputs(out / "adapter", out / "t.json", out / "curve.csv"),
-        threads=1, checkpoint_dir=out / "checkpoint",
-    )  # fmt: skip
-    metrics = evaluate_run(
-        run, config["evaluation"], config["training"], manifest, workdir / "splits",
-        out / "adapter", out / "e.json", out / "p.jsonl", out / "examples.csv", threads=1,
-    )  # fmt: skip
-    return metrics.perplexity
+    return train_and_evaluate(run, config, manifest, splits, workdir / name, threads=1).perplexity
 
 
 @pytest.mark.parametrize("run_id", ["r4-qv-nf4", "r4-qv-fp32"])

@@ -23,11 +23,13 @@ import yaml
 
 from conftest import (
     COMMAND_HANG_GUARD_S,
-    PARALLEL_WORKER,
+    JOB_THREADS,
+    prepared_inputs,
     run_snakemake,
     snakemake_command,
     snakemake_env,
     tiny_study_config,
+    train_and_evaluate,
 )
 from lora_study.checkpoints import Checkpointer, Progress
 from lora_study.failures import is_out_of_memory
@@ -139,26 +141,11 @@ RESUME_TRAINING = {"max_steps": 240, "log_every": 20, "lora_dropout": 0.1}
 def uninterrupted(tiny_llama, tmp_path_factory) -> float:
     """The run's perplexity trained and evaluated without interruption, by the functions the workflow's jobs
     call, on as many threads as the workflow gives a job here."""
-    from transformers import AutoTokenizer
-
-    from lora_study.config import validate_config
-    from lora_study.data import prepare_data
-    from lora_study.evaluate import evaluate_run
-    from lora_study.model_source import describe_model
     from lora_study.sweep import expand_study
-    from lora_study.train import TrainOutputs, train_run
 
-    config = validate_config(small_config(tiny_llama, RESUME_RUN, **RESUME_TRAINING))
     out = tmp_path_factory.mktemp("uninterrupted")
-    prepare_data(config["dataset"], AutoTokenizer.from_pretrained(tiny_llama), out / "splits")
-    manifest = describe_model(tiny_llama, str(tiny_llama), trust_remote_code=False)
-    run = expand_study(config)["long"]
-    threads = 1 if PARALLEL_WORKER else 2  # --max-threads 1 under xdist, else the rule's 2 threads
-    train_run(run, manifest, out / "splits", TrainOutputs(out / "adapter", out / "t.json", out / "curve.csv"),
-              threads=threads, checkpoint_dir=out / "checkpoint")  # fmt: skip
-    metrics = evaluate_run(run, config["evaluation"], config["training"], manifest, out / "splits", out / "adapter",
-                           out / "e.json", out / "p.jsonl", out / "examples.csv", threads=threads)  # fmt: skip
-    return metrics.perplexity
+    config, manifest, splits = prepared_inputs(tiny_llama, small_config(tiny_llama, RESUME_RUN, **RESUME_TRAINING), out)
+    return train_and_evaluate(expand_study(config)["long"], config, manifest, splits, out, JOB_THREADS).perplexity
 
 
 def test_interrupted_training_resumes_to_the_same_result(tiny_llama, tmp_path, uninterrupted):

@@ -1,15 +1,15 @@
 """findings.html opened in headless Chromium with the network blocked: the charts
 must draw marks from the inlined Vega libraries alone."""
 
-import os
 import re
 import shutil
 
 import pytest
 
-from conftest import run_guarded
+from conftest import require, run_guarded
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NEEDS_CHROMIUM = "needs Debian's chromium (.ci/run installs it)"
 # Any request would fail: no proxy answers, no host name resolves.
 OFFLINE_FLAGS = [
     "--proxy-server=127.0.0.1:9",
@@ -34,9 +34,7 @@ def rendered_dom(page, user_data_dir) -> str:
 
 @pytest.fixture(scope="module")
 def dom(tiny_study, tmp_path_factory) -> str:
-    if CHROMIUM is None:
-        # .ci/run installs it: there its absence fails the test instead of skipping it.
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("needs Debian's chromium (.ci/run installs it)")
+    require(CHROMIUM is not None, NEEDS_CHROMIUM)
     return rendered_dom(tiny_study / "results/report/findings.html", tmp_path_factory.mktemp("profile"))
 
 
@@ -76,11 +74,8 @@ def test_every_rendered_chart_titles_its_axes_and_ticks_rank_at_the_swept_ranks(
     assert rank_axes >= 4
 
 
-NO_CHROMIUM = CHROMIUM is None and not os.environ.get("CI")  # CI installs it: there its absence fails
-
-
-@pytest.mark.skipif(NO_CHROMIUM, reason="needs Debian's chromium (.ci/run installs it)")
 def test_findings_html_draws_every_chart_offline(tiny_study, tmp_path):
+    require(CHROMIUM is not None, NEEDS_CHROMIUM)
     page = tiny_study / "results/report/findings.html"
     source = page.read_text()
     assert not re.search(r"<script[^>]+src=|<link[^>]+href=\"?https?:", source), "page must not load anything"

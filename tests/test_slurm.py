@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake, tiny_study_config
+from conftest import REPO, require, run_snakemake, tiny_study_config
 
 
 def cluster_is_up() -> bool:
@@ -28,12 +27,6 @@ def cluster_is_up() -> bool:
         return False
     return states.returncode == 0 and "idle" in states.stdout
 
-
-CLUSTER_UP = cluster_is_up()
-# CI starts the cluster (.ci/run): there a cluster that does not answer fails these tests instead of skipping them.
-pytestmark = pytest.mark.skipif(
-    not CLUSTER_UP and not os.environ.get("CI"), reason="no SLURM cluster (tests/slurm/start_cluster.sh)"
-)
 
 SLURM_ARGS = (
     "--workflow-profile", str(REPO / "profiles" / "slurm"),
@@ -70,7 +63,7 @@ def slurm_config(model_dir, runs: list[dict]) -> dict:
 def slurm_study(tiny_llama, tmp_path_factory):
     """One study submitted twice: with a run that crashes in its job (the profile keeps going and retries it),
     then without that run, which leaves only the local report rules to do."""
-    assert CLUSTER_UP, "no SLURM cluster answers sinfo; .ci/run starts one with tests/slurm/start_cluster.sh"
+    require(cluster_is_up(), "no SLURM cluster answers sinfo (.ci/run starts one: tests/slurm/start_cluster.sh)")
     workdir = tmp_path_factory.mktemp("slurm-study")
     (workdir / "config.yaml").write_text(yaml.safe_dump(slurm_config(tiny_llama, [BROKEN_RUN])))
     with_failure = run_snakemake(workdir, *SLURM_ARGS)
