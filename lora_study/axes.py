@@ -16,7 +16,7 @@ from lora_study.findings import (
     sweep_slice,
     trained_runs,
 )
-from lora_study.verdicts import Judge, Verdict
+from lora_study.verdicts import Judge, Verdict, against_best
 
 # Axes a matrix can pair (beside every training setting), with their readable names.
 DESIGN_AXES = {"rank": "rank", "modules_label": "modules", "quant_label": "quantization", "method": "method"}
@@ -129,7 +129,8 @@ def matrix_title(name: str) -> str:
 
 
 def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, settings: FindingSettings) -> str | None:
-    """The best learning rate at each rank, and whether it moves with rank (verdicts, m = comparisons made).
+    """The best learning rate at each rank, and whether it moves with rank (verdicts, m = every pair of
+    learning rates within each rank: each rank's best is picked from them).
 
     At every rank, each other rank's best learning rate is compared with that
     rank's own best at tolerance sweet_spot_tolerance: *worse* anywhere means
@@ -156,7 +157,7 @@ def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, se
             if len(candidate):
                 pairs.append((rank, other_lr, candidate.iloc[0]["run_id"], own["run_id"]))
     pairs = list(dict.fromkeys(pairs))
-    results = _judge_pairs(pairs, judge, settings)
+    results = _judge_pairs(pairs, judge, settings, _selection_comparisons(cells))
     if results is None:
         return f"Best learning rate per rank: {listed}; whether it moves with rank: not judged (no per-row scores)."
     worse = [(p, r) for p, r in results if r.verdict is Verdict.WORSE]
@@ -180,11 +181,16 @@ def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, se
     )
 
 
-def _judge_pairs(pairs: list[tuple], judge: Judge, settings: FindingSettings) -> list[tuple] | None:
-    """Each (rank, learning rate, candidate run, reference run) with its perplexity verdict, m = all pairs;
+def _judge_pairs(pairs: list[tuple], judge: Judge, settings: FindingSettings, m: int) -> list[tuple] | None:
+    """Each (rank, learning rate, candidate run, reference run) with its perplexity verdict at m comparisons;
     None when a run has no per-row scores."""
-    results = [(p, judge.compare(p[2], p[3], "perplexity", settings.sweet_spot_tolerance, len(pairs))) for p in pairs]
+    results = [(p, judge.compare(p[2], p[3], "perplexity", settings.sweet_spot_tolerance, m)) for p in pairs]
     return None if any(result is None for _, result in results) else results
+
+
+def _selection_comparisons(cells: pd.DataFrame) -> int:
+    """Each rank's best learning rate is picked from its k cells: every pair within each rank (against_best)."""
+    return sum(against_best(k) for k in cells.groupby("rank").size())
 
 
 def _shared_best_finding(
@@ -193,7 +199,7 @@ def _shared_best_finding(
     """One learning rate is best at every rank: is it shown better than the others at each rank?
 
     Every other learning rate at each rank is compared with that rank's best
-    (tolerance sweet_spot_tolerance, m = the number of comparisons).
+    (tolerance sweet_spot_tolerance, m = every pair within each rank).
     """
     start = (
         f"Best learning rate per rank: {listed}: the same at every rank "
@@ -204,7 +210,7 @@ def _shared_best_finding(
         for _, row in cells.iterrows()
         if row["run_id"] != best.loc[row["rank"], "run_id"]
     ]
-    results = _judge_pairs(pairs, judge, settings)
+    results = _judge_pairs(pairs, judge, settings, _selection_comparisons(cells))
     if not results:
         return f"{start}; not judged (no per-row scores)."
     worse = [r for _, r in results if r.verdict is Verdict.WORSE]

@@ -7,8 +7,12 @@ HEATMAP_PREFIX = "heatmap__"
 
 # One sentence per chart: under it on the findings page and in the Snakemake report.
 CHART_CAPTIONS = {
-    "quality_vs_rank": "Perplexity and accuracy of the rank sweep, each with its 95 % interval; a tick at every "
-    "swept rank.",
+    "quality_vs_rank": "Perplexity and accuracy of the rank sweep, each with its own 95 % interval (where the "
+    "configuration is); a tick at every swept rank. Whether two ranks differ is the comparisons chart's question.",
+    "comparisons": "Each verdict's perplexity change against its reference with the interval the verdict rests "
+    "on, over the grey tolerance band of its sentence. These intervals are paired (same rows, shared seeds) and "
+    "so much narrower than two configurations' own error bars, which each carry the noise both share: bars that "
+    "overlap can still differ.",
     "memory_vs_rank": "Peak memory of each rank of the sweep (bars from zero: what rank adds is small against "
     "the base).",
     "memory_vs_perplexity": "Every fitting run by peak memory and perplexity (95 % intervals); the dashed line "

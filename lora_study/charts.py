@@ -516,6 +516,42 @@ def serving_chart(tables: dict[str, pd.DataFrame], style: Style) -> alt.Chart | 
     )
 
 
+VERDICT_COLOURS = {"better": "#54a24b", "worse": "#e45756", "equivalent": "#4c78a8", "inconclusive": "#999999"}
+
+
+def comparison_chart(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
+    """Each perplexity verdict's change against its reference with the interval it rests on, over the
+    tolerance band of its sentence: what the verdicts say, beside the per-configuration error bars."""
+    comparisons = tables.get("comparisons")
+    if comparisons is None or comparisons.empty:
+        return None
+    frame = comparisons[comparisons["metric"] == "perplexity"].copy()
+    if frame.empty:
+        return None
+    frame["pair"] = frame["candidate"] + " vs " + frame["reference"]
+    frame = frame.drop_duplicates("pair")  # the first sentence's comparison of a pair
+    frame["tolerance_low"] = -frame["tolerance_pct"]
+    order = list(frame["pair"])
+    y = alt.Y("pair:N", title=None, sort=order)
+    x_title = "perplexity change against the reference (%), interval the verdict rests on"
+    band = alt.Chart(frame).mark_bar(color="#dddddd", height=12).encode(
+        x=alt.X("tolerance_low:Q", title=x_title), x2="tolerance_pct:Q", y=y)  # fmt: skip
+    zero = alt.Chart(pd.DataFrame({"x": [0.0]})).mark_rule(color="#666666", strokeDash=[4, 3]).encode(x="x:Q")
+    colour = alt.Color("verdict:N", scale=alt.Scale(domain=list(VERDICT_COLOURS), range=list(VERDICT_COLOURS.values())))
+    tooltip = [alt.Tooltip("pair:N", title="comparison"), alt.Tooltip("verdict:N"),
+               alt.Tooltip("change_pct:Q", title="change (%)", format="+.1f"),
+               alt.Tooltip("low_pct:Q", title="low (%)", format="+.1f"),
+               alt.Tooltip("high_pct:Q", title="high (%)", format="+.1f"),
+               alt.Tooltip("tolerance_pct:Q", title="tolerance (%)", format=".0f"),
+               alt.Tooltip("comparisons:Q", title="comparisons (m)"), alt.Tooltip("noise:N")]  # fmt: skip
+    rules = alt.Chart(frame).mark_rule(strokeWidth=2).encode(x="low_pct:Q", x2="high_pct:Q", y=y, color=colour)
+    points = alt.Chart(frame).mark_point(filled=True, size=60).encode(x="change_pct:Q", y=y, color=colour,
+                                                                      tooltip=tooltip)  # fmt: skip
+    height = max(HEIGHT // 2, 18 * len(frame))
+    return alt.layer(band, zero, rules, points).properties(width=WIDTH, height=height,
+                                                           title="Verdicts: change against the reference")  # fmt: skip
+
+
 def build_charts(
     runs: pd.DataFrame, tables: dict[str, pd.DataFrame], curves: pd.DataFrame, memory_title: str
 ) -> dict[str, alt.Chart]:
@@ -536,6 +572,7 @@ def build_charts(
         "effective_rank": effective_rank_chart(tables, style),
         "downstream": downstream_chart(tables, style),
         "serving": serving_chart(tables, style),
+        "comparisons": comparison_chart(tables),
         **matrix_heatmaps(tables),
     }
     return {name: chart for name, chart in charts.items() if chart is not None}

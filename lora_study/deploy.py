@@ -78,8 +78,9 @@ def merge_verdict(
     Flagged when the change is shown (interval excludes zero) and not shown
     negligible (inside the tolerance): the deployed model is not the one evaluated.
     """
-    comparison = compare(Evidence(merged_nll[None, :], tokens), Evidence(reference_nll[None, :], tokens),
-                         "perplexity", tolerance)  # fmt: skip
+    # One trained adapter in two forms: their difference carries no training noise (trained=False).
+    comparison = compare(Evidence(merged_nll[None, :], tokens, trained=False),
+                         Evidence(reference_nll[None, :], tokens, trained=False), "perplexity", tolerance)  # fmt: skip
     outcome = {
         Verdict.EQUIVALENT: MERGE_OK,
         Verdict.BETTER: MERGE_FLAGGED,
@@ -95,6 +96,8 @@ def merge_verdict(
         "high": comparison.high,
         "verdict": comparison.verdict.value,
         "outcome": outcome,
+        "se": comparison.se_eval,  # log scale: the report re-judges at the number of checks it counts
+        "df": comparison.df,
         "describe": comparison.describe(),
     }
 

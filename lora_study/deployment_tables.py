@@ -3,6 +3,7 @@ columns, the report's tables and their sentences."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -165,29 +166,58 @@ def downstream_findings(table: pd.DataFrame | None, agreement: pd.DataFrame | No
 # --- merge check --------------------------------------------------------------------------------------------
 
 
-def merge_table(runs: pd.DataFrame, deploy: pd.DataFrame) -> pd.DataFrame | None:
-    """Per adapter run: perplexity unmerged, merged into the original base, merged then re-quantized."""
+def merge_table(runs: pd.DataFrame, deploy: pd.DataFrame, tolerance: float | None = None) -> pd.DataFrame | None:
+    """Per adapter run (every seed): perplexity unmerged, merged into the original base, merged then re-quantized.
+
+    With `tolerance`, every check is judged again at m = the number of checks the table holds (adapters x
+    forms), as the merge sentence counts flags over all of them.
+    """
     if deploy.empty or "merge_change" not in deploy:
         return None
     merged = deploy[deploy["form"].isin([MERGED_16BIT, MERGED_REQUANTIZED]) & deploy["merge_change"].notna()]
     if merged.empty:
         return None
+    checks = len(merged)
     rows = []
-    for run_id, group in merged.groupby("config_id", sort=False):
-        row: dict[str, Any] = {"run_id": run_id, "unmerged_perplexity": group["merge_reference_perplexity"].iloc[0]}
+    for run_id, group in merged.groupby("run_id", sort=False):
+        row: dict[str, Any] = {"run_id": run_id, "config_id": group["config_id"].iloc[0],
+                               "unmerged_perplexity": group["merge_reference_perplexity"].iloc[0]}  # fmt: skip
         for form in (MERGED_16BIT, MERGED_REQUANTIZED):
             found = group[group["form"] == form]
             if len(found):
                 entry = found.iloc[0]
+                outcome, detail = _merge_judged(entry, tolerance, checks)
                 row[f"{form}_perplexity"] = entry["merge_perplexity"]
                 row[f"{form}_change_pct"] = 100 * entry["merge_change"]
-                row[f"{form}_check"] = entry["merge_outcome"]
-                row[f"{form}_detail"] = entry["merge_describe"]
+                row[f"{form}_check"] = outcome
+                row[f"{form}_detail"] = detail
         rows.append(row)
     quant = dict(zip(runs["run_id"], runs["quant_label"], strict=True)) if "quant_label" in runs else {}
     table = pd.DataFrame(rows)
-    table.insert(1, "format", table["run_id"].map(quant).fillna(""))
+    table.insert(2, "format", table["config_id"].map(quant).fillna(table["run_id"].map(quant)).fillna(""))
+    table.attrs["checks"] = checks
     return table
+
+
+def _merge_judged(entry: pd.Series, tolerance: float | None, checks: int) -> tuple[str, str]:
+    """(outcome, description) of one merge check at m = checks; as recorded (m = 1) for records without a
+    standard error (written before the report re-judged them) or without a tolerance."""
+    se, df = entry.get("merge_se"), entry.get("merge_df")
+    if tolerance is None or se is None or pd.isna(se):
+        return entry["merge_outcome"], entry["merge_describe"]
+    from lora_study.deploy import MERGE_OK
+    from lora_study.verdicts import Verdict, classify, critical_values
+
+    log_change = math.log1p(entry["merge_change"])
+    q_diff, q_eq = critical_values(checks, float(df) if pd.notna(df) else math.inf)
+    bounds = [math.expm1(log_change + sign * q * se) for q in (q_diff, q_eq) for sign in (-1, 1)]
+    verdict = classify(*bounds, tolerance, lower_is_better=True)
+    outcome = {Verdict.EQUIVALENT: MERGE_OK, Verdict.INCONCLUSIVE: MERGE_UNCLEAR}.get(verdict, MERGE_FLAGGED)
+    low, high = bounds[:2] if verdict is not Verdict.EQUIVALENT else bounds[2:]
+    level = 1 - (2 if verdict is Verdict.EQUIVALENT else 1) * 0.05 / checks
+    interval = f"{100 * entry['merge_change']:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}] ({level:.1%} interval)"
+    detail = f"{verdict.value} ({interval}, tolerance {tolerance:.0%}, {checks} checks, evaluation noise only)"
+    return outcome, detail
 
 
 def merge_finding(table: pd.DataFrame | None, tolerance_text: str) -> str | None:
@@ -290,10 +320,12 @@ def deployment_report(
         shots = evaluation.get("lm_eval", {}).get("num_fewshot", 0)
         findings += downstream_findings(tables["downstream"], tables["downstream_agreement"], f", {shots}-shot")
     if deploy is not None and len(deploy):
-        tables["merge_check"] = merge_table(runs, deploy)
         tolerance = evaluation.get("merge_check", {}).get("tolerance", 0.01)
-        findings.append(merge_finding(tables["merge_check"], f"tolerance {tolerance:.0%}, against the unmerged "
-                                      "adapter on its training base, same validation rows"))  # fmt: skip
+        tables["merge_check"] = merge_table(runs, deploy, tolerance)
+        checks = tables["merge_check"].attrs.get("checks", 1) if tables["merge_check"] is not None else 1
+        findings.append(merge_finding(tables["merge_check"], f"tolerance {tolerance:.0%}, {checks} checks corrected "
+                                      "together, against the unmerged adapter on its training base, same validation "
+                                      "rows"))  # fmt: skip
         tables["serving"] = serving_table(runs, deploy)
         findings.append(serving_finding(tables["serving"], serving_text(evaluation.get("serving", {}))))
     return {k: v for k, v in tables.items() if v is not None}, [s for s in findings if s]

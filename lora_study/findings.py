@@ -16,7 +16,7 @@ from lora_study.formats import SIXTEEN_BIT, UNQUANTIZED, quantization_label
 from lora_study.methods import LORA, default_alpha
 from lora_study.modules import modules_label
 from lora_study.sweep import baseline_id
-from lora_study.verdicts import ALPHA, Comparison, Judge, Verdict, own_interval
+from lora_study.verdicts import ALPHA, SEED_BOUND, Comparison, Judge, Verdict, against_best
 
 # The unquantized reference of memory and of the base model's quantization cost: highest precision first.
 REFERENCE_FORMATS = ("fp32", SIXTEEN_BIT, "bf16", "fp16")
@@ -40,7 +40,8 @@ DEFINITIONS: dict[str, str] = {
     "costs before any adapter is trained.",
     "sweet_spot": "the smallest rank of the rank sweep whose perplexity is *equivalent* to the best rank's "
     "(tolerance sweet_spot_tolerance = {sweet_spot_tolerance:.0%}), every smaller rank being *worse*; "
-    "otherwise the sentence says the comparison is inconclusive. m = the number of smaller ranks.",
+    "otherwise the sentence says the comparison is inconclusive. The best rank is picked from the data, so m = "
+    "k(k-1)/2, every pair of the k ranks tried (simultaneous intervals over them).",
     "diminishing": "each rank step is compared with the rank before it at tolerance min_relative_gain = "
     "{min_relative_gain:.0%}: *better* = worth it, *equivalent* = not worth it. Returns diminish above rank r "
     "when every step after r is equivalent or worse and the step into r (if any) is better; m = the number of "
@@ -55,21 +56,29 @@ DEFINITIONS: dict[str, str] = {
     "decision": "for each memory budget, among the runs whose peak memory is at most the budget: the best is "
     "the lowest mean perplexity; the pick is the cheapest run (least memory, then least training time) that is "
     "*equivalent* to the best (tolerance sweet_spot_tolerance), else the best itself; cheaper runs whose "
-    "comparison was inconclusive are named. m = the number of cheaper runs. When memory was measured on a CPU, "
+    "comparison was inconclusive are named. m = k(k-1)/2 over the k runs within the budget (the best is picked from "
+    "them). When memory was measured on a CPU, "
     "the same table is also given on the planner's predicted GPU memory, labelled as predicted.",
     "verdicts": "a candidate against a reference on perplexity: change = perplexity ratio - 1, from the "
-    "difference of log perplexities. Its standard error combines evaluation noise (a paired bootstrap over "
-    "the validation rows every run is scored on: 2000 resamples of the rows, the same rows for both runs) "
-    "and, with two or more seeds, seed noise (Welch: the spread of each configuration's per-seed log "
-    "perplexity). Difference interval: estimate +- q(1 - alpha/(2m)) x SE; equivalence interval (two "
-    "one-sided tests, TOST): estimate +- q(1 - alpha/m) x SE, with alpha = "
+    "difference of mean log perplexities (log perplexity linearised per row, so it is a mean over rows). Its "
+    "variance has a row part (the spread of the per-row differences over the validation rows both runs are "
+    "scored on, less the seed x row interaction the seed part holds) and a seed part (the spread of per-seed "
+    "means, two-way ANOVA of each seeds x rows table): paired by seed when both configurations share their "
+    "seeds; a trained configuration with one seed borrows the seed variance pooled over every configuration "
+    "with two or more seeds (sweep.noise_replicates replicates the centre configuration for this); the base "
+    "model, not trained, has none. Degrees of freedom: Welch-Satterthwaite over both parts, with the seed part "
+    f"taken at its upper {SEED_BOUND:.0%} confidence bound for the df only (with few seeds the plain estimate's "
+    "df are too high when the seed part comes out small). Difference interval: estimate +- t(1 - alpha/(2m)) x "
+    "SE; equivalence interval (two one-sided tests, TOST): estimate +- t(1 - alpha/m) x SE, with alpha = "
     + f"{ALPHA:g}"
     + ", m the number of comparisons the sentence rests on (Bonferroni, so verdicts and the printed intervals "
-    "agree), q normal with one seed and Student's t on the seeds' Welch degrees of freedom with several. "
-    "Verdict: *equivalent* when the equivalence interval lies inside (-t, +t) (checked first); else "
-    "*better*/*worse* when the difference interval excludes 0; else *inconclusive*, with the seeds (or "
-    "validation rows) that would shrink the interval enough, from its 1/sqrt(n) scaling. Accuracy: the "
-    "same with the difference of exact-match rates, paired over the same prompts.",
+    "agree; a sentence that picks the best of k and compares the others with it rests on all k(k-1)/2 pairs). "
+    "Verdict: *equivalent* when the equivalence interval lies inside (-t, +t) (checked first; 'a real but "
+    "negligible change' when the difference interval also excludes 0); else *better*/*worse* when the "
+    "difference interval excludes 0; else *inconclusive*, with the seeds per configuration or validation rows "
+    "that would decide it under the same variance model and t quantile (or that rows alone cannot). Accuracy: "
+    "the same with the difference of exact-match rates, paired over the same prompts. Calibration on simulated "
+    "studies with a known truth: bench/calibration.py.",
     "share_of_full": "(perplexity of the unquantized base model - perplexity of the run) / (perplexity of the "
     "unquantized base - perplexity of the best full fine-tuning run): the share of full fine-tuning's improvement "
     "a run recovers (accuracy: the same with accuracy gains); a quantized run's quantization cost counts against "
@@ -83,16 +92,18 @@ DEFINITIONS: dict[str, str] = {
     "rescaled magnitudes, PiSSA/OLoRA saved converted at rank 2r) the update is not confined to r directions.",
     "learning_rate_per_rank": "in a rank x learning-rate matrix, the best learning rate of a rank is its "
     "lowest perplexity; at every rank, each other rank's best learning rate is compared with the rank's own "
-    "best (tolerance sweet_spot_tolerance, m = the number of such comparisons): *worse* anywhere = it moves "
+    "best (tolerance sweet_spot_tolerance, m = every pair of learning rates within each rank, as each rank's best is "
+    "picked from them): *worse* anywhere = it moves "
     "with rank.",
     "methods": "each LoRA variant against the plain LoRA run of its block (same rank, target modules, weight "
     "format and training settings; tolerance min_relative_gain, m = the number of variants in the block); "
     "scale = alpha/r (rslora: alpha/sqrt(r)).",
-    "noise": "with one seed, intervals cover evaluation noise only (labelled so); metrics of a configuration "
-    "with seeds are means over them, _ci95 the half-width of their 95 % t-interval; perplexity_low/high are "
-    "each configuration's own 95 % interval (rows resampled, plus the seeds' spread), drawn as error bars; "
-    "accuracy_low/high the Wilson score interval of its exact-match hits (within 0 and 1, not empty at 0 hits), "
-    "widened by the seeds' spread.",
+    "noise": "metrics of a configuration with seeds are means over them, _ci95 the half-width of their 95 % "
+    "t-interval; perplexity_low/high are each configuration's own 95 % interval (rows plus its seed part, own or "
+    "pooled, t on the Welch-Satterthwaite df), drawn as error bars; accuracy_low/high a Wilson score interval on "
+    "the effective number of prompts (p(1-p) / the same two-source variance), within 0 and 1 and not empty at 0 "
+    "hits. Error bars answer 'where is this configuration'; whether two differ is the paired comparison of the "
+    "verdicts (the comparison chart), which is much narrower when rows and seeds are shared.",
 }
 
 
@@ -465,8 +476,8 @@ def decision_table(
 
     Cheapest = least peak memory, then least training time. The best is the
     lowest mean perplexity among the runs that fit; each cheaper run is
-    compared with it at tolerance sweet_spot_tolerance (m = the number of
-    cheaper runs compared). A CPU study adds the same table on the planner's
+    compared with it at tolerance sweet_spot_tolerance (m = every pair of the
+    k runs that fit: the best was picked from them). A CPU study adds the same table on the planner's
     predicted GPU memory, labelled as predicted.
     """
     trained = trained_runs(runs)
@@ -498,7 +509,8 @@ def _cheapest_equivalent(
     cheaper = cheaper[pd.to_numeric(cheaper[column]) <= float(best[column])]
     pick, comparison, undecided = best, None, []
     for _, row in cheaper.iterrows():
-        result = judge.compare(row["run_id"], best["run_id"], "perplexity", settings.sweet_spot_tolerance, len(cheaper))
+        result = judge.compare(row["run_id"], best["run_id"], "perplexity", settings.sweet_spot_tolerance,
+                               against_best(len(candidates)))  # fmt: skip
         if result is not None and result.verdict is Verdict.EQUIVALENT:
             pick, comparison = row, result
             break
@@ -626,8 +638,9 @@ def sweet_spot_finding(ranks: pd.DataFrame | None, judge: Judge, settings: Findi
                 f"(perplexity {_fmt(best['perplexity'])}; {_sweep(fitting)}).")  # fmt: skip
     worse, sources = [], ""
     for _, row in smaller.iterrows():
+        # The best rank was picked from the data: every pair of the ranks tried is a comparison it could show.
         result = judge.compare(row["run_id"], best["run_id"], "perplexity", settings.sweet_spot_tolerance,
-                               len(smaller))  # fmt: skip
+                               against_best(len(fitting)))  # fmt: skip
         if result is None:
             return _unjudged("Sweet-spot rank")
         if result.verdict is Verdict.EQUIVALENT:
@@ -645,7 +658,8 @@ def sweet_spot_finding(ranks: pd.DataFrame | None, judge: Judge, settings: Findi
             )
         worse.append(f"{int(row['rank'])}: {result.interval_text()}")
         sources = result.sources
-    counted = f"{len(smaller)} comparisons" if len(smaller) > 1 else "1 comparison"
+    m = against_best(len(fitting))
+    counted = f"{m} comparisons (best of {len(fitting)} ranks)" if m > 1 else "1 comparison"
     return (
         f"Sweet-spot rank: {int(best['rank'])}, the best rank (perplexity {_fmt(best['perplexity'])}); every "
         f"smaller rank is worse ({'; '.join(worse)}; {tolerance}, {counted}, {sources})."
@@ -740,7 +754,7 @@ def quantization_findings(quant: pd.DataFrame | None, judge: Judge, settings: Fi
             against = "the best format"
         else:
             result = judge.compare(row["run_id"], best["run_id"], "perplexity", settings.sweet_spot_tolerance,
-                                   len(fitting) - 1)  # fmt: skip
+                                   against_best(len(fitting)))  # fmt: skip
             verdict = result.describe() if result else "not judged"
             against = f"against {best['quantization']}: {verdict}"
         sentences.append(
@@ -794,19 +808,30 @@ def decision_findings(decisions: pd.DataFrame | None, memory_text: str) -> list[
 
 
 def noise_finding(trained: pd.DataFrame, judge: Judge) -> str:
-    seeds = int(trained["n"].max()) if "n" in trained and len(trained) else 1
+    """What the verdicts' noise rests on: said once, near the top of the findings."""
     rows = max((e.nll.shape[1] for e in judge.evidence.values()), default=0)
-    if seeds < 2:
+    replicated = trained[trained["n"] >= 2] if "n" in trained else trained.iloc[0:0]
+    pool = judge.replicated()
+    if replicated.empty or pool is None:
         return (
-            f"Noise: one seed per configuration, so every verdict covers evaluation noise only (which "
-            f"{rows} validation rows were drawn, resampled pairwise); seed-to-seed noise is not measured "
-            "(set sweep.seeds, e.g. [0, 1, 2], to include it)."
+            f"Noise: one seed per configuration and no replicates, so single-seed verdicts describe the trained "
+            f"adapters, not the configurations: they cover evaluation noise only (which {rows} validation rows were "
+            "drawn), not what another seed would have trained (set sweep.noise_replicates: 3 to replicate the centre "
+            "configuration, or sweep.seeds to replicate every one)."
         )
-    spread = trained["perplexity_std"].dropna()
+    spread = replicated["perplexity_std"].dropna()
+    spread_text = (f"the standard deviation of perplexity across seeds is {spread.median():.3g}"
+                   + (f" (median over configurations, max {spread.max():.3g})" if len(spread) > 1 else ""))  # fmt: skip
+    if len(replicated) == len(trained):
+        seeds = int(trained["n"].max())
+        return (f"Noise: {seeds} seeds per configuration and {rows} validation rows; {spread_text}; verdicts cover "
+                "both sources and say which dominates.")  # fmt: skip
+    listed = ", ".join(f"{row.run_id} ({int(row.n)} seeds)" for row in replicated.itertuples())
     return (
-        f"Noise: {seeds} seeds per configuration and {rows} validation rows; the standard deviation of "
-        f"perplexity across seeds is {spread.median():.3g} (median over configurations, max {spread.max():.3g}); "
-        "verdicts cover both sources and say which dominates."
+        f"Noise: training noise measured on replicates of {listed}: {spread_text}; every one-seed configuration's "
+        f"verdicts borrow this {pool.describe()} ({pool.seed_df} df) besides the evaluation noise of {rows} "
+        "validation rows, so they describe the configurations, not only the trained adapters; each verdict names "
+        "the noise it rests on."
     )
 
 
@@ -837,10 +862,7 @@ def with_own_intervals(table: pd.DataFrame, judge: Judge) -> pd.DataFrame:
     for metric in ("perplexity", "accuracy"):
         if metric not in table:
             continue
-        bounds = [
-            own_interval(judge.evidence[run_id], metric) if run_id in judge.evidence else (math.nan, math.nan)
-            for run_id in table["run_id"]
-        ]
+        bounds = [judge.own_interval(run_id, metric) for run_id in table["run_id"]]
         position = table.columns.get_loc(metric) + 1
         table.insert(position, f"{metric}_high", [high for _, high in bounds])
         table.insert(position, f"{metric}_low", [low for low, _ in bounds])
@@ -862,14 +884,13 @@ def headline_findings(
     tables = tables if tables is not None else all_tables(table, settings, judge)
     memory_text = "CPU RSS" if "CPU" in memory_label(runs) else "GPU memory"
     trained = trained_runs(runs)
-    sentences: list[str | None] = [*precision_warnings(runs)]
+    sentences: list[str | None] = [*precision_warnings(runs), noise_finding(trained, judge)]
     if trained["fits"].any():
         best = trained[trained["fits"]].sort_values("perplexity").iloc[0]
         base = best["base_perplexity"]
         start = f"from {_fmt(base)} (the base model in {best['quant_label']}, no adapter) " if pd.notna(base) else ""
         best_ppl = _fmt(best["perplexity"])
         sentences.append(f"Best run: {best['run_id']} lowers validation perplexity {start}to {best_ppl}.")
-    sentences.append(noise_finding(trained, judge))
     sentences += [
         sweet_spot_finding(tables.get("rank"), judge, settings),
         diminishing_finding(tables.get("diminishing_returns"), settings),

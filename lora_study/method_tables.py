@@ -155,7 +155,9 @@ def full_share_finding(
         return f"{start}."
     best = table.dropna(subset=["share_of_full_pct"]).iloc[0]
     row = runs.set_index("run_id").loc[best["run_id"]]
-    comparison = judge.compare(best["run_id"], full["run_id"], "perplexity", settings.sweet_spot_tolerance)
+    # The top adapter was picked from k of them: simultaneous over the k comparisons with full fine-tuning.
+    adapters = int(table["share_of_full_pct"].notna().sum())
+    comparison = judge.compare(best["run_id"], full["run_id"], "perplexity", settings.sweet_spot_tolerance, adapters)
     verdict = f"; against full fine-tuning it is {comparison.describe()}" if comparison else ""
     return (
         f"{start}. The adapter run recovering most of that improvement, {best['run_id']}, recovers "

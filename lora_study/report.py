@@ -36,7 +36,7 @@ from lora_study.method_tables import (
     methods_finding,
 )
 from lora_study.methods import DESCRIPTIONS
-from lora_study.verdicts import Judge, evidence_from_examples
+from lora_study.verdicts import Judge, comparisons_table, evidence_from_examples
 
 log = logging.getLogger("lora_study")
 
@@ -59,6 +59,7 @@ TABLE_TITLES: dict[str, str] = {
     "merge_check": "Merge check: perplexity of each way of merging, against the unmerged adapter",
     "serving": "What each configuration costs to serve",
     "reference_claims": "The reference study's claims, checked",
+    "comparisons": "Every verdict: the change against its reference and the interval it rests on",
 }
 CLAIMS_INTRO = (
     "Each claim of the reference write-up, restated as a question and answered from this study's runs "
@@ -394,8 +395,12 @@ def build_report(
     runs = with_own_intervals(prepare(table), judge)
     memory_text = memory_label(runs)
     tables, findings = study_tables(table, settings, judge, anatomy, deployment)
-    claims = reference_claims(tables, judge, settings, memory_text)
+    predicted = dict(zip(runs["run_id"], runs["plan_predicted_cuda_gb"], strict=True)) \
+        if "plan_predicted_cuda_gb" in runs else {}  # fmt: skip
+    claims = reference_claims(tables, judge, settings, memory_text, predicted)
     tables["reference_claims"] = pd.DataFrame([claim.to_dict() for claim in claims])
+    if judge.records:
+        tables["comparisons"] = comparisons_table(judge)
     with atomic_path(tables_dir) as tmp:
         write_tables(tables, tmp, memory_text)
     charts = build_charts(runs, tables, curves, memory_axis_title(runs))

@@ -354,7 +354,54 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
         add(_make_spec(entry, shared, method_settings, origin), origin)
     if not runs:
         raise ConfigError("config key 'sweep': no runs; add a grid or a named run")
-    return replicate(runs, sweep["seeds"])
+    if sweep["seeds"]:
+        if sweep.get("noise_replicates", 1) > 1:
+            log.info("sweep.seeds replicates every configuration; sweep.noise_replicates is not needed and unused")
+        return replicate(runs, sweep["seeds"])
+    return with_noise_replicates(runs, sweep, method_settings, shared)
+
+
+def noise_reference(sweep: dict[str, Any], runs: dict[str, RunSpec], method_settings: dict[str, Any],
+                    shared: dict[str, Any]) -> str:  # fmt: skip
+    """The configuration replicated to measure seed noise: sweep.noise_reference, else the centre of the
+    first grid (the middle value of each of its axes; r16-qkvo-nf4 in the default study), else the first run."""
+    named = sweep.get("noise_reference")
+    if named:
+        if named not in runs:
+            raise ConfigError(f"config key 'sweep.noise_reference': '{named}' is not a run of this study "
+                              f"(runs: {', '.join(list(runs)[:8])}{', ...' if len(runs) > 8 else ''})")  # fmt: skip
+        return named
+    if sweep["grids"]:
+        centre = {key: [values[(len(values) - 1) // 2]] if isinstance(values, list) else values
+                  for key, values in sweep["grids"][0].items() if key != "training"}  # fmt: skip
+        axes = sweep["grids"][0].get("training", {})
+        centre["training"] = {key: [values[(len(values) - 1) // 2]] for key, values in axes.items()}
+        entries = _grid_entries(centre, "sweep.grids[0] (centre)")
+        spec = _make_spec(entries[0], shared, method_settings, "sweep.grids[0] (centre)")
+        if spec.run_id in runs:
+            return spec.run_id
+    return next(iter(runs))
+
+
+def with_noise_replicates(runs: dict[str, RunSpec], sweep: dict[str, Any], method_settings: dict[str, Any],
+                          shared: dict[str, Any]) -> dict[str, RunSpec]:  # fmt: skip
+    """The runs plus sweep.noise_replicates - 1 more seeds of the reference configuration
+    ('r16-qkvo-nf4-s1', '-s2', seeds training.seed + 1, ...): its seed-to-seed spread is the training noise
+    every one-seed configuration's verdicts borrow. The reference's own run keeps its id (nothing retrains)."""
+    replicates = sweep.get("noise_replicates", 1)
+    if replicates < 2:
+        return runs
+    reference = runs[noise_reference(sweep, runs, method_settings, shared)]
+    assert reference.training is not None
+    extra = {}
+    for offset in range(1, replicates):
+        seed = reference.training.seed + offset
+        replica = replace(reference, run_id=f"{reference.config_id}-s{seed}", training=reference.training.replace(
+            seed=seed))  # fmt: skip
+        if replica.run_id in runs:
+            raise ConfigError(f"sweep.noise_replicates: run id '{replica.run_id}' is taken by another run")
+        extra[replica.run_id] = replica
+    return {**runs, **extra}
 
 
 def replicate(configs: dict[str, RunSpec], seeds: list[int] | None) -> dict[str, RunSpec]:

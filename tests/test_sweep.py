@@ -29,7 +29,11 @@ def test_default_config_reproduces_the_reference_sweeps():
         "r16-qkvo-mlp-nf4",
         "r16-qkvo-int8",
         "r16-qkvo-16bit",
+        "r16-qkvo-nf4-s1",  # noise replicates of the centre configuration
+        "r16-qkvo-nf4-s2",
     ]
+    assert [(runs[r].config_id, runs[r].training.seed) for r in ("r16-qkvo-nf4-s1", "r16-qkvo-nf4-s2")] == [
+        ("r16-qkvo-nf4", 1), ("r16-qkvo-nf4", 2)]  # fmt: skip
     assert runs["r16-qkvo-nf4"].alpha == 32
     assert runs["r16-qkvo-nf4"].double_quant is True
     assert runs["r16-qkvo-int8"].double_quant is False  # only 4-bit has it
@@ -230,3 +234,18 @@ def test_settings_a_named_full_finetuning_run_cannot_use_are_named_in_a_warning(
     spec = expand_study(config_with_sweep({"runs": runs}))["full-16bit"]
     assert spec.rank == 0
     assert "sweep.runs[0]: rank, training.lora_dropout do not apply to full fine-tuning" in caplog.text
+
+
+def test_noise_replicates_replicate_the_named_or_centre_configuration_only():
+    config = default_config()
+    config["sweep"]["noise_reference"] = "r8-qkvo-nf4"
+    runs = expand_study(config)
+    assert [r for r in runs if runs[r].config_id != r] == ["r8-qkvo-nf4-s1", "r8-qkvo-nf4-s2"]
+    config["sweep"]["noise_replicates"] = 1
+    assert all(spec.config_id == run_id for run_id, spec in expand_study(config).items())
+    config["sweep"]["noise_replicates"], config["sweep"]["noise_reference"] = 3, "r7-qkvo-nf4"
+    with pytest.raises(ConfigError, match="'r7-qkvo-nf4' is not a run of this study"):
+        expand_study(config)
+    # With seeds for every configuration the replicates are not needed: each configuration gets its seeds only.
+    config["sweep"]["noise_reference"], config["sweep"]["seeds"] = None, [0, 1]
+    assert len(expand_study(config)) == 2 * 10

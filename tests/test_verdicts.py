@@ -52,7 +52,7 @@ def test_each_verdict_on_constructed_runs():
     for expected, candidate in cases.items():
         result = compare(evidence(candidate), evidence(reference), "perplexity", tolerance=0.02)
         assert result.verdict is expected, result.describe()
-        assert result.sources.startswith("evaluation noise only (seed noise not measured")
+        assert result.sources == "evaluation noise only"
         assert result.low <= result.change <= result.high
     # A real but small-sample, noisy difference: neither excluded from zero nor inside the tolerance.
     few = slice(0, 12)
