@@ -532,7 +532,7 @@ def comparison_chart(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
     frame = frame.drop_duplicates("pair")  # the first sentence's comparison of a pair
     frame["tolerance_low"] = -frame["tolerance_pct"]
     order = list(frame["pair"])
-    y = alt.Y("pair:N", title=None, sort=order)
+    y = alt.Y("pair:N", title="candidate vs reference", sort=order)
     x_title = "perplexity change against the reference (%), interval the verdict rests on"
     band = alt.Chart(frame).mark_bar(color="#dddddd", height=12).encode(
         x=alt.X("tolerance_low:Q", title=x_title), x2="tolerance_pct:Q", y=y)  # fmt: skip

@@ -264,8 +264,12 @@ def comparison_noise(candidate: Evidence, reference: Evidence, metric: str, pool
                   for side, table in ((candidate, table_c), (reference, table_r)) if side.trained]  # fmt: skip
         basis, what = "own", "seeds (" + " and ".join(str(side.seeds) for side in trained) + ")"
     elif pool is not None:
-        splits = [pool.split(sum(1 / side.seeds for side in trained))]
-        basis, what = "pooled", pool.describe()
+        # Borrowed seed variance, including the interaction; the row part keeps this pair's own interaction
+        # (the runs may share a seed, and so their per-row noise, which the pool cannot tell): conservative.
+        seed_term, _ = pool.split(sum(1 / side.seeds for side in trained))
+        noise = Noise(row_terms, [seed_term], "pooled", "")
+        dominant = _dominant(noise.row_variance, noise.seed_variance)
+        return replace(noise, text=f"evaluation rows and {pool.describe()} ({dominant} noise dominates)")
     else:
         splits = [TwoWay.of(table).split(1 / side.seeds) for side, table in ((candidate, table_c),
                   (reference, table_r)) if side.trained and side.seeds >= 2]  # fmt: skip
@@ -486,7 +490,7 @@ def own_noise(evidence: Evidence, metric: str, pool: SeedPool | None = None) -> 
     if evidence.seeds >= 2:
         return Noise(*_with_splits(row_terms, [TwoWay.of(table).split(1 / evidence.seeds)]), "own", "seeds and rows")
     if pool is not None:
-        return Noise(*_with_splits(row_terms, [pool.split(1.0)]), "pooled", pool.describe())
+        return Noise(row_terms, [pool.split(1.0)[0]], "pooled", pool.describe())
     return Noise(row_terms, [], "unmeasured", "evaluation noise only")
 
 

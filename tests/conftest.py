@@ -123,7 +123,8 @@ def tiny_gemma2(tiny_llama, tmp_path_factory) -> Path:
 
 
 def tiny_study_config(model_dir: Path) -> dict:
-    """A whole study in seconds on a small data slice: every sweep axis, 4 trained runs + baseline."""
+    """A whole study in seconds on a small data slice: every sweep axis, 4 configurations (one replicated)
+    + baseline."""
     return {
         "model": {"source": str(model_dir)},
         "dataset": {
@@ -137,6 +138,7 @@ def tiny_study_config(model_dir: Path) -> dict:
         "evaluation": {"batch_size": 8, "exact_match_examples": 8, "max_new_tokens": 8},
         "sweep": {
             "baseline": True,
+            "noise_replicates": 2,  # r4-qv-nf4, the centre of the first grid, also with seed 1
             "grids": [
                 {"rank": [4, 8], "modules": [["q", "v"]], "quantization": ["nf4"]},
                 {"rank": [4], "modules": [["q", "v"], ["q", "k", "v", "o", "mlp"]], "quantization": ["nf4"]},

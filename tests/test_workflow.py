@@ -15,7 +15,7 @@ from conftest import FAKE_HUB_TOKEN, run_snakemake
 
 def test_runs_table_has_one_row_per_run_with_finite_metrics(tiny_study):
     table = pd.read_csv(tiny_study / "results/tables/runs.csv")
-    expected = ["base-nf4", "base-fp32", "r4-qv-nf4", "r8-qv-nf4", "r4-qkvo-mlp-nf4", "r4-qv-fp32"]
+    expected = ["base-nf4", "base-fp32", "r4-qv-nf4", "r8-qv-nf4", "r4-qkvo-mlp-nf4", "r4-qv-fp32", "r4-qv-nf4-s1"]
     assert list(table["run_id"]) == expected
     for column in ("perplexity", "eval_loss", "accuracy", "peak_memory_gb", "eval_tokens_per_s"):
         assert table[column].map(math.isfinite).all(), column
@@ -53,10 +53,13 @@ def test_report_is_built_by_the_same_run(tiny_study):
     assert tables == {
         "rank", "modules", "quantization", "diminishing_returns", "time_memory",
         "pareto_memory", "pareto_time", "decision", "memory_plan", "base_quantization", "reference_claims",
-        "anatomy",
+        "anatomy", "comparisons",
     }  # fmt: skip
     charts = {p.stem for p in (results / "charts").glob("*.svg")}
-    assert len(charts) == 9 and {"effective_rank", "memory_breakdown"} <= charts
+    assert len(charts) == 10 and {"effective_rank", "memory_breakdown", "comparisons"} <= charts
+    # The centre configuration's two seeds measure training noise; every one-seed verdict borrows it.
+    assert "seed noise pooled from 2 replicates of r4-qv-nf4" in findings
+    assert "Noise: training noise measured on replicates of r4-qv-nf4 (2 seeds)" in findings
     for stem in charts:
         for fmt in ("html", "svg", "png"):
             assert (results / f"charts/{stem}.{fmt}").stat().st_size > 1000, (stem, fmt)
