@@ -160,8 +160,8 @@ def _rank_axis(ranks: pd.Series, title: str = RANK_TITLE) -> alt.X:
 
 
 def _interval_bars(frame: pd.DataFrame, x: alt.X | str, metric: str, style: Style) -> alt.Chart | None:
-    """Each run's 95 % interval of `metric`: its own (rows resampled, plus seeds) where judged, else the seeds'
-    t-interval of the mean; None without either."""
+    """Each run's 95 % interval of `metric`: its own (rows plus seed noise, own or pooled) where judged, else
+    the seeds' t-interval of the mean; None without either."""
     if f"{metric}_low" in frame and frame[f"{metric}_low"].notna().any():
         bounds = frame.assign(low=frame[f"{metric}_low"], high=frame[f"{metric}_high"])
     elif f"{metric}_ci95" in frame and frame[f"{metric}_ci95"].notna().any():
@@ -538,7 +538,7 @@ def comparison_chart(tables: dict[str, pd.DataFrame]) -> alt.Chart | None:
         x=alt.X("tolerance_low:Q", title=x_title), x2="tolerance_pct:Q", y=y)  # fmt: skip
     zero = alt.Chart(pd.DataFrame({"x": [0.0]})).mark_rule(color="#666666", strokeDash=[4, 3]).encode(x="x:Q")
     colour = alt.Color("verdict:N", scale=alt.Scale(domain=list(VERDICT_COLOURS), range=list(VERDICT_COLOURS.values())))
-    tooltip = [alt.Tooltip("pair:N", title="comparison"), alt.Tooltip("verdict:N"),
+    tooltip = [alt.Tooltip("candidate:N"), alt.Tooltip("reference:N"), alt.Tooltip("verdict:N"),
                alt.Tooltip("change_pct:Q", title="change (%)", format="+.1f"),
                alt.Tooltip("low_pct:Q", title="low (%)", format="+.1f"),
                alt.Tooltip("high_pct:Q", title="high (%)", format="+.1f"),

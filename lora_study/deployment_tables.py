@@ -12,7 +12,8 @@ import pandas as pd
 from lora_study.deploy import MERGE_FLAGGED, MERGE_UNCLEAR, MERGED_16BIT, MERGED_REQUANTIZED, UNMERGED
 from lora_study.downstream import is_local
 from lora_study.findings import FindingSettings, _fmt, baseline_ids, baselines, trained_runs
-from lora_study.verdicts import Evidence, compare
+from lora_study.sweep import is_baseline_id
+from lora_study.verdicts import Evidence, compare, seed_pool
 
 DOWNSTREAM_COLUMNS = ("run_id", "config_id", "task", "metric", "filter", "value", "stderr", "documents", "primary")
 DEPLOY_COLUMNS = ("run_id", "config_id", "form")
@@ -77,7 +78,8 @@ def _task_evidence(task_docs: pd.DataFrame) -> dict[str, Evidence]:
         if len({len(r) for r in runs}) != 1 or not len(runs[0]):
             continue
         scores = np.stack(runs)
-        evidence[str(config_id)] = Evidence(nll=np.zeros_like(scores), tokens=np.ones(scores.shape[1]), correct=scores)
+        evidence[str(config_id)] = Evidence(nll=np.zeros_like(scores), tokens=np.ones(scores.shape[1]),
+                                            correct=scores, trained=not is_baseline_id(str(config_id)))  # fmt: skip
     return evidence
 
 
@@ -95,13 +97,14 @@ def downstream_table(
     for (task, metric), scores in primary.groupby(["task", "metric"], sort=False):
         docs = samples[(samples["metric"] == metric) & (samples["configured_task"] == task)]
         evidence = _task_evidence(docs)
+        pool = seed_pool(evidence, "accuracy")  # one-seed runs borrow the replicated configurations' seed noise
         judged = [c for c in scores["config_id"] if c in trained]
         for row in scores.itertuples():
             base = base_of.get(row.config_id)
             comparison = None
             if row.config_id in trained and base in evidence and row.config_id in evidence:
                 comparison = compare(evidence[row.config_id], evidence[base], "accuracy",
-                                     settings.min_relative_gain, len(judged))  # fmt: skip
+                                     settings.min_relative_gain, len(judged), pool)  # fmt: skip
             rows.append({
                 "run_id": row.config_id, "task": task, "metric": metric, "score": row.value,
                 "stderr": row.stderr, "documents": row.documents, "base": base or "",

@@ -623,7 +623,9 @@ def _unjudged(subject: str) -> str:
     return f"{subject}: not judged (no per-row scores to compare)."
 
 
-def sweet_spot_finding(ranks: pd.DataFrame | None, judge: Judge, settings: FindingSettings) -> str | None:
+def sweet_spot_finding(
+    ranks: pd.DataFrame | None, judge: Judge, settings: FindingSettings, memory_text: str = "peak memory"
+) -> str | None:
     """The smallest rank equivalent to the best rank, every smaller rank shown worse; else inconclusive."""
     if ranks is None:
         return None
@@ -649,7 +651,7 @@ def sweet_spot_finding(ranks: pd.DataFrame | None, judge: Judge, settings: Findi
             return (
                 f"Sweet-spot rank: {int(row['rank'])} (perplexity {_fmt(row['perplexity'])}) is equivalent to the "
                 f"best rank {int(best['rank'])} ({_fmt(best['perplexity'])}) within the {tolerance}: "
-                f"{result.describe()}, at {ratio:.0%} of its peak memory{shown}."
+                f"{result.describe()}, at {ratio:.0%} of its peak memory ({memory_text}){shown}."
             )
         if result.verdict is not Verdict.WORSE:
             return (
@@ -737,7 +739,9 @@ def _memory_change_text(saved_pct: float) -> str:
     return f"{-saved_pct:.0f}% more peak memory than the unquantized run"
 
 
-def quantization_findings(quant: pd.DataFrame | None, judge: Judge, settings: FindingSettings) -> list[str]:
+def quantization_findings(
+    quant: pd.DataFrame | None, judge: Judge, settings: FindingSettings, memory_text: str = "peak memory"
+) -> list[str]:
     """Each weight format against the best one, at tolerance sweet_spot_tolerance."""
     if quant is None:
         return []
@@ -759,7 +763,7 @@ def quantization_findings(quant: pd.DataFrame | None, judge: Judge, settings: Fi
             against = f"against {best['quantization']}: {verdict}"
         sentences.append(
             f"Quantization {row['quantization']}: perplexity {_fmt(row['perplexity'])} ({against}), "
-            f"peak memory {row['peak_memory_gb']:.2f} GB{saved}."
+            f"peak memory {row['peak_memory_gb']:.2f} GB ({memory_text}){saved}."
         )
     for _, row in quant[quant["status"] != "ok"].iterrows():
         sentences.append(f"Quantization {row['quantization']}: {row['status']}.")
@@ -892,12 +896,12 @@ def headline_findings(
         best_ppl = _fmt(best["perplexity"])
         sentences.append(f"Best run: {best['run_id']} lowers validation perplexity {start}to {best_ppl}.")
     sentences += [
-        sweet_spot_finding(tables.get("rank"), judge, settings),
+        sweet_spot_finding(tables.get("rank"), judge, settings, memory_text),
         diminishing_finding(tables.get("diminishing_returns"), settings),
         attention_finding(tables.get("modules"), judge, settings),
-        *quantization_findings(tables.get("quantization"), judge, settings),
+        *quantization_findings(tables.get("quantization"), judge, settings, memory_text),
         base_quantization_finding(tables.get("base_quantization"), judge, settings),
-        pareto_finding(tables.get("pareto_memory"), "peak_memory_gb", "peak memory", "GB"),
+        pareto_finding(tables.get("pareto_memory"), "peak_memory_gb", f"peak memory ({memory_text})", "GB"),
         pareto_finding(tables.get("pareto_time"), "train_wall_s", "training time", "s"),
         *decision_findings(tables.get("decision"), memory_text),
         memory_plan_finding(tables.get("memory_plan")),

@@ -193,6 +193,7 @@ SECTION_LAYOUT: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...] = 
     ("anatomy", "Adapter anatomy", ("effective_rank",), ("anatomy",)),
     ("downstream", "Downstream tasks", ("downstream",), ("downstream", "downstream_agreement")),
     ("deployment", "Merging and serving", ("serving",), ("merge_check", "serving")),
+    ("verdicts", "Every verdict against its reference", ("comparisons",), ("comparisons",)),
 )  # fmt: skip
 CLAIMS = "reference_claims"
 

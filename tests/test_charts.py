@@ -62,8 +62,9 @@ def test_every_chart_gives_a_quantization_one_colour_and_a_module_set_one_shape(
                     assert shapes.setdefault(value, symbol) == symbol, (name, value)
     assert set(colours) == {"nf4", "fp32"}
     assert set(shapes) == {"qv", "qkvo-mlp"}  # every trained module set of the study, in every chart
-    # Every chart of runs colours them by quantization (heatmaps colour by perplexity, the breakdown by term).
-    assert coloured == set(specs) - {"memory_breakdown"}
+    # Every chart of runs colours them by quantization (heatmaps colour by perplexity, the breakdown by term,
+    # the comparisons chart, whose marks are pairs of runs, by verdict).
+    assert coloured == set(specs) - {"memory_breakdown", "comparisons"}
 
 
 def test_quality_is_drawn_as_points_on_fitted_axes_and_only_zero_based_quantities_as_bars(specs):
@@ -81,7 +82,9 @@ def test_every_point_and_bar_tooltip_names_its_run(specs):
     for name, spec in specs.items():
         for unit in units(spec):
             if mark_type(unit) in ("point", "bar", "tick") and "tooltip" in unit.get("encoding", {}):
-                assert any(t.get("field") == "run_id" for t in unit["encoding"]["tooltip"]), name
+                fields = {t.get("field") for t in unit["encoding"]["tooltip"]}
+                # A run, or for a verdict the two runs it compares.
+                assert "run_id" in fields or {"candidate", "reference"} <= fields, name
 
 
 def test_rank_axes_tick_exactly_the_swept_ranks(specs, tiny_study):

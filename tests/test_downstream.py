@@ -131,6 +131,7 @@ def deployed_study(tiny_llama, tmp_path_factory):
     config = tiny_study_config(tiny_llama)
     # One QLoRA run and its base: every deployed form of a quantized adapter (unquantized ones: test_deploy.py).
     config["sweep"]["grids"] = [{"rank": [4], "modules": [["q", "v"]], "quantization": ["nf4"]}]
+    config["sweep"]["noise_replicates"] = 1  # one run: deployment does not need the seed noise
     config["evaluation"].update(
         lm_eval={"tasks": [LOCAL_GROUP], "batch_size": 4},
         merge_check={"enabled": True},
