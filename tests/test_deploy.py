@@ -148,3 +148,26 @@ def test_serving_generates_the_configured_tokens(trained):
     assert len(produced) == per_batch * len(SERVING.batch_sizes)
     assert {shape for shape in produced} == {(b, n) for b in (1, 2) for n in (1, SERVING.new_tokens)}
     assert set(cost) == {f"{k}_b{b}" for k in ("ttft_ms", "ms_per_token", "tokens_per_s", "spread_pct") for b in (1, 2)}
+
+
+def test_the_merge_table_keeps_every_seed_and_corrects_over_every_check():
+    import pandas as pd
+
+    from lora_study.deploy import MERGE_UNCLEAR
+    from lora_study.deployment_tables import merge_table
+
+    # A +2 % merge change whose interval excludes 0 when judged alone (m = 1: flagged) but not among the 4
+    # checks the table holds (2 seeds x 2 forms): the sentence counting flags over all of them must correct.
+    def form(run_id: str, name: str, change: float) -> dict:
+        return {"run_id": run_id, "config_id": "r4-qv-nf4", "form": name, "merge_change": change,
+                "merge_perplexity": 5.0 * (1 + change), "merge_reference_perplexity": 5.0, "merge_se": 0.0095,
+                "merge_df": float("inf"), "merge_outcome": MERGE_FLAGGED, "merge_describe": "as recorded"}  # fmt: skip
+
+    deploy = pd.DataFrame([form(run, name, 0.02) for run in ("r4-qv-nf4-s0", "r4-qv-nf4-s1")
+                           for name in (MERGED_16BIT, MERGED_REQUANTIZED)])  # fmt: skip
+    runs = pd.DataFrame({"run_id": ["r4-qv-nf4"], "quant_label": ["nf4"]})
+    table = merge_table(runs, deploy, tolerance=0.01)
+    assert list(table["run_id"]) == ["r4-qv-nf4-s0", "r4-qv-nf4-s1"] and table.attrs["checks"] == 4
+    assert (table[f"{MERGED_16BIT}_check"] == MERGE_UNCLEAR).all()
+    assert "4 checks" in table[f"{MERGED_16BIT}_detail"].iloc[0]
+    assert (merge_table(runs, deploy)[f"{MERGED_16BIT}_check"] == MERGE_FLAGGED).all()  # no tolerance: as recorded
