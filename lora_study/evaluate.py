@@ -17,7 +17,7 @@ import torch
 from lora_study.batching import collate
 from lora_study.data import load_split
 from lora_study.failures import STATUS_OOM, is_out_of_memory, memory_in_use_gb
-from lora_study.gpu_slots import claim_gpu, job_environment
+from lora_study.gpu_slots import claim_job_gpu, job_environment
 from lora_study.io import atomic_path, write_json
 from lora_study.loading import load_for_evaluation, load_tokenizer, pick_device, set_threads
 from lora_study.loss import ResponseLoss
@@ -103,7 +103,7 @@ def exact_match(hits: list[bool], rows) -> tuple[float, dict[str, float]]:
 
 def inference_setup(run: RunSpec, compute_settings: dict[str, Any], threads: int):
     """(GPU slot, device, capability, recipe) of a job that loads one run for inference."""
-    gpu_slot = claim_gpu()  # held until this process ends
+    gpu_slot = claim_job_gpu()  # held until this process ends
     set_threads(threads)
     device = pick_device()
     capability = detect_capability(device)

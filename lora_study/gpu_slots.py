@@ -1,23 +1,32 @@
-"""One GPU per running job on a multi-GPU workstation.
+"""One GPU per running job wherever a job can see several.
 
 Snakemake's `--resources gpu=N` only limits how many GPU jobs run at once; it
 never sets CUDA_VISIBLE_DEVICES, so every job would land on GPU 0. Each GPU job
 therefore claims a slot: an exclusive `flock` on one lock file per device. The
 lock belongs to the process, so the kernel frees it when the job exits, however
-it exits (a crash or SIGKILL included). Under SLURM the scheduler has already
-chosen the device and nothing is claimed.
+it exits (a crash or SIGKILL included). A job that sees one device (a SLURM job
+given one GPU, a one-GPU machine) has nothing to choose and claims nothing; one
+that sees several claims among them, SLURM or not (local Snakemake inside
+`salloc --gpus=4`, grouped jobs). Locks live per host and per allocation.
+
+The claim must come before anything initialises CUDA: CUDA reads
+CUDA_VISIBLE_DEVICES once, at initialisation, and importing bitsandbytes (which
+peft and transformers' quantization import) already queries every device. The
+rule scripts of GPU jobs therefore claim first (`lora_study.jobs.job(gpu=True)`),
+and a claim after CUDA started is refused.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-DEFAULT_LOCK_DIR = Path(".snakemake") / "gpu-slots"
+LOCK_ROOT = Path(".snakemake") / "gpu-slots"
 
 
 @dataclass
@@ -60,23 +69,44 @@ def try_claim(devices: list[str], lock_dir: Path) -> GpuSlot | None:
     return None
 
 
+def default_lock_dir() -> Path:
+    """Per host and per SLURM allocation: device numbers mean something only on one machine, and two
+    allocations on one node may both number their GPUs from 0."""
+    return LOCK_ROOT / os.uname().nodename / os.environ.get("SLURM_JOB_ID", "local")
+
+
+class CudaStartedError(RuntimeError):
+    """CUDA was initialised before the job claimed its GPU: the claim could no longer choose the device."""
+
+
+def cuda_initialized() -> bool:
+    """Whether this process has initialised CUDA (without importing torch to find out)."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
 def claim_gpu(
-    lock_dir: Path = DEFAULT_LOCK_DIR, devices: list[str] | None = None, timeout_s: float = 3600, poll_s: float = 1.0
+    lock_dir: Path | None = None, devices: list[str] | None = None, timeout_s: float = 3600, poll_s: float = 1.0
 ) -> GpuSlot | None:
     """Claim a device for this process and make it the only visible one.
 
-    Call before CUDA is initialised. Returns None (and changes nothing) under
-    SLURM or without GPUs. Waits while every device is taken (more jobs than
-    GPUs were started) and fails after `timeout_s`.
+    Refused once CUDA is initialised. Returns None (and changes nothing) when
+    at most one device is visible. Waits while every device is taken (more jobs
+    than GPUs were started) and fails after `timeout_s`.
     """
+    if cuda_initialized():
+        raise CudaStartedError(
+            "CUDA was initialised before this job claimed its GPU, so CUDA_VISIBLE_DEVICES can no longer choose "
+            "the device: claim first (lora_study.jobs.job(snakemake, gpu=True)), before importing peft, "
+            "bitsandbytes or anything that queries CUDA"
+        )
     # CUDA numbers devices fastest-first by default, NVML by PCI bus: make them agree
     # (set before CUDA starts), so the slot, the device and its memory readings match.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    if os.environ.get("SLURM_JOB_ID"):
-        return None
     candidates = visible_devices() if devices is None else devices
-    if not candidates:
+    if len(candidates) <= 1:
         return None
+    lock_dir = default_lock_dir() if lock_dir is None else lock_dir
     deadline = time.monotonic() + timeout_s
     while (slot := try_claim(candidates, lock_dir)) is None:
         if time.monotonic() > deadline:
@@ -84,6 +114,16 @@ def claim_gpu(
         time.sleep(poll_s)
     os.environ["CUDA_VISIBLE_DEVICES"] = slot.device
     return slot
+
+
+_JOB_SLOT: list[GpuSlot | None] = []  # this process's claim, once made
+
+
+def claim_job_gpu() -> GpuSlot | None:
+    """The job's GPU: claimed on the first call (before CUDA starts), the same slot on every later one."""
+    if not _JOB_SLOT:
+        _JOB_SLOT.append(claim_gpu())
+    return _JOB_SLOT[0]
 
 
 def job_environment(slot: GpuSlot | None) -> dict[str, str | None]:

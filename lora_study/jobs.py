@@ -28,8 +28,15 @@ def _quiet_libraries() -> None:
 
 
 @contextmanager
-def job(snakemake: Any, light: bool = False) -> Iterator[logging.Logger]:
-    """`light`: a job that never imports the ML stack (it would cost seconds of import time)."""
+def job(snakemake: Any, light: bool = False, gpu: bool = False) -> Iterator[logging.Logger]:
+    """`light`: a job that never imports the ML stack (it would cost seconds of import time).
+
+    `gpu`: a job that may use a GPU claims it here, first, before any import can initialise CUDA.
+    """
+    from lora_study import gpu_slots
+
+    if gpu:
+        gpu_slots.claim_job_gpu()
     # Byte-level progress bars make unreadable logs; our own progress lines remain.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_study.errors import UserError
 from lora_study.methods import PEFT_FLAGS
 from lora_study.modules import Targets
 from lora_study.precision import Recipe, apply_recipe, dtype_summary
@@ -16,9 +17,94 @@ from lora_study.precision import Recipe, apply_recipe, dtype_summary
 log = logging.getLogger("lora_study")
 
 
+# The oldest Linux driver each CUDA toolkit of torch's builds needs (NVIDIA's release notes).
+MIN_DRIVER_FOR_CUDA = {"11.8": "520", "12.1": "530", "12.4": "550", "12.6": "560", "12.8": "570", "13.0": "580"}
+CPU_ANYWAY = "to run on the CPU anyway, hide the GPUs: CUDA_VISIBLE_DEVICES=''"
+
+
 def pick_device() -> torch.device:
-    """CUDA when present (the job's first visible GPU), else CPU."""
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    """The job's first visible GPU; the CPU only when no GPU is visible (or CUDA_VISIBLE_DEVICES hides them).
+
+    A GPU that the driver lists but torch cannot use is an error within seconds, never a quiet
+    CPU run that lasts until the cluster's time limit.
+    """
+    if torch.cuda.is_available():
+        check_kernels(torch.cuda.get_device_capability(0), torch.cuda.get_arch_list(), torch.cuda.get_device_name(0))
+        return torch.device("cuda", 0)
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None and listed.strip() in ("", "-1"):
+        return torch.device("cpu")
+    gpus, driver = gpu_evidence()
+    if gpus:
+        raise UserError(unusable_gpu_message(gpus, driver, torch.__version__, torch.version.cuda))
+    if listed:
+        # A scheduler can name devices no driver backs (a test cluster's declared GPU): say so, run on CPU.
+        log.warning("CUDA_VISIBLE_DEVICES=%s names devices, but no NVIDIA driver answers: running on CPU", listed)
+    return torch.device("cpu")
+
+
+def gpu_evidence() -> tuple[list[str], str | None]:
+    """(the GPUs the NVIDIA driver lists, its version) from NVML, else nvidia-smi; ([], None) without a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        names = [_text(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                 for i in range(pynvml.nvmlDeviceGetCount())]  # fmt: skip
+        return names, _text(pynvml.nvmlSystemGetDriverVersion())
+    except Exception:  # no NVML: ask nvidia-smi, if there is one
+        pass
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return [], None
+    try:
+        listing = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return [], None
+    rows = [[part.strip() for part in line.split(",")] for line in listing.stdout.splitlines() if "," in line]
+    return ([row[0] for row in rows], rows[0][-1]) if listing.returncode == 0 and rows else ([], None)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def unusable_gpu_message(gpus: list[str], driver: str | None, torch_version: str, torch_cuda: str | None) -> str:
+    """Why torch cannot use the GPUs the driver lists, and the fix."""
+    listed = f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''} ({', '.join(sorted(set(gpus)))})"
+    if torch_cuda is None:
+        why = f"torch {torch_version} is a CPU-only build (this machine's driver is {driver or 'unknown'})"
+        fix = "install the CUDA build (README: Installing for a GPU)"
+    else:
+        needed = MIN_DRIVER_FOR_CUDA.get(".".join(torch_cuda.split(".")[:2]))
+        why = (f"torch {torch_version} is built for CUDA {torch_cuda}"
+               + (f", which needs NVIDIA driver >= {needed}" if needed else "")
+               + f"; this machine's driver is {driver or 'unknown'}")  # fmt: skip
+        fix = ("update the driver, or install a torch build for an older CUDA that this driver supports "
+               "(README: Installing for a GPU)")  # fmt: skip
+    return f"the NVIDIA driver lists {listed} but torch cannot use them: {why}. Fix: {fix}; {CPU_ANYWAY}."
+
+
+def check_kernels(capability: tuple[int, int], arch_list: list[str], name: str) -> None:
+    """Fail when torch has no kernels for this GPU (say a V100, compute capability 7.0, under a build that
+    starts at 7.5): sm_XY runs on the same major version at minor >= Y; compute_XY (PTX) on any newer one."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        if not digits.isdigit():
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if (kind == "sm" and built[0] == major and built[1] <= minor) or (kind == "compute" and built <= capability):
+            return
+    raise UserError(
+        f"{name} (compute capability {major}.{minor}) has no kernels in torch {torch.__version__} (built for "
+        f"{', '.join(arch_list)}): install a torch build that supports it (README: Installing for a GPU); "
+        f"{CPU_ANYWAY}."
+    )
 
 
 def device_name(device: torch.device) -> str:

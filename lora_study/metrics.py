@@ -197,39 +197,47 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def visible_device_entry(index: int) -> str | None:
-    """The CUDA_VISIBLE_DEVICES entry of CUDA device `index` (an index, a GPU-/MIG- UUID), or None."""
-    listed = [entry.strip() for entry in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if entry.strip()]
-    return listed[index] if index < len(listed) else None
+def uuid_forms(uuid: str) -> list[str]:
+    """NVML's names for the device torch reports `uuid` for: a whole GPU ("GPU-...") or a MIG instance
+    ("MIG-..."); torch prints the bare UUID."""
+    bare = uuid.removeprefix("GPU-").removeprefix("MIG-")
+    return [f"GPU-{bare}", f"MIG-{bare}"]
 
 
-def nvml_lookup(entry: str | None, index: int) -> tuple[str, str | int]:
-    """How to find a CUDA device in NVML: ("uuid", "GPU-..."/"MIG-...") or ("index", n).
+def nvml_handle_for_uuid(nvml: Any, uuid: str | None) -> Any:
+    """The NVML handle of the device with this UUID (GPU or MIG form), or None.
 
-    NVML numbers devices in PCI bus order; the jobs set CUDA_DEVICE_ORDER=PCI_BUS_ID
-    so CUDA's numbering agrees.
+    Never by position: under cgroup-constrained SLURM a job's device 0 may be NVML's device 2, and on a
+    MIG system an index names the parent GPU, whose memory other tenants share.
     """
-    if entry is None:
-        return "index", index
-    if entry.startswith(("GPU-", "MIG-")):
-        return "uuid", entry
-    if entry.isdigit():
-        return "index", int(entry)
-    raise ValueError(f"CUDA_VISIBLE_DEVICES entry {entry!r} is neither an index nor a GPU-/MIG- UUID")
+    if not uuid:
+        return None
+    for name in uuid_forms(uuid):
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(name)
+        except Exception:  # not this form (or not a device NVML knows)
+            continue
+    return None
+
+
+def torch_device_uuid(device: torch.device) -> str | None:
+    """The UUID CUDA reports for `device` (the job's own GPU or MIG instance), or None."""
+    try:
+        return str(torch.cuda.get_device_properties(device).uuid)
+    except Exception:
+        return None
 
 
 def nvml_handle(device: torch.device) -> Any:
-    """NVML handle of the job's CUDA device, or None (no NVML, or an entry it cannot resolve)."""
+    """NVML handle of the job's CUDA device, found by its UUID, or None (no NVML, or no device NVML knows
+    by that UUID: torch's own figures remain, and the memory kind says so)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        kind, key = nvml_lookup(visible_device_entry(device.index or 0), device.index or 0)
-        if kind == "uuid":
-            return pynvml.nvmlDeviceGetHandleByUUID(key)
-        return pynvml.nvmlDeviceGetHandleByIndex(key)
-    except Exception:  # NVML missing or unsupported: torch's figures remain
+    except Exception:  # NVML missing or unsupported
         return None
+    return nvml_handle_for_uuid(pynvml, torch_device_uuid(device))
 
 
 def _nvml_used(handle: Any) -> int | None:

@@ -24,7 +24,7 @@ from lora_study.budget import budget_verdict
 from lora_study.checkpoints import Checkpointer, Progress, StopSignal, TrainingInterrupted, fingerprint, stop_on_signals
 from lora_study.data import load_split
 from lora_study.failures import STATUS_OOM, STATUS_SKIPPED, is_out_of_memory, memory_cap, memory_in_use_gb
-from lora_study.gpu_slots import GpuSlot, claim_gpu, job_environment
+from lora_study.gpu_slots import GpuSlot, claim_job_gpu, job_environment
 from lora_study.io import atomic_path, write_json
 from lora_study.loading import (
     add_lora,
@@ -132,7 +132,7 @@ class Job:
 def start_job(run: RunSpec, threads: int) -> Job:
     """Claim a GPU (before CUDA starts), set threads, resolve the recipe for this device."""
     started = time.perf_counter()
-    gpu_slot = claim_gpu()
+    gpu_slot = claim_job_gpu()  # the rule script claimed it first; a direct call claims it here
     set_threads(threads)
     device = pick_device()
     memory = PeakMemory(device)
@@ -163,9 +163,9 @@ def train_run(
     loading anything. SIGTERM/SIGINT save a checkpoint and exit non-zero; the
     next attempt resumes from the newest checkpoint.
     """
+    job = start_job(run, threads)  # claims the GPU first: importing peft queries CUDA
     import peft  # noqa: F401  (imported before any memory cap, like everything heavy)
 
-    job = start_job(run, threads)
     measurement = measurement or MeasurementSettings()
     # Resolve modules before loading weights: a typo fails in a second, not after the load.
     targets = check_run(run, manifest_layout(manifest), manifest["linear_layers"], manifest["model_type"])

@@ -2,7 +2,7 @@
 
 from lora_study.jobs import job, trained_run
 
-with job(snakemake):
+with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     import json
     from pathlib import Path
 

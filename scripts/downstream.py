@@ -9,7 +9,7 @@ from lora_study.jobs import job, trained_run
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-with job(snakemake):
+with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     import json
     from pathlib import Path
 
