@@ -33,6 +33,16 @@ OOM_MESSAGES = (
 )
 
 
+# cuBLAS reports an allocation failure as a status: directly, or as a handle it could not create
+# (cublasCreate needs device memory for its workspace).
+CUBLAS_OOM_STATUSES = ("cublas_status_alloc_failed",)
+CUBLAS_CREATE_FAILED = ("cublas_status_not_initialized", "cublascreate")
+
+
+def _is_cublas_oom(message: str) -> bool:
+    return any(s in message for s in CUBLAS_OOM_STATUSES) or all(s in message for s in CUBLAS_CREATE_FAILED)
+
+
 # Under an address-space cap a new thread's stack cannot be mapped either.
 CAPPED_ONLY_MESSAGES = ("can't start new thread",)
 
@@ -52,7 +62,9 @@ def is_out_of_memory(error: BaseException | None, memory_capped: bool = False) -
             return True
         if isinstance(error, OSError) and error.errno == errno.ENOMEM:
             return True
-        if isinstance(error, RuntimeError | OSError) and any(m in str(error).lower() for m in OOM_MESSAGES):
+        message = str(error).lower()
+        if isinstance(error, RuntimeError | OSError) and (any(m in message for m in OOM_MESSAGES)
+                                                          or _is_cublas_oom(message)):  # fmt: skip
             return True
         error = error.__cause__ or error.__context__
     return False

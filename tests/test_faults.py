@@ -230,3 +230,9 @@ def test_what_counts_as_out_of_memory():
     assert is_out_of_memory(thread, memory_capped=True) and not is_out_of_memory(thread)
     assert not is_out_of_memory(FloatingPointError("training loss is nan at step 2"))
     assert not is_out_of_memory(ValueError("target modules ['x'] not found"))
+    # cuBLAS says it with a status: an allocation that failed, or a handle it had no memory to create.
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasLtMatmul(...)`"))
+    assert is_out_of_memory(
+        RuntimeError("CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`")
+    )
+    assert not is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmEx`"))
