@@ -149,6 +149,18 @@ def run_anatomy(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, out_p
         log.info("%s holds no trained weights (the run did not train): nothing to measure", weights_dir)
         return _write(out_path, [])
     assert run.training is not None
+    from lora_study.failures import oom_as_data
+
+    outcome: dict[str, Any] = {}
+    with oom_as_data(outcome, "anatomy"):
+        return _write(out_path, _updates(manifest, weights_dir, run, layout))
+    # Out of memory (a model too large for the node's RAM): no layers, recorded in the log; the study goes on.
+    log.error("%s: anatomy did not fit in memory (%s): no layers measured", run.run_id, outcome["oom"]["anatomy"])
+    return _write(out_path, [])
+
+
+def _updates(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, layout: Layout) -> list[LayerUpdate]:
+    assert run.training is not None
     cpu = torch.device("cpu")
     # Full fine-tuning's recipe loads fp32 masters. Attention never runs here: eager exists for every model.
     recipe = recipe_for(run.quantization, run.training.compute_dtype, detect_capability(cpu), full=run.is_full)
@@ -163,7 +175,7 @@ def run_anatomy(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, out_p
     median = sorted(u.effective_rank for u in updates)[len(updates) // 2] if updates else "-"
     log.info("%s: %d layers; effective rank (%.0f%% of the energy): median %s", run.run_id, len(updates),
              100 * ENERGY_SHARE, median)  # fmt: skip
-    return _write(out_path, updates)
+    return updates
 
 
 FIELDS = tuple(f.name for f in fields(LayerUpdate))

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lora_study.failures import oom_as_data
 from lora_study.verdicts import Evidence, Verdict, compare
 
 log = logging.getLogger("lora_study")
@@ -46,6 +47,7 @@ BASE = "base"
 FULL = "full"
 # The merge check's outcome per way of merging.
 MERGE_OK, MERGE_FLAGGED, MERGE_UNCLEAR = "ok", "flagged", "unclear"
+MERGED_FORMS = "merged forms"  # the part of a deploy job that merges (and re-quantizes) the adapter
 
 
 @dataclass(frozen=True)
@@ -300,15 +302,20 @@ def run_deploy(
     kind = BASE if run.is_baseline else FULL if run.is_full else UNMERGED
     log.info("deploying %s (%s) on %s; recipe: %s", run.run_id, kind, capability.summary(), recipe.describe())
     with quiet_int8_casts():
-        with window_peak(device) as memory:
-            model = load_run_model(run, recipe, manifest, compute_settings, adapter_dir, device)
-            timings = context.serve(model, kind)
-        record["serving"][kind] = {**timings, **memory} if timings else {}
-        del model
+        # Out of memory in one form is recorded for it (record["oom"]) and the job goes on: the report says
+        # what did not fit instead of waiting on a crashed job.
+        with oom_as_data(record, kind):
+            with window_peak(device) as memory:
+                model = load_run_model(run, recipe, manifest, compute_settings, adapter_dir, device)
+                timings = context.serve(model, kind)
+            record["serving"][kind] = {**timings, **memory} if timings else {}
+            del model
         release_memory()
-        if kind == UNMERGED and (settings.merge_check or settings.serving or settings.save_merged):
+        wanted = settings.merge_check or settings.serving or settings.save_merged
+        if kind == UNMERGED and wanted and kind not in record.get("oom", {}):
             reference = reference_rows(examples_path) if settings.merge_check else None
-            context.merged_forms(str(adapter_dir), reference, tokenizer, record, merge_base_dir, merged_dir)
+            with oom_as_data(record, MERGED_FORMS):
+                context.merged_forms(str(adapter_dir), reference, tokenizer, record, merge_base_dir, merged_dir)
     record.update(device=device.type, compute_dtype=recipe.compute_dtype, weight_format=recipe.weight_format,
                   capability=capability.to_dict(), environment=job_environment(gpu_slot),
                   wall_s=time.perf_counter() - start)  # fmt: skip

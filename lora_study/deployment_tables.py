@@ -15,7 +15,8 @@ from lora_study.findings import FindingSettings, _fmt, baseline_ids, baselines, 
 from lora_study.sweep import is_baseline_id
 from lora_study.verdicts import Evidence, compare, seed_pool
 
-DOWNSTREAM_COLUMNS = ("run_id", "config_id", "task", "metric", "filter", "value", "stderr", "documents", "primary")
+DOWNSTREAM_COLUMNS = ("run_id", "config_id", "task", "metric", "filter", "value", "stderr", "documents", "primary",
+                      "oom")  # fmt: skip
 DEPLOY_COLUMNS = ("run_id", "config_id", "form")
 # Serving figures per batch size (…_b1, …_b8): latency, throughput, and the repeats' spread.
 SERVING_PREFIXES = ("ttft_", "ms_per_token_", "tokens_per_s_", "spread_pct_")
@@ -31,6 +32,10 @@ def downstream_frame(records: list[dict[str, Any]], config_ids: dict[str, str]) 
         for r in records
         for score in r.get("scores", [])
     ]
+    # A run lm-eval could not score for memory: one row that says so (no task, not primary).
+    rows += [{"run_id": r["run_id"], "config_id": config_ids.get(r["run_id"], r["run_id"]), "primary": False,
+              "oom": "; ".join(f"{part}: {message}" for part, message in r["oom"].items())}
+             for r in records if r.get("oom")]  # fmt: skip
     return pd.DataFrame(rows, columns=list(DOWNSTREAM_COLUMNS))
 
 
@@ -45,13 +50,16 @@ def deploy_frame(records: list[dict[str, Any]], config_ids: dict[str, str]) -> p
             merge = {f"merge_{k}": v for k, v in record.get("merge", {}).get(form, {}).items()}
             config_id = config_ids.get(record["run_id"], record["run_id"])
             rows.append({"run_id": record["run_id"], "config_id": config_id, "form": form, **serving, **merge})
+        for part, message in record.get("oom", {}).items():  # a form that did not fit: a row that says so
+            rows.append({"run_id": record["run_id"], "config_id": config_ids.get(record["run_id"], record["run_id"]),
+                         "form": part, "oom": message})  # fmt: skip
     return pd.DataFrame(rows, columns=None if rows else list(DEPLOY_COLUMNS))
 
 
 def runs_columns(downstream: pd.DataFrame, deploy: pd.DataFrame) -> pd.DataFrame:
     """Per run: each task's headline score and stderr, each merge's change and outcome, serving cost."""
     columns: dict[str, dict[str, Any]] = {}
-    for row in downstream[downstream["primary"].astype(bool)].itertuples():
+    for row in downstream[downstream["primary"].fillna(False).astype(bool)].itertuples():
         entry = columns.setdefault(row.run_id, {})
         entry[f"lm_eval.{row.task}"] = row.value
         entry[f"lm_eval.{row.task}_stderr"] = row.stderr
@@ -88,7 +96,7 @@ def downstream_table(
 ) -> pd.DataFrame | None:
     """Each run's headline score per task with lm-eval's stderr and a verdict against the base model in
     its own weight format (paired over documents; tolerance min_relative_gain in points; m = runs judged)."""
-    primary = downstream[downstream["primary"].astype(bool)]
+    primary = downstream[downstream["primary"].fillna(False).astype(bool)]
     if primary.empty:
         return None
     base_of = _base_ids(runs)
@@ -331,7 +339,22 @@ def deployment_report(
                                       "rows"))  # fmt: skip
         tables["serving"] = serving_table(runs, deploy)
         findings.append(serving_finding(tables["serving"], serving_text(evaluation.get("serving", {}))))
+    findings.append(oom_finding(downstream, deploy))
     return {k: v for k, v in tables.items() if v is not None}, [s for s in findings if s]
+
+
+def oom_finding(downstream: pd.DataFrame | None, deploy: pd.DataFrame | None) -> str | None:
+    """The parts of the downstream and deploy stages that ran out of memory (recorded, not crashed)."""
+    parts = []
+    for stage, frame, what in (("lm-eval", downstream, None), ("deploy", deploy, "form")):
+        if frame is None or "oom" not in frame:
+            continue
+        for row in frame[frame["oom"].notna() & frame["oom"].astype(str).ne("")].to_dict("records"):
+            where = f" ({row[what]})" if what else ""
+            parts.append(f"{stage} of {row['run_id']}{where}: {row['oom']}")
+    if not parts:
+        return None
+    return "Did not fit in memory (recorded as data; the rest of the study was measured): " + "; ".join(parts) + "."
 
 
 def serving_text(serving: dict[str, Any]) -> str:

@@ -386,6 +386,26 @@ def _first_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _scores_or_oom(record: dict[str, Any], load, tokenizer, settings: LmEvalSettings, task_dir: Path,
+                   apply_template: bool, autocast) -> tuple[list[dict[str, Any]], pd.DataFrame]:  # fmt: skip
+    """lm-eval's scores; out of memory at the configured batch size is tried once more at half of it, and a
+    second one is recorded (record["status"] = "oom", what failed in record["oom"]), not raised."""
+    from dataclasses import replace
+
+    from lora_study.failures import STATUS_OOM, oom_as_data
+
+    attempt: dict[str, Any] = {}
+    with oom_as_data(attempt, "load"):
+        model = load()
+    batches = [settings.batch_size] + ([settings.batch_size // 2] if settings.batch_size > 1 else [])
+    for batch in batches if "oom" not in attempt else []:
+        with oom_as_data(attempt, f"lm-eval at batch {batch}"):
+            return evaluate_tasks(model, tokenizer, replace(settings, batch_size=batch), task_dir, apply_template,
+                                  autocast)  # fmt: skip
+    record.update(status=STATUS_OOM, oom=attempt["oom"])
+    return [], pd.DataFrame(columns=list(SAMPLE_COLUMNS))
+
+
 def run_downstream(
     run,
     settings: LmEvalSettings,
@@ -417,9 +437,10 @@ def run_downstream(
         log.info("lm-eval on %s (%s); recipe: %s", run.run_id, capability.summary(), recipe.describe())
         tokenizer, _ = load_tokenizer(manifest)
         with quiet_int8_casts():
-            model = load_run_model(run, recipe, manifest, compute_settings, adapter_dir, device)
-            autocast = recipe.torch_compute_dtype if recipe.autocast else None
-            scores, samples = evaluate_tasks(model, tokenizer, settings, task_dir, template != "alpaca", autocast)
+            scores, samples = _scores_or_oom(record, lambda: load_run_model(run, recipe, manifest, compute_settings,
+                                                                            adapter_dir, device),
+                                             tokenizer, settings, task_dir, template != "alpaca",
+                                             recipe.torch_compute_dtype if recipe.autocast else None)  # fmt: skip
         record.update(scores=scores, device=device.type, compute_dtype=recipe.compute_dtype,
                       capability=capability.to_dict(), environment=job_environment(gpu_slot))  # fmt: skip
         for row in scores:

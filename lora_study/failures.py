@@ -8,6 +8,7 @@ the job.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import resource
 from collections.abc import Iterator
@@ -128,3 +129,25 @@ def _address_space_bytes() -> int:
     with open("/proc/self/statm") as handle:
         pages = int(handle.read().split()[0])
     return pages * resource.getpagesize()
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+@contextmanager
+def oom_as_data(record: dict[str, Any], part: str, memory_capped: bool = False) -> Iterator[None]:
+    """Run one part of a job; out of memory inside it is recorded as record["oom"][part] (the error's first
+    line), the memory released and the job goes on to end normally, so the study's report still builds and
+    says what did not fit. Any other error propagates."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error, memory_capped):
+            raise
+        log.error("%s: out of memory (%s): recorded as data, the job goes on", part, first_line(error))
+        record.setdefault("oom", {})[part] = first_line(error)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

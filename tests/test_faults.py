@@ -236,3 +236,40 @@ def test_what_counts_as_out_of_memory():
         RuntimeError("CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`")
     )
     assert not is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmEx`"))
+
+
+def test_out_of_memory_in_a_part_of_a_job_is_recorded_and_the_job_goes_on():
+    import torch
+
+    from lora_study.failures import oom_as_data
+
+    record: dict = {}
+    with oom_as_data(record, "merged forms"):
+        torch.empty(2**62, dtype=torch.uint8)  # a real allocation no machine grants
+    assert set(record["oom"]) == {"merged forms"} and "allocate" in record["oom"]["merged forms"]
+    with pytest.raises(ValueError, match="not a memory problem"), oom_as_data(record, "serving"):
+        raise ValueError("not a memory problem")
+    assert "serving" not in record["oom"]
+
+
+def test_lm_eval_that_does_not_fit_is_recorded_and_reported():
+    import pandas as pd
+    import torch
+
+    from lora_study.deployment_tables import deploy_frame, downstream_frame, oom_finding
+    from lora_study.downstream import LmEvalSettings, _scores_or_oom
+
+    def load_too_large():
+        return torch.empty(2**62, dtype=torch.uint8)
+
+    record: dict = {"run_id": "r4-qv-nf4", "status": "ok", "scores": []}
+    settings = LmEvalSettings(("local",), 0, None, 16)
+    scores, samples = _scores_or_oom(record, load_too_large, None, settings, None, True, None)
+    assert scores == [] and samples.empty and record["status"] == "oom" and "load" in record["oom"]
+    deploy = {"run_id": "r8-qv-nf4", "serving": {"unmerged": {"ms_per_token_b1": 5.0}}, "merge": {},
+              "oom": {"merged forms": "DefaultCPUAllocator: can't allocate memory"}}  # fmt: skip
+    ids = {"r4-qv-nf4": "r4-qv-nf4", "r8-qv-nf4": "r8-qv-nf4"}
+    sentence = oom_finding(downstream_frame([record], ids), deploy_frame([deploy], ids))
+    assert sentence.startswith("Did not fit in memory (recorded as data; the rest of the study was measured): ")
+    assert "lm-eval of r4-qv-nf4: load: " in sentence and "deploy of r8-qv-nf4 (merged forms): " in sentence
+    assert oom_finding(pd.DataFrame(columns=["oom"]), None) is None
