@@ -10,8 +10,17 @@ gives peak VRAM three ways (torch max allocated, torch max reserved, NVML
 used), useful (loss-bearing) tokens/s and the planner's prediction.
 
     python bench/gpu_check.py --out bench/results/gpu_check.md          # CUDA, Phi-2
+    python bench/gpu_check.py --configs 4 --steps 6 --out /tmp/check.md  # a first pass: ~5 min on an H100
     python bench/gpu_check.py --tiny --steps 2 --out /tmp/gpu_check.md   # CPU smoke run
     python bench/gpu_check.py --plan-only --out /tmp/phi2_plan.md        # planner only, any machine
+
+The table is rewritten after every configuration (a check cut short keeps what
+it measured), and a configuration that fails is a row with its error, not the
+end of the check. After the grid come three checks of the GPU path itself:
+two jobs started together must hold different GPUs (different device UUIDs,
+where two or more are visible), a run under a memory cap far below its need must
+come back as status "oom" (data, not a crash), and every row says which dtype
+`auto` resolved to and how the per-process figure compares with torch's.
 
 `--tiny` swaps in a 2-layer model with Phi-2's architecture and small widths,
 so the whole path (model build, quantization, LoRA, planner, table) runs on a
@@ -116,25 +125,51 @@ def build_data(out_dir: Path, vocab_size: int, rows: int, seq_len: int) -> None:
 
 
 def run_config(args: argparse.Namespace) -> None:
-    """Child process: train one configuration, print its metrics as JSON."""
+    """Child process: claim a GPU as a workflow job does (first), train one configuration, print its metrics."""
+    from lora_study.gpu_slots import claim_job_gpu
+
+    slot = claim_job_gpu()  # before anything imports CUDA-touching modules
     from lora_study.io import read_json
+    from lora_study.metrics import torch_device_uuid
     from lora_study.sweep import RunSpec
     from lora_study.train import TrainOutputs, train_run
 
     job = json.loads(args.one)
     work = Path(job["work"])
     run = RunSpec.from_params(job["run"])
-    run_dir = work / "runs" / run.run_id
+    run_dir = work / "runs" / job.get("label", run.run_id)
     metrics = train_run(
         run=run,
         manifest=read_json(work / "manifest.json"),
         splits_dir=work / "splits",
         outputs=TrainOutputs(run_dir / "adapter", run_dir / "train_metrics.json", run_dir / "loss_curve.csv"),
         threads=args.threads,
-        checkpoint_dir=work / "checkpoints" / run.run_id,
+        checkpoint_dir=work / "checkpoints" / job.get("label", run.run_id),
         plan_settings={"device": job["plan_device"], "memory_budget_gb": None},
     )
-    print("RESULT " + json.dumps(metrics.to_dict(), default=str))
+    import torch
+
+    uuid = torch_device_uuid(torch.device("cuda", 0)) if torch.cuda.is_available() else None
+    print("RESULT " + json.dumps({**metrics.to_dict(), "device_uuid": uuid, "gpu_slot": slot.device if slot else None},
+                                 default=str))  # fmt: skip
+
+
+def start_child(args: argparse.Namespace, job: dict, threads: int | None = None) -> subprocess.Popen:
+    command = [sys.executable, __file__, "--one", json.dumps(job), "--threads", str(threads or args.threads), "--out",
+               str(args.out)]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_child(child: subprocess.Popen, label: str, options: dict) -> dict:
+    """The child's table row; a failed child is a row with status "failed" and the last line of its error."""
+    stdout, stderr = child.communicate()
+    result = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if child.returncode == 0 and result:
+        return {"check": label, **table_row(json.loads(result[0][len("RESULT ") :]), options)}
+    lines = [line for line in stderr.splitlines() if line.strip() and "it/s]" not in line]  # no progress bars
+    error = f"exit {child.returncode}: {lines[-1] if lines else 'no message'}"
+    print(stderr[-4000:], file=sys.stderr, flush=True)
+    return {"check": label, "status": "failed", "error": error[:300]}
 
 
 def run_spec(rank: int, modules: list[str], quantization: str, training: dict):
@@ -170,8 +205,21 @@ def table_row(metrics: dict, options: dict) -> dict:
         "compute_dtype": metrics.get("compute_dtype"),
         "weight_format": metrics.get("weight_format"),
         "steady_steps": metrics.get("throughput_steps"),
+        "device_uuid": metrics.get("device_uuid"),
+        "gpu_slot": metrics.get("gpu_slot"),
+        # The planner against the figure it predicts, and NVML's per-process figure against torch's reserve.
+        "plan_error_pct": _pct(plan.get(f"predicted_{_device(memory)}_gb"), memory.get("peak_memory_gb")),
+        "process_vs_reserved_pct": _pct(memory.get("nvml_process_peak_gb"), memory.get("cuda_max_reserved_gb")),
         **{f"option.{k}": v for k, v in options.items()},
     }
+
+
+def _device(memory: dict) -> str:
+    return "cuda" if str(memory.get("memory_kind", "")).startswith("cuda") else "cpu"
+
+
+def _pct(value: float | None, reference: float | None) -> float | None:
+    return 100 * (value / reference - 1) if value and reference else None
 
 
 def plan_only(args: argparse.Namespace) -> None:
@@ -227,7 +275,6 @@ def main() -> None:
         plan_only(args)
         return
 
-    import pandas as pd
     import torch
 
     from lora_study.config import validate_config
@@ -239,37 +286,80 @@ def main() -> None:
                     batch_size=REFERENCE["batch_size"],
                     gradient_accumulation_steps=REFERENCE["gradient_accumulation_steps"])  # fmt: skip
     plan_device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(tmp)
         manifest = build_model(work / "model", shape)
         (work / "manifest.json").write_text(json.dumps(manifest))
         build_data(work / "splits", shape["vocab_size"], rows=64, seq_len=REFERENCE["seq_len"])
         print(f"model: {manifest['source']} parameters; device: {plan_device}", flush=True)
+        header = (
+            f"# GPU check: {manifest['source']} parameters, random weights\n\n"
+            f"Batch {REFERENCE['batch_size']} x accumulation {REFERENCE['gradient_accumulation_steps']}, "
+            f"{REFERENCE['seq_len']} tokens per row, {args.steps} steps per configuration, device {plan_device}. "
+            f"Options: {', '.join(f'{k}={v}' for k, v in options.items())}.\n\n"
+        )
+
+        def job(rank: int, modules: list[str], quantization: str, label: str, **changes) -> dict:
+            run = run_spec(rank, modules, quantization, {**training, **changes}).as_params()
+            return {"work": str(work), "run": run, "plan_device": plan_device, "label": label}
+
+        def record(row: dict) -> None:
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
+            write_table(args.out, header, rows)  # after every row: a check cut short keeps what it measured
+
         for rank, modules, quantization in GRID[: args.configs]:
-            run = run_spec(rank, modules, quantization, training).as_params()
-            job = json.dumps({"work": str(work), "run": run, "plan_device": plan_device})
-            child = subprocess.run(
-                [sys.executable, __file__, "--one", job, "--threads", str(args.threads), "--out", str(args.out)],
-                capture_output=True, text=True,
-            )  # fmt: skip
-            result = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-            if child.returncode != 0 or not result:
-                raise SystemExit(f"{run['run_id']} failed:\n{child.stderr[-8000:]}")
-            rows.append(table_row(json.loads(result[0][len("RESULT ") :]), options))
-            print(json.dumps(rows[-1]), flush=True)
-    table = pd.DataFrame(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out.with_suffix(".csv"), index=False)
-    header = (
-        f"# GPU check: {manifest['source']} parameters, random weights\n\n"
-        f"Batch {REFERENCE['batch_size']} x accumulation {REFERENCE['gradient_accumulation_steps']}, "
-        f"{REFERENCE['seq_len']} tokens per row, {args.steps} steps per configuration, device {plan_device}. "
-        f"Options: {', '.join(f'{k}={v}' for k, v in options.items())}.\n\n"
-    )
-    shown = table.drop(columns=[c for c in table.columns if c.startswith("option.")])
-    args.out.write_text(header + shown.to_markdown(index=False, floatfmt=".3g") + "\n")
+            label = run_spec(rank, modules, quantization, training).run_id
+            record(finish_child(start_child(args, job(rank, modules, quantization, label)), "grid", options))
+        first = GRID[0]
+        # Two jobs at once: with two or more GPUs visible they must hold different ones.
+        pair = [start_child(args, job(*first, label=f"concurrent-{i}")) for i in range(2)]
+        for i, child in enumerate(pair):
+            record(finish_child(child, f"concurrent {i + 1} of 2", options))
+        # Far too little memory: the run must end as status "oom", a result. One thread: on a CPU, OpenMP
+        # aborts the process when the cap leaves no room for its worker threads' stacks.
+        record(finish_child(start_child(args, job(*first, label="oom-probe", memory_limit_gb=0.001), threads=1),
+                            "memory cap 0.001 GB", options))  # fmt: skip
+    print(summary(rows, plan_device), flush=True)
+    write_table(args.out, header, rows, summary(rows, plan_device))
     print(f"wrote {args.out}")
+
+
+def write_table(out: Path, header: str, rows: list[dict], footer: str = "") -> None:
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    shown = table.drop(columns=[c for c in table.columns if c.startswith("option.")])
+    out.write_text(header + shown.to_markdown(index=False, floatfmt=".3g") + "\n" + (f"\n{footer}\n" if footer else ""))
+
+
+def summary(rows: list[dict], device: str) -> str:
+    """The GPU-path checks in words: distinct GPUs for concurrent jobs, the OOM probe, dtypes, failures."""
+    pair = [r for r in rows if str(r.get("check", "")).startswith("concurrent")]
+    uuids = {r.get("device_uuid") for r in pair}
+    if device != "cuda":
+        concurrent = "concurrent jobs: no GPU here, nothing to tell apart"
+    elif None in uuids or len(pair) < 2:
+        concurrent = "concurrent jobs: a device UUID is missing"
+    else:
+        slots = {r.get("gpu_slot") for r in pair}
+        verdict = "different GPUs" if len(uuids) == 2 else "the same GPU (expected with one GPU visible)"
+        concurrent = (
+            f"concurrent jobs: {verdict} ({', '.join(sorted(map(str, uuids)))}; slots {sorted(map(str, slots))})"
+        )
+    probe = next((r for r in rows if r.get("check") == "memory cap 0.001 GB"), {})
+    if device == "cuda":
+        expected = "as expected" if probe.get("status") == "oom" else "NOT oom"
+        oom = f"memory-capped run: status {probe.get('status')} ({expected})"
+    else:  # RLIMIT_AS: native code (OpenMP, bitsandbytes) may abort instead of raising; the CUDA cap is the check
+        oom = f"memory-capped run: status {probe.get('status')} (CPU address-space cap: informative only)"
+    dtypes = sorted({f"{r.get('weight_format')}->{r.get('compute_dtype')}" for r in rows if r.get("compute_dtype")})
+    failed = [r.get("check") + " " + str(r.get("run_id", "")) for r in rows if r.get("status") == "failed"]
+    return "; ".join([concurrent, oom, "resolved formats: " + ", ".join(dtypes),
+                      f"failed: {', '.join(failed) if failed else 'none'}"]) + "."  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -157,20 +159,59 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        weights_dir or manifest["path"],
-        # Unquantized weights in their format (fp32 masters for full fine-tuning); the
-        # tensors bitsandbytes leaves alone in the compute dtype.
-        dtype=recipe.load_dtype,
-        quantization_config=quantization_config(recipe, double_quant),
-        attn_implementation=attn_implementation,
-        device_map={"": str(device)},
-        trust_remote_code=manifest["trust_remote_code"],
-        # Pickled weights can run code when loaded: only when the config opted in.
-        use_safetensors=None if manifest.get("allow_pickle") else True,
-    )
+    with conversion_failures_as_errors():
+        model = AutoModelForCausalLM.from_pretrained(
+            weights_dir or manifest["path"],
+            # Unquantized weights in their format (fp32 masters for full fine-tuning); the
+            # tensors bitsandbytes leaves alone in the compute dtype.
+            dtype=recipe.load_dtype,
+            quantization_config=quantization_config(recipe, double_quant),
+            attn_implementation=attn_implementation,
+            device_map={"": str(device)},
+            trust_remote_code=manifest["trust_remote_code"],
+            # Pickled weights can run code when loaded: only when the config opted in.
+            use_safetensors=None if manifest.get("allow_pickle") else True,
+        )
     model.config.use_cache = False
     return model
+
+
+@contextmanager
+def conversion_failures_as_errors() -> Iterator[None]:
+    """transformers 5 converts weights while loading (bitsandbytes quantization included) and reports a failed
+    conversion only as a warning-level load report, then raises a RuntimeError that says "see the report"
+    without its cause; with the library's warnings silenced (as in every job) the cause is lost. The report is
+    captured here and a failure re-raised with it: out of memory while quantizing becomes a MemoryError
+    (status "oom", a result), anything else a RuntimeError that says what failed."""
+    import logging as std_logging
+
+    report_logger = std_logging.getLogger("transformers.utils.loading_report")
+    captured: list[str] = []
+
+    class Capture(std_logging.Handler):
+        def emit(self, record: std_logging.LogRecord) -> None:
+            captured.append(record.getMessage())
+
+    handler, level = Capture(std_logging.WARNING), report_logger.level
+    report_logger.addHandler(handler)
+    report_logger.setLevel(std_logging.WARNING)
+    try:
+        yield
+    except RuntimeError as error:
+        if "automatic conversion of the weights" not in str(error):
+            raise
+        report = "\n".join(captured)
+        lines = [line.strip() for line in report.splitlines() if line.strip()]
+        from lora_study.failures import OOM_MESSAGES
+
+        memory = [line for line in lines if any(m in line.lower() for m in OOM_MESSAGES)]
+        if memory:
+            raise MemoryError(f"out of memory while converting the weights: {memory[0][:300]}") from error
+        detail = next((line for line in lines if "Error" in line), lines[-1] if lines else "no report")
+        raise RuntimeError(f"converting the weights failed: {detail[:300]}") from error
+    finally:
+        report_logger.removeHandler(handler)
+        report_logger.setLevel(level)
 
 
 def add_lora(

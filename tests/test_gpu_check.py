@@ -17,14 +17,19 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
 def test_gpu_check_runs_on_cpu_with_a_tiny_model(tmp_path):
     result = run_check("--steps", "2", "--configs", "2", "--out", str(tmp_path / "check.md"))
     assert result.returncode == 0, result.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "check.csv")
+    everything = pd.read_csv(tmp_path / "check.csv")
+    table = everything[everything["check"] == "grid"]
     assert list(table["run_id"]) == ["r4-qkvo-nf4", "r8-qkvo-nf4"]
     assert (table["status"] == "ok").all() and (table["memory_kind"] == "cpu_peak_rss").all()
+    # After the grid: two concurrent jobs and a run under a memory cap, each a row (a failure included).
+    assert list(everything["check"].iloc[2:]) == ["concurrent 1 of 2", "concurrent 2 of 2", "memory cap 0.001 GB"]
+    assert (everything["status"].iloc[2:4] == "ok").all()
     for column in ("peak_memory_gb", "planned_cuda_gb", "planned_cpu_gb", "useful_tokens_per_s"):
         assert table[column].map(math.isfinite).all() and (table[column] > 0).all(), column
     assert table["trainable_params"].iloc[1] == 2 * table["trainable_params"].iloc[0]
     text = (tmp_path / "check.md").read_text()
     assert "Batch 2 x accumulation 4, 512 tokens per row" in text and "optimizer=paged_adamw_8bit" in text
+    assert "concurrent jobs: no GPU here, nothing to tell apart" in text and "resolved formats: nf4->" in text
 
 
 def test_plan_only_predicts_less_memory_with_gradient_checkpointing(tmp_path):
