@@ -27,7 +27,9 @@ STATUS_LABELS = {
 }
 
 DEFINITIONS: dict[str, str] = {
-    "memory plan": "peak training memory predicted before training, without loading weights (plan step): "
+    "memory plan": "peak training memory predicted before training, without loading weights (plan step), "
+    "compared with the training phase's own measured peak (after the load and the logits check; "
+    "measured_phase says which): "
     "weights by quantization, LoRA weights + gradients + AdamW states, activations saved for the backward "
     "pass of the run's largest batch, output-head logits and overhead; compared with the measured peak of "
     "the same kind (CUDA: NVML; CPU: process RSS). error = (predicted - measured) / measured.",
@@ -545,13 +547,19 @@ def memory_plan_table(runs: pd.DataFrame) -> pd.DataFrame | None:
         return None
     on_cuda = trained["memory_kind"].map(measured_device).eq("cuda")
     predicted = pd.to_numeric(trained["plan_predicted_cuda_gb"].where(on_cuda, trained["plan_predicted_cpu_gb"]))
-    measured = trained["peak_memory_gb"].where(trained["fits"])
+    # The planner predicts the training phase: compared with its own peak where the run recorded one.
+    whole = trained["peak_memory_gb"]
+    phase = pd.to_numeric(trained["train_peak_memory_gb"], errors="coerce") if "train_peak_memory_gb" in trained \
+        else pd.Series(float("nan"), index=trained.index)  # fmt: skip
+    measured = phase.fillna(whole).where(trained["fits"])
     return pd.DataFrame(
         {
             "run_id": trained["run_id"],
             "memory_kind": trained["memory_kind"],
+            "measured_phase": ["training" if pd.notna(v) else "whole job" for v in phase],
             "predicted_gb": predicted,
             "measured_gb": measured,
+            "whole_job_gb": whole.where(trained["fits"]),
             "error_pct": 100 * (predicted - measured) / measured,
             "status": _status(trained),
             "plan_error": trained["plan_error"].fillna("") if "plan_error" in trained else "",

@@ -7,6 +7,7 @@ import os
 import resource
 import threading
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -129,6 +130,10 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
         self._handle = nvml_handle(device) if device.type == "cuda" else None
         self.device_at_start_bytes = _nvml_used(self._handle) if self._handle is not None else None
+        # The training phase alone (after the load and the checks): what the planner predicts.
+        self.training = False
+        self.train_process_peak_bytes = 0
+        self._job_max_allocated = self._job_max_reserved = self._job_peak_rss = 0
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -150,7 +155,38 @@ class PeakMemory:
 
     def sample(self) -> None:
         self.device_peak_bytes = max(self.device_peak_bytes, _nvml_used(self._handle) or 0)
-        self.process_peak_bytes = max(self.process_peak_bytes, nvml_process_bytes(self._handle) or 0)
+        own = nvml_process_bytes(self._handle) or 0
+        self.process_peak_bytes = max(self.process_peak_bytes, own)
+        if self.training:
+            self.train_process_peak_bytes = max(self.train_process_peak_bytes, own)
+
+    def mark_training_start(self) -> None:
+        """From here on, also track the training phase's own peak: the load and the logits check (which
+        materialises full-vocabulary logits once) stay in the whole-job peak only."""
+        if self.device.type == "cuda":
+            self._job_max_allocated = torch.cuda.max_memory_allocated(self.device)
+            self._job_max_reserved = torch.cuda.max_memory_reserved(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.train_process_peak_bytes = (nvml_process_bytes(self._handle) or 0) if self._handle is not None else 0
+        else:
+            self._job_peak_rss = peak_rss_bytes()  # resetting the peak resets getrusage's figure too
+            reset_peak_rss()
+        self.training = True
+
+    def training_report(self) -> dict[str, Any]:
+        """The training phase's peak, of the same kind as the headline figure; empty before training started."""
+        if not self.training:
+            return {}
+        if self.device.type != "cuda":
+            peak = current_peak_rss_bytes()
+            return {"train_peak_memory_gb": peak / GB, "train_memory_kind": "cpu_peak_rss"} if peak else {}
+        if self.train_process_peak_bytes:
+            return {
+                "train_peak_memory_gb": self.train_process_peak_bytes / GB,
+                "train_memory_kind": "cuda_nvml_process",
+            }
+        return {"train_peak_memory_gb": torch.cuda.max_memory_reserved(self.device) / GB,
+                "train_memory_kind": "cuda_torch_reserved"}  # fmt: skip
 
     def process_bytes_now(self) -> int | None:
         """What this job holds on its GPU now (per process, else device minus start), or None without NVML."""
@@ -163,11 +199,13 @@ class PeakMemory:
 
     def report(self) -> dict[str, Any]:
         if self.device.type != "cuda":
-            return {"peak_memory_gb": peak_rss_bytes() / GB, "memory_kind": "cpu_peak_rss"}
+            peak = max(self._job_peak_rss, peak_rss_bytes())
+            return {"peak_memory_gb": peak / GB, "memory_kind": "cpu_peak_rss", **self.training_report()}
         if self._handle is not None:
             self.sample()
-        allocated = torch.cuda.max_memory_allocated(self.device) / GB
-        reserved = torch.cuda.max_memory_reserved(self.device) / GB
+        training = self.training_report()
+        allocated = max(self._job_max_allocated, torch.cuda.max_memory_allocated(self.device)) / GB
+        reserved = max(self._job_max_reserved, torch.cuda.max_memory_reserved(self.device)) / GB
         at_start = self.device_at_start_bytes
         if self.process_peak_bytes:
             peak, kind = self.process_peak_bytes / GB, "cuda_nvml_process"
@@ -178,6 +216,7 @@ class PeakMemory:
         return {
             "peak_memory_gb": peak,
             "memory_kind": kind,
+            **training,
             "cuda_max_allocated_gb": allocated,
             "cuda_max_reserved_gb": reserved,
             "nvml_process_peak_gb": self.process_peak_bytes / GB if self.process_peak_bytes else None,
@@ -190,6 +229,26 @@ def current_rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (VmHWM) to its current size (Linux: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_peak_rss_bytes() -> int | None:
+    """Peak resident set size since the last reset_peak_rss (VmHWM), or None where /proc has no figure."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def peak_rss_bytes() -> int:

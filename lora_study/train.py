@@ -280,6 +280,8 @@ class TrainingSession:
     def loop(self, model: torch.nn.Module, loader) -> None:
         """Optimizer steps from the restored step to the last; each step is timed on its own."""
         self.phase = "train"
+        if self.memory is not None:
+            self.memory.mark_training_start()  # the planner predicts this phase: load and checks stay out
         model.train()
         batches = iter(loader)
         steps_this_process = 0

@@ -70,3 +70,22 @@ def test_a_model_that_scales_its_logits_trains_on_its_own_logits(monkeypatch, kn
     loss_sum, count = loss(batch)
     assert loss.path == FULL_LOGITS
     assert float(loss_sum) / count == pytest.approx(float(model(**batch).loss), rel=1e-5)
+
+
+def test_the_training_phase_has_its_own_peak_beside_the_whole_jobs():
+    import torch
+
+    from lora_study.metrics import PeakMemory
+
+    memory = PeakMemory(torch.device("cpu"))
+    with memory:
+        load = bytearray(300_000_000)  # the load and checks: a large, short-lived peak
+        del load
+        memory.mark_training_start()
+        train = bytearray(60_000_000)
+        report = memory.report()
+        del train
+    assert report["memory_kind"] == report["train_memory_kind"] == "cpu_peak_rss"
+    # The whole job still counts the load's peak; the training phase does not.
+    assert report["peak_memory_gb"] - report["train_peak_memory_gb"] > 0.2
+    assert report["train_peak_memory_gb"] > 0.05

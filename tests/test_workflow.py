@@ -23,6 +23,11 @@ def test_runs_table_has_one_row_per_run_with_finite_metrics(tiny_study):
     for column in ("train_wall_s", "train_tokens_per_s", "adapter_size_mb", "final_train_loss"):
         assert (trained[column] > 0).all(), column
     assert (trained["memory_kind"] == "cpu_peak_rss").all()
+    # The training phase's own peak (what the planner predicts) beside the whole job's, never above it.
+    assert (trained["train_peak_memory_gb"] > 0).all()
+    assert (trained["train_peak_memory_gb"] <= trained["peak_memory_gb"] + 1e-9).all()
+    plan = pd.read_csv(tiny_study / "results/tables/derived/memory_plan.csv")
+    assert (plan["measured_phase"] == "training").all()
     params = dict(zip(trained["run_id"], trained["trainable_params"], strict=True))
     assert params["r4-qv-nf4"] * 2 == params["r8-qv-nf4"]  # LoRA parameters grow linearly with rank
     assert params["r4-qv-nf4"] == params["r4-qv-fp32"] < params["r4-qkvo-mlp-nf4"]
