@@ -199,8 +199,10 @@ class PeakMemory:
 
     def report(self) -> dict[str, Any]:
         if self.device.type != "cuda":
-            peak = max(self._job_peak_rss, peak_rss_bytes())
-            return {"peak_memory_gb": peak / GB, "memory_kind": "cpu_peak_rss", **self.training_report()}
+            training = self.training_report()
+            # getrusage and /proc's VmHWM round differently: the whole job's peak is never below the phase's.
+            peak = max(self._job_peak_rss, peak_rss_bytes(), int(training.get("train_peak_memory_gb", 0) * GB))
+            return {"peak_memory_gb": peak / GB, "memory_kind": "cpu_peak_rss", **training}
         if self._handle is not None:
             self.sample()
         training = self.training_report()
