@@ -31,11 +31,14 @@ def _quiet_libraries() -> None:
 def job(snakemake: Any, light: bool = False, gpu: bool = False) -> Iterator[logging.Logger]:
     """`light`: a job that never imports the ML stack (it would cost seconds of import time).
 
-    `gpu`: a job that may use a GPU claims it here, first, before any import can initialise CUDA.
+    `gpu`: a job that may use a GPU claims it here, first, before any import can initialise CUDA (or, with
+    execution.device: cpu, hides the GPUs).
     """
     from lora_study import gpu_slots
 
     if gpu:
+        if (getattr(snakemake, "config", None) or {}).get("execution", {}).get("device") == "cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # execution.device: cpu hides the GPUs before anything sees them
         gpu_slots.claim_job_gpu()
     # Byte-level progress bars make unreadable logs; our own progress lines remain.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -200,3 +200,29 @@ def test_a_gpu_without_kernels_in_the_torch_build_is_refused():
     with pytest.raises(UserError, match=r"Tesla V100 \(compute capability 7\.0\) has no kernels"):
         check_kernels((7, 0), arch, "Tesla V100")
     check_kernels((7, 0), ["sm_75", "compute_70"], "Tesla V100")  # PTX for 7.0 compiles for it
+
+
+DEVICE_PROBE = """
+import os, runpy, sys, types
+import lora_study.gpu_slots as slots
+
+def probe():
+    print("VISIBLE", repr(os.environ.get("CUDA_VISIBLE_DEVICES")), flush=True)
+    raise SystemExit(0)
+
+slots.claim_job_gpu = probe
+config = {"execution": {"device": sys.argv[2]}}
+snakemake = types.SimpleNamespace(log=[], params=None, input=None, output=None, threads=1, config=config)
+runpy.run_path(sys.argv[1], init_globals={"snakemake": snakemake}, run_name="__main__")
+"""
+
+
+def test_execution_device_cpu_hides_the_gpus_before_the_claim():
+    from conftest import REPO, run_guarded
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+    for device, visible in (("cpu", "''"), ("auto", "'0,1'")):
+        command = [sys.executable, "-c", DEVICE_PROBE, str(REPO / "scripts" / "train.py"), device]
+        result = run_guarded(command, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.splitlines()[-1] == f"VISIBLE {visible}", result.stdout
