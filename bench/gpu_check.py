@@ -187,6 +187,8 @@ def run_spec(rank: int, modules: list[str], quantization: str, training: dict):
 
 
 def table_row(metrics: dict, options: dict) -> dict:
+    from lora_study.findings import measured_device
+
     memory, plan = metrics["memory"], metrics.get("memory_plan") or {}
     return {
         "run_id": metrics["run_id"],
@@ -208,14 +210,12 @@ def table_row(metrics: dict, options: dict) -> dict:
         "device_uuid": metrics.get("device_uuid"),
         "gpu_slot": metrics.get("gpu_slot"),
         # The planner against the figure it predicts, and NVML's per-process figure against torch's reserve.
-        "plan_error_pct": _pct(plan.get(f"predicted_{_device(memory)}_gb"), memory.get("peak_memory_gb")),
+        "plan_error_pct": _pct(
+            plan.get(f"predicted_{measured_device(memory.get('memory_kind'))}_gb"), memory.get("peak_memory_gb")
+        ),
         "process_vs_reserved_pct": _pct(memory.get("nvml_process_peak_gb"), memory.get("cuda_max_reserved_gb")),
         **{f"option.{k}": v for k, v in options.items()},
     }
-
-
-def _device(memory: dict) -> str:
-    return "cuda" if str(memory.get("memory_kind", "")).startswith("cuda") else "cpu"
 
 
 def _pct(value: float | None, reference: float | None) -> float | None:

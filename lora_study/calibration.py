@@ -80,11 +80,12 @@ class Rates:
                 "coverage": self.coverage}  # fmt: skip
 
 
-def _evidence(verdicts: ModuleType, nll: np.ndarray, tokens: np.ndarray, seed_ids: tuple[int, ...], trained: bool):
+def _evidence(verdicts: ModuleType, nll: np.ndarray, tokens: np.ndarray, seed_ids: tuple[int, ...], trained: bool,
+              correct: np.ndarray | None = None):  # fmt: skip
     """An Evidence of whichever verdicts module is measured (older ones know neither seeds nor training)."""
     fields = getattr(verdicts.Evidence, "__dataclass_fields__", {})
     extra = {"seed_ids": seed_ids, "trained": trained} if "trained" in fields else {}
-    return verdicts.Evidence(nll=nll, tokens=tokens, **extra)
+    return verdicts.Evidence(nll=nll, tokens=tokens, correct=correct, **extra)
 
 
 def simulate_study(
@@ -175,9 +176,7 @@ def accuracy_coverage(datasets: int, seeds: int, verdicts: ModuleType, seed: int
     for _ in range(datasets):
         logits = centre + rng.normal(0, prompt_sd, PROMPTS)[None, :] + rng.normal(0, seed_sd, seeds)[:, None]
         correct = (rng.random((seeds, PROMPTS)) < 1 / (1 + np.exp(-logits))).astype(float)
-        fields = getattr(verdicts.Evidence, "__dataclass_fields__", {})
-        extra = {"seed_ids": tuple(range(seeds)), "trained": True} if "trained" in fields else {}
-        evidence = verdicts.Evidence(nll=np.ones((seeds, PROMPTS)), tokens=np.ones(PROMPTS), correct=correct, **extra)
+        evidence = _evidence(verdicts, np.ones((seeds, PROMPTS)), np.ones(PROMPTS), tuple(range(seeds)), True, correct)
         low, high = verdicts.own_interval(evidence, "accuracy")
         held += low <= truth <= high
     return held / datasets

@@ -15,7 +15,6 @@ per-token latency is the decoding time after it, divided by the tokens.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import shutil
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lora_study.failures import oom_as_data
+from lora_study.failures import oom_as_data, release_memory
 from lora_study.verdicts import Evidence, Verdict, compare
 
 log = logging.getLogger("lora_study")
@@ -47,6 +46,9 @@ BASE = "base"
 FULL = "full"
 # The merge check's outcome per way of merging.
 MERGE_OK, MERGE_FLAGGED, MERGE_UNCLEAR = "ok", "flagged", "unclear"
+# A merge check's outcome from its verdict: a shown change is flagged, an undecided one unclear.
+MERGE_OUTCOMES = {Verdict.EQUIVALENT: MERGE_OK, Verdict.BETTER: MERGE_FLAGGED, Verdict.WORSE: MERGE_FLAGGED,
+                  Verdict.INCONCLUSIVE: MERGE_UNCLEAR}  # fmt: skip
 MERGED_FORMS = "merged forms"  # the part of a deploy job that merges (and re-quantizes) the adapter
 
 
@@ -83,12 +85,7 @@ def merge_verdict(
     # One trained adapter in two forms: their difference carries no training noise (trained=False).
     comparison = compare(Evidence(merged_nll[None, :], tokens, trained=False),
                          Evidence(reference_nll[None, :], tokens, trained=False), "perplexity", tolerance)  # fmt: skip
-    outcome = {
-        Verdict.EQUIVALENT: MERGE_OK,
-        Verdict.BETTER: MERGE_FLAGGED,
-        Verdict.WORSE: MERGE_FLAGGED,
-        Verdict.INCONCLUSIVE: MERGE_UNCLEAR,
-    }[comparison.verdict]
+    outcome = MERGE_OUTCOMES[comparison.verdict]
     tokens_total = tokens.sum()
     return {
         "perplexity": math.exp(merged_nll.sum() / tokens_total),
@@ -215,13 +212,6 @@ def _generation(model, input_ids: torch.Tensor, new_tokens: int, autocast, pad_i
             )  # fmt: skip
 
     return call
-
-
-def release_memory() -> None:
-    """Return what dropped models held (call after `del` of the last reference)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @contextmanager

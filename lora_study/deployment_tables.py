@@ -216,19 +216,16 @@ def _merge_judged(entry: pd.Series, tolerance: float | None, checks: int) -> tup
     se, df = entry.get("merge_se"), entry.get("merge_df")
     if tolerance is None or se is None or pd.isna(se):
         return entry["merge_outcome"], entry["merge_describe"]
-    from lora_study.deploy import MERGE_OK
-    from lora_study.verdicts import Verdict, classify, critical_values
+    from lora_study.deploy import MERGE_OUTCOMES
+    from lora_study.verdicts import Comparison, decide
 
-    log_change = math.log1p(entry["merge_change"])
-    q_diff, q_eq = critical_values(checks, float(df) if pd.notna(df) else math.inf)
-    bounds = [math.expm1(log_change + sign * q * se) for q in (q_diff, q_eq) for sign in (-1, 1)]
-    verdict = classify(*bounds, tolerance, lower_is_better=True)
-    outcome = {Verdict.EQUIVALENT: MERGE_OK, Verdict.INCONCLUSIVE: MERGE_UNCLEAR}.get(verdict, MERGE_FLAGGED)
-    low, high = bounds[:2] if verdict is not Verdict.EQUIVALENT else bounds[2:]
-    level = 1 - (2 if verdict is Verdict.EQUIVALENT else 1) * 0.05 / checks
-    interval = f"{100 * entry['merge_change']:+.1f}% [{100 * low:+.1f}, {100 * high:+.1f}] ({level:.1%} interval)"
-    detail = f"{verdict.value} ({interval}, tolerance {tolerance:.0%}, {checks} checks, evaluation noise only)"
-    return outcome, detail
+    df = float(df) if pd.notna(df) else math.inf
+    low, high, eq_low, eq_high, verdict = decide(math.log1p(entry["merge_change"]), se, df, "perplexity", tolerance,
+                                                 checks)  # fmt: skip
+    judged = Comparison("perplexity", entry["merge_change"], low, high, eq_low, eq_high, tolerance, checks, se,
+                        math.nan, 1, 0, verdict, df=df)  # fmt: skip
+    detail = f"{verdict.value} ({judged.interval_text()}, tolerance {tolerance:.0%}, {checks} checks, {judged.noise})"
+    return MERGE_OUTCOMES[verdict], detail
 
 
 def merge_finding(table: pd.DataFrame | None, tolerance_text: str) -> str | None:

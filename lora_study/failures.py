@@ -40,8 +40,11 @@ CUBLAS_OOM_STATUSES = ("cublas_status_alloc_failed",)
 CUBLAS_CREATE_FAILED = ("cublas_status_not_initialized", "cublascreate")
 
 
-def _is_cublas_oom(message: str) -> bool:
-    return any(s in message for s in CUBLAS_OOM_STATUSES) or all(s in message for s in CUBLAS_CREATE_FAILED)
+def reads_as_out_of_memory(text: str) -> bool:
+    """Whether an error message says an allocation failed (torch, the OS, cuBLAS), however it arrived."""
+    message = text.lower()
+    return (any(m in message for m in OOM_MESSAGES) or any(s in message for s in CUBLAS_OOM_STATUSES)
+            or all(s in message for s in CUBLAS_CREATE_FAILED))  # fmt: skip
 
 
 # Under an address-space cap a new thread's stack cannot be mapped either.
@@ -63,9 +66,7 @@ def is_out_of_memory(error: BaseException | None, memory_capped: bool = False) -
             return True
         if isinstance(error, OSError) and error.errno == errno.ENOMEM:
             return True
-        message = str(error).lower()
-        if isinstance(error, RuntimeError | OSError) and (any(m in message for m in OOM_MESSAGES)
-                                                          or _is_cublas_oom(message)):  # fmt: skip
+        if isinstance(error, RuntimeError | OSError) and reads_as_out_of_memory(str(error)):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -148,6 +149,11 @@ def oom_as_data(record: dict[str, Any], part: str, memory_capped: bool = False) 
             raise
         log.error("%s: out of memory (%s): recorded as data, the job goes on", part, first_line(error))
         record.setdefault("oom", {})[part] = first_line(error)
+    release_memory()
+
+
+def release_memory() -> None:
+    """Return what dropped models held (call after `del` of the last reference)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -823,7 +823,7 @@ def noise_finding(trained: pd.DataFrame, judge: Judge) -> str:
     """What the verdicts' noise rests on: said once, near the top of the findings."""
     rows = max((e.nll.shape[1] for e in judge.evidence.values()), default=0)
     replicated = trained[trained["n"] >= 2] if "n" in trained else trained.iloc[0:0]
-    pool = judge.replicated()
+    pool = judge.pool("perplexity")
     if replicated.empty or pool is None:
         return (
             f"Noise: one seed per configuration and no replicates, so single-seed verdicts describe the trained "

@@ -202,9 +202,9 @@ def conversion_failures_as_errors() -> Iterator[None]:
             raise
         report = "\n".join(captured)
         lines = [line.strip() for line in report.splitlines() if line.strip()]
-        from lora_study.failures import OOM_MESSAGES
+        from lora_study.failures import reads_as_out_of_memory
 
-        memory = [line for line in lines if any(m in line.lower() for m in OOM_MESSAGES)]
+        memory = [line for line in lines if reads_as_out_of_memory(line)]
         if memory:
             raise MemoryError(f"out of memory while converting the weights: {memory[0][:300]}") from error
         detail = next((line for line in lines if "Error" in line), lines[-1] if lines else "no report")

@@ -267,9 +267,8 @@ def comparison_noise(candidate: Evidence, reference: Evidence, metric: str, pool
         # Borrowed seed variance, including the interaction; the row part keeps this pair's own interaction
         # (the runs may share a seed, and so their per-row noise, which the pool cannot tell): conservative.
         seed_term, _ = pool.split(sum(1 / side.seeds for side in trained))
-        noise = Noise(row_terms, [seed_term], "pooled", "")
-        dominant = _dominant(noise.row_variance, noise.seed_variance)
-        return replace(noise, text=f"evaluation rows and {pool.describe()} ({dominant} noise dominates)")
+        splits = [(seed_term, Term(0.0, math.inf))]
+        basis, what = "pooled", pool.describe()
     else:
         splits = [TwoWay.of(table).split(1 / side.seeds) for side, table in ((candidate, table_c),
                   (reference, table_r)) if side.trained and side.seeds >= 2]  # fmt: skip
@@ -313,9 +312,13 @@ class Comparison:
         """The difference interval excludes zero."""
         return self.low > 0 or self.high < 0
 
+    @staticmethod
+    def _bounds(low: float, high: float) -> str:
+        return f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+
     def _interval(self, low: float, high: float, level: float) -> str:
-        scale, unit = (100, "%") if self.metric == "perplexity" else (100, " pts")
-        return f"{scale * self.change:+.1f}{unit} [{scale * low:+.1f}, {scale * high:+.1f}] ({level:.1%} interval)"
+        unit = "%" if self.metric == "perplexity" else " pts"
+        return f"{100 * self.change:+.1f}{unit} {self._bounds(low, high)} ({level:.1%} interval)"
 
     def interval_text(self) -> str:
         """The change and the interval its verdict rests on: the equivalence interval for an equivalent
@@ -331,13 +334,11 @@ class Comparison:
         interval = f"{self.interval_text()}, tolerance {self.tolerance:.0%}{correction}, {self.sources}"
         text = f"{self.verdict.value} ({interval})"
         if self.verdict is Verdict.EQUIVALENT and self.real:
-            scale = 100
             difference = self._interval(self.low, self.high, 1 - ALPHA / self.comparisons)
             level = 1 - 2 * ALPHA / self.comparisons
-            equivalence = f"[{scale * self.eq_low:+.1f}, {scale * self.eq_high:+.1f}]"
             text = (f"equivalent; a real but negligible change: {difference}, inside the tolerance "
-                    f"{self.tolerance:.0%} ({level:.1%} equivalence interval {equivalence}{correction}, "
-                    f"{self.sources})")  # fmt: skip
+                    f"{self.tolerance:.0%} ({level:.1%} equivalence interval {self._bounds(self.eq_low, self.eq_high)}"
+                    f"{correction}, {self.sources})")  # fmt: skip
         return text + (f"; {self.settle}" if self.settle else "")
 
 
@@ -382,11 +383,8 @@ def compare(
         estimate = float(candidate.log_perplexity().mean() - reference.log_perplexity().mean())
     noise = comparison_noise(candidate, reference, metric, pool)
     variance, df = noise.total()
-    se = math.sqrt(variance)
-    q_diff, q_eq = critical_values(comparisons, df)
+    low, high, eq_low, eq_high, verdict = decide(estimate, math.sqrt(variance), df, metric, tolerance, comparisons)
     to_change = _ratio_change if metric == "perplexity" else (lambda x: x)
-    low, high, eq_low, eq_high = [to_change(estimate + sign * q * se) for q in (q_diff, q_eq) for sign in (-1, 1)]
-    verdict = classify(low, high, eq_low, eq_high, tolerance, lower_is_better=metric == "perplexity")
     seed_se = math.sqrt(noise.seed_variance) if noise.seed_terms else math.nan
     comparison = Comparison(
         metric, to_change(estimate), low, high, eq_low, eq_high, tolerance, comparisons,
@@ -396,6 +394,17 @@ def compare(
     if verdict is Verdict.INCONCLUSIVE:
         comparison = replace(comparison, settle=settle_text(comparison, estimate, noise, metric))
     return comparison
+
+
+def decide(
+    estimate: float, se: float, df: float, metric: str, tolerance: float, comparisons: int
+) -> tuple[float, float, float, float, Verdict]:
+    """(difference interval, equivalence interval, verdict) of an estimate (log ratio for perplexity) with its
+    standard error and degrees of freedom, at m = `comparisons`."""
+    q_diff, q_eq = critical_values(comparisons, df)
+    to_change = _ratio_change if metric == "perplexity" else (lambda x: x)
+    low, high, eq_low, eq_high = [to_change(estimate + sign * q * se) for q in (q_diff, q_eq) for sign in (-1, 1)]
+    return low, high, eq_low, eq_high, classify(low, high, eq_low, eq_high, tolerance, metric == "perplexity")
 
 
 def _ratio_change(log_ratio: float) -> float:
@@ -490,7 +499,7 @@ def own_noise(evidence: Evidence, metric: str, pool: SeedPool | None = None) -> 
     if evidence.seeds >= 2:
         return Noise(*_with_splits(row_terms, [TwoWay.of(table).split(1 / evidence.seeds)]), "own", "seeds and rows")
     if pool is not None:
-        return Noise(row_terms, [pool.split(1.0)[0]], "pooled", pool.describe())
+        return Noise(row_terms, [pool.split(1.0)[0]], "pooled", pool.describe())  # row part whole, as above
     return Noise(row_terms, [], "unmeasured", "evaluation noise only")
 
 
@@ -526,11 +535,9 @@ def own_interval(evidence: Evidence, metric: str = "perplexity", pool: SeedPool 
 # --- reading the study's per-row scores ---------------------------------------------------------------------
 
 
-def evidence_from_examples(examples: pd.DataFrame, untrained: set[str] | None = None) -> dict[str, Evidence]:
-    """Per configuration (config_id), its seeds' per-row scores from results/tables/examples.csv.
-
-    `untrained`: configurations that train nothing (the base model); by default every id starting 'base'.
-    """
+def evidence_from_examples(examples: pd.DataFrame) -> dict[str, Evidence]:
+    """Per configuration (config_id), its seeds' per-row scores from results/tables/examples.csv; the base
+    models (ids 'base', 'base-*') train nothing and so carry no seed noise."""
     from lora_study.sweep import is_baseline_id
 
     evidence = {}
@@ -540,7 +547,7 @@ def evidence_from_examples(examples: pd.DataFrame, untrained: set[str] | None = 
             continue
         correct = [pd.to_numeric(run["correct"], errors="coerce").dropna().to_numpy() for run in runs]
         seed_ids = tuple(_seed_of(run) for run in runs)
-        trained = not (config_id in untrained if untrained is not None else is_baseline_id(str(config_id)))
+        trained = not is_baseline_id(str(config_id))
         evidence[str(config_id)] = Evidence(
             nll=np.stack([run["nll"].to_numpy(dtype=float) for run in runs]),
             tokens=runs[0]["tokens"].to_numpy(dtype=float),
@@ -591,10 +598,6 @@ class Judge:
         if config_id not in self.evidence:
             return math.nan, math.nan
         return own_interval(self.evidence[config_id], metric, self.pool(metric))
-
-    def replicated(self) -> SeedPool | None:
-        """The perplexity seed pool, when any configuration has replicates."""
-        return self.pool("perplexity")
 
 
 def comparisons_table(judge: Judge) -> pd.DataFrame:
