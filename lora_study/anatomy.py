@@ -137,11 +137,14 @@ def full_updates(trained: nn.Module, base: nn.Module, layout: Layout | None) -> 
     return updates
 
 
-def run_anatomy(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, out_path: Path, threads: int) -> int:
+def run_anatomy(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, out_path: Path, threads: int,
+                memory_limit_gb: float | None = None) -> int:  # fmt: skip
     """Write one run's per-layer update spectra to `out_path`; returns the number of layers.
 
     Adapters are read on the base model in the run's own format (bitsandbytes
     weights dequantized per layer); full fine-tuning compares fp32 weights.
+    Out of memory (under `memory_limit_gb`, or a model too large for the
+    node) writes one row that says so (column `oom`) and no layers.
     """
     torch.set_num_threads(max(1, threads))
     layout = manifest_layout(manifest)
@@ -152,11 +155,10 @@ def run_anatomy(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, out_p
     from lora_study.failures import oom_as_data
 
     outcome: dict[str, Any] = {}
-    with oom_as_data(outcome, "anatomy"):
+    with oom_as_data(outcome, "anatomy", memory_limit_gb):
         return _write(out_path, _updates(manifest, weights_dir, run, layout))
-    # Out of memory (a model too large for the node's RAM): no layers, recorded in the log; the study goes on.
-    log.error("%s: anatomy did not fit in memory (%s): no layers measured", run.run_id, outcome["oom"]["anatomy"])
-    return _write(out_path, [])
+    log.error("%s: anatomy did not fit in memory: no layers measured, recorded as data", run.run_id)
+    return _write(out_path, [], oom=outcome["oom"]["anatomy"])
 
 
 def _updates(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, layout: Layout) -> list[LayerUpdate]:
@@ -179,11 +181,14 @@ def _updates(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, layout: 
 
 
 FIELDS = tuple(f.name for f in fields(LayerUpdate))
+OOM_FIELD = "oom"  # set on the one row of a run whose anatomy did not fit in memory
 
 
-def _write(out_path: Path, updates: list[LayerUpdate]) -> int:
+def _write(out_path: Path, updates: list[LayerUpdate], oom: str | None = None) -> int:
     with atomic_path(out_path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=(*FIELDS, OOM_FIELD))
         writer.writeheader()
         writer.writerows(asdict(u) for u in updates)
+        if oom is not None:
+            writer.writerow({OOM_FIELD: oom})
     return len(updates)

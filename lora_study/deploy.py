@@ -294,7 +294,8 @@ def run_deploy(
     with quiet_int8_casts():
         # Out of memory in one form is recorded for it (record["oom"]) and the job goes on: the report says
         # what did not fit instead of waiting on a crashed job.
-        with oom_as_data(record, kind):
+        limit_gb = compute_settings.get("memory_limit_gb")
+        with oom_as_data(record, kind, limit_gb, device):
             with window_peak(device) as memory:
                 model = load_run_model(run, recipe, manifest, compute_settings, adapter_dir, device)
                 timings = context.serve(model, kind)
@@ -304,7 +305,7 @@ def run_deploy(
         wanted = settings.merge_check or settings.serving or settings.save_merged
         if kind == UNMERGED and wanted and kind not in record.get("oom", {}):
             reference = reference_rows(examples_path) if settings.merge_check else None
-            with oom_as_data(record, MERGED_FORMS):
+            with oom_as_data(record, MERGED_FORMS, limit_gb, device):
                 context.merged_forms(str(adapter_dir), reference, tokenizer, record, merge_base_dir, merged_dir)
     record.update(device=device.type, compute_dtype=recipe.compute_dtype, weight_format=recipe.weight_format,
                   capability=capability.to_dict(), environment=job_environment(gpu_slot),

@@ -336,14 +336,14 @@ def deployment_report(
                                       "rows"))  # fmt: skip
         tables["serving"] = serving_table(runs, deploy)
         findings.append(serving_finding(tables["serving"], serving_text(evaluation.get("serving", {}))))
-    findings.append(oom_finding(downstream, deploy))
     return {k: v for k, v in tables.items() if v is not None}, [s for s in findings if s]
 
 
-def oom_finding(downstream: pd.DataFrame | None, deploy: pd.DataFrame | None) -> str | None:
-    """The parts of the downstream and deploy stages that ran out of memory (recorded, not crashed)."""
+def oom_finding(downstream: pd.DataFrame | None, deploy: pd.DataFrame | None,
+                anatomy: pd.DataFrame | None = None) -> str | None:  # fmt: skip
+    """The parts of the downstream, deploy and anatomy stages that ran out of memory (recorded, not crashed)."""
     parts = []
-    for stage, frame, what in (("lm-eval", downstream, None), ("deploy", deploy, "form")):
+    for stage, frame, what in (("lm-eval", downstream, None), ("deploy", deploy, "form"), ("anatomy", anatomy, None)):
         if frame is None or "oom" not in frame:
             continue
         for row in frame[frame["oom"].notna() & frame["oom"].astype(str).ne("")].to_dict("records"):

@@ -21,12 +21,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from lora_study.errors import UserError
 from lora_study.io import atomic_path, write_json
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("lora_study")
 
@@ -387,19 +390,25 @@ def _first_text(value: Any) -> str | None:
 
 
 def _scores_or_oom(record: dict[str, Any], load, tokenizer, settings: LmEvalSettings, task_dir: Path,
-                   apply_template: bool, autocast) -> tuple[list[dict[str, Any]], pd.DataFrame]:  # fmt: skip
+                   apply_template: bool, autocast, cap: tuple[float | None, torch.device | None] = (None, None),
+                   ) -> tuple[list[dict[str, Any]], pd.DataFrame]:  # fmt: skip
     """lm-eval's scores; out of memory at the configured batch size is tried once more at half of it, and a
-    second one is recorded (record["status"] = "oom", what failed in record["oom"]), not raised."""
+    second one is recorded (record["status"] = "oom", what failed in record["oom"]), not raised. `cap`: the
+    memory cap (GB, device) each part runs under."""
     from dataclasses import replace
 
     from lora_study.failures import STATUS_OOM, oom_as_data
 
+    if cap[0] is not None:  # imported before the cap (see memory_cap)
+        import lm_eval.models.huggingface
+        import lm_eval.tasks  # noqa: F401
+
     attempt: dict[str, Any] = {}
-    with oom_as_data(attempt, "load"):
+    with oom_as_data(attempt, "load", *cap):
         model = load()
     batches = [settings.batch_size] + ([settings.batch_size // 2] if settings.batch_size > 1 else [])
     for batch in batches if "oom" not in attempt else []:
-        with oom_as_data(attempt, f"lm-eval at batch {batch}"):
+        with oom_as_data(attempt, f"lm-eval at batch {batch}", *cap):
             return evaluate_tasks(model, tokenizer, replace(settings, batch_size=batch), task_dir, apply_template,
                                   autocast)  # fmt: skip
     record.update(status=STATUS_OOM, oom=attempt["oom"])
@@ -440,7 +449,8 @@ def run_downstream(
             scores, samples = _scores_or_oom(record, lambda: load_run_model(run, recipe, manifest, compute_settings,
                                                                             adapter_dir, device),
                                              tokenizer, settings, task_dir, template != "alpaca",
-                                             recipe.torch_compute_dtype if recipe.autocast else None)  # fmt: skip
+                                             recipe.torch_compute_dtype if recipe.autocast else None,
+                                             (compute_settings.get("memory_limit_gb"), device))  # fmt: skip
         record.update(scores=scores, device=device.type, compute_dtype=recipe.compute_dtype,
                       capability=capability.to_dict(), environment=job_environment(gpu_slot))  # fmt: skip
         for row in scores:

@@ -16,7 +16,7 @@ import torch
 
 from lora_study.batching import collate
 from lora_study.data import load_split
-from lora_study.failures import STATUS_OOM, is_out_of_memory, memory_in_use_gb
+from lora_study.failures import STATUS_OOM, is_out_of_memory, memory_cap, memory_in_use_gb
 from lora_study.gpu_slots import claim_job_gpu, job_environment
 from lora_study.io import atomic_path, write_json
 from lora_study.loading import load_for_evaluation, load_tokenizer, pick_device, set_threads
@@ -172,8 +172,9 @@ def evaluate_run(
     scored_indices = exact_answer_indices(rows, evaluation["exact_match_examples"])
     scored = [rows[i] for i in scored_indices]
     batch_size = evaluation["batch_size"]
+    limit_gb = compute_settings.get("memory_limit_gb")
     try:
-        with memory, quiet_int8_casts():
+        with memory, memory_cap(limit_gb, device, memory), quiet_int8_casts():
             model = load_run_model(run, recipe, manifest, compute_settings, adapter_dir, device)
             loss = ResponseLoss(model)
             nll_start = time.perf_counter()
@@ -184,10 +185,10 @@ def evaluate_run(
             max_new = evaluation["max_new_tokens"]
             predictions = greedy_answers(model, scored, batch_size, max_new, tokenizer, pad_id, device, recipe)
     except Exception as error:
-        if not is_out_of_memory(error):
+        if not is_out_of_memory(error, memory_capped=limit_gb is not None):
             raise
         log.error("out of memory during evaluation: recorded as status 'oom'")
-        failure = {"phase": "evaluate", "error": f"{type(error).__name__}: {error}"[:500]}
+        failure = {"phase": "evaluate", "error": f"{type(error).__name__}: {error}"[:500], "memory_limit_gb": limit_gb}
         return not_evaluated(STATUS_OOM, {**failure, **memory_in_use_gb(device)})
 
     eval_tokens = sum(len(r["input_ids"]) for r in rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import gc
 import logging
+import re
 import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,8 +48,9 @@ def reads_as_out_of_memory(text: str) -> bool:
             or all(s in message for s in CUBLAS_CREATE_FAILED))  # fmt: skip
 
 
-# Under an address-space cap a new thread's stack cannot be mapped either.
-CAPPED_ONLY_MESSAGES = ("can't start new thread",)
+# Under an address-space cap a new thread's stack cannot be mapped either, and a C function whose allocation the
+# cap refused can return without raising (CPython then reports that, as a SystemError).
+CAPPED_ONLY_MESSAGES = ("can't start new thread", "returned NULL without setting an exception")
 
 
 def is_out_of_memory(error: BaseException | None, memory_capped: bool = False) -> bool:
@@ -98,6 +100,10 @@ def memory_cap(limit_gb: float | None, device: torch.device, memory: Any = None)
     if limit_gb is None:
         yield {}
         return
+    # Everything heavy is imported first: an import the cap stops half-way leaves its modules broken, and the
+    # next import then fails with an ImportError instead of the memory error it was.
+    import peft  # noqa: F401  (imports transformers and bitsandbytes)
+
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.zeros(1, device=device)  # creates the CUDA context, so it can be measured
@@ -137,18 +143,30 @@ def first_line(error: BaseException) -> str:
     return (text[0] if text else type(error).__name__)[:300]
 
 
+def oom_message(error: BaseException, limit_gb: float | None) -> str:
+    """The error's first line, for a report; a failure only a memory cap causes says so (without addresses)."""
+    text = first_line(error)
+    if limit_gb is not None and any(m in text for m in CAPPED_ONLY_MESSAGES):
+        return f"an allocation refused under the {limit_gb:g} GB memory cap ({re.sub(r' at 0x[0-9a-f]+', '', text)})"
+    return text
+
+
 @contextmanager
-def oom_as_data(record: dict[str, Any], part: str, memory_capped: bool = False) -> Iterator[None]:
-    """Run one part of a job; out of memory inside it is recorded as record["oom"][part] (the error's first
-    line), the memory released and the job goes on to end normally, so the study's report still builds and
-    says what did not fit. Any other error propagates."""
+def oom_as_data(
+    record: dict[str, Any], part: str, limit_gb: float | None = None, device: torch.device | None = None
+) -> Iterator[None]:
+    """Run one part of a job (under a `limit_gb` memory cap on `device`, see memory_cap); out of memory inside it
+    is recorded as record["oom"][part] (the error's first line), the memory released and the job goes on to end
+    normally, so the study's report still builds and says what did not fit. Any other error propagates."""
     try:
-        yield
+        with memory_cap(limit_gb, device or torch.device("cpu")):
+            yield
     except Exception as error:
-        if not is_out_of_memory(error, memory_capped):
+        if not is_out_of_memory(error, memory_capped=limit_gb is not None):
             raise
-        log.error("%s: out of memory (%s): recorded as data, the job goes on", part, first_line(error))
-        record.setdefault("oom", {})[part] = first_line(error)
+        message = oom_message(error, limit_gb)
+        log.error("%s: out of memory (%s): recorded as data, the job goes on", part, message)
+        record.setdefault("oom", {})[part] = message
     release_memory()
 
 

@@ -170,6 +170,8 @@ def full_share_finding(
 
 def anatomy_table(runs: pd.DataFrame, layers: pd.DataFrame | None) -> pd.DataFrame | None:
     """Per trained run and module group: effective rank of the updates against the adapter's rank."""
+    if layers is not None and "oom" in layers:  # a run whose anatomy did not fit: no layers (oom_finding says so)
+        layers = layers[layers["oom"].isna()]
     if layers is None or layers.empty:
         return None
     info = trained_runs(runs).set_index("run_id")

@@ -16,7 +16,7 @@ from lora_study.axes import MATRIX_PREFIX, axis_tables, best_learning_rate_findi
 from lora_study.captions import chart_caption
 from lora_study.charts import build_charts, heatmap_name, save_chart
 from lora_study.claims import reference_claims
-from lora_study.deployment_tables import deployment_method_lines, deployment_report
+from lora_study.deployment_tables import deployment_method_lines, deployment_report, oom_finding
 from lora_study.findings import (
     DEFINITIONS,
     FindingSettings,
@@ -365,6 +365,7 @@ def study_tables(
         full_share_finding(runs, tables.get("full_finetuning"), judge, settings),
         anatomy_finding(tables),
         *deployed_findings,
+        oom_finding(deployment.downstream, deployment.deploy, anatomy),
     ]
     # Before the list of runs that did not fit, which closes the headline.
     position = next((i for i, s in enumerate(findings) if s.startswith("Not measured:")), len(findings))

@@ -19,5 +19,6 @@ rule anatomy:
         runtime=anatomy_runtime,
     params:
         run=run_params,
+        memory_limit_gb=config["evaluation"]["memory_limit_gb"],
     script:
         "../scripts/anatomy.py"

@@ -62,7 +62,8 @@ def run_params(wildcards):
 
 def compute_params(wildcards):
     """Settings evaluation shares with training: how the base model is computed (compute_dtype only
-    for bitsandbytes weights, so a 16-bit baseline does not rerun when it changes)."""
+    for bitsandbytes weights, so a 16-bit baseline does not rerun when it changes), and the memory cap of
+    the jobs after training (evaluation.memory_limit_gb)."""
     spec = EVALUATED[wildcards.run]
     training = spec.training.to_dict() if spec.training else config["training"]
     keys = (
@@ -70,7 +71,11 @@ def compute_params(wildcards):
         if applies_compute_dtype(spec.quantization)
         else ("attn_implementation",)
     )
-    return canonical_json({key: training[key] for key in keys})
+    settings = {key: training[key] for key in keys}
+    # Only when set, so studies without a cap keep their recorded params (no reruns).
+    if config["evaluation"]["memory_limit_gb"] is not None:
+        settings["memory_limit_gb"] = config["evaluation"]["memory_limit_gb"]
+    return canonical_json(settings)
 
 
 def memory_plan(wildcards):

@@ -16,4 +16,5 @@ with job(snakemake):
         run=RunSpec.from_params(json.loads(snakemake.params.run)),
         out_path=Path(snakemake.output.layers),
         threads=snakemake.threads,
+        memory_limit_gb=snakemake.params.memory_limit_gb,
     )

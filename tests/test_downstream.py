@@ -221,3 +221,46 @@ def test_serving_and_lm_eval_settings_rerun_only_their_jobs(deployed_study):
         assert planned_jobs(workdir) == per_run(("downstream",), EVALUATED) | REPORT_JOBS
     finally:
         (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_out_of_memory_after_training_is_data_in_every_stage(deployed_study, tmp_path):
+    """evaluation.memory_limit_gb caps every job after training (a real address-space cap on CPU): evaluation,
+    each deployed form, lm-eval and the anatomy record what did not fit, and the report still builds."""
+    import json
+
+    import pandas as pd
+    import yaml
+    from test_reruns import REPORT_JOBS, per_run, planned_jobs
+
+    from conftest import run_snakemake
+
+    source, config = deployed_study
+    workdir = tmp_path / "capped"
+    shutil.copytree(source, workdir, symlinks=True)  # keeps mtimes: only what the cap changes reruns
+    capped = {**config, "evaluation": {**config["evaluation"], "memory_limit_gb": 0.001}}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(capped))
+    trained = ("r4-qv-nf4",)
+    assert planned_jobs(workdir) == (
+        per_run(("evaluate", "deploy", "downstream"), EVALUATED) | per_run(("anatomy",), trained) | REPORT_JOBS
+    )
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+    def record(run_id: str, name: str) -> dict:
+        return json.loads((workdir / f"results/runs/{run_id}/{name}").read_text())
+
+    for run_id in EVALUATED:
+        evaluation = record(run_id, "eval_metrics.json")
+        assert evaluation["status"] == "oom" and evaluation["failure"]["memory_limit_gb"] == 0.001
+        assert record(run_id, "downstream.json")["status"] == "oom"
+        assert "load" in record(run_id, "downstream.json")["oom"]
+        assert record(run_id, "deploy.json")["oom"]  # the form it was deployed as did not fit
+    anatomy = pd.read_csv(workdir / "results/runs/r4-qv-nf4/anatomy.csv")
+    assert len(anatomy) == 1 and anatomy["oom"].notna().all() and anatomy["layer"].isna().all()
+
+    runs = pd.read_csv(workdir / "results/tables/runs.csv").set_index("run_id")
+    assert (runs.loc[list(EVALUATED), "status"] == "oom").all()
+    findings = (workdir / "results/report/findings.md").read_text()
+    assert "Did not fit in memory" in findings
+    for part in ("lm-eval of r4-qv-nf4", "deploy of r4-qv-nf4", "anatomy of r4-qv-nf4", "lm-eval of base-nf4"):
+        assert part in findings
