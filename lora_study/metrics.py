@@ -170,6 +170,7 @@ class PeakMemory:
             self.train_process_peak_bytes = (nvml_process_bytes(self._handle) or 0) if self._handle is not None else 0
         else:
             self._job_peak_rss = peak_rss_bytes()  # resetting the peak resets getrusage's figure too
+            return_freed_memory()
             reset_peak_rss()
         self.training = True
 
@@ -231,6 +232,18 @@ def current_rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+def return_freed_memory() -> None:
+    """Hand what the load freed back to the OS (glibc keeps freed heap resident until trimmed), so the training
+    phase's resident peak counts what training holds, not what loading left behind."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim this way
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reset_peak_rss() -> bool:

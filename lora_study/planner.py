@@ -19,8 +19,11 @@ The prediction is a sum of terms, each reported on its own:
 - activations: the tensors autograd saves for the backward pass, counted
   from a forward pass of the real architecture on PyTorch's meta device
   (shapes and dtypes only: no weights, no arithmetic), with the run's
-  targets, rank, dropout and gradient checkpointing, in the compute dtype
-  (autocast on a real device computes the matmuls and attention in it). The meta device
+  targets, rank, dropout and gradient checkpointing, held as the precision
+  recipe holds it (norms and LoRA in fp32; 4-bit layers compute in the
+  compute dtype and return their input's, so behind an fp32 norm their
+  outputs are fp32) and with autocast emulated (matmuls and attention cast
+  their inputs to the compute dtype). The meta device
   takes SDPA's reference path, which saves the batch x heads x T x T
   attention matrix; the fused kernels used on real devices keep a log-sum-exp
   per query instead, so those matrices are replaced by that.
@@ -30,15 +33,20 @@ The prediction is a sum of terms, each reported on its own:
 - output head: the logits at loss positions (batch x longest response),
   their fp32 log-softmax and its gradient.
 - overhead: on CUDA the context (outside torch's allocator, inside NVML's
-  figure) and allocator slack; on CPU the interpreter and libraries, plus the
-  checkpoint files, which are memory-mapped while loading and count toward
-  the process's resident memory.
+  figure) and allocator slack. On CPU the interpreter and libraries; the
+  checkpoint files where the recipe loads weights in the checkpoint's own
+  dtype (those tensors stay views of the memory-mapped files, so the mapping,
+  every page of it read while loading, stays resident: the weights held that
+  way are counted there, not twice); and glibc's retention: freed activation
+  memory of one step stays resident for the next (CPU_ALLOCATOR_RETENTION of
+  the activations, backward working set and logits).
 
 Nothing here loads weights: a plan for a 2.7B model takes seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -49,12 +57,21 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lora_study.batching import total_steps
 from lora_study.formats import FOUR_BIT
 from lora_study.methods import DORA, FULL, LORA
 from lora_study.modules import Targets, resolve_attention
-from lora_study.precision import DeviceCapability, Recipe, detect_capability, is_norm, recipe_for
+from lora_study.precision import (
+    DTYPES,
+    DeviceCapability,
+    Recipe,
+    apply_recipe,
+    detect_capability,
+    is_norm,
+    recipe_for,
+)
 from lora_study.preflight import check_with_manifest
 from lora_study.settings import TrainingSettings
 from lora_study.sweep import RunSpec
@@ -68,7 +85,12 @@ DOUBLE_QUANT_BLOCK = 256  # absmax constants per second-level constant
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 CUDA_CONTEXT_GB = 0.5  # CUDA context + kernels; NVML counts it, torch's allocator does not
 CUDA_ALLOCATOR_SLACK = 0.10  # reserved over allocated at peak (fragmentation, rounding)
-CPU_RUNTIME_GB = 0.5  # RSS of python + torch + transformers + peft + datasets, measured here
+CPU_RUNTIME_GB = 0.55  # RSS of python + torch + transformers + peft + datasets at training start, measured here
+# glibc keeps freed memory resident: beyond the counted terms, the training phase's resident peak held another
+# 32-79 % of the activations, backward working set and logits (bench/planner_cpu.py, 5 runs x 2 CPU classes);
+# the middle of that range, the same for every recipe and CPU.
+CPU_ALLOCATOR_RETENTION = 0.5
+SAFETENSORS_DTYPES = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
 PLAN_DEVICES = ("cuda", "cpu")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # The GPU a CUDA plan assumes when it resolves `auto`: one with native bf16 (Ampere or newer).
@@ -199,21 +221,33 @@ def saved_activation_bytes(
     batch_size: int,
     seq_len: int,
     method: str = LORA,
+    recipe: Recipe | None = None,
 ) -> tuple[float, float]:
     """(bytes autograd saves in one forward pass, bytes one layer saves without checkpointing).
 
     Full fine-tuning (`method` full) trains every weight, no LoRA layers.
+    With a `recipe`, the pass holds the model as training does: its tensors
+    cast by the recipe (norms and LoRA fp32), 4-bit layers emulated (they
+    compute in the compute dtype and return their input's dtype: fp32 behind
+    an fp32 norm), and autocast emulated (matmuls and attention cast
+    their inputs to the compute dtype; `dtype_name` is then the recipe's).
     Cached by the config's content and the arguments: runs that differ only in
     what does not change activations share one count.
     """
     key = (model_config.to_json_string(), targets.key(), rank, dropout, dtype_name, gradient_checkpointing,
-           attn_implementation, batch_size, seq_len, method)  # fmt: skip
+           attn_implementation, batch_size, seq_len, method, recipe)  # fmt: skip
     if key in _ACTIVATION_CACHE:
         return _ACTIVATION_CACHE[key]
     from peft import LoraConfig, get_peft_model
 
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, dtype_name) if recipe is None else recipe.load_dtype
     model = meta_causal_lm(model_config, dtype, meta_attention(attn_implementation))
+    # Weights are counted apart (frozen base, or full fine-tuning's masters and their autocast copies), by id:
+    # the dict keeps each alive, so no later tensor can reuse its id.
+    frozen: dict[int, torch.Tensor] = {}
+    if recipe is not None and recipe.quantization in FOUR_BIT:
+        for name in _body_linear_layers(model):
+            _emulate_four_bit(model.get_submodule(name), recipe, frozen)
     model.requires_grad_(method == FULL)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -223,9 +257,11 @@ def saved_activation_bytes(
         lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, **targets.lora_kwargs(),
                           **_planning_flags(method))  # fmt: skip
         model = get_peft_model(model, lora)
+    if recipe is not None:
+        apply_recipe(model, recipe)
     model.train()
-    # Weights are counted apart (frozen base, or full fine-tuning's masters and their autocast copies).
-    frozen = {id(p) for p in model.parameters() if not p.requires_grad or method == FULL}
+    frozen.update((id(p), p) for p in model.parameters() if not p.requires_grad or method == FULL)
+    autocast = _MetaAutocast(recipe.torch_compute_dtype, frozen) if recipe is not None and recipe.autocast else None
     fused_attention = attn_implementation != "eager"
     seen: dict[int, torch.Tensor] = {}
 
@@ -242,18 +278,86 @@ def saved_activation_bytes(
     mask = torch.zeros(batch_size, 1, seq_len, seq_len, dtype=dtype, device="meta")
     positions = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     inner = model.get_base_model().base_model if method != FULL else model.base_model
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor), autocast or contextlib.nullcontext():
         inner(input_ids=ids, attention_mask=mask, position_ids=positions)
     saved = sum(t.numel() * t.element_size() for t in seen.values())
     if fused_attention:  # the fused kernels' fp32 log-sum-exp per query and head
         saved += model_config.num_hidden_layers * batch_size * model_config.num_attention_heads * seq_len * 4
     if gradient_checkpointing:
         per_layer = saved_activation_bytes(model_config, targets, rank, dropout, dtype_name, False,
-                                           attn_implementation, batch_size, seq_len, method)[1]  # fmt: skip
+                                           attn_implementation, batch_size, seq_len, method, recipe)[1]  # fmt: skip
     else:
         per_layer = saved / model_config.num_hidden_layers
     _ACTIVATION_CACHE[key] = (saved, per_layer)
     return saved, per_layer
+
+
+def _emulate_four_bit(layer: nn.Module, recipe: Recipe, weights: dict[int, torch.Tensor]) -> None:
+    """Make a meta-device linear layer behave as a bitsandbytes 4-bit one: it casts its input to the compute
+    dtype and returns its input's dtype (fp32 behind an fp32 norm, where an autocast linear returns the compute
+    dtype), and with the weight frozen saves no activation of its own (weight copies made here join `weights`).
+    int8 layers return what an autocast linear does (measured: the same saved tensors as 16-bit)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        inner = x.to(recipe.torch_compute_dtype)
+        weight = layer.weight.to(inner.dtype)
+        weights[id(weight)] = weight
+        bias = layer.bias.to(inner.dtype) if layer.bias is not None else None
+        return torch.nn.functional.linear(inner, weight, bias).to(x.dtype)
+
+    layer.forward = forward
+
+
+class _MetaAutocast(TorchFunctionMode):
+    """Autocast for the meta device (which torch.autocast does not take): the matmuls and attention cast their
+    floating-point inputs to the compute dtype, as autocast does on CPU and CUDA. Casts of weights (ids in
+    `weights`) are weights too: the planner counts those copies apart."""
+
+    def __init__(self, dtype: torch.dtype, weights: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.weights = weights
+        functional = torch.nn.functional
+        self.lowered = {functional.linear, functional.scaled_dot_product_attention, torch.matmul, torch.bmm,
+                        torch.baddbmm, torch.addmm, torch.Tensor.matmul, torch.Tensor.__matmul__}  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.lowered:
+            args = tuple(self._cast(a) for a in args)
+            kwargs = {k: self._cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+    def _cast(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype == self.dtype:
+            return value
+        cast = value.to(self.dtype)
+        if id(value) in self.weights:
+            self.weights[id(cast)] = cast
+        return cast
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The model's weight files: their size and the dtype their floating-point tensors are stored in."""
+
+    bytes: int = 0
+    dtype: str | None = None  # bf16, fp16, fp32; None when unknown (or mixed)
+
+    def shared_by(self, recipe: Recipe) -> bool:
+        """Whether weights loaded under `recipe` stay views of the mapped files (no conversion copies them)."""
+        return self.dtype is not None and DTYPES[self.dtype] == recipe.load_dtype
+
+
+def unquantized_bytes(facts: ModelFacts, recipe: Recipe, double_quant: bool) -> float:
+    """The part of the base weights loaded as they are stored (not packed by bitsandbytes)."""
+    if recipe.quantization in FOUR_BIT:
+        return weights_bytes(facts, recipe, double_quant) - sum(
+            _four_bit_bytes(size, double_quant) for size in facts.quantizable_sizes
+        )
+    if recipe.quantization == "int8":
+        return weights_bytes(facts, recipe, double_quant) - sum(facts.quantizable_sizes) - facts.quantizable_rows * 4
+    return weights_bytes(facts, recipe, double_quant)
 
 
 def logits_bytes(positions: int, vocab_size: int, head_bytes: int) -> float:
@@ -354,7 +458,7 @@ def plan_run(
     batch: BatchShape,
     plan_device: str,
     budget_gb: float | None,
-    weights_file_bytes: int = 0,
+    checkpoint: Checkpoint = Checkpoint(),
     attn_implementation: str = "sdpa",
 ) -> RunPlan:
     """Predicted peak memory of one run under `recipe`, term by term."""
@@ -371,6 +475,7 @@ def plan_run(
         batch.rows,
         batch.padded_length,
         run.method,
+        recipe,
     )
     logits = logits_bytes(batch.loss_positions, facts.vocab_size, DTYPE_BYTES[recipe.compute_dtype])
     if run.is_full:
@@ -388,7 +493,7 @@ def plan_run(
     states = adapter + gradients_optimizer
     allocated = weights + states + activations + per_layer + logits
     cuda = allocated * (1 + CUDA_ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB
-    cpu = (allocated + weights_file_bytes) / GB + CPU_RUNTIME_GB
+    cpu = (allocated + cpu_overhead_bytes(run, recipe, facts, checkpoint, activations + per_layer + logits)) / GB
     predicted = cuda if plan_device == "cuda" else cpu
     return RunPlan(
         run_id=run.run_id,
@@ -417,6 +522,17 @@ def plan_run(
     )
 
 
+def cpu_overhead_bytes(run: RunSpec, recipe: Recipe, facts: ModelFacts, checkpoint: Checkpoint,
+                       transient: float) -> float:  # fmt: skip
+    """What a CPU process holds beyond the allocated terms: the runtime, the mapped checkpoint where the recipe
+    keeps views of it (less the weights already counted), and the allocator's retention of `transient` bytes."""
+    mapped = 0.0
+    if checkpoint.shared_by(recipe):
+        held_as_stored = facts.total_params * 4.0 if run.is_full else unquantized_bytes(facts, recipe, run.double_quant)
+        mapped = checkpoint.bytes - held_as_stored
+    return CPU_RUNTIME_GB * GB + mapped + CPU_ALLOCATOR_RETENTION * transient
+
+
 # Where a run's predicted peak goes, term by term (plan.csv columns), before the device's overhead.
 MEMORY_TERMS = {
     "base weights": "weights_gb",
@@ -426,9 +542,8 @@ MEMORY_TERMS = {
     "backward working memory": "backward_working_gb",
     "logits": "logits_gb",
 }
-# What each device adds on top of the allocated terms (CPU_RUNTIME_GB and the checkpoint file the loader maps;
-# CUDA_CONTEXT_GB and CUDA_ALLOCATOR_SLACK).
-OVERHEAD_TERMS = {"cpu": "runtime + mapped checkpoint", "cuda": "CUDA context + allocator slack"}
+# What each device adds on top of the allocated terms (cpu_overhead_bytes; CUDA_CONTEXT_GB and CUDA_ALLOCATOR_SLACK).
+OVERHEAD_TERMS = {"cpu": "runtime + mapped checkpoint + allocator retention", "cuda": "CUDA context + allocator slack"}
 
 
 def memory_terms(plan: Mapping[str, Any], device_type: str) -> dict[str, float]:
@@ -450,7 +565,7 @@ def plan_study(
     prompt_lengths: list[int],
     plan_device: str,
     budget_gb: float | None,
-    weights_file_bytes: int = 0,
+    checkpoint: Checkpoint = Checkpoint(),
     recipes: dict[str, Recipe] | None = None,
     attention: dict[str, str] | None = None,
 ) -> list[RunPlan]:
@@ -470,7 +585,7 @@ def plan_study(
             recipe = (recipes or {}).get(run.run_id) or planning_recipe(run, plan_device)
             attn = (attention or {}).get(run.run_id, "sdpa")
             plan = plan_run(run, recipe, model_config, facts, targets[run.run_id], batch, plan_device, budget_gb,
-                            weights_file_bytes, attn)  # fmt: skip
+                            checkpoint, attn)  # fmt: skip
         except Exception as error:
             log.warning("%s: no memory prediction, the planner failed: %s", run.run_id, error, exc_info=True)
             plan = RunPlan.unplanned(run, plan_device, budget_gb, error)
@@ -478,9 +593,21 @@ def plan_study(
     return plans
 
 
-def checkpoint_file_bytes(manifest: dict[str, Any]) -> int:
-    """Size of the model's weight files (what loading maps into memory)."""
-    return sum(path.stat().st_size for path in Path(manifest["path"]).glob("*.safetensors"))
+def checkpoint_files(manifest: dict[str, Any]) -> Checkpoint:
+    """Size of the model's weight files (what loading maps into memory) and the dtype they store floats in,
+    from the safetensors headers."""
+    import json
+    import struct
+
+    total, dtypes = 0, set()
+    for path in Path(manifest["path"]).glob("*.safetensors"):
+        total += path.stat().st_size
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        dtypes |= {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+    floats = {SAFETENSORS_DTYPES[d] for d in dtypes if d in SAFETENSORS_DTYPES}
+    return Checkpoint(total, floats.pop() if len(floats) == 1 else None)
 
 
 def _model_config(manifest: dict[str, Any]):
@@ -508,7 +635,7 @@ def plan_for_run(
         list(train_rows["prompt_length"]),
         settings["device"],
         settings["memory_budget_gb"],
-        checkpoint_file_bytes(manifest),
+        checkpoint_files(manifest),
         recipes={run.run_id: recipe},
         attention={run.run_id: attn_implementation},
     )
@@ -554,7 +681,7 @@ def write_plan(
         prompt_lengths=list(train["prompt_length"]),
         plan_device=settings["device"],
         budget_gb=settings["memory_budget_gb"],
-        weights_file_bytes=checkpoint_file_bytes(manifest),
+        checkpoint=checkpoint_files(manifest),
         attention={run.run_id: resolve_attention(manifest, run.training.attn_implementation) for run in trained},
     )
     for plan in plans:

@@ -121,6 +121,27 @@ def test_counted_activations_match_a_real_forward_pass(tiny_llama, targets):
     assert counted == pytest.approx(real_saved_bytes(model, 4, 48), rel=0.10)
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "bf16"])
+def test_activations_under_the_recipe_match_the_training_model(tiny_llama, quantization):
+    """The meta pass under a bf16 recipe (autocast, fp32 norms and LoRA, 4-bit layers returning their input's
+    dtype) against the model training builds, run under the recipe's autocast: a 4-bit model saves its MLP
+    activations in fp32 behind the fp32 norms, a 16-bit one in bf16, and the plan must tell them apart."""
+    from lora_study.loading import add_lora, load_base_model
+    from lora_study.precision import DeviceCapability, recipe_for
+
+    recipe = recipe_for(quantization, "bf16", DeviceCapability("cpu", "test", "AVX512", ("avx512_bf16",)))
+    targets = Targets(["q_proj", "v_proj"])
+    manifest = {"path": str(tiny_llama), "trust_remote_code": False}
+    model = load_base_model(manifest, recipe, True, "sdpa", torch.device("cpu"))
+    model = add_lora(model, recipe, targets, 4, 8, 0.0, gradient_checkpointing=False)
+    model.train()
+    config = AutoConfig.from_pretrained(tiny_llama)
+    counted, _ = saved_activation_bytes(config, targets, 4, 0.0, "bfloat16", False, "sdpa", 4, 48, recipe=recipe)
+    with recipe.autocast_context("cpu"):
+        real = real_saved_bytes(model, 4, 48)
+    assert counted == pytest.approx(real, rel=0.10)
+
+
 def test_the_largest_batch_is_the_one_the_run_will_draw():
     lengths = [10] * 63 + [100]
     prompts = [8] * 63 + [90]
@@ -149,3 +170,42 @@ def test_a_run_the_planner_fails_on_keeps_no_prediction_and_never_stops_the_othe
     settings = {"device": "cpu", "memory_budget_gb": 0.001}
     assert budget_verdict(plans["broken"].to_dict(), settings) is None  # no prediction: it trains
     assert budget_verdict({"predicted_cpu_gb": ""}, settings) is None  # as plan.csv writes a missing value
+
+
+def mapped_bytes(directory) -> int:
+    """Resident bytes of this process's mappings of the safetensors files in `directory` (/proc/self/smaps)."""
+    total, mapping = 0, ""
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5:
+                mapping = fields[-1] if len(fields) >= 6 else ""
+            elif line.startswith("Rss:") and mapping.startswith(str(directory)) and mapping.endswith(".safetensors"):
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.parametrize("quantization, compute", [("nf4", "fp32"), ("fp32", None), ("nf4", "bf16"), ("bf16", None)])
+def test_the_checkpoint_stays_mapped_exactly_when_the_recipe_keeps_its_dtype(tiny_llama, tmp_path, quantization,
+                                                                          compute):  # fmt: skip
+    """The CPU plan counts the memory-mapped checkpoint files only where the loaded weights stay views of them:
+    the recipe loads weights in the dtype the files store (fp32 here), so nothing copies them."""
+    import gc
+    import shutil
+
+    tiny_llama = shutil.copytree(tiny_llama, tmp_path / "model")  # files no other test's model maps
+
+    from lora_study.loading import load_base_model
+    from lora_study.planner import checkpoint_files
+    from lora_study.precision import DeviceCapability, recipe_for
+
+    recipe = recipe_for(quantization, compute, DeviceCapability("cpu", "test", "AVX512", ("avx512_bf16",)))
+    manifest = {"path": str(tiny_llama), "trust_remote_code": False}
+    checkpoint = checkpoint_files(manifest)
+    assert checkpoint.dtype == "fp32" and checkpoint.bytes > 0
+    gc.collect()
+    model = load_base_model(manifest, recipe, True, "sdpa", torch.device("cpu"))
+    gc.collect()
+    still_mapped = mapped_bytes(tiny_llama) > 0
+    assert still_mapped == checkpoint.shared_by(recipe), (quantization, compute, mapped_bytes(tiny_llama))
+    del model
