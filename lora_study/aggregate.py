@@ -77,8 +77,18 @@ def run_row(
     row.update(_flatten("eval_", evaluation["memory"]))
     row.update(_flatten("eval_", evaluation.get("environment", {})))
     if training is not None:
-        nested = ("run_id", "memory", "environment", "failure", "recipe", "capability", "memory_plan")
+        nested = (
+            "run_id",
+            "memory",
+            "environment",
+            "failure",
+            "recipe",
+            "capability",
+            "memory_plan",
+            "target_coverage",
+        )
         train_metrics = {k: v for k, v in training.items() if k not in nested}
+        train_metrics["target_layers"] = coverage_text(training.get("target_coverage") or {})
         train_metrics["target_modules"] = _join(train_metrics["target_modules"])
         train_metrics["target_parameters"] = _join(train_metrics.get("target_parameters") or [])
         # Training's resolved dtype wins: it is what the adapter was trained in.
@@ -150,6 +160,11 @@ CONFIG_SUMMARY_COLUMNS = (
     "train_wall_s_ci95",
     "trainable_params",
 )
+
+
+def coverage_text(coverage: dict[str, Any]) -> str:
+    """'q: 8/32 layers; mlp: 32/32 layers' from a run's target_coverage ('' before it was recorded)."""
+    return "; ".join(f"{group}: {found['layers']}/{found['of']} layers" for group, found in coverage.items())
 
 
 def combine_per_run(

@@ -249,3 +249,24 @@ def method_tables(
         "anatomy": anatomy_table(runs, layers),
     }
     return {name: table for name, table in tables.items() if table is not None}
+
+
+def coverage_finding(runs: pd.DataFrame) -> str | None:
+    """Runs whose requested groups reached only some decoder layers (a hybrid model's attention layers), so the
+    modules axis is read for what it trained, not for what it was called."""
+    if "target_layers" not in runs:
+        return None
+    partial = []
+    for run_id, text in zip(runs["run_id"], runs["target_layers"].fillna(""), strict=True):
+        parts = [part for part in str(text).split("; ") if part and _is_partial(part)]
+        if parts:
+            partial.append(f"{run_id} ({'; '.join(parts)})")
+    if not partial:
+        return None
+    return "Only part of the model adapted, by design of its layers: " + ", ".join(partial) + "."
+
+
+def _is_partial(part: str) -> bool:
+    """'q: 8/32 layers' -> True (some, not all)."""
+    counts = part.rsplit(": ", 1)[-1].removesuffix(" layers").split("/")
+    return len(counts) == 2 and 0 < int(counts[0]) < int(counts[1])

@@ -67,6 +67,8 @@ class TrainMetrics:
     target_modules: list[str] | str = ""
     # MoE experts' 3-D weights adapted through PEFT's target_parameters.
     target_parameters: list[str] = field(default_factory=list)
+    # Per requested group: the per-layer names PEFT wrapped and in how many decoder layers (modules.group_coverage).
+    target_coverage: dict[str, Any] = field(default_factory=dict)
     # What attention ran: `auto` resolved for this model (sdpa, else eager).
     attn_implementation: str | None = None
     resumed_from_step: int = 0

@@ -15,7 +15,13 @@ import torch
 
 from lora_study.errors import UserError
 from lora_study.io import atomic_path
-from lora_study.modules import attention_support, describe_layout, linear_layer_names, meta_model
+from lora_study.modules import (
+    attention_support,
+    describe_layout,
+    expert_parameter_names,
+    linear_layer_names,
+    meta_model,
+)
 from lora_study.preflight import prequantized_method
 
 log = logging.getLogger("lora_study")
@@ -103,6 +109,7 @@ def describe_model(path: Path, source: str, trust_remote_code: bool, allow_pickl
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = meta_model(config)
     linear_layers = linear_layer_names(model)
+    experts = expert_parameter_names(model)
     return {
         "source": source,
         "path": str(path.resolve()),
@@ -114,7 +121,8 @@ def describe_model(path: Path, source: str, trust_remote_code: bool, allow_pickl
         "vocab_size": getattr(config, "vocab_size", None),
         "linear_layers": linear_layers,
         # How q, k, v, o, mlp map to modules: a known family's layout, or one inferred from the names.
-        "module_layout": describe_layout(config.model_type, linear_layers),
+        "expert_parameters": experts,
+        "module_layout": describe_layout(config.model_type, linear_layers, experts),
         "attention_support": attention_support(type(model)),
         "prequantized": prequantized_method(config.to_dict()),
         "trust_remote_code": trust_remote_code,

@@ -251,13 +251,30 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Distinct 3-D weights of mixture-of-experts blocks, per-layer prefix stripped ('mlp.experts.down_proj'):
+    parameters of modules that are not convolutions (a convolution's kernel is 3-D too)."""
+    from torch import nn
+
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() == 3:
+                names.add(_LAYER_INDEX.sub("", f"{module_name}.{name}"))
+    return sorted(names)
+
+
 def _matches(target: str, layer_names: Iterable[str]) -> bool:
     # PEFT matches a list entry when the module's full name ends with it.
     return any(name == target or name.endswith("." + target) for name in layer_names)
 
 
-def infer_layout(layer_names: Sequence[str]) -> Layout | None:
-    """Groups of an unknown family from standard names, each only where exactly one convention fits.
+def infer_layout(layer_names: Sequence[str], expert_parameters: Sequence[str] = ()) -> Layout | None:
+    """Groups of an unknown family from standard names, each only where exactly one convention fits, and its
+    mixture-of-experts weights (3-D parameters, `expert_parameters`) as the mlp group's, adapted through PEFT's
+    target_parameters (as for the known MoE families).
 
     None when not even q, k and v can be placed.
     """
@@ -275,18 +292,23 @@ def infer_layout(layer_names: Sequence[str]) -> Layout | None:
                 fan_in_fan_out |= layout.fan_in_fan_out
     if not {"q", "k", "v"} <= set(groups):
         return None
-    return Layout("inferred", groups, tuple(sorted(fused)), fan_in_fan_out, notes="inferred from module names")
+    if expert_parameters:
+        groups.setdefault("mlp", ())
+    return Layout("inferred", groups, tuple(sorted(fused)), fan_in_fan_out, expert_parameters=tuple(expert_parameters),
+                  notes="inferred from module names")  # fmt: skip
 
 
 def _all_present(names: Sequence[str], layer_names: Sequence[str]) -> bool:
     return bool(names) and all(_matches(name, layer_names) for name in names)
 
 
-def layout_for(model_type: str, layer_names: Sequence[str] | None = None) -> tuple[Layout | None, str]:
+def layout_for(
+    model_type: str, layer_names: Sequence[str] | None = None, expert_parameters: Sequence[str] = ()
+) -> tuple[Layout | None, str]:
     """(layout, how it was found: 'known', 'inferred' or 'none')."""
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type], "known"
-    inferred = infer_layout(layer_names or [])
+    inferred = infer_layout(layer_names or [], expert_parameters)
     if inferred is None:
         return None, "none"
     log.info("model type '%s' is not a known family; groups inferred from its module names: %s", model_type,
@@ -294,9 +316,11 @@ def layout_for(model_type: str, layer_names: Sequence[str] | None = None) -> tup
     return inferred, "inferred"
 
 
-def describe_layout(model_type: str, layer_names: Sequence[str]) -> dict[str, Any]:
+def describe_layout(
+    model_type: str, layer_names: Sequence[str], expert_parameters: Sequence[str] = ()
+) -> dict[str, Any]:
     """The manifest's record of how groups map to modules for this model."""
-    layout, source = layout_for(model_type, layer_names)
+    layout, source = layout_for(model_type, layer_names, expert_parameters)
     return {"source": source, **(layout.to_dict() if layout else {})}
 
 
@@ -304,7 +328,7 @@ def manifest_layout(manifest: dict[str, Any]) -> Layout | None:
     """The layout the manifest recorded (older manifests: looked up again)."""
     recorded = manifest.get("module_layout")
     if recorded is None:
-        return layout_for(manifest["model_type"], manifest["linear_layers"])[0]
+        return layout_for(manifest["model_type"], manifest["linear_layers"], manifest.get("expert_parameters", ()))[0]
     return Layout.from_dict(recorded) if recorded["source"] != "none" else None
 
 
@@ -324,7 +348,7 @@ def resolve_targets(
         # PEFT's all-linear would reach into a vision tower or wrap an MoE router: there, every group instead.
         if layout is None or not (layout.scope or layout.expert_parameters):
             return Targets(ALL_LINEAR, fan_in_fan_out=bool(layout and layout.fan_in_fan_out))
-        requested = list(LOGICAL_GROUPS)
+        requested = [group for group in LOGICAL_GROUPS if group in layout.groups]
     logical = [name for name in requested if name in LOGICAL_GROUPS]
     names: set[str] = {name for name in requested if name not in LOGICAL_GROUPS}
     parameters: tuple[str, ...] = ()
@@ -335,6 +359,13 @@ def resolve_targets(
                 f"from its module names; name the modules explicitly. Its linear layers: {available}"
             )
         _check_fused(layout, logical, model_type)
+        unplaced = [group for group in logical if group not in layout.groups]
+        if unplaced:
+            raise ModuleResolutionError(
+                f"module groups {unplaced} could not be placed in {model_type} ({layout.notes or layout.name}: "
+                f"{', '.join(f'{g}={list(m)}' for g, m in layout.groups.items())}); name the modules explicitly. "
+                f"Its linear layers: {available}"
+            )
         for group in logical:
             names.update(layout.groups[group])
         if "mlp" in logical and layout.expert_parameters:
@@ -389,6 +420,56 @@ def resolve_run_targets(
         return resolve_targets(layout, modules, layer_names, model_type, lora_dropout)
     except ModuleResolutionError as error:
         raise ModuleResolutionError(f"run '{run_id}': {error}") from None
+
+
+_LAYER_NUMBER = re.compile(r"\.(\d+)\.")
+
+
+def peft_wrapped(peft_model: nn.Module) -> dict[str, set[int]]:
+    """What PEFT wrapped: per-layer name ('self_attn.q_proj', 'mlp.experts.down_proj' for a 3-D weight) -> the
+    indices of the decoder layers where it did (-1 for a module outside the numbered layers)."""
+    wrapped: dict[str, set[int]] = {}
+    for name, module in peft_model.named_modules():
+        if not (hasattr(module, "lora_A") and len(module.lora_A)):
+            continue
+        name = re.sub(r"(\.base_layer)+", "", name)
+        if type(module).__name__ == "ParamWrapper":  # a 3-D weight adapted through target_parameters
+            name = f"{name}.{module.parameter_name}"
+        index = _LAYER_NUMBER.search(name)
+        wrapped.setdefault(_LAYER_INDEX.sub("", name), set()).add(int(index.group(1)) if index else -1)
+    return wrapped
+
+
+def group_coverage(
+    layout: Layout | None, requested: Sequence[str], wrapped: dict[str, set[int]], num_layers: int
+) -> dict[str, dict[str, Any]]:
+    """Per requested group (a logical group, an explicit name or all-linear): the wrapped names it stands for
+    and in how many of the `num_layers` decoder layers any of them was wrapped."""
+    coverage = {}
+    for group in requested:
+        if group == ALL_LINEAR:
+            names = sorted(wrapped)
+        else:
+            wanted = (layout.groups.get(group, ()) if layout else ()) if group in LOGICAL_GROUPS else (group,)
+            if group == "mlp" and layout is not None:
+                wanted = (*wanted, *layout.expert_parameters)
+            names = sorted(n for n in wrapped if any(n == w or n.endswith("." + w) for w in wanted))
+        layers = set().union(*(wrapped[n] for n in names)) - {-1} if names else set()
+        coverage[group] = {"modules": names, "layers": len(layers), "of": num_layers}
+    return coverage
+
+
+def check_coverage(coverage: dict[str, dict[str, Any]], model_type: str) -> list[str]:
+    """Refuse a requested group that wrapped nothing (an error, naming it); return one line per group that
+    reached only some layers (a hybrid model's attention groups), for the log and the report."""
+    empty = [group for group, found in coverage.items() if not found["modules"]]
+    if empty:
+        raise ModuleResolutionError(
+            f"module groups {empty} wrapped nothing in {model_type} after PEFT applied the targets; name the "
+            "modules explicitly"
+        )
+    return [f"{group}: {found['layers']} of {found['of']} layers" for group, found in coverage.items()
+            if 0 < found["layers"] < found["of"]]  # fmt: skip
 
 
 def meta_model(config) -> nn.Module:

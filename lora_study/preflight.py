@@ -20,6 +20,7 @@ from lora_study.errors import UserError
 from lora_study.formats import BITSANDBYTES
 from lora_study.methods import LORA, RSLORA
 from lora_study.modules import (
+    ALL_LINEAR,
     ARCHITECTURES,
     OUTPUT_HEAD,
     Layout,
@@ -104,6 +105,46 @@ def check_run(
     return targets
 
 
+def wrapped_names(targets: Targets, layer_names: Iterable[str]) -> frozenset[str]:
+    """The per-layer linear layers (and 3-D expert weights) PEFT will wrap for `targets` among `layer_names`
+    (a scoped regex stands for itself: its matches are checked on the built model)."""
+    names = [name for name in layer_names if name != OUTPUT_HEAD and not name.endswith("." + OUTPUT_HEAD)]
+    if targets.modules == ALL_LINEAR:
+        wrapped = set(names)
+    elif isinstance(targets.modules, str):
+        wrapped = {targets.modules}
+    else:
+        wrapped = {n for n in names if any(n == t or n.endswith("." + t) for t in targets.modules)}
+    return frozenset(wrapped | set(targets.parameters))
+
+
+def same_wrapped_set(
+    requested: dict[str, tuple[str, ...]], targets: dict[str, Targets], layer_names: Iterable[str],
+    about: Iterable[str] | None = None,
+) -> list[str]:  # fmt: skip
+    """One line per pair of runs that ask for different modules but would wrap the same layers: their module
+    axis measures nothing, and a report would read the identical results as a finding. `about`: only pairs
+    involving these runs (a per-run check)."""
+    names = list(layer_names)
+    first_by_set: dict[frozenset[str], str] = {}
+    problems = []
+    for run_id, run_targets in targets.items():
+        if not run_targets.modules and not run_targets.parameters:  # full fine-tuning: no modules
+            continue
+        key = wrapped_names(run_targets, names)
+        other = first_by_set.setdefault(key, run_id)
+        if other == run_id or requested[other] == requested[run_id]:
+            continue
+        if about is not None and run_id not in about and other not in about:
+            continue
+        problems.append(
+            f"runs '{other}' ({', '.join(requested[other])}) and '{run_id}' ({', '.join(requested[run_id])}) would "
+            f"train the same modules on this model ({', '.join(sorted(key))}); drop one, or name modules that "
+            "differ"
+        )
+    return problems
+
+
 def _collect(runs: Iterable[RunSpec], check) -> dict[str, Targets]:
     """check(run) for every trained run; all failures in one error, one line each."""
     targets, problems = {}, []
@@ -130,14 +171,28 @@ def check_at_start(model_source: str, runs: Iterable[RunSpec]) -> bool:
     if layout is None:
         return False
     names = [*layout.declared_layers(), OUTPUT_HEAD]
-    _collect(runs, lambda run: check_run(run, layout, names, model_type, import_it=False))
+    runs = list(runs)
+    targets = _collect(runs, lambda run: check_run(run, layout, names, model_type, import_it=False))
+    _refuse_same_wrapped_set(runs, targets, names)
     return True
 
 
+def _refuse_same_wrapped_set(runs: Iterable[RunSpec], targets: dict[str, Targets], layer_names: Iterable[str],
+                             about: Iterable[str] | None = None) -> None:  # fmt: skip
+    requested = {run.run_id: tuple(run.modules) for run in runs if run.run_id in targets}
+    problems = same_wrapped_set(requested, targets, layer_names, about)
+    if problems:
+        raise PreflightError("\n".join(problems))
+
+
 def check_with_manifest(
-    manifest: dict[str, Any], runs: Iterable[RunSpec], import_it: bool = True
+    manifest: dict[str, Any], runs: Iterable[RunSpec], import_it: bool = True, study: Iterable[RunSpec] = ()
 ) -> dict[str, Targets]:
-    """Every run's targets on the prepared model (its real module names); `import_it`: see quantization_problem."""
+    """Every run's targets on the prepared model (its real module names); `import_it`: see quantization_problem.
+
+    `study`: the study's other runs; a run that would wrap the same modules as one of them under a different
+    request is refused (same_wrapped_set). Their own problems are left to their own checks.
+    """
     _refuse_prequantized(manifest.get("prequantized"), manifest["source"])
     layout = manifest_layout(manifest)
     names, model_type = manifest["linear_layers"], manifest["model_type"]
@@ -150,4 +205,15 @@ def check_with_manifest(
             raise ModuleResolutionError(f"run '{run.run_id}': {problem}")
         return targets
 
-    return _collect(runs, check)
+    runs = list(runs)
+    targets = _collect(runs, check)
+    others = {}
+    for other in study:
+        if other.run_id in targets or other.is_baseline:
+            continue
+        try:
+            others[other.run_id] = check_run(other, layout, names, model_type, import_it=False)
+        except ModuleResolutionError:
+            continue
+    _refuse_same_wrapped_set([*runs, *study], {**targets, **others}, names, about=targets)
+    return targets

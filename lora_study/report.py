@@ -31,6 +31,7 @@ from lora_study.formats import quantization_label, recipe_text_rows
 from lora_study.io import atomic_path
 from lora_study.method_tables import (
     anatomy_finding,
+    coverage_finding,
     full_share_finding,
     method_tables,
     methods_finding,
@@ -364,6 +365,7 @@ def study_tables(
         methods_finding(tables.get("methods")),
         full_share_finding(runs, tables.get("full_finetuning"), judge, settings),
         anatomy_finding(tables),
+        coverage_finding(runs),
         *deployed_findings,
         oom_finding(deployment.downstream, deployment.deploy, anatomy),
     ]

@@ -208,6 +208,18 @@ def train_run(
     return session.write(model, outputs, {**memory.report(), **cap}, plan)
 
 
+def wrapped_coverage(model: torch.nn.Module, manifest: dict[str, Any], run: RunSpec) -> dict[str, dict[str, Any]]:
+    """What PEFT wrapped for each group the run asked for; a group that wrapped nothing stops the run, a group
+    that reached only some layers (attention in a hybrid model) is logged and recorded."""
+    from lora_study.modules import check_coverage, group_coverage, peft_wrapped
+
+    num_layers = manifest.get("num_layers") or 0
+    coverage = group_coverage(manifest_layout(manifest), run.modules, peft_wrapped(model), num_layers)
+    for line in check_coverage(coverage, manifest["model_type"]):
+        log.warning("only part of the model is adapted: %s", line)
+    return coverage
+
+
 class TrainingSession:
     """One process's training of one run: load, prepare, loop, write."""
 
@@ -220,6 +232,7 @@ class TrainingSession:
         self.memory: PeakMemory | None = None
         self.counts: dict[str, int] = {}
         self.targets = Targets("")
+        self.coverage: dict[str, dict[str, Any]] = {}  # per requested group: what PEFT wrapped, in how many layers
         self.steps = 0
         self.loss: ResponseLoss | None = None
         self.scaling = GradScaling(job.recipe, job.device.type)
@@ -241,6 +254,8 @@ class TrainingSession:
         trainable, total = count_parameters(model)
         self.counts = {"trainable_params": trainable, "total_params": total}
         self.targets = targets
+        if not run.is_full:
+            self.coverage = wrapped_coverage(model, manifest, run)
         log.info("trainable params %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
         return model
 
@@ -343,7 +358,8 @@ class TrainingSession:
             self.checkpointer.save(model, self.optimizer, self.scheduler, progress, self.scaling)
 
     def target_fields(self) -> dict[str, Any]:
-        return {"target_modules": self.targets.modules, "target_parameters": list(self.targets.parameters)}
+        return {"target_modules": self.targets.modules, "target_parameters": list(self.targets.parameters),
+                "target_coverage": self.coverage}  # fmt: skip
 
     def oom_metrics(self, error: Exception, plan: dict[str, Any]) -> TrainMetrics:
         training = self.job.training

@@ -23,11 +23,15 @@ from lora_study.modules import (
     ARCHITECTURES,
     LOGICAL_GROUPS,
     ModuleResolutionError,
+    check_coverage,
     describe_layout,
+    expert_parameter_names,
     families_table,
+    group_coverage,
     infer_layout,
     layout_for,
     linear_layer_names,
+    peft_wrapped,
     resolve_targets,
 )
 
@@ -45,6 +49,17 @@ FAMILY_SETTINGS = {
     "mixtral": {**TINY, "num_key_value_heads": 2, **MOE},
     "qwen2_moe": {**TINY, "num_key_value_heads": 2, **MOE},
     "qwen3_moe": {**TINY, "num_key_value_heads": 2, **MOE},
+    # A hybrid: three gated linear-attention layers, then one full-attention layer.
+    "qwen3_5_text": {
+        **TINY,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 4,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    },
     "gemma3": dict(
         text_config={**TINY, "num_key_value_heads": 2, "head_dim": 16},
         vision_config=dict(
@@ -185,6 +200,57 @@ def test_unknown_family_groups_are_inferred_from_standard_names():
     assert layers == {"self_attn.q_proj", "self_attn.v_proj", "fc1", "fc2"}
 
 
+def test_all_linear_reaches_the_experts_of_an_unknown_moe_family():
+    """gpt-oss keeps its experts as 3-D parameters and is not in the table: PEFT's own all-linear would wrap the
+    four attention projections only (the same adapter as q,k,v,o, silently). The inferred layout carries the
+    experts, so all-linear and mlp adapt them, and the two requests train different things."""
+    model = build("gpt_oss")
+    names, experts = linear_layer_names(model), expert_parameter_names(model)
+    assert experts == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    layout, source = layout_for("gpt_oss", names, experts)
+    assert source == "inferred" and layout.expert_parameters == tuple(experts)
+    attention = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    everything = peft_wrapped(get_peft_model(build("gpt_oss"), LoraConfig(
+        r=2, **resolve_targets(layout, ["all-linear"], names, "gpt_oss").lora_kwargs())))  # fmt: skip
+    assert set(everything) == attention | set(experts) and all(layers == {0, 1} for layers in everything.values())
+    qkvo = peft_wrapped(get_peft_model(build("gpt_oss"), LoraConfig(
+        r=2, **resolve_targets(layout, ["q", "k", "v", "o"], names, "gpt_oss").lora_kwargs())))  # fmt: skip
+    assert set(qkvo) == attention
+
+
+def test_a_group_the_model_cannot_place_is_one_line_naming_the_fix():
+    """Qwen3.5's linear-attention layers have out_proj beside the full-attention layers' o_proj: 'o' fits two
+    conventions, so it is not guessed, and asking for it is a message, not a KeyError."""
+    model = build("qwen3_5_text")
+    names = linear_layer_names(model)
+    layout, _ = layout_for("qwen3_5_text", names, expert_parameter_names(model))
+    assert "o" not in layout.groups
+    with pytest.raises(ModuleResolutionError, match=r"module groups \['o'\] could not be placed in qwen3_5_text.*"
+                                                    r"name the modules explicitly.*linear_attn.out_proj"):  # fmt: skip
+        resolve_targets(layout, ["q", "k", "v", "o"], names, "qwen3_5_text")
+
+
+def test_a_group_that_reaches_only_some_layers_is_recorded_and_one_that_reaches_none_is_refused():
+    """In a hybrid model the attention projections exist only in the full-attention layers: PEFT wraps them
+    there, and the run records how many layers its request reached."""
+    model = build("qwen3_5_text")
+    kinds = tiny_config("qwen3_5_text").layer_types
+    full = {i for i, kind in enumerate(kinds) if kind == "full_attention"}
+    assert 0 < len(full) < len(kinds)
+    names = linear_layer_names(model)
+    layout, _ = layout_for("qwen3_5_text", names, ())
+    targets = resolve_targets(layout, ["q", "self_attn.o_proj"], names, "qwen3_5_text")
+    peft_model = get_peft_model(model, LoraConfig(r=2, **targets.lora_kwargs()))
+    coverage = group_coverage(layout, ["q", "self_attn.o_proj"], peft_wrapped(peft_model), len(kinds))
+    assert coverage["q"] == {"modules": ["self_attn.q_proj"], "layers": len(full), "of": len(kinds)}
+    assert check_coverage(coverage, "qwen3_5_text") == [
+        f"q: {len(full)} of {len(kinds)} layers",
+        f"self_attn.o_proj: {len(full)} of {len(kinds)} layers",
+    ]
+    with pytest.raises(ModuleResolutionError, match=r"\['mlp'\] wrapped nothing"):
+        check_coverage({**coverage, "mlp": {"modules": [], "layers": 0, "of": len(kinds)}}, "qwen3_5_text")
+
+
 def test_inference_keeps_fused_layouts_fused():
     layout = infer_layout(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"])
     assert layout is not None and layout.fused == (("q", "k", "v"),) and layout.fan_in_fan_out
@@ -247,3 +313,22 @@ def test_a_gemma2_model_runs_the_whole_workflow_with_the_attention_it_supports(t
     manifest = yaml.safe_load((tmp_path / "results/model/model.json").read_text())
     assert manifest["module_layout"]["source"] == "known" and manifest["attention_support"]["sdpa"] is False
     assert (tmp_path / "results/report/findings.html").stat().st_size > 10_000
+
+
+def test_two_requests_that_train_the_same_modules_are_refused_naming_both(tiny_llama):
+    """On a Llama, all-linear is q,k,v,o + mlp: a study sweeping both would train one adapter twice and report
+    "adding the rest changes nothing". Refused before any job runs; replicates of one request are not."""
+    from lora_study.config import validate_config
+    from lora_study.preflight import PreflightError, check_at_start
+    from lora_study.sweep import expand_study
+
+    def study(modules: list[list[str]]) -> list:
+        config = tiny_study_config(tiny_llama)
+        config["sweep"] = {"baseline": False, "noise_replicates": 2,
+                           "grids": [{"rank": [4], "modules": modules, "quantization": ["nf4"]}]}  # fmt: skip
+        return list(expand_study(validate_config(config)).values())
+
+    with pytest.raises(PreflightError, match=r"runs 'r4-qkvo-mlp-nf4' \(q, k, v, o, mlp\) and 'r4-all-nf4' "
+                                             r"\(all-linear\) would train the same modules"):  # fmt: skip
+        check_at_start(str(tiny_llama), study([["q", "k", "v", "o", "mlp"], ["all-linear"]]))
+    assert check_at_start(str(tiny_llama), study([["q", "k", "v", "o"], ["all-linear"]]))
