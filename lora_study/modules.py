@@ -446,7 +446,7 @@ def group_coverage(
     """Per requested group (a logical group, an explicit name or all-linear): the wrapped names it stands for
     and in how many of the `num_layers` decoder layers any of them was wrapped."""
     coverage = {}
-    for group in requested:
+    for group in canonical_modules(requested):
         if group == ALL_LINEAR:
             names = sorted(wrapped)
         else:

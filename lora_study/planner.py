@@ -47,10 +47,11 @@ Nothing here loads weights: a plan for a 2.7B model takes seconds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,7 @@ def model_facts(model_config) -> ModelFacts:
     quantizable = sum(fan_in * fan_out for fan_in, fan_out in linear.values())
     total = sum(p.numel() for p in model.parameters())
     norms = sum(p.numel() for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False))
-    return ModelFacts(linear, total - quantizable, model_config.vocab_size, norms)
+    return ModelFacts(linear, total - quantizable, model_config.get_text_config().vocab_size, norms)
 
 
 def weights_bytes(facts: ModelFacts, recipe: Recipe, double_quant: bool) -> float:
@@ -238,9 +239,44 @@ def saved_activation_bytes(
            attn_implementation, batch_size, seq_len, method, recipe)  # fmt: skip
     if key in _ACTIVATION_CACHE:
         return _ACTIVATION_CACHE[key]
+    dtype = getattr(torch, dtype_name) if recipe is None else recipe.load_dtype
+    shape = (batch_size, seq_len)
+    fused_attention = attn_implementation != "eager"
+    autocast_on = recipe is not None and recipe.autocast
+    text = model_config.get_text_config()  # a multimodal checkpoint's language model
+    try:
+        tensors = _saved_tensors(model_config, targets, rank, dropout, dtype, recipe, gradient_checkpointing,
+                                 attn_implementation, shape, method, autocast_on)  # fmt: skip
+        widen = None
+    except RuntimeError as error:
+        if "Expected inputs of BF16" not in str(error):
+            raise
+        # Experts computed by torch's grouped matmul: on the meta device it takes only bf16. Plan in bf16 (every
+        # matmul cast to it, as autocast would) and count each bf16 tensor at the size it has in the run's dtype.
+        tensors = _saved_tensors(model_config, targets, rank, dropout, torch.bfloat16, _in_bf16(recipe),
+                                 gradient_checkpointing, attn_implementation, shape, method, True)  # fmt: skip
+        widen = dtype
+    saved = sum(t.numel() * (widen.itemsize if widen is not None and t.dtype == torch.bfloat16 else t.element_size())
+                for t in tensors)  # fmt: skip
+    if fused_attention:  # the fused kernels' fp32 log-sum-exp per query and head
+        saved += text.num_hidden_layers * batch_size * text.num_attention_heads * seq_len * 4
+    if gradient_checkpointing:
+        per_layer = saved_activation_bytes(model_config, targets, rank, dropout, dtype_name, False,
+                                           attn_implementation, batch_size, seq_len, method, recipe)[1]  # fmt: skip
+    else:
+        per_layer = saved / text.num_hidden_layers
+    _ACTIVATION_CACHE[key] = (saved, per_layer)
+    return saved, per_layer
+
+
+def _saved_tensors(model_config, targets: Targets, rank: int, dropout: float, dtype: torch.dtype,
+                   recipe: Recipe | None, gradient_checkpointing: bool, attn_implementation: str,
+                   shape: tuple[int, int], method: str, autocast_on: bool) -> list[torch.Tensor]:  # fmt: skip
+    """The distinct tensors autograd saves in one meta-device forward pass of a (batch, length) `shape` batch
+    (weights and, with fused attention, T x T matrices left out)."""
     from peft import LoraConfig, get_peft_model
 
-    dtype = getattr(torch, dtype_name) if recipe is None else recipe.load_dtype
+    batch_size, seq_len = shape
     model = meta_causal_lm(model_config, dtype, meta_attention(attn_implementation))
     # Weights are counted apart (frozen base, or full fine-tuning's masters and their autocast copies), by id:
     # the dict keeps each alive, so no later tensor can reuse its id.
@@ -261,7 +297,7 @@ def saved_activation_bytes(
         apply_recipe(model, recipe)
     model.train()
     frozen.update((id(p), p) for p in model.parameters() if not p.requires_grad or method == FULL)
-    autocast = _MetaAutocast(recipe.torch_compute_dtype, frozen) if recipe is not None and recipe.autocast else None
+    autocast = _MetaAutocast(recipe.torch_compute_dtype, frozen) if recipe is not None and autocast_on else None
     fused_attention = attn_implementation != "eager"
     seen: dict[int, torch.Tensor] = {}
 
@@ -274,22 +310,50 @@ def saved_activation_bytes(
         return tensor
 
     ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-    # A ready 4-D mask: transformers' mask builder inspects values, which meta tensors lack.
-    mask = torch.zeros(batch_size, 1, seq_len, seq_len, dtype=dtype, device="meta")
+    # A ready 4-D mask: transformers' mask builder inspects values, which meta tensors lack. Models that build
+    # their attention bias from the 2-D padding mask (Bloom's ALiBi) take that one instead.
+    masks = (torch.zeros(batch_size, 1, seq_len, seq_len, dtype=dtype, device="meta"),
+             torch.ones(batch_size, seq_len, dtype=torch.long, device="meta"))  # fmt: skip
     positions = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
     inner = model.get_base_model().base_model if method != FULL else model.base_model
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor), autocast or contextlib.nullcontext():
-        inner(input_ids=ids, attention_mask=mask, position_ids=positions)
-    saved = sum(t.numel() * t.element_size() for t in seen.values())
-    if fused_attention:  # the fused kernels' fp32 log-sum-exp per query and head
-        saved += model_config.num_hidden_layers * batch_size * model_config.num_attention_heads * seq_len * 4
-    if gradient_checkpointing:
-        per_layer = saved_activation_bytes(model_config, targets, rank, dropout, dtype_name, False,
-                                           attn_implementation, batch_size, seq_len, method, recipe)[1]  # fmt: skip
+    first_error: Exception | None = None
+    for mask in masks:
+        seen.clear()
+        try:
+            with (torch.autograd.graph.saved_tensors_hooks(count, lambda t: t), autocast or contextlib.nullcontext(),
+                  _no_autocast_on_meta()):  # fmt: skip
+                inner(input_ids=ids, attention_mask=mask, position_ids=positions)
+            break
+        except (ValueError, RuntimeError) as error:
+            first_error = first_error or error
     else:
-        per_layer = saved / model_config.num_hidden_layers
-    _ACTIVATION_CACHE[key] = (saved, per_layer)
-    return saved, per_layer
+        assert first_error is not None
+        raise first_error  # what the 4-D mask met: the 2-D one is only for models that cannot take it
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def _no_autocast_on_meta() -> Iterator[None]:
+    """torch.autocast refuses the meta device even to switch itself off, which PEFT does around the experts'
+    LoRA fold: on the meta device, an autocast context is no context."""
+    real = torch.autocast
+
+    def autocast(device_type: str, *args: Any, **kwargs: Any):
+        return contextlib.nullcontext() if device_type == "meta" else real(device_type, *args, **kwargs)
+
+    torch.autocast = autocast  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.autocast = real  # type: ignore[misc]
+
+
+def _in_bf16(recipe: Recipe | None) -> Recipe:
+    """The recipe with bf16 in place of fp32 (for a meta pass that must run in bf16)."""
+    if recipe is None:
+        return Recipe("bf16", "bf16", "bf16")
+    weights = "bf16" if recipe.weight_format == "fp32" else recipe.weight_format
+    return dataclasses.replace(recipe, compute_dtype="bf16", weight_format=weights)
 
 
 def _emulate_four_bit(layer: nn.Module, recipe: Recipe, weights: dict[int, torch.Tensor]) -> None:
@@ -298,9 +362,11 @@ def _emulate_four_bit(layer: nn.Module, recipe: Recipe, weights: dict[int, torch
     dtype), and with the weight frozen saves no activation of its own (weight copies made here join `weights`).
     int8 layers return what an autocast linear does (measured: the same saved tensors as 16-bit)."""
 
+    transposed = type(layer).__name__ == "Conv1D"  # GPT-2 stores (in, out); bitsandbytes' layer holds (out, in)
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         inner = x.to(recipe.torch_compute_dtype)
-        weight = layer.weight.to(inner.dtype)
+        weight = (layer.weight.t() if transposed else layer.weight).to(inner.dtype)
         weights[id(weight)] = weight
         bias = layer.bias.to(inner.dtype) if layer.bias is not None else None
         return torch.nn.functional.linear(inner, weight, bias).to(x.dtype)

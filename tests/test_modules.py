@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import run_snakemake, tiny_study_config
+from lora_study.config import validate_config
 from lora_study.modules import (
     ARCHITECTURES,
     LOGICAL_GROUPS,
@@ -34,6 +35,7 @@ from lora_study.modules import (
     peft_wrapped,
     resolve_targets,
 )
+from lora_study.sweep import expand_study
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
             pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
@@ -332,3 +334,31 @@ def test_two_requests_that_train_the_same_modules_are_refused_naming_both(tiny_l
                                              r"\(all-linear\) would train the same modules"):  # fmt: skip
         check_at_start(str(tiny_llama), study([["q", "k", "v", "o", "mlp"], ["all-linear"]]))
     assert check_at_start(str(tiny_llama), study([["q", "k", "v", "o"], ["all-linear"]]))
+
+
+@pytest.mark.parametrize("compute", ["bf16", "fp32"])
+@pytest.mark.parametrize("model_type", [*sorted(ARCHITECTURES), "gpt_oss", "bloom", "opt"])
+def test_the_planner_predicts_every_family(model_type, compute):
+    """A finite prediction for every family the study trains, in both recipes: Bloom builds its ALiBi bias from
+    the 2-D padding mask, and the experts' grouped matmul takes only bf16 on the meta device (an fp32 plan
+    counts it in bf16 at fp32 size)."""
+    from lora_study.modules import attention_support
+    from lora_study.planner import plan_study
+    from lora_study.precision import DeviceCapability, recipe_for
+
+    model = build(model_type)
+    names, experts = linear_layer_names(model), expert_parameter_names(model)
+    layout, _ = layout_for(model_type, names, experts)
+    groups = ["all-linear"] if model_type in ("gemma3",) else ["q", "k", "v", "o", "mlp"]
+    runs = list(expand_study(validate_config({
+        "model": {"source": "x"}, "dataset": {"source": "generated"}, "training": {"lora_dropout": 0.0},
+        "sweep": {"baseline": False, "grids": [{"rank": [4], "modules": [groups], "quantization": ["nf4"]}]},
+    })).values())  # fmt: skip
+    capability = DeviceCapability("cpu", "test", "AVX512", ("avx512_bf16",) if compute == "bf16" else ())
+    recipe = recipe_for("nf4", "auto", capability)
+    assert recipe.compute_dtype == compute
+    attention = "sdpa" if attention_support(type(model))["sdpa"] else "eager"
+    (plan,) = plan_study(runs, tiny_config(model_type), {runs[0].run_id: resolve_targets(layout, groups, names,
+                         model_type)}, [20] * 8, [10] * 8, "cpu", None, recipes={runs[0].run_id: recipe},
+                         attention={runs[0].run_id: attention})  # fmt: skip
+    assert plan.plan_error == "" and math.isfinite(plan.predicted_gb) and plan.activations_gb > 0
