@@ -23,7 +23,7 @@ from torch import nn
 from lora_study.io import atomic_path
 from lora_study.loading import load_base_model
 from lora_study.method_tables import ENERGY_SHARE
-from lora_study.modules import Layout, manifest_layout
+from lora_study.modules import Layout, manifest_layout, targets_as_given
 from lora_study.precision import detect_capability, recipe_for
 from lora_study.sweep import RunSpec
 
@@ -113,7 +113,9 @@ def adapter_updates(model: nn.Module, layout: Layout | None) -> list[LayerUpdate
     with torch.no_grad():
         for name, module in model.named_modules():
             if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
-                continue  # experts' 3-D parameters (ParamWrapper) are not covered
+                continue
+            if type(module).__name__ == "ParamWrapper":
+                continue  # experts' 3-D parameters: one update per expert, not a layer's (not covered)
             layer = _layer_name(name)
             updates.append(summarise(layer, group_of(layout, layer), layer_update(module)))
     return updates
@@ -173,7 +175,9 @@ def _updates(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, layout: 
     else:
         from peft import PeftModel
 
-        updates = adapter_updates(PeftModel.from_pretrained(base, str(weights_dir)), layout)
+        with targets_as_given():
+            adapter = PeftModel.from_pretrained(base, str(weights_dir))
+        updates = adapter_updates(adapter, layout)
     median = sorted(u.effective_rank for u in updates)[len(updates) // 2] if updates else "-"
     log.info("%s: %d layers; effective rank (%.0f%% of the energy): median %s", run.run_id, len(updates),
              100 * ENERGY_SHARE, median)  # fmt: skip

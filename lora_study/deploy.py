@@ -105,7 +105,10 @@ def merge_into(base_model: torch.nn.Module, adapter_dir: str) -> torch.nn.Module
     """The adapter merged into `base_model`'s weights (W + scale * B A), PEFT wrappers removed."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
+    from lora_study.modules import targets_as_given
+
+    with targets_as_given():
+        return PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload()
 
 
 def save_merged(model: torch.nn.Module, tokenizer, out_dir: Path) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from lora_study.errors import UserError
 from lora_study.methods import PEFT_FLAGS
-from lora_study.modules import Targets
+from lora_study.modules import Targets, targets_as_given
 from lora_study.precision import Recipe, apply_recipe, dtype_summary
 
 log = logging.getLogger("lora_study")
@@ -236,7 +236,9 @@ def add_lora(
         model.enable_input_require_grads()
     lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                       **targets.lora_kwargs(), **PEFT_FLAGS[method])  # fmt: skip
-    model = apply_recipe(get_peft_model(model, lora), recipe)
+    with targets_as_given():
+        model = get_peft_model(model, lora)
+    model = apply_recipe(model, recipe)
     log.info("parameters by dtype after the %s recipe: %s", recipe.compute_dtype, dtype_summary(model))
     return model
 
@@ -271,7 +273,8 @@ def load_for_evaluation(
     # prefix (measured: 8x slower on the default model).
     model.config.use_cache = True
     if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        with targets_as_given():
+            model = PeftModel.from_pretrained(model, adapter_dir)
         keep_4bit_layout_for_dora(model)
     return apply_recipe(model, recipe).eval()
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lora_study")
 
-LOGICAL_GROUPS: tuple[str, ...] = ("q", "k", "v", "o", "mlp")
+# mixer: a hybrid model's token mixer other than attention (linear attention, state space, convolution).
+LOGICAL_GROUPS: tuple[str, ...] = ("q", "k", "v", "o", "mlp", "mixer")
 ALL_LINEAR = "all-linear"
 # Order in which logical groups appear in run ids ("qkvo-mlp").
 ATTENTION_GROUPS: tuple[str, ...] = ("q", "k", "v", "o")
@@ -130,6 +132,50 @@ MOE_SHARED_EXPERT = Layout(
     notes="mlp = the shared expert's linear layers and the experts' 3-D weights (as for moe)",
 )
 
+# Hybrids: attention projections exist only in the full-attention layers (q, k, v, o reach those), the other
+# layers mix tokens by gated linear attention (mixer).
+QWEN3_5 = Layout(
+    "qwen3_5",
+    {
+        **_ATTENTION,
+        "mlp": _GATED_MLP,
+        "mixer": tuple(
+            f"linear_attn.{name}" for name in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+        ),
+    },
+    notes="hybrid: q, k, v, o in the full-attention layers only; mixer = the gated linear-attention layers' "
+    "projections",
+)
+QWEN3_NEXT = Layout(
+    "qwen3_next",
+    {
+        **_ATTENTION,
+        "mlp": tuple(f"shared_expert.{name}" for name in _GATED_MLP),
+        "mixer": tuple(f"linear_attn.{name}" for name in ("in_proj_qkvz", "in_proj_ba", "out_proj")),
+    },
+    expert_parameters=_EXPERTS,
+    other_linear=("mlp.shared_expert_gate",),
+    notes="hybrid MoE: q, k, v, o in the full-attention layers only; mixer = the linear-attention layers' "
+    "projections; mlp = the shared expert and the experts' 3-D weights",
+)
+# Multi-head latent attention: queries and keys/values pass through low-rank projections. q = q_a_proj and
+# q_b_proj; k and v share kv_a_proj_with_mqa (compressed kv and the rotary key) and kv_b_proj (keys and values
+# from it), so they are one fused pair; o = o_proj: the modules PEFT users target for these models.
+DEEPSEEK_V3 = Layout(
+    "deepseek_v3",
+    {
+        "q": ("q_a_proj", "q_b_proj"),
+        "k": ("kv_a_proj_with_mqa", "kv_b_proj"),
+        "v": ("kv_a_proj_with_mqa", "kv_b_proj"),
+        "o": ("o_proj",),
+        "mlp": (*_GATED_MLP, *(f"shared_experts.{name}" for name in _GATED_MLP)),
+    },
+    fused=(("k", "v"),),
+    expert_parameters=_EXPERTS,
+    notes="MLA: q = q_a_proj, q_b_proj; k and v share kv_a_proj_with_mqa, kv_b_proj (request both or "
+    "neither); mlp = the dense layers' MLP, the shared experts and the experts' 3-D weights",
+)
+
 # transformers' model_type -> layout. Verified against models built from each config.
 LLAMA_LIKE_TYPES = (
     "llama",
@@ -156,6 +202,10 @@ ARCHITECTURES: dict[str, Layout] = {
     "mixtral": MOE,
     "qwen3_moe": MOE,
     "qwen2_moe": MOE_SHARED_EXPERT,
+    "qwen3_5": QWEN3_5,
+    "qwen3_5_text": QWEN3_5,
+    "qwen3_next": QWEN3_NEXT,
+    "deepseek_v3": DEEPSEEK_V3,
 }
 # Who ships each model_type, for the README's table.
 FAMILY_NAMES: dict[str, str] = {
@@ -180,6 +230,10 @@ FAMILY_NAMES: dict[str, str] = {
     "mixtral": "Mixtral (MoE)",
     "qwen3_moe": "Qwen 3 MoE",
     "qwen2_moe": "Qwen 1.5 / 2 MoE",
+    "qwen3_5": "Qwen3.5",
+    "qwen3_5_text": "Qwen3.5 (text-only checkpoints)",
+    "qwen3_next": "Qwen3-Next",
+    "deepseek_v3": "DeepSeek-V3, R1 (MLA)",
 }
 # Layouts an unknown family's groups are inferred from (MoE and scoped ones need more than names).
 _INFERABLE = (LLAMA, PHI, PHI3, GPT2, NEOX, GPTJ)
@@ -222,8 +276,7 @@ def modules_label(modules: Sequence[str]) -> str:
         return "all"
     attention = "".join(g for g in ATTENTION_GROUPS if g in requested)
     parts = [attention] if attention else []
-    if "mlp" in requested:
-        parts.append("mlp")
+    parts += [group for group in ("mlp", "mixer") if group in requested]
     explicit = sorted(requested - set(LOGICAL_GROUPS) - {ALL_LINEAR})
     if explicit:
         parts.append("+".join(explicit))
@@ -282,12 +335,13 @@ def infer_layout(layer_names: Sequence[str], expert_parameters: Sequence[str] = 
     fused: set[tuple[str, ...]] = set()
     fan_in_fan_out = False
     for group in LOGICAL_GROUPS:
-        fitting = {layout.groups[group] for layout in _INFERABLE if _all_present(layout.groups[group], layer_names)}
+        fitting = {layout.groups.get(group, ()) for layout in _INFERABLE
+                   if _all_present(layout.groups.get(group, ()), layer_names)}  # fmt: skip
         if len(fitting) != 1:
             continue
         (groups[group],) = fitting
         for layout in _INFERABLE:
-            if layout.groups[group] == groups[group]:
+            if layout.groups.get(group) == groups[group]:
                 fused.update(part for part in layout.fused if group in part)
                 fan_in_fan_out |= layout.fan_in_fan_out
     if not {"q", "k", "v"} <= set(groups):
@@ -472,6 +526,23 @@ def check_coverage(coverage: dict[str, dict[str, Any]], model_type: str) -> list
             if 0 < found["layers"] < found["of"]]  # fmt: skip
 
 
+@contextmanager
+def targets_as_given() -> Iterator[None]:
+    """PEFT rewrites the targets of the MoE families whose layout changed in transformers 5, so adapters trained
+    on transformers 4 still load: every target named gate_proj, up_proj or down_proj becomes the fused experts'
+    weight, and with it DeepSeek-V3's dense-layer MLP and shared experts silently drop out. The study's targets
+    are in transformers-5 terms already (experts through target_parameters), so the rewrite is off while PEFT
+    builds or loads one of its adapters."""
+    from peft.utils import transformers_weight_conversion as conversion
+
+    rewrite = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = rewrite
+
+
 def meta_model(config) -> nn.Module:
     """The architecture on the meta device: names and shapes, no memory, no weights."""
     import torch
@@ -484,13 +555,13 @@ def meta_model(config) -> nn.Module:
 def families_table() -> str:
     """The README's table of supported families and their group mapping (kept in sync by a test)."""
     lines = [
-        "| family | model_type | q | k | v | o | mlp | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| family | model_type | q | k | v | o | mlp | mixer | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model_type, layout in ARCHITECTURES.items():
         cells = []
         for group in LOGICAL_GROUPS:
-            modules = list(layout.groups[group])
+            modules = list(layout.groups.get(group, ()))
             if group == "mlp":
                 modules += [f"{name} (3-D)" for name in layout.expert_parameters]
             cells.append(", ".join(f"`{name}`" for name in modules))

@@ -63,7 +63,7 @@ from torch.overrides import TorchFunctionMode
 from lora_study.batching import total_steps
 from lora_study.formats import FOUR_BIT
 from lora_study.methods import DORA, FULL, LORA
-from lora_study.modules import Targets, resolve_attention
+from lora_study.modules import Targets, resolve_attention, targets_as_given
 from lora_study.precision import (
     DTYPES,
     DeviceCapability,
@@ -203,7 +203,8 @@ def lora_params(model_config, targets: Targets, rank: int, method: str = LORA) -
         from peft import LoraConfig, get_peft_model
 
         model = meta_causal_lm(model_config, torch.float32, "eager")
-        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, **targets.lora_kwargs(), **flags))
+        with targets_as_given():
+            model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, **targets.lora_kwargs(), **flags))
         _LORA_PARAMS_CACHE[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return _LORA_PARAMS_CACHE[key]
 
@@ -292,7 +293,8 @@ def _saved_tensors(model_config, targets: Targets, rank: int, dropout: float, dt
     if method != FULL:
         lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, **targets.lora_kwargs(),
                           **_planning_flags(method))  # fmt: skip
-        model = get_peft_model(model, lora)
+        with targets_as_given():
+            model = get_peft_model(model, lora)
     if recipe is not None:
         apply_recipe(model, recipe)
     model.train()

@@ -92,6 +92,17 @@ FAMILY_CONFIGS = {
                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512),
     # MPT: attention in one Wqkv layer, a name no standard convention places.
     "mpt": dict(d_model=64, n_heads=4, n_layers=1, expansion_ratio=2, max_seq_len=512),
+    # Qwen3.5: a hybrid, three gated linear-attention layers then one full-attention layer. Sizes in multiples of
+    # 32 (outputs) and 64 (inputs): bitsandbytes' 4-bit CPU inference kernel (AVX512-BF16) needs them.
+    "qwen3_5_text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=32,
+                         linear_key_head_dim=8, linear_value_head_dim=8, max_position_embeddings=512,
+                         layer_types=["linear_attention"] * 3 + ["full_attention"]),
+    # DeepSeek-V3: multi-head latent attention, a dense first layer, then routed and shared experts.
+    "deepseek_v3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                        q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, max_position_embeddings=512),
 }  # fmt: skip
 
 

@@ -32,8 +32,10 @@ from lora_study.modules import (
     infer_layout,
     layout_for,
     linear_layer_names,
+    modules_label,
     peft_wrapped,
     resolve_targets,
+    targets_as_given,
 )
 from lora_study.sweep import expand_study
 
@@ -51,6 +53,36 @@ FAMILY_SETTINGS = {
     "mixtral": {**TINY, "num_key_value_heads": 2, **MOE},
     "qwen2_moe": {**TINY, "num_key_value_heads": 2, **MOE},
     "qwen3_moe": {**TINY, "num_key_value_heads": 2, **MOE},
+    # Multi-head latent attention, one dense layer then MoE layers.
+    "deepseek_v3": {
+        **TINY,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "q_lora_rank": 16,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "qwen3_next": {
+        **TINY,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    },
     # A hybrid: three gated linear-attention layers, then one full-attention layer.
     "qwen3_5_text": {
         **TINY,
@@ -61,6 +93,18 @@ FAMILY_SETTINGS = {
         "linear_key_head_dim": 8,
         "linear_value_head_dim": 8,
         "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    },
+    "qwen3_5": {
+        "text_config": {
+            **TINY,
+            "num_key_value_heads": 2,
+            "num_hidden_layers": 4,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+        }
     },
     "gemma3": dict(
         text_config={**TINY, "num_key_value_heads": 2, "head_dim": 16},
@@ -103,7 +147,8 @@ def targeted_layers(model: torch.nn.Module, scope: str | None = None) -> set[str
 
 def wrapped(model: torch.nn.Module, targets) -> tuple[set[str], set[str]]:
     """(linear layers, 3-D parameters) PEFT wrapped for `targets`, by per-layer name."""
-    peft_model = get_peft_model(model, LoraConfig(r=2, **targets.lora_kwargs()))
+    with targets_as_given():
+        peft_model = get_peft_model(model, LoraConfig(r=2, **targets.lora_kwargs()))
     layers, parameters = set(), set()
     for name, module in peft_model.named_modules():
         if not (hasattr(module, "lora_A") and len(module.lora_A)):
@@ -130,7 +175,7 @@ def test_layout_names_exactly_the_models_linear_layers(model_type):
     declared = layout.declared_layers()
     assert all(any(n == d or n.endswith("." + d) for n in names) for d in declared), (declared, names)
     assert all(any(n == d or n.endswith("." + d) for d in declared) for n in names), (declared, names)
-    experts = {strip_layer(n) for n, p in model.named_parameters() if p.dim() == 3 and "vision" not in n}
+    experts = {n for n in expert_parameter_names(model) if "vision" not in n}
     assert experts == set(layout.expert_parameters)
 
 
@@ -142,7 +187,7 @@ def test_groups_wrap_exactly_the_right_layers(model_type, groups):
     names = targeted_layers(model, layout.scope)
     targets = resolve_targets(layout, groups, linear_layer_names(model), model_type)
     layers, parameters = wrapped(model, targets)
-    logical = list(LOGICAL_GROUPS) if groups == ["all-linear"] else groups
+    logical = [g for g in LOGICAL_GROUPS if g in layout.groups] if groups == ["all-linear"] else groups
     if groups == ["all-linear"] and not (layout.scope or layout.expert_parameters):
         assert layers == names  # PEFT's own all-linear: every linear layer but the head
     else:
@@ -154,7 +199,9 @@ def test_groups_wrap_exactly_the_right_layers(model_type, groups):
         assert peft_names and all(".language_model." in n for n in peft_names)
 
 
-@pytest.mark.parametrize("model_type", sorted(t for t, layout in ARCHITECTURES.items() if layout.fused))
+@pytest.mark.parametrize(
+    "model_type", sorted(t for t, layout in ARCHITECTURES.items() if ("q", "k", "v") in layout.fused)
+)
 @pytest.mark.parametrize("part", [["q"], ["q", "v"], ["k", "v", "o"]])
 def test_part_of_a_fused_projection_is_refused(model_type, part):
     model = build(model_type)
@@ -225,11 +272,13 @@ def test_a_group_the_model_cannot_place_is_one_line_naming_the_fix():
     conventions, so it is not guessed, and asking for it is a message, not a KeyError."""
     model = build("qwen3_5_text")
     names = linear_layer_names(model)
-    layout, _ = layout_for("qwen3_5_text", names, expert_parameter_names(model))
-    assert "o" not in layout.groups
-    with pytest.raises(ModuleResolutionError, match=r"module groups \['o'\] could not be placed in qwen3_5_text.*"
-                                                    r"name the modules explicitly.*linear_attn.out_proj"):  # fmt: skip
-        resolve_targets(layout, ["q", "k", "v", "o"], names, "qwen3_5_text")
+    layout, source = layout_for("unknown_hybrid", names, expert_parameter_names(model))  # as if not in the table
+    assert source == "inferred" and "o" not in layout.groups
+    with pytest.raises(
+        ModuleResolutionError,
+        match=r"groups \['o'\] could not be placed in unknown_hybrid.*explicitly.*linear_attn.out_proj",
+    ):
+        resolve_targets(layout, ["q", "k", "v", "o"], names, "unknown_hybrid")
 
 
 def test_a_group_that_reaches_only_some_layers_is_recorded_and_one_that_reaches_none_is_refused():
@@ -317,6 +366,44 @@ def test_a_gemma2_model_runs_the_whole_workflow_with_the_attention_it_supports(t
     assert (tmp_path / "results/report/findings.html").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize(
+    "model_type, modules, partial",
+    [("qwen3_5_text", ["q", "k", "v", "o", "mixer", "mlp"], "q: 1/4 layers"),
+     ("deepseek_v3", ["q", "k", "v", "o", "mlp"], None)],
+)  # fmt: skip
+def test_a_hybrid_and_a_latent_attention_model_run_the_whole_workflow(tiny_llama, tmp_path, model_type, modules,
+                                                                       partial):  # fmt: skip
+    """Qwen3.5 (attention in 1 of 4 layers, gated linear attention in the rest) and DeepSeek-V3 (MLA, experts):
+    trained, evaluated and reported, each group recorded with the layers it reached; the report says when a
+    group reached only some layers."""
+    from conftest import build_tiny_family
+
+    model_dir = build_tiny_family(tmp_path / "model", model_type, tiny_llama)
+    config = tiny_study_config(model_dir)
+    config["training"]["lora_dropout"] = 0.0  # experts' 3-D weights take no dropout
+    config["sweep"] = {"grids": [{"rank": [4], "modules": [modules], "quantization": ["nf4"]}]}
+    workdir = tmp_path / "study"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(workdir, "--cores", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    table = pd.read_csv(workdir / "results/tables/runs.csv").set_index("run_id")
+    trained = table[~table["is_baseline"]]
+    assert len(trained) == 1 and trained["perplexity"].map(math.isfinite).all()
+    run_id = trained.index[0]
+    metrics = yaml.safe_load((workdir / f"results/runs/{run_id}/train_metrics.json").read_text())
+    coverage = metrics["target_coverage"]
+    assert set(coverage) == set(modules) and all(found["modules"] for found in coverage.values())
+    findings = (workdir / "results/report/findings.md").read_text()
+    if partial:
+        assert partial in trained.loc[run_id, "target_layers"]
+        assert coverage["mixer"]["layers"] == 3 and "Only part of the model adapted" in findings
+    else:
+        assert all(found["layers"] == found["of"] for found in coverage.values())
+        assert set(metrics["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+        assert "mlp.shared_experts.gate_proj" in coverage["mlp"]["modules"]
+
+
 def test_two_requests_that_train_the_same_modules_are_refused_naming_both(tiny_llama):
     """On a Llama, all-linear is q,k,v,o + mlp: a study sweeping both would train one adapter twice and report
     "adding the rest changes nothing". Refused before any job runs; replicates of one request are not."""
@@ -362,3 +449,42 @@ def test_the_planner_predicts_every_family(model_type, compute):
                          model_type)}, [20] * 8, [10] * 8, "cpu", None, recipes={runs[0].run_id: recipe},
                          attention={runs[0].run_id: attention})  # fmt: skip
     assert plan.plan_error == "" and math.isfinite(plan.predicted_gb) and plan.activations_gb > 0
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_text", "qwen3_next"])
+def test_hybrid_attention_groups_reach_the_attention_layers_and_mixer_the_others(model_type):
+    """Qwen3.5 / Qwen3-Next: q, k, v, o wrap the full-attention layers (1 of 4 here), mixer the linear-attention
+    layers (the other 3), mlp every layer; the run records exactly that."""
+    layout = ARCHITECTURES[model_type]
+    kinds = tiny_config(model_type).get_text_config().layer_types
+    attention_layers = {i for i, kind in enumerate(kinds) if kind == "full_attention"}
+    names = linear_layer_names(build(model_type))
+    groups = ["q", "k", "v", "o", "mixer"]
+    model = get_peft_model(build(model_type), LoraConfig(r=2, **resolve_targets(layout, groups, names,
+                                                                               model_type).lora_kwargs()))  # fmt: skip
+    wrapped_layers = peft_wrapped(model)
+    assert {n for n, at in wrapped_layers.items() if at == attention_layers} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}  # fmt: skip
+    assert {n for n in wrapped_layers if n.startswith("linear_attn.")} == set(layout.groups["mixer"])
+    assert all(at == set(range(len(kinds))) - attention_layers for n, at in wrapped_layers.items()
+               if n.startswith("linear_attn."))  # fmt: skip
+    coverage = group_coverage(layout, groups, wrapped_layers, len(kinds))
+    assert [coverage[g]["layers"] for g in groups] == [1, 1, 1, 1, 3]
+    assert modules_label(groups) == "qkvo-mixer"
+
+
+def test_latent_attention_maps_to_the_low_rank_projections():
+    """DeepSeek-V3: q = q_a_proj + q_b_proj, k and v share kv_a_proj_with_mqa + kv_b_proj (one fused pair),
+    mlp = dense MLP + shared experts + the experts' 3-D weights."""
+    layout = ARCHITECTURES["deepseek_v3"]
+    names = linear_layer_names(build("deepseek_v3"))
+    with pytest.raises(ModuleResolutionError, match=r"stores k, v as one fused layer"):
+        resolve_targets(layout, ["q", "k"], names, "deepseek_v3")
+    layers, parameters = wrapped(build("deepseek_v3"), resolve_targets(layout, ["q", "k", "v", "o"], names,
+                                                                       "deepseek_v3"))  # fmt: skip
+    assert layers == {"self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa",
+                      "self_attn.kv_b_proj", "self_attn.o_proj"} and not parameters  # fmt: skip
+    layers, parameters = wrapped(build("deepseek_v3"), resolve_targets(layout, ["mlp"], names, "deepseek_v3"))
+    assert layers == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.shared_experts.gate_proj",
+                      "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"}  # fmt: skip
+    assert parameters == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
