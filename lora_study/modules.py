@@ -132,6 +132,25 @@ MOE_SHARED_EXPERT = Layout(
     notes="mlp = the shared expert's linear layers and the experts' 3-D weights (as for moe)",
 )
 
+OPT = Layout("opt", {**_ATTENTION, "o": ("out_proj",), "mlp": ("fc1", "fc2")}, notes="attention output is `out_proj`")
+STARCODER2 = Layout("starcoder2", {**_ATTENTION, "mlp": ("mlp.c_fc", "mlp.c_proj")}, notes="MLP is c_fc, c_proj")
+GLM4 = Layout("glm4", {**_ATTENTION, "mlp": ("gate_up_proj", "down_proj")}, notes="gate and up fused in `gate_up_proj`")
+MOE_LINEAR_ROUTER = Layout(
+    "moe_linear_router",
+    {**_ATTENTION, "mlp": ()},
+    expert_parameters=_EXPERTS,
+    other_linear=("mlp.router",),
+    notes="mlp = the experts' 3-D weights (as for moe); the router, a linear layer, is left alone",
+)
+LLAMA4_TEXT = Layout(
+    "llama4_text",
+    {**_ATTENTION, "mlp": tuple(f"feed_forward.shared_expert.{name}" for name in _GATED_MLP)},
+    expert_parameters=("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+    other_linear=("feed_forward.router",),
+    notes="mlp = the shared expert and the experts' 3-D weights; checkpoints with dense layers between the MoE "
+    "layers (interleaved) are not mapped",
+)
+
 # Hybrids: attention projections exist only in the full-attention layers (q, k, v, o reach those), the other
 # layers mix tokens by gated linear attention (mixer).
 QWEN3_5 = Layout(
@@ -189,6 +208,10 @@ LLAMA_LIKE_TYPES = (
     "olmo2",
     "granite",
     "stablelm",
+    "cohere2",
+    "smollm3",
+    "exaone4",
+    "seed_oss",
 )
 ARCHITECTURES: dict[str, Layout] = {
     **dict.fromkeys(LLAMA_LIKE_TYPES, LLAMA),
@@ -202,6 +225,13 @@ ARCHITECTURES: dict[str, Layout] = {
     "mixtral": MOE,
     "qwen3_moe": MOE,
     "qwen2_moe": MOE_SHARED_EXPERT,
+    "opt": OPT,
+    "bloom": NEOX,
+    "starcoder2": STARCODER2,
+    "glm4": GLM4,
+    "olmoe": MOE,
+    "phimoe": MOE_LINEAR_ROUTER,
+    "llama4_text": LLAMA4_TEXT,
     "qwen3_5": QWEN3_5,
     "qwen3_5_text": QWEN3_5,
     "qwen3_next": QWEN3_NEXT,
@@ -230,6 +260,17 @@ FAMILY_NAMES: dict[str, str] = {
     "mixtral": "Mixtral (MoE)",
     "qwen3_moe": "Qwen 3 MoE",
     "qwen2_moe": "Qwen 1.5 / 2 MoE",
+    "cohere2": "Command R7B (Cohere 2)",
+    "smollm3": "SmolLM3",
+    "exaone4": "EXAONE 4",
+    "seed_oss": "Seed-OSS",
+    "opt": "OPT",
+    "bloom": "BLOOM",
+    "starcoder2": "StarCoder2",
+    "glm4": "GLM-4",
+    "olmoe": "OLMoE",
+    "phimoe": "Phi-3.5-MoE",
+    "llama4_text": "Llama 4 (text)",
     "qwen3_5": "Qwen3.5",
     "qwen3_5_text": "Qwen3.5 (text-only checkpoints)",
     "qwen3_next": "Qwen3-Next",

@@ -284,7 +284,10 @@ def _saved_tensors(model_config, targets: Targets, rank: int, dropout: float, dt
     frozen: dict[int, torch.Tensor] = {}
     if recipe is not None and recipe.quantization in FOUR_BIT:
         for name in _body_linear_layers(model):
-            _emulate_four_bit(model.get_submodule(name), recipe, frozen)
+            layer = model.get_submodule(name)
+            # A subclass with its own forward (an MoE router returning scores and indices) keeps it.
+            if type(layer) is nn.Linear or type(layer).__name__ == "Conv1D":
+                _emulate_four_bit(layer, recipe, frozen)
     model.requires_grad_(method == FULL)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -53,6 +53,16 @@ FAMILY_SETTINGS = {
     "mixtral": {**TINY, "num_key_value_heads": 2, **MOE},
     "qwen2_moe": {**TINY, "num_key_value_heads": 2, **MOE},
     "qwen3_moe": {**TINY, "num_key_value_heads": 2, **MOE},
+    "olmoe": {**TINY, "num_key_value_heads": 2, **MOE},
+    "phimoe": {**TINY, "num_key_value_heads": 2, **MOE},
+    "llama4_text": {
+        **TINY,
+        "num_key_value_heads": 2,
+        **MOE,
+        "num_experts_per_tok": 1,
+        "intermediate_size_mlp": 128,
+        "interleave_moe_layer_step": 1,
+    },
     # Multi-head latent attention, one dense layer then MoE layers.
     "deepseek_v3": {
         **TINY,
@@ -240,12 +250,12 @@ def test_unknown_family_groups_are_inferred_from_standard_names():
     """OPT is not in the table: its q_proj, k_proj, v_proj, out_proj, fc1, fc2 place every group."""
     model = build("opt")
     names = linear_layer_names(model)
-    layout, source = layout_for("opt", names)
+    layout, source = layout_for("unknown_opt", names)  # as if OPT were not in the table
     assert source == "inferred"
-    assert describe_layout("opt", names)["source"] == "inferred"  # what the manifest records
+    assert describe_layout("unknown_opt", names)["source"] == "inferred"  # what the manifest records
     assert layout.groups == {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("out_proj",),
                              "mlp": ("fc1", "fc2")}  # fmt: skip
-    layers, _ = wrapped(model, resolve_targets(layout, ["q", "v", "mlp"], names, "opt"))
+    layers, _ = wrapped(model, resolve_targets(layout, ["q", "v", "mlp"], names, "unknown_opt"))
     assert layers == {"self_attn.q_proj", "self_attn.v_proj", "fc1", "fc2"}
 
 
