@@ -49,6 +49,13 @@ class Layout:
     scope: str | None = None
     notes: str = field(default="", compare=False)
 
+    @property
+    def peft_all_linear(self) -> bool:
+        """Whether `all-linear` may be PEFT's own (every linear layer but the head). Not where that would reach
+        into a vision tower, wrap an MoE router or a Mamba output projection PEFT refuses: there it means every
+        group."""
+        return not (self.scope or self.expert_parameters or "mixer" in self.groups)
+
     def declared_layers(self) -> list[str]:
         """Every per-layer linear name this layout knows (what a model of the family has)."""
         names = {name for modules in self.groups.values() for name in modules} | set(self.other_linear)
@@ -195,6 +202,41 @@ DEEPSEEK_V3 = Layout(
     "neither); mlp = the dense layers' MLP, the shared experts and the experts' 3-D weights",
 )
 
+LFM2 = Layout(
+    "lfm2",
+    {
+        "q": ("self_attn.q_proj",),
+        "k": ("self_attn.k_proj",),
+        "v": ("self_attn.v_proj",),
+        "o": ("self_attn.out_proj",),
+        "mlp": ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+        "mixer": ("conv.in_proj", "conv.out_proj"),
+    },
+    notes="hybrid: q, k, v, o in the attention layers only; mixer = the short-convolution layers' projections",
+)
+FALCON_H1 = Layout(
+    "falcon_h1",
+    {
+        **_ATTENTION,
+        "mlp": tuple(f"feed_forward.{name}" for name in _GATED_MLP),
+        "mixer": ("mamba.in_proj",),
+    },
+    other_linear=("mamba.out_proj",),
+    notes="parallel hybrid: attention and a Mamba-2 mixer in every layer; mixer = the Mamba input projection "
+    "(PEFT refuses LoRA on its out_proj)",
+)
+JAMBA = Layout(
+    "jamba",
+    {
+        **_ATTENTION,
+        "mlp": tuple(f"feed_forward.{name}" for name in _GATED_MLP),
+        "mixer": tuple(f"mamba.{name}" for name in ("in_proj", "x_proj", "dt_proj", "out_proj")),
+    },
+    expert_parameters=("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+    notes="hybrid MoE: q, k, v, o in the attention layers only; mixer = the Mamba layers' projections; mlp = the "
+    "dense MLPs and the experts' 3-D weights",
+)
+
 # transformers' model_type -> layout. Verified against models built from each config.
 LLAMA_LIKE_TYPES = (
     "llama",
@@ -235,6 +277,9 @@ ARCHITECTURES: dict[str, Layout] = {
     "qwen3_5": QWEN3_5,
     "qwen3_5_text": QWEN3_5,
     "qwen3_next": QWEN3_NEXT,
+    "lfm2": LFM2,
+    "falcon_h1": FALCON_H1,
+    "jamba": JAMBA,
     "deepseek_v3": DEEPSEEK_V3,
 }
 # Who ships each model_type, for the README's table.
@@ -274,6 +319,9 @@ FAMILY_NAMES: dict[str, str] = {
     "qwen3_5": "Qwen3.5",
     "qwen3_5_text": "Qwen3.5 (text-only checkpoints)",
     "qwen3_next": "Qwen3-Next",
+    "lfm2": "LFM2",
+    "falcon_h1": "Falcon-H1",
+    "jamba": "Jamba",
     "deepseek_v3": "DeepSeek-V3, R1 (MLA)",
 }
 # Layouts an unknown family's groups are inferred from (MoE and scoped ones need more than names).
@@ -441,7 +489,7 @@ def resolve_targets(
         raise ModuleResolutionError("'all-linear' cannot be combined with other modules")
     if ALL_LINEAR in requested_set:
         # PEFT's all-linear would reach into a vision tower or wrap an MoE router: there, every group instead.
-        if layout is None or not (layout.scope or layout.expert_parameters):
+        if layout is None or layout.peft_all_linear:
             return Targets(ALL_LINEAR, fan_in_fan_out=bool(layout and layout.fan_in_fan_out))
         requested = [group for group in LOGICAL_GROUPS if group in layout.groups]
     logical = [name for name in requested if name in LOGICAL_GROUPS]

@@ -54,6 +54,35 @@ FAMILY_SETTINGS = {
     "qwen2_moe": {**TINY, "num_key_value_heads": 2, **MOE},
     "qwen3_moe": {**TINY, "num_key_value_heads": 2, **MOE},
     "olmoe": {**TINY, "num_key_value_heads": 2, **MOE},
+    "lfm2": {
+        **TINY,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 4,
+        "layer_types": ["conv", "conv", "full_attention", "conv"],
+    },
+    "falcon_h1": {
+        **TINY,
+        "num_key_value_heads": 2,
+        "mamba_d_ssm": 64,
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_d_state": 16,
+        "mamba_n_groups": 1,
+    },
+    "jamba": {
+        **TINY,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 4,
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "mamba_d_state": 8,
+        "mamba_expand": 2,
+        "mamba_dt_rank": 8,
+    },
     "phimoe": {**TINY, "num_key_value_heads": 2, **MOE},
     "llama4_text": {
         **TINY,
@@ -198,7 +227,7 @@ def test_groups_wrap_exactly_the_right_layers(model_type, groups):
     targets = resolve_targets(layout, groups, linear_layer_names(model), model_type)
     layers, parameters = wrapped(model, targets)
     logical = [g for g in LOGICAL_GROUPS if g in layout.groups] if groups == ["all-linear"] else groups
-    if groups == ["all-linear"] and not (layout.scope or layout.expert_parameters):
+    if groups == ["all-linear"] and layout.peft_all_linear:
         assert layers == names  # PEFT's own all-linear: every linear layer but the head
     else:
         assert layers == expected_layers(layout, logical, names)
