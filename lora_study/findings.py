@@ -248,6 +248,21 @@ def rank_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     return table[_with_accuracy(list(table.columns), table)].reset_index(drop=True)
 
 
+def partial_coverage(target_layers: object) -> list[str]:
+    """The parts of a run's target_layers ('q: 8/32 layers; mlp: 32/32 layers') that reached some layers, not
+    all: ['q: 8/32 layers']."""
+    parts = []
+    for part in str(target_layers or "").split("; "):
+        counts = part.rsplit(": ", 1)[-1].removesuffix(" layers").split("/")
+        if len(counts) == 2 and counts[0].isdigit() and counts[1].isdigit() and 0 < int(counts[0]) < int(counts[1]):
+            parts.append(part)
+    return parts
+
+
+def _any_partial(runs: pd.DataFrame) -> bool:
+    return "target_layers" in runs and any(partial_coverage(text) for text in runs["target_layers"].fillna(""))
+
+
 def module_table(runs: pd.DataFrame) -> pd.DataFrame | None:
     group = sweep_slice(runs, "modules_label", ["rank", "alpha", "quant_label"])
     if group is None:
@@ -257,6 +272,8 @@ def module_table(runs: pd.DataFrame) -> pd.DataFrame | None:
         {
             "run_id": group["run_id"],
             "modules": group["modules_label"],
+            # How many decoder layers each group reached, where a group reached only some (a hybrid's attention).
+            **({"layers_reached": group["target_layers"]} if _any_partial(group) else {}),
             "rank": group["rank"],
             "quantization": group["quant_label"],
             **_measured(group, "perplexity", "accuracy"),

@@ -15,6 +15,7 @@ from lora_study.findings import (
     _with_accuracy,
     _with_verdicts,
     baselines,
+    partial_coverage,
     trained_runs,
 )
 from lora_study.methods import FULL, LORA, lora_scale
@@ -256,17 +257,9 @@ def coverage_finding(runs: pd.DataFrame) -> str | None:
     modules axis is read for what it trained, not for what it was called."""
     if "target_layers" not in runs:
         return None
-    partial = []
-    for run_id, text in zip(runs["run_id"], runs["target_layers"].fillna(""), strict=True):
-        parts = [part for part in str(text).split("; ") if part and _is_partial(part)]
-        if parts:
-            partial.append(f"{run_id} ({'; '.join(parts)})")
+    partial = [f"{run_id} ({'; '.join(parts)})"
+               for run_id, text in zip(runs["run_id"], runs["target_layers"].fillna(""), strict=True)
+               if (parts := partial_coverage(text))]  # fmt: skip
     if not partial:
         return None
     return "Only part of the model adapted, by design of its layers: " + ", ".join(partial) + "."
-
-
-def _is_partial(part: str) -> bool:
-    """'q: 8/32 layers' -> True (some, not all)."""
-    counts = part.rsplit(": ", 1)[-1].removesuffix(" layers").split("/")
-    return len(counts) == 2 and 0 < int(counts[0]) < int(counts[1])

@@ -149,6 +149,10 @@ def test_module_table_and_attention_verdict():
     ]
     tables = tables_of(*runs)
     assert list(tables["modules"]["modules"]) == ["qv", "qkvo", "qkvo-mlp"]
+    assert "layers_reached" not in tables_of(*[{**r, "target_layers": "q: 32/32 layers"} for r in runs])["modules"]
+    layers = ["q: 8/32 layers; v: 8/32 layers", "q: 8/32 layers", "mlp: 32/32 layers"]
+    hybrid = tables_of(*[{**r, "target_layers": text} for r, text in zip(runs, layers, strict=True)])
+    assert list(hybrid["modules"]["layers_reached"]) == layers  # a hybrid: which layers each group touched
     sentence = next(s for s in findings(*runs) if s.startswith("Target modules"))
     assert "-0.2%" in sentence and "3.0x the trainable parameters" in sentence
     assert "attention-only targeting is enough" in sentence
