@@ -23,7 +23,7 @@ from torch import nn
 from lora_study.io import atomic_path
 from lora_study.loading import load_base_model
 from lora_study.method_tables import ENERGY_SHARE
-from lora_study.modules import Layout, manifest_layout, targets_as_given
+from lora_study.modules import Layout, manifest_layout, names_match, targets_as_given
 from lora_study.precision import detect_capability, recipe_for
 from lora_study.sweep import RunSpec
 
@@ -78,7 +78,7 @@ def group_of(layout: Layout | None, layer: str) -> str:
     """The logical group(s) a layer belongs to ('qkv' for a fused projection), else its own name."""
     leaf = layer.rsplit(".", 1)[-1]
     if layout is not None:
-        groups = [g for g, names in layout.groups.items() if any(layer == n or layer.endswith("." + n) for n in names)]
+        groups = [g for g, names in layout.groups.items() if any(names_match(layer, n) for n in names)]
         if groups:
             return "".join(groups) if all(len(g) == 1 for g in groups) else "+".join(groups)
     return leaf

@@ -408,9 +408,14 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def names_match(name: str, target: str) -> bool:
+    """Whether a target-module entry designates the module `name`: PEFT matches a list entry when the module's
+    full name is it or ends with '.' + it."""
+    return name == target or name.endswith("." + target)
+
+
 def _matches(target: str, layer_names: Iterable[str]) -> bool:
-    # PEFT matches a list entry when the module's full name ends with it.
-    return any(name == target or name.endswith("." + target) for name in layer_names)
+    return any(names_match(name, target) for name in layer_names)
 
 
 def infer_layout(layer_names: Sequence[str], expert_parameters: Sequence[str] = ()) -> Layout | None:
@@ -596,7 +601,7 @@ def group_coverage(
             wanted = (layout.groups.get(group, ()) if layout else ()) if group in LOGICAL_GROUPS else (group,)
             if group == "mlp" and layout is not None:
                 wanted = (*wanted, *layout.expert_parameters)
-            names = sorted(n for n in wrapped if any(n == w or n.endswith("." + w) for w in wanted))
+            names = sorted(n for n in wrapped if any(names_match(n, w) for w in wanted))
         layers = set().union(*(wrapped[n] for n in names)) - {-1} if names else set()
         coverage[group] = {"modules": names, "layers": len(layers), "of": num_layers}
     return coverage

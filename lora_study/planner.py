@@ -165,13 +165,18 @@ def model_facts(model_config) -> ModelFacts:
 def weights_bytes(facts: ModelFacts, recipe: Recipe, double_quant: bool) -> float:
     """Frozen base weights as held during training under the recipe."""
     n = sum(facts.quantizable_sizes)
-    # Embeddings, head and biases in the compute dtype, norms in fp32.
-    others = (facts.other_params - facts.norm_params) * DTYPE_BYTES[recipe.compute_dtype] + facts.norm_params * 4
     if recipe.quantization in FOUR_BIT:
-        return sum(_four_bit_bytes(size, double_quant) for size in facts.quantizable_sizes) + others
-    if recipe.quantization == "int8":
-        return n + facts.quantizable_rows * 4 + others
-    return n * DTYPE_BYTES[recipe.weight_format] + others
+        quantized = sum(_four_bit_bytes(size, double_quant) for size in facts.quantizable_sizes)
+    elif recipe.quantization == "int8":
+        quantized = n + facts.quantizable_rows * 4
+    else:
+        quantized = n * DTYPE_BYTES[recipe.weight_format]
+    return quantized + _other_bytes(facts, recipe)
+
+
+def _other_bytes(facts: ModelFacts, recipe: Recipe) -> float:
+    """The weights bitsandbytes leaves alone: embeddings, head and biases in the compute dtype, norms in fp32."""
+    return (facts.other_params - facts.norm_params) * DTYPE_BYTES[recipe.compute_dtype] + facts.norm_params * 4
 
 
 def _four_bit_bytes(size: int, double_quant: bool) -> float:
@@ -422,13 +427,7 @@ class Checkpoint:
 
 def unquantized_bytes(facts: ModelFacts, recipe: Recipe, double_quant: bool) -> float:
     """The part of the base weights loaded as they are stored (not packed by bitsandbytes)."""
-    if recipe.quantization in FOUR_BIT:
-        return weights_bytes(facts, recipe, double_quant) - sum(
-            _four_bit_bytes(size, double_quant) for size in facts.quantizable_sizes
-        )
-    if recipe.quantization == "int8":
-        return weights_bytes(facts, recipe, double_quant) - sum(facts.quantizable_sizes) - facts.quantizable_rows * 4
-    return weights_bytes(facts, recipe, double_quant)
+    return _other_bytes(facts, recipe) if recipe.quantized else weights_bytes(facts, recipe, double_quant)
 
 
 def logits_bytes(positions: int, vocab_size: int, head_bytes: int) -> float:

@@ -28,6 +28,7 @@ from lora_study.modules import (
     Targets,
     attention_problem,
     manifest_layout,
+    names_match,
     resolve_run_targets,
 )
 from lora_study.sweep import RunSpec
@@ -108,13 +109,13 @@ def check_run(
 def wrapped_names(targets: Targets, layer_names: Iterable[str]) -> frozenset[str]:
     """The per-layer linear layers (and 3-D expert weights) PEFT will wrap for `targets` among `layer_names`
     (a scoped regex stands for itself: its matches are checked on the built model)."""
-    names = [name for name in layer_names if name != OUTPUT_HEAD and not name.endswith("." + OUTPUT_HEAD)]
+    names = [name for name in layer_names if not names_match(name, OUTPUT_HEAD)]
     if targets.modules == ALL_LINEAR:
         wrapped = set(names)
     elif isinstance(targets.modules, str):
         wrapped = {targets.modules}
     else:
-        wrapped = {n for n in names if any(n == t or n.endswith("." + t) for t in targets.modules)}
+        wrapped = {n for n in names if any(names_match(n, t) for t in targets.modules)}
     return frozenset(wrapped | set(targets.parameters))
 
 
