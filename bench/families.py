@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 REQUESTS = (["q", "k", "v", "o"], ["mlp"], ["all-linear"])
-EXTRA_FAMILIES = ("gpt_oss", "mpt")  # not in the table: inferred, or refused
+EXTRA_FAMILIES = ("granitemoe", "mamba", "rwkv")  # not in the table: inferred, or refused
 
 
 def cell(model_type: str, groups: list[str]) -> str:

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from lora_study.errors import UserError
@@ -47,6 +47,9 @@ class Layout:
     other_linear: tuple[str, ...] = ()
     # Multimodal checkpoints: only modules under this submodule (the language model) are targets.
     scope: str | None = None
+    # Names (linear layers or 3-D expert weights) only some checkpoints of the family have: DeepSeek's q_proj
+    # (no query compression) or q_a_proj, q_b_proj; Granite 4's experts (the dense hybrids have none).
+    optional: tuple[str, ...] = ()
     notes: str = field(default="", compare=False)
 
     @property
@@ -61,6 +64,19 @@ class Layout:
         names = {name for modules in self.groups.values() for name in modules} | set(self.other_linear)
         return sorted(names)
 
+    def for_model(self, layer_names: Sequence[str], expert_parameters: Sequence[str]) -> Layout:
+        """This layout as one checkpoint has it: optional names the model lacks left out (never a required one,
+        whose absence resolve_targets reports)."""
+        if not self.optional:
+            return self
+
+        def present(name: str) -> bool:
+            return name not in self.optional or _matches(name, layer_names) or name in expert_parameters
+
+        groups = {group: tuple(filter(present, modules)) for group, modules in self.groups.items()}
+        return replace(self, groups=groups, expert_parameters=tuple(filter(present, self.expert_parameters)),
+                       optional=())  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "groups": {g: list(m) for g, m in self.groups.items()}}
 
@@ -74,6 +90,7 @@ class Layout:
             expert_parameters=tuple(data.get("expert_parameters", ())),
             other_linear=tuple(data.get("other_linear", ())),
             scope=data.get("scope"),
+            optional=tuple(data.get("optional", ())),
             notes=data.get("notes", ""),
         )
 
@@ -187,10 +204,10 @@ QWEN3_NEXT = Layout(
 # Multi-head latent attention: queries and keys/values pass through low-rank projections. q = q_a_proj and
 # q_b_proj; k and v share kv_a_proj_with_mqa (compressed kv and the rotary key) and kv_b_proj (keys and values
 # from it), so they are one fused pair; o = o_proj: the modules PEFT users target for these models.
-DEEPSEEK_V3 = Layout(
-    "deepseek_v3",
+DEEPSEEK = Layout(
+    "deepseek",
     {
-        "q": ("q_a_proj", "q_b_proj"),
+        "q": ("q_proj", "q_a_proj", "q_b_proj"),
         "k": ("kv_a_proj_with_mqa", "kv_b_proj"),
         "v": ("kv_a_proj_with_mqa", "kv_b_proj"),
         "o": ("o_proj",),
@@ -198,8 +215,10 @@ DEEPSEEK_V3 = Layout(
     },
     fused=(("k", "v"),),
     expert_parameters=_EXPERTS,
-    notes="MLA: q = q_a_proj, q_b_proj; k and v share kv_a_proj_with_mqa, kv_b_proj (request both or "
-    "neither); mlp = the dense layers' MLP, the shared experts and the experts' 3-D weights",
+    optional=("q_proj", "q_a_proj", "q_b_proj"),
+    notes="MLA: q = q_a_proj, q_b_proj (q_proj where the checkpoint has no query compression: V2-Lite); k and v "
+    "share kv_a_proj_with_mqa, kv_b_proj (request both or neither); mlp = the dense layers' MLP, the shared "
+    "experts and the experts' 3-D weights",
 )
 
 LFM2 = Layout(
@@ -230,11 +249,32 @@ JAMBA = Layout(
     {
         **_ATTENTION,
         "mlp": tuple(f"feed_forward.{name}" for name in _GATED_MLP),
-        "mixer": tuple(f"mamba.{name}" for name in ("in_proj", "x_proj", "dt_proj", "out_proj")),
+        "mixer": tuple(f"mamba.{name}" for name in ("in_proj", "x_proj", "out_proj")),
     },
     expert_parameters=("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
-    notes="hybrid MoE: q, k, v, o in the attention layers only; mixer = the Mamba layers' projections; mlp = the "
+    other_linear=("mamba.dt_proj",),
+    notes="hybrid MoE: q, k, v, o in the attention layers only; mixer = the Mamba layers' in_proj, x_proj, "
+    "out_proj (the Mamba forward reads dt_proj's weight directly: LoRA there would train nothing); mlp = the "
     "dense MLPs and the experts' 3-D weights",
+)
+
+GRANITE_HYBRID = Layout(
+    "granitemoehybrid",
+    {
+        **_ATTENTION,
+        "mlp": ("shared_mlp.input_linear", "shared_mlp.output_linear"),
+        "mixer": ("mamba.in_proj", "mamba.out_proj"),
+    },
+    expert_parameters=("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+    optional=("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+    notes="hybrid: q, k, v, o in the attention layers only; mixer = the Mamba-2 layers' projections; mlp = the "
+    "shared MLP and, in the MoE checkpoints, the experts' 3-D weights",
+)
+MPT = Layout(
+    "mpt",
+    {**_fused_attention("attn.Wqkv", "attn.out_proj"), "mlp": ("ffn.up_proj", "ffn.down_proj")},
+    fused=_FUSED_QKV,
+    notes="q, k, v fused in `Wqkv`",
 )
 
 # transformers' model_type -> layout. Verified against models built from each config.
@@ -280,7 +320,11 @@ ARCHITECTURES: dict[str, Layout] = {
     "lfm2": LFM2,
     "falcon_h1": FALCON_H1,
     "jamba": JAMBA,
-    "deepseek_v3": DEEPSEEK_V3,
+    "deepseek_v2": DEEPSEEK,
+    "deepseek_v3": DEEPSEEK,
+    "granitemoehybrid": GRANITE_HYBRID,
+    "gpt_oss": MOE,
+    "mpt": MPT,
 }
 # Who ships each model_type, for the README's table.
 FAMILY_NAMES: dict[str, str] = {
@@ -322,7 +366,11 @@ FAMILY_NAMES: dict[str, str] = {
     "lfm2": "LFM2",
     "falcon_h1": "Falcon-H1",
     "jamba": "Jamba",
-    "deepseek_v3": "DeepSeek-V3, R1 (MLA)",
+    "deepseek_v2": "DeepSeek-V2, V2-Lite (MLA)",
+    "deepseek_v3": "DeepSeek-V3, R1, Kimi K2 (MLA)",
+    "granitemoehybrid": "Granite 4 (hybrid)",
+    "gpt_oss": "gpt-oss",
+    "mpt": "MPT",
 }
 # Layouts an unknown family's groups are inferred from (MoE and scoped ones need more than names).
 _INFERABLE = (LLAMA, PHI, PHI3, GPT2, NEOX, GPTJ)
@@ -395,7 +443,8 @@ def linear_layer_names(model: nn.Module) -> list[str]:
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
     """Distinct 3-D weights of mixture-of-experts blocks, per-layer prefix stripped ('mlp.experts.down_proj'):
-    parameters of modules that are not convolutions (a convolution's kernel is 3-D too)."""
+    parameters of modules that are not convolutions (a convolution's kernel is 3-D too), one matrix per expert
+    (RWKV's (1, 1, hidden) token-mixing vectors are 3-D as well, and no experts)."""
     from torch import nn
 
     names = set()
@@ -403,7 +452,7 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
         if isinstance(module, nn.modules.conv._ConvNd):
             continue
         for name, param in module.named_parameters(recurse=False):
-            if param.dim() == 3:
+            if param.dim() == 3 and min(param.shape) > 1:
                 names.add(_LAYER_INDEX.sub("", f"{module_name}.{name}"))
     return sorted(names)
 
@@ -455,7 +504,8 @@ def layout_for(
 ) -> tuple[Layout | None, str]:
     """(layout, how it was found: 'known', 'inferred' or 'none')."""
     if model_type in ARCHITECTURES:
-        return ARCHITECTURES[model_type], "known"
+        layout = ARCHITECTURES[model_type]
+        return (layout if layer_names is None else layout.for_model(layer_names, expert_parameters)), "known"
     inferred = infer_layout(layer_names or [], expert_parameters)
     if inferred is None:
         return None, "none"
@@ -495,6 +545,7 @@ def resolve_targets(
     if ALL_LINEAR in requested_set:
         # PEFT's all-linear would reach into a vision tower or wrap an MoE router: there, every group instead.
         if layout is None or layout.peft_all_linear:
+            _refuse_mamba_outputs(model_type, [n for n in layer_names if not names_match(n, OUTPUT_HEAD)], ALL_LINEAR)
             return Targets(ALL_LINEAR, fan_in_fan_out=bool(layout and layout.fan_in_fan_out))
         requested = [group for group in LOGICAL_GROUPS if group in layout.groups]
     logical = [name for name in requested if name in LOGICAL_GROUPS]
@@ -524,10 +575,26 @@ def resolve_targets(
         raise ModuleResolutionError(
             f"target modules {missing} not found in {model_type}; its linear layers: {available}"
         )
+    _refuse_mamba_outputs(model_type, [n for n in layer_names if any(names_match(n, t) for t in names)], requested)
     modules: list[str] | str = sorted(names)
     if layout is not None and layout.scope:
         modules = scoped_pattern(layout.scope, sorted(names))
     return Targets(modules, parameters, bool(layout and layout.fan_in_fan_out))
+
+
+# PEFT refuses LoRA on these layers of Mamba-based models (peft.tuners.tuners_utils._check_lora_target_modules_mamba).
+PEFT_MAMBA_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+PEFT_MAMBA_REFUSED = frozenset({"out_proj", "conv1d"})
+
+
+def _refuse_mamba_outputs(model_type: str, targeted: Sequence[str], requested: Sequence[str] | str) -> None:
+    """A request that would reach a layer PEFT refuses on a Mamba-based model, as one line before any load."""
+    refused = sorted(name for name in targeted if name.rsplit(".", 1)[-1] in PEFT_MAMBA_REFUSED)
+    if model_type in PEFT_MAMBA_TYPES and refused:
+        raise ModuleResolutionError(
+            f"{list(requested) if not isinstance(requested, str) else requested} reaches {refused}, which PEFT "
+            f"refuses to adapt in Mamba-based models ({model_type}); name the other modules explicitly"
+        )
 
 
 def _check_fused(layout: Layout, logical: Sequence[str], model_type: str) -> None:
@@ -586,6 +653,17 @@ def peft_wrapped(peft_model: nn.Module) -> dict[str, set[int]]:
         index = _LAYER_NUMBER.search(name)
         wrapped.setdefault(_LAYER_INDEX.sub("", name), set()).add(int(index.group(1)) if index else -1)
     return wrapped
+
+
+def adapters_without_gradient(model: nn.Module) -> list[str]:
+    """Per-layer names of the wrapped layers whose adapter got no gradient from a backward pass: the model reads
+    those layers' weights directly (Jamba's Mamba dt_proj on its reference path), so LoRA there trains nothing."""
+    names = set()
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_" in name and param.grad is None:
+            layer = re.sub(r"\.lora_\w+(\.\w+)*$", "", name)
+            names.add(_LAYER_INDEX.sub("", re.sub(r"(\.base_layer)+", "", layer)))
+    return sorted(names)
 
 
 def group_coverage(

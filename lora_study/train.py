@@ -38,7 +38,13 @@ from lora_study.loading import (
 from lora_study.loss import ResponseLoss, scored_tokens
 from lora_study.methods import is_converted
 from lora_study.metrics import STATUS_OK, PeakMemory, TrainMetrics
-from lora_study.modules import Targets, manifest_layout, resolve_attention
+from lora_study.modules import (
+    ModuleResolutionError,
+    Targets,
+    adapters_without_gradient,
+    manifest_layout,
+    resolve_attention,
+)
 from lora_study.planner import plan_for_run
 from lora_study.precision import DeviceCapability, GradScaling, Recipe, detect_capability, quiet_int8_casts, recipe_for
 from lora_study.preflight import check_run
@@ -233,6 +239,7 @@ class TrainingSession:
         self.counts: dict[str, int] = {}
         self.targets = Targets("")
         self.coverage: dict[str, dict[str, Any]] = {}  # per requested group: what PEFT wrapped, in how many layers
+        self._gradients_checked = False  # whether the first backward reached every adapter
         self.steps = 0
         self.loss: ResponseLoss | None = None
         self.scaling = GradScaling(job.recipe, job.device.type)
@@ -327,12 +334,25 @@ class TrainingSession:
             self.scaling.backward(loss_sum / step_tokens)
             step_loss += loss_sum.item()
             tokens += int(batch["attention_mask"].sum())
+        if not self._gradients_checked:
+            self._refuse_adapters_without_gradient(model)
         self.scaling.unscale(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, self.job.training.max_grad_norm)
         self.scaling.step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss / step_tokens, tokens, step_tokens
+
+    def _refuse_adapters_without_gradient(self, model: torch.nn.Module) -> None:
+        """After the first backward: an adapter the forward pass never used would train nothing while the run
+        reports it as trained."""
+        self._gradients_checked = True
+        unused = adapters_without_gradient(model)
+        if unused:
+            raise ModuleResolutionError(
+                f"run '{self.job.run.run_id}': the adapters on {unused} got no gradient: the model reads those "
+                "layers' weights directly, so LoRA there would train nothing; leave them out of the modules"
+            )
 
     def _after_step(self, model, step: int, loss: float, seconds: float, stop: StopSignal) -> None:
         """Record the step; log, stop on a signal, or checkpoint."""

@@ -90,8 +90,13 @@ FAMILY_CONFIGS = {
     # Mixtral: experts as 3-D parameters (transformers 5), which bitsandbytes leaves unquantized.
     "mixtral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512),
-    # MPT: attention in one Wqkv layer, a name no standard convention places.
-    "mpt": dict(d_model=64, n_heads=4, n_layers=1, expansion_ratio=2, max_seq_len=512),
+    # Jamba: Mamba layers with attention every other layer; its Mamba forward reads dt_proj.weight directly.
+    "jamba": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_expand=2,
+                  mamba_dt_rank=8, max_position_embeddings=512),
+    # Mamba: no attention at all (mixer.in_proj, x_proj, dt_proj, out_proj), names no convention places.
+    "mamba": dict(hidden_size=64, state_size=16, num_hidden_layers=1, expand=2, conv_kernel=4),
     # Qwen3.5: a hybrid, three gated linear-attention layers then one full-attention layer. Sizes in multiples of
     # 32 (outputs) and 64 (inputs): bitsandbytes' 4-bit CPU inference kernel (AVX512-BF16) needs them.
     "qwen3_5_text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

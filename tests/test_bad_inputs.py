@@ -22,10 +22,12 @@ CASES = yaml.safe_load(CORPUS.read_text())
 
 @pytest.fixture(scope="session")
 def family_models(tiny_llama, tmp_path_factory) -> dict[str, Path]:
-    """Local model directories of other kinds: fused attention, unplaceable names, pre-quantized weights."""
+    """Local model directories of other kinds: fused attention, unplaceable names, a layer whose weight the
+    forward reads directly (Jamba), pre-quantized weights."""
     return {
         "phi3": build_tiny_family(tmp_path_factory.mktemp("tiny-phi3"), "phi3", tiny_llama),
-        "mpt": build_tiny_family(tmp_path_factory.mktemp("tiny-mpt"), "mpt", tiny_llama),
+        "mamba": build_tiny_family(tmp_path_factory.mktemp("tiny-mamba"), "mamba", tiny_llama),
+        "jamba": build_tiny_family(tmp_path_factory.mktemp("tiny-jamba"), "jamba", tiny_llama),
         "prequantized": build_tiny_family(
             tmp_path_factory.mktemp("tiny-gptq"), "phi3", tiny_llama,
             quantization_config={"quant_method": "gptq", "bits": 4},

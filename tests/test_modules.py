@@ -24,6 +24,7 @@ from lora_study.modules import (
     ARCHITECTURES,
     LOGICAL_GROUPS,
     ModuleResolutionError,
+    adapters_without_gradient,
     check_coverage,
     describe_layout,
     expert_parameter_names,
@@ -121,6 +122,40 @@ FAMILY_SETTINGS = {
         "shared_expert_intermediate_size": 32,
     },
     "qwen3_5_text": QWEN3_5_HYBRID,
+    # DeepSeek-V2-Lite's shape: no query compression (q_proj), shared experts.
+    "deepseek_v2": {
+        **TINY,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    # Granite 4 hybrid MoE: a Mamba-2 layer, then an attention layer; experts and a shared MLP in each.
+    "granitemoehybrid": {
+        **TINY,
+        "num_key_value_heads": 2,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "shared_intermediate_size": 64,
+        "layer_types": ["mamba", "attention"],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 32,
+        "mamba_d_state": 16,
+        "mamba_n_groups": 1,
+        "mamba_expand": 2,
+    },
+    "mpt": dict(d_model=64, n_heads=4, n_layers=2, vocab_size=256, expansion_ratio=2),
+    "mamba": dict(hidden_size=64, state_size=16, num_hidden_layers=2, expand=2, vocab_size=256),
+    "rwkv": dict(hidden_size=64, attention_hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=256),
     "qwen3_5": {"text_config": QWEN3_5_HYBRID},
     "gemma3": dict(
         text_config={**TINY, "num_key_value_heads": 2, "head_dim": 16},
@@ -137,13 +172,19 @@ FAMILY_SETTINGS = {
 }
 
 
-def tiny_config(model_type: str):
-    return AutoConfig.for_model(model_type, **FAMILY_SETTINGS.get(model_type, {**TINY, "num_key_value_heads": 2}))
+def tiny_config(model_type: str, **overrides):
+    settings = FAMILY_SETTINGS.get(model_type, {**TINY, "num_key_value_heads": 2})
+    return AutoConfig.for_model(model_type, **{**settings, **overrides})
 
 
-def build(model_type: str, device: str = "meta") -> torch.nn.Module:
+def build(model_type: str, device: str = "meta", **overrides) -> torch.nn.Module:
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(tiny_config(model_type))
+        return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+
+
+def model_layout(model_type: str, model: torch.nn.Module):
+    """The family's layout as this checkpoint has it (what the manifest records)."""
+    return layout_for(model_type, linear_layer_names(model), expert_parameter_names(model))[0]
 
 
 def strip_layer(name: str) -> str:
@@ -185,8 +226,8 @@ def expected_layers(layout, groups, names) -> set[str]:
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_layout_names_exactly_the_models_linear_layers(model_type):
     """Every name the layout declares exists, and every linear layer of the body is declared."""
-    layout = ARCHITECTURES[model_type]
     model = build(model_type)
+    layout = model_layout(model_type, model)
     names = targeted_layers(model, layout.scope)
     declared = layout.declared_layers()
     assert all(any(names_match(n, d) for n in names) for d in declared), (declared, names)
@@ -198,8 +239,8 @@ def test_layout_names_exactly_the_models_linear_layers(model_type):
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 @pytest.mark.parametrize("groups", [["q", "k", "v", "o"], ["o"], ["mlp"], ["q", "k", "v", "o", "mlp"], ["all-linear"]])
 def test_groups_wrap_exactly_the_right_layers(model_type, groups):
-    layout = ARCHITECTURES[model_type]
     model = build(model_type)
+    layout = model_layout(model_type, model)
     names = targeted_layers(model, layout.scope)
     targets = resolve_targets(layout, groups, linear_layer_names(model), model_type)
     layers, parameters = wrapped(model, targets)
@@ -238,18 +279,35 @@ def test_experts_need_lora_dropout_zero():
     assert resolve_targets(layout, ["q", "v"], names, "mixtral", lora_dropout=0.05).parameters == ()
 
 
-def test_experts_train_with_lora_on_their_3d_weights():
-    """A real (CPU) Mixtral-like model: LoRA on the experts changes the output after one step."""
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_family_trains_every_adapter_it_wrapped(model_type):
+    """A real (CPU, fp32, random) model of each family with LoRA on all-linear: one forward and backward reaches
+    every adapter PEFT added (expert weights, mixers and attention alike), so each wrapped name can train."""
     torch.manual_seed(0)
-    model = build("mixtral", "cpu")
-    targets = resolve_targets(ARCHITECTURES["mixtral"], ["mlp"], linear_layer_names(model), "mixtral")
-    peft_model = get_peft_model(model, LoraConfig(r=2, init_lora_weights=False, **targets.lora_kwargs()))
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    assert trainable
-    ids = torch.randint(0, 256, (2, 8))
-    loss = peft_model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    model = build(model_type, "cpu")
+    targets = resolve_targets(model_layout(model_type, model), ["all-linear"], linear_layer_names(model), model_type)
+    with targets_as_given():
+        peft_model = get_peft_model(model, LoraConfig(r=2, init_lora_weights=False, **targets.lora_kwargs()))
+    trainable = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    ids = torch.randint(3, 256, (2, 8))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert [name for name, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_an_adapter_the_forward_never_uses_is_found():
+    """Jamba's Mamba forward multiplies by dt_proj.weight itself: PEFT wraps dt_proj, its adapter never enters
+    the computation, and the run would report it as trained. The layout leaves it out of mixer; asked for by
+    name, the first backward shows it (the training loop refuses the run then)."""
+    torch.manual_seed(0)
+    model = build("jamba", "cpu")
+    names = linear_layer_names(model)
+    peft_model = get_peft_model(model, LoraConfig(r=2, init_lora_weights=False, **resolve_targets(
+        None, ["mamba.dt_proj", "mamba.in_proj"], names, "jamba").lora_kwargs()))  # fmt: skip
+    ids = torch.randint(3, 256, (2, 8))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert adapters_without_gradient(peft_model) == ["mamba.dt_proj"]
+    assert "mamba.dt_proj" not in ARCHITECTURES["jamba"].groups["mixer"]
 
 
 def test_unknown_family_groups_are_inferred_from_standard_names():
@@ -265,21 +323,26 @@ def test_unknown_family_groups_are_inferred_from_standard_names():
     assert layers == {"self_attn.q_proj", "self_attn.v_proj", "fc1", "fc2"}
 
 
-def test_all_linear_reaches_the_experts_of_an_unknown_moe_family():
-    """gpt-oss keeps its experts as 3-D parameters and is not in the table: PEFT's own all-linear would wrap the
-    four attention projections only (the same adapter as q,k,v,o, silently). The inferred layout carries the
-    experts, so all-linear and mlp adapt them, and the two requests train different things."""
-    model = build("gpt_oss")
-    names, experts = linear_layer_names(model), expert_parameter_names(model)
-    assert experts == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    layout, source = layout_for("gpt_oss", names, experts)
-    assert source == "inferred" and layout.expert_parameters == tuple(experts)
+@pytest.mark.parametrize(("model_type", "how", "experts"), [
+    ("gpt_oss", "known", ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]),
+    ("granitemoe", "inferred", ["block_sparse_moe.experts.down_proj", "block_sparse_moe.experts.gate_up_proj"]),
+])  # fmt: skip
+def test_all_linear_reaches_the_experts_of_a_parameter_moe(model_type, how, experts):
+    """gpt-oss keeps its experts as 3-D parameters: PEFT's own all-linear would wrap the four attention
+    projections only (the same adapter as q,k,v,o, silently; it did before gpt-oss was mapped). Mapped, and for a
+    family not in the table (Granite MoE) inferred, the layout carries the experts, so all-linear and mlp adapt
+    them, and the two requests train different things."""
+    model = build(model_type, num_local_experts=4, num_experts_per_tok=2)
+    names = linear_layer_names(model)
+    assert expert_parameter_names(model) == experts
+    layout, source = layout_for(model_type, names, experts)
+    assert source == how and sorted(layout.expert_parameters) == experts
     attention = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
-    everything = peft_wrapped(get_peft_model(build("gpt_oss"), LoraConfig(
-        r=2, **resolve_targets(layout, ["all-linear"], names, "gpt_oss").lora_kwargs())))  # fmt: skip
+    everything = peft_wrapped(get_peft_model(model, LoraConfig(
+        r=2, **resolve_targets(layout, ["all-linear"], names, model_type).lora_kwargs())))  # fmt: skip
     assert set(everything) == attention | set(experts) and all(layers == {0, 1} for layers in everything.values())
-    qkvo = peft_wrapped(get_peft_model(build("gpt_oss"), LoraConfig(
-        r=2, **resolve_targets(layout, ["q", "k", "v", "o"], names, "gpt_oss").lora_kwargs())))  # fmt: skip
+    qkvo = peft_wrapped(get_peft_model(build(model_type, num_local_experts=4, num_experts_per_tok=2), LoraConfig(
+        r=2, **resolve_targets(layout, ["q", "k", "v", "o"], names, model_type).lora_kwargs())))  # fmt: skip
     assert set(qkvo) == attention
 
 
@@ -323,14 +386,46 @@ def test_inference_keeps_fused_layouts_fused():
     assert layout is not None and layout.fused == (("q", "k", "v"),) and layout.fan_in_fan_out
 
 
-def test_unplaceable_family_lists_its_linear_layers():
-    """MPT names attention Wqkv: no standard name places q, so groups are not guessed."""
-    names = linear_layer_names(build("mpt"))
-    layout, source = layout_for("mpt", names)
+@pytest.mark.parametrize(("model_type", "explicit"), [("mamba", "mixer.in_proj"), ("rwkv", "attention.key")])
+def test_unplaceable_family_lists_its_linear_layers(model_type, explicit):
+    """Mamba and RWKV have no attention projections: no standard name places q, so groups are not guessed (and
+    RWKV's 3-D token-mixing vectors are not taken for experts). Explicit names work; on Mamba, a request that
+    reaches the output projection PEFT refuses there is one line before anything loads."""
+    model = build(model_type)
+    names, experts = linear_layer_names(model), expert_parameter_names(model)
+    assert experts == []
+    layout, source = layout_for(model_type, names, experts)
     assert (layout, source) == (None, "none")
-    with pytest.raises(ModuleResolutionError, match=r"not defined for architecture 'mpt' .*Wqkv"):
-        resolve_targets(layout, ["q"], names, "mpt")
-    assert resolve_targets(layout, ["Wqkv"], names, "mpt").modules == ["Wqkv"]
+    with pytest.raises(ModuleResolutionError, match=rf"not defined for architecture '{model_type}' .*{explicit}"):
+        resolve_targets(layout, ["q"], names, model_type)
+    assert resolve_targets(layout, [explicit], names, model_type).modules == [explicit]
+    if model_type == "mamba":
+        for request in (["all-linear"], ["mixer.out_proj"]):
+            with pytest.raises(ModuleResolutionError, match=r"reaches .*out_proj.*which PEFT refuses .*\(mamba\)"):
+                resolve_targets(layout, request, names, model_type)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "variant", "group", "names", "parameters"),
+    [
+        ("deepseek_v3", {"q_lora_rank": None}, "q", {"self_attn.q_proj"}, set()),
+        ("deepseek_v2", {"q_lora_rank": 16}, "q", {"self_attn.q_a_proj", "self_attn.q_b_proj"}, set()),
+        ("granitemoehybrid", {"num_local_experts": 0}, "mlp",
+         {"shared_mlp.input_linear", "shared_mlp.output_linear"}, set()),
+        ("granitemoehybrid", {}, "mlp", {"shared_mlp.input_linear", "shared_mlp.output_linear"},
+         {"block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"}),
+    ],
+)  # fmt: skip
+def test_checkpoints_of_one_family_get_the_names_they_have(model_type, variant, group, names, parameters):
+    """A family whose checkpoints differ (query compression or not, experts or not) maps a group to what this
+    checkpoint has; a required name it lacks is still an error."""
+    model = build(model_type, **variant)
+    layout = model_layout(model_type, model)
+    assert (wrapped(model, resolve_targets(layout, [group], linear_layer_names(model), model_type))
+            == (names, parameters))  # fmt: skip
+    layers = [name for name in linear_layer_names(model) if not any(names_match(name, w) for w in names)]
+    with pytest.raises(ModuleResolutionError, match=r"not found in"):
+        resolve_targets(layout, [group], layers, model_type)
 
 
 def test_phi2_output_projection_is_dense_not_o_proj():
@@ -467,33 +562,45 @@ def test_the_planner_predicts_every_family(model_type, compute):
     assert plan.plan_error == "" and math.isfinite(plan.predicted_gb) and plan.activations_gb > 0
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_text", "qwen3_next"])
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return next(m for name, m in model.named_modules() if name.endswith("layers") and
+                isinstance(m, torch.nn.ModuleList) and "vision" not in name)  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_text", "qwen3_next", "lfm2", "granitemoehybrid",
+                                        "jamba"])  # fmt: skip
 def test_hybrid_attention_groups_reach_the_attention_layers_and_mixer_the_others(model_type):
-    """Qwen3.5 / Qwen3-Next: q, k, v, o wrap the full-attention layers (1 of 4 here), mixer the linear-attention
-    layers (the other 3), mlp every layer; the run records exactly that."""
-    layout = ARCHITECTURES[model_type]
-    kinds = tiny_config(model_type).get_text_config().layer_types
-    attention_layers = {i for i, kind in enumerate(kinds) if kind == "full_attention"}
-    names = linear_layer_names(build(model_type))
+    """Hybrids: q, k, v, o wrap the attention layers only (1 of 4 in the tiny Qwen3.5), mixer the token-mixing
+    layers that are not attention (the other 3: gated linear attention, short convolution or Mamba), mlp every
+    layer; the run records exactly that."""
+    model = build(model_type)
+    layout = model_layout(model_type, model)
+    layers = decoder_layers(model)
+    attention_layers = {i for i, layer in enumerate(layers) if getattr(layer, "self_attn", None) is not None}
+    assert 0 < len(attention_layers) < len(layers)
+    names = linear_layer_names(model)
     groups = ["q", "k", "v", "o", "mixer"]
-    model = get_peft_model(build(model_type), LoraConfig(r=2, **resolve_targets(layout, groups, names,
-                                                                               model_type).lora_kwargs()))  # fmt: skip
-    wrapped_layers = peft_wrapped(model)
-    assert {n for n, at in wrapped_layers.items() if at == attention_layers} == {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}  # fmt: skip
-    assert {n for n in wrapped_layers if n.startswith("linear_attn.")} == set(layout.groups["mixer"])
-    assert all(at == set(range(len(kinds))) - attention_layers for n, at in wrapped_layers.items()
-               if n.startswith("linear_attn."))  # fmt: skip
-    coverage = group_coverage(layout, groups, wrapped_layers, len(kinds))
-    assert [coverage[g]["layers"] for g in groups] == [1, 1, 1, 1, 3]
+    wrapped_layers = peft_wrapped(get_peft_model(model, LoraConfig(r=2, **resolve_targets(
+        layout, groups, names, model_type).lora_kwargs())))  # fmt: skip
+
+    def of(groups_: list[str]) -> set[str]:
+        return {n for n in wrapped_layers if any(names_match(n, t) for g in groups_ for t in layout.groups[g])}
+
+    attention, mixer = of(["q", "k", "v", "o"]), of(["mixer"])
+    assert attention and mixer and not attention & mixer and attention | mixer == set(wrapped_layers)
+    assert all(wrapped_layers[n] == attention_layers for n in attention)
+    assert all(wrapped_layers[n] == set(range(len(layers))) - attention_layers for n in mixer)
+    coverage = group_coverage(layout, groups, wrapped_layers, len(layers))
+    mixer_layers = len(layers) - len(attention_layers)
+    assert [coverage[g]["layers"] for g in groups] == [len(attention_layers)] * 4 + [mixer_layers]
     assert modules_label(groups) == "qkvo-mixer"
 
 
 def test_latent_attention_maps_to_the_low_rank_projections():
     """DeepSeek-V3: q = q_a_proj + q_b_proj, k and v share kv_a_proj_with_mqa + kv_b_proj (one fused pair),
     mlp = dense MLP + shared experts + the experts' 3-D weights."""
-    layout = ARCHITECTURES["deepseek_v3"]
-    names = linear_layer_names(build("deepseek_v3"))
+    model = build("deepseek_v3")
+    names, layout = linear_layer_names(model), model_layout("deepseek_v3", model)
     with pytest.raises(ModuleResolutionError, match=r"stores k, v as one fused layer"):
         resolve_targets(layout, ["q", "k"], names, "deepseek_v3")
     layers, parameters = wrapped(build("deepseek_v3"), resolve_targets(layout, ["q", "k", "v", "o"], names,
