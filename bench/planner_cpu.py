@@ -2,6 +2,7 @@
 
     python bench/planner_cpu.py --out /tmp/planner_cpu.md           # ~6 min on 2 cores
     python bench/planner_cpu.py --classes native --repeats 2
+    python bench/planner_cpu.py --hybrid --classes native      # a Qwen3.5-shaped hybrid instead
 
 Trains five runs of the real pretrained model (SmolLM2-135M: NF4 at ranks 4 and
 64, NF4 with the MLP, int8, 16-bit) for a few steps through the workflow, once
@@ -10,6 +11,11 @@ ONEDNN_MAX_CPU_ISA=AVX2` (the fp32 recipe of AVX2 machines), and prints each
 run's predicted CPU peak (plan) beside its measured training-phase peak
 (VmHWM, reset after loading). Memory does not depend on core speed, so the
 emulated AVX2 figures stand for a real AVX2 machine; times would not.
+
+--hybrid: the same comparison on a randomly initialised Qwen3.5-shaped hybrid
+(six gated linear-attention layers, two full-attention layers, SmolLM2's
+tokenizer and vocabulary, ~110M parameters saved in bf16), whose mixer layers
+keep recurrent state the planner must count.
 """
 
 from __future__ import annotations
@@ -49,6 +55,40 @@ STUDY = {
 }
 
 
+HYBRID_CONFIG = {
+    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "head_dim": 64, "linear_num_key_heads": 8, "linear_num_value_heads": 16,
+    "linear_key_head_dim": 64, "linear_value_head_dim": 64, "max_position_embeddings": 2048,
+    "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 2,
+}  # fmt: skip
+HYBRID_GRIDS = [
+    {"modules": [["q", "k", "v", "o", "mixer"]], "quantization": ["nf4", "16bit"], "rank": [16]},
+    {"modules": [["all-linear"]], "quantization": ["nf4"], "rank": [16]},
+]
+
+
+def build_hybrid(work: Path, env: dict[str, str]) -> Path:
+    """A random Qwen3.5-shaped hybrid with SmolLM2's tokenizer (prepared once by the workflow), saved in bf16."""
+    base, out = work / "tokenizer-source", work / "hybrid-model"
+    if (out / "config.json").exists():
+        return out
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.yaml").write_text(yaml.safe_dump(STUDY))
+    subprocess.run([sys.executable, "-m", "snakemake", "results/model/model.json", "--snakefile",
+                    str(REPO / "Snakefile"), "--directory", str(base), "--configfile", str(base / "config.yaml"),
+                    "--cores", "1"], env=env, check=True, capture_output=True)  # fmt: skip
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base / "results/model/hf")
+    ids = {f"{kind}_token_id": getattr(tokenizer, f"{kind}_token_id") for kind in ("bos", "eos", "pad")}
+    config = AutoConfig.for_model("qwen3_5_text", vocab_size=len(tokenizer), **ids, **HYBRID_CONFIG)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def capability(env: dict[str, str]) -> str:
     """The CPU as torch dispatches under `env`: get_cpu_capability() and whether bf16 is native."""
     code = (
@@ -59,10 +99,11 @@ def capability(env: dict[str, str]) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def train_all(workdir: Path, env: dict[str, str]) -> None:
-    """Train every run of STUDY in `workdir` (again: --forcerun), nothing else; Snakemake's log to snakemake.log."""
+def train_all(workdir: Path, env: dict[str, str], study: dict) -> None:
+    """Train every run of `study` in `workdir` (again: --forcerun), nothing else; Snakemake's log to
+    snakemake.log."""
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(STUDY))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(study))
     targets = [f"results/runs/{run}/train_metrics.json" for run in run_ids(workdir)]
     command = [sys.executable, "-m", "snakemake", *targets, "--snakefile", str(REPO / "Snakefile"),
                "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2",
@@ -97,13 +138,18 @@ def main() -> None:
     parser.add_argument("--classes", nargs="+", default=["native", "avx2"], choices=["native", "avx2"])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--hybrid", action="store_true", help="a Qwen3.5-shaped hybrid instead of SmolLM2")
     args = parser.parse_args()
+    study = STUDY
+    if args.hybrid:
+        model = build_hybrid(args.work, dict(os.environ))
+        study = {**STUDY, "model": {"source": str(model)}, "sweep": {**STUDY["sweep"], "grids": HYBRID_GRIDS}}
     table = []
     for cpu_class in args.classes:
         env = {**os.environ, **(AVX2 if cpu_class == "avx2" else {})}
         label = capability(env)
         for repeat in range(args.repeats):
-            train_all(args.work / cpu_class, env)
+            train_all(args.work / cpu_class, env, study)
             table += rows(args.work / cpu_class, label, repeat)
     lines = ["| CPU (get_cpu_capability - detected) | repeat | run | compute | measured GB | predicted GB | error |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
