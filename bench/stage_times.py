@@ -1,33 +1,53 @@
-"""Wall time of a finished study by stage, from Snakemake's per-job records in benchmarks/.
+"""Where a finished study's time went: per stage, the phases its jobs logged (lora_study.phases), and the
+overhead (everything but compute) against the wall.
 
     make clean study && python bench/stage_times.py --wall-s 612
+    python bench/stage_times.py --logs /path/to/study/logs --per-job
 
 Prints the CPU capability beside the table (the same study takes very
-different times on CPUs with and without native bf16).
+different times on CPUs with and without native bf16). The wall defaults to
+the span of the job logs (first start to last write).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-STAGES = ("prepare_model", "prepare_data", "check_run", "plan", "train", "evaluate", "anatomy", "aggregate", "findings")
+from lora_study.phases import COMPUTE, LINE, PHASES  # noqa: E402
 
 
-def job_seconds(path: Path) -> float:
-    with path.open() as handle:
-        return float(next(csv.DictReader(handle, delimiter="\t"))["s"])
+def job_phases(log: Path) -> dict[str, float]:
+    """The phases one job's log recorded (a job may enter a phase more than once)."""
+    seconds: dict[str, float] = defaultdict(float)
+    for line in log.read_text(errors="replace").splitlines():
+        match = LINE.search(line)
+        if match and match["name"] in PHASES:
+            seconds[match["name"]] += float(match["seconds"])
+    return dict(seconds)
+
+
+def stage_of(log: Path, logs: Path) -> str:
+    relative = log.relative_to(logs)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def log_span_s(logs: list[Path]) -> float:
+    """First job start to last log write: the log's own first timestamp is the job's, less its start phase."""
+    starts = [log.stat().st_mtime - sum(job_phases(log).values()) for log in logs]
+    return max(log.stat().st_mtime for log in logs) - min(starts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--benchmarks", type=Path, default=REPO / "benchmarks")
-    parser.add_argument("--wall-s", type=float, help="the whole workflow's wall time, to print beside the sums")
+    parser.add_argument("--logs", type=Path, default=REPO / "logs")
+    parser.add_argument("--wall-s", type=float, help="the whole workflow's wall time (default: span of the logs)")
+    parser.add_argument("--per-job", action="store_true", help="also one line per job")
     args = parser.parse_args()
 
     import torch
@@ -37,18 +57,42 @@ def main() -> None:
     print(f"CPU: {detect_capability(torch.device('cpu')).summary()}; get_cpu_capability() "
           f"{torch.backends.cpu.get_cpu_capability()}; _is_avx512_bf16_supported() "
           f"{torch.cpu._is_avx512_bf16_supported()}")  # fmt: skip
-    rows, total = [], 0.0
-    for stage in STAGES:
-        files = [args.benchmarks / f"{stage}.tsv"] if (args.benchmarks / f"{stage}.tsv").exists() else []
-        files += sorted((args.benchmarks / stage).glob("*.tsv")) if (args.benchmarks / stage).is_dir() else []
-        seconds = sum(job_seconds(f) for f in files)
-        total += seconds
-        rows.append((stage, len(files), seconds))
-    print("\n| stage | jobs | summed job time | share |\n|---|---|---|---|")
-    for stage, jobs, seconds in rows:
-        print(f"| {stage} | {jobs} | {seconds:.0f} s | {100 * seconds / total:.0f} % |")
-    wall = f"{args.wall_s:.0f} s ({args.wall_s / 60:.1f} min)" if args.wall_s else "-"
-    print(f"| whole workflow | {sum(r[1] for r in rows)} | {total:.0f} s summed | wall {wall} |")
+    logs = sorted(log for log in args.logs.rglob("*.log") if job_phases(log))
+    if not logs:
+        raise SystemExit(f"no job logs with phase lines under {args.logs}")
+    stages: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    jobs: dict[str, int] = defaultdict(int)
+    header = "| {} | jobs | " + " | ".join(PHASES) + " | total | overhead |"
+    rule = "|---|---|" + "---|" * (len(PHASES) + 2)
+    if args.per_job:
+        print("\n" + header.format("job") + "\n" + rule)
+    for log in logs:
+        phases, stage = job_phases(log), stage_of(log, args.logs)
+        jobs[stage] += 1
+        for name, seconds in phases.items():
+            stages[stage][name] += seconds
+        if args.per_job:
+            print(row(str(log.relative_to(args.logs)), 1, phases))
+    print("\n" + header.format("stage") + "\n" + rule)
+    everything: dict[str, float] = defaultdict(float)
+    for stage in sorted(stages, key=lambda s: -sum(stages[s].values())):
+        print(row(stage, jobs[stage], stages[stage]))
+        for name, seconds in stages[stage].items():
+            everything[name] += seconds
+    print(row("all jobs", sum(jobs.values()), everything))
+    wall = args.wall_s or log_span_s(logs)
+    summed = sum(everything.values())
+    compute = everything.get(COMPUTE, 0.0)
+    overhead = wall - compute
+    print(f"\nwall {wall:.0f} s ({wall / 60:.1f} min); summed job time {summed:.0f} s; compute {compute:.0f} s; "
+          f"overhead (wall - compute) {overhead:.0f} s = {100 * overhead / wall:.0f} % of the wall")  # fmt: skip
+
+
+def row(label: str, count: int, phases: dict[str, float]) -> str:
+    total = sum(phases.values())
+    overhead = total - phases.get(COMPUTE, 0.0)
+    cells = " | ".join(f"{phases.get(name, 0.0):.1f}" for name in PHASES)
+    return f"| {label} | {count} | {cells} | {total:.1f} | {100 * overhead / total if total else 0:.0f} % |"
 
 
 if __name__ == "__main__":

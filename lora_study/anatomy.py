@@ -6,13 +6,19 @@ dequantized). That covers every method: for LoRA and rsLoRA it is the scaled
 product B A; DoRA also rescales each output's norm; a PiSSA/OLoRA adapter is
 saved converted for the original base (rank 2r); full fine-tuning's update is
 the trained weight minus the base weight.
+
+A plain LoRA or rsLoRA adapter needs no base weight at all: its update's
+singular values are those of the r x r core of its factors (factor_updates),
+read straight from the adapter file.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,10 +27,8 @@ import torch
 from torch import nn
 
 from lora_study.io import atomic_path
-from lora_study.loading import load_base_model
-from lora_study.method_tables import ENERGY_SHARE
+from lora_study.methods import ENERGY_SHARE
 from lora_study.modules import Layout, manifest_layout, names_match, targets_as_given
-from lora_study.precision import detect_capability, recipe_for
 from lora_study.sweep import RunSpec
 
 log = logging.getLogger("lora_study")
@@ -58,15 +62,21 @@ def effective_rank(singular_values: torch.Tensor, share: float = ENERGY_SHARE) -
 
 
 def summarise(layer: str, group: str, update: torch.Tensor) -> LayerUpdate:
-    singular = torch.linalg.svdvals(update.double())
+    return from_singular_values(layer, group, update.shape[0], update.shape[1], torch.linalg.svdvals(update.double()))
+
+
+def from_singular_values(layer: str, group: str, rows: int, cols: int, singular: torch.Tensor) -> LayerUpdate:
+    """The summary of an update of shape (rows, cols) with these singular values (descending; any not given
+    are zero)."""
+    singular = torch.nn.functional.pad(singular.double(), (0, max(0, TOP_VALUES - len(singular))))
     energy = singular.pow(2)
     total = float(energy.sum())
     top = singular[:TOP_VALUES]
     return LayerUpdate(
         layer=layer,
         group=group,
-        rows=update.shape[0],
-        cols=update.shape[1],
+        rows=rows,
+        cols=cols,
         norm=math.sqrt(total),
         effective_rank=effective_rank(singular),
         top_energy_share=float(energy[:TOP_VALUES].sum()) / total if total else 0.0,
@@ -163,7 +173,61 @@ def run_anatomy(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, out_p
     return _write(out_path, [], oom=outcome["oom"]["anatomy"])
 
 
+# Adapter settings under which an update is exactly scale x B A of the saved factors.
+_NOT_PLAIN = ("use_dora", "target_parameters", "rank_pattern", "alpha_pattern", "modules_to_save", "layers_pattern")
+_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<layer>.+)\.lora_A\.weight$")
+
+
+def factor_updates(weights_dir: Path, layout: Layout | None) -> list[LayerUpdate] | None:
+    """Plain LoRA and rsLoRA: each layer's update is scale x B A, read straight from the adapter file. With
+    B = Q_B R_B and A^T = Q_A R_A, B A = Q_B (R_B R_A^T) Q_A^T, so its singular values are those of the r x r
+    core: no base model, no full-size decomposition. None for any other adapter (DoRA rescales rows by the base
+    weight's norms, experts and per-layer patterns are not one scale): the caller loads the model."""
+    from safetensors.torch import load_file
+
+    config = json.loads((weights_dir / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA" or any(config.get(key) for key in _NOT_PLAIN):
+        return None
+    rank, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    tensors = load_file(weights_dir / "adapter_model.safetensors")
+    updates = []
+    for key in sorted(tensors, key=_natural):
+        match = _FACTOR.match(key)
+        if not match:
+            continue
+        layer = match["layer"]
+        down, up = tensors[key].double(), tensors[f"{key[: -len('lora_A.weight')]}lora_B.weight"].double()
+        core = torch.linalg.qr(up).R @ torch.linalg.qr(down.T).R.T
+        rows, cols = up.shape[0], down.shape[1]
+        if config.get("fan_in_fan_out"):  # Conv1D stores the weight (and so the update) transposed
+            rows, cols = cols, rows
+        updates.append(from_singular_values(layer, group_of(layout, layer), rows, cols,
+                                            scale * torch.linalg.svdvals(core)))  # fmt: skip
+    return updates
+
+
+def _natural(name: str) -> list[Any]:
+    """layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _updates(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, layout: Layout) -> list[LayerUpdate]:
+    assert run.training is not None
+    updates = None if run.is_full else factor_updates(weights_dir, layout)
+    if updates is None:
+        updates = _updates_on_the_base(manifest, weights_dir, run, layout)
+    median = sorted(u.effective_rank for u in updates)[len(updates) // 2] if updates else "-"
+    log.info("%s: %d layers; effective rank (%.0f%% of the energy): median %s", run.run_id, len(updates),
+             100 * ENERGY_SHARE, median)  # fmt: skip
+    return updates
+
+
+def _updates_on_the_base(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, layout: Layout
+                         ) -> list[LayerUpdate]:  # fmt: skip
+    from lora_study.loading import load_base_model
+    from lora_study.precision import detect_capability, recipe_for
+
     assert run.training is not None
     cpu = torch.device("cpu")
     # Full fine-tuning's recipe loads fp32 masters. Attention never runs here: eager exists for every model.
@@ -178,9 +242,6 @@ def _updates(manifest: dict[str, Any], weights_dir: Path, run: RunSpec, layout: 
         with targets_as_given():
             adapter = PeftModel.from_pretrained(base, str(weights_dir))
         updates = adapter_updates(adapter, layout)
-    median = sorted(u.effective_rank for u in updates)[len(updates) // 2] if updates else "-"
-    log.info("%s: %d layers; effective rank (%.0f%% of the energy): median %s", run.run_id, len(updates),
-             100 * ENERGY_SHARE, median)  # fmt: skip
     return updates
 
 

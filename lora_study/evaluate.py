@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lora_study import phases
 from lora_study.batching import collate
 from lora_study.data import load_split
 from lora_study.failures import STATUS_OOM, is_out_of_memory, memory_cap, memory_in_use_gb
@@ -137,10 +138,18 @@ def evaluate_run(
     examples_path: Path,
     threads: int,
     train_status: str = STATUS_OK,
+    loss_path: str | None = None,
 ) -> EvalMetrics:
-    """Score a run under its precision recipe; a run that did not train (oom, skipped) passes its status through."""
+    """Score a run under its precision recipe; a run that did not train (oom, skipped) passes its status through.
+
+    `loss_path`: how training computed the loss (loss.ResponseLoss), checked there once for the run; None (the
+    base model) checks it here.
+    """
     start = time.perf_counter()
     gpu_slot, device, capability, recipe = inference_setup(run, compute_settings, threads)
+    import peft  # noqa: F401  (transformers and bitsandbytes too; before any memory cap, like everything heavy)
+
+    phases.end("imports")
     memory = PeakMemory(device)
 
     def record(status: str, **fields: Any) -> EvalMetrics:
@@ -176,7 +185,8 @@ def evaluate_run(
     try:
         with memory, memory_cap(limit_gb, device, memory), quiet_int8_casts():
             model = load_run_model(run, recipe, manifest, compute_settings, adapter_dir, device)
-            loss = ResponseLoss(model)
+            loss = ResponseLoss(model, loss_path)
+            phases.end("load")
             nll_start = time.perf_counter()
             row_nll, row_tokens = response_nll(loss, rows, batch_size, pad_id, device, recipe)
             total_nll, tokens = math.fsum(row_nll), sum(row_tokens)
@@ -184,6 +194,7 @@ def evaluate_run(
             log.info("perplexity %.4f over %d response tokens", perplexity(total_nll, tokens), tokens)
             max_new = evaluation["max_new_tokens"]
             predictions = greedy_answers(model, scored, batch_size, max_new, tokenizer, pad_id, device, recipe)
+            phases.end("compute")
     except Exception as error:
         if not is_out_of_memory(error, memory_capped=limit_gb is not None):
             raise

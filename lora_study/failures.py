@@ -119,6 +119,9 @@ def memory_cap(limit_gb: float | None, device: torch.device, memory: Any = None)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
         return
+    # OpenMP starts its worker threads at the first parallel operation, each with a stack mapped in the address
+    # space: started under the cap, libgomp cannot create them and exits the process (no error to record).
+    (torch.ones(512, 512) @ torch.ones(512, 512)).sum()
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     cap = _address_space_bytes() + int(limit_gb * GB)
     if hard != resource.RLIM_INFINITY:

@@ -15,37 +15,33 @@ from lora_study.errors import UserError
 from lora_study.io import setup_logging
 
 
-def _quiet_libraries() -> None:
-    """transformers' and datasets' progress bars off, transformers' warnings down to errors."""
-    try:
-        import datasets
-        import transformers
-    except ImportError:
-        return
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
 @contextmanager
-def job(snakemake: Any, light: bool = False, gpu: bool = False) -> Iterator[logging.Logger]:
-    """`light`: a job that never imports the ML stack (it would cost seconds of import time).
+def job(snakemake: Any, gpu: bool = False, work: str = "compute") -> Iterator[logging.Logger]:
+    """Nothing here imports the ML stack: a job that never uses it does not pay for its import.
 
     `gpu`: a job that may use a GPU claims it here, first, before any import can initialise CUDA (or, with
     execution.device: cpu, hides the GPUs).
+
+    `work`: the phase (lora_study.phases) of a job that marks none itself.
     """
-    from lora_study import gpu_slots
+    import time
+
+    from lora_study import gpu_slots, phases
+
+    entered, age_s = time.perf_counter(), phases.process_age_s()
 
     if gpu:
         if (getattr(snakemake, "config", None) or {}).get("execution", {}).get("device") == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # execution.device: cpu hides the GPUs before anything sees them
         gpu_slots.claim_job_gpu()
-    # Byte-level progress bars make unreadable logs; our own progress lines remain.
+    # Byte-level progress bars make unreadable logs (our own progress lines remain), and transformers' warnings
+    # down to errors: set before anything imports the libraries, which read them then (importing them here
+    # would cost every job seconds, also the jobs that never use them).
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     log = setup_logging(snakemake.log[0] if snakemake.log else None)
-    if not light:
-        _quiet_libraries()
+    clock = phases.start(age_s, entered)
     try:
         yield log
     except UserError as error:
@@ -56,6 +52,7 @@ def job(snakemake: Any, light: bool = False, gpu: bool = False) -> Iterator[logg
     except Exception:
         log.exception("job failed")
         raise
+    clock.finish(work)
 
 
 def trained_run(snakemake: Any) -> tuple[Path | None, str]:

@@ -10,10 +10,12 @@ checked once per run against the model's own logits and dropped when they differ
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
 
+from lora_study import phases
 from lora_study.batching import IGNORE_INDEX
 
 log = logging.getLogger("lora_study")
@@ -40,9 +42,11 @@ def causal_lm(model):
 class ResponseLoss:
     """Summed next-token cross-entropy (fp32) over response tokens, and their count."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, path: str | None = None) -> None:
         self.model = model
-        self.path: str | None = None  # decided on the first batch
+        # SHORTCUT or FULL_LOGITS; None: decided (checked) on the first batch. A run's evaluation takes the
+        # path its training checked: the same model, so the same answer, without a second full-logits pass.
+        self.path = path
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         labels = batch["labels"][:, 1:]
@@ -61,7 +65,9 @@ class ResponseLoss:
 
     def _selected_logits(self, batch, keep) -> torch.Tensor:
         if self.path is None:
+            started = time.perf_counter()
             self.path = self._choose_path(batch, keep)
+            phases.carve("checks", time.perf_counter() - started)
         return self._full_logits(batch, keep) if self.path == FULL_LOGITS else self._shortcut_logits(batch, keep)
 
     def _full_logits(self, batch, keep) -> torch.Tensor:

@@ -18,12 +18,10 @@ from lora_study.findings import (
     partial_coverage,
     trained_runs,
 )
-from lora_study.methods import FULL, LORA, lora_scale
+from lora_study.methods import ENERGY_SHARE, FULL, LORA, lora_scale
 from lora_study.verdicts import Judge
 
-# Effective rank: the fewest singular directions holding this share of an update's energy (its squared
-# Frobenius norm). Utilisation = effective rank / adapter rank, labelled for the report.
-ENERGY_SHARE = 0.90
+# Utilisation = effective rank (methods.ENERGY_SHARE) / adapter rank, labelled for the report.
 SATURATED_AT = 0.75
 OVERSIZED_AT = 0.25
 

@@ -7,6 +7,10 @@ from typing import Any
 
 from lora_study.formats import BITSANDBYTES, UNQUANTIZED
 
+# Effective rank: the fewest singular directions holding this share of an update's energy (its squared
+# Frobenius norm).
+ENERGY_SHARE = 0.90
+
 LORA = "lora"
 DORA = "dora"
 RSLORA = "rslora"

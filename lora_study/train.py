@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lora_study import phases
 from lora_study.batching import collate, endless_batches, total_steps
 from lora_study.budget import budget_verdict
 from lora_study.checkpoints import Checkpointer, Progress, StopSignal, TrainingInterrupted, fingerprint, stop_on_signals
@@ -172,6 +173,8 @@ def train_run(
     job = start_job(run, threads)  # claims the GPU first: importing peft queries CUDA
     import peft  # noqa: F401  (imported before any memory cap, like everything heavy)
 
+    phases.end("imports")
+
     measurement = measurement or MeasurementSettings()
     # Resolve modules before loading weights: a typo fails in a second, not after the load.
     targets = check_run(run, manifest_layout(manifest), manifest["linear_layers"], manifest["model_type"])
@@ -192,6 +195,7 @@ def train_run(
         failure = {"reason": "predicted over the memory budget", **verdict}
         return outputs.write_not_trained(job.base_metrics(STATUS_SKIPPED, failure=failure, memory_plan=plan), [])
     log.info("memory plan: %.2f GB on CUDA, %.2f GB on CPU", plan["predicted_cuda_gb"], plan["predicted_cpu_gb"])
+    phases.end("checks")
 
     from transformers import set_seed
 
@@ -205,7 +209,9 @@ def train_run(
             session.memory = memory
             model = session.load(manifest, targets)
             loader = session.prepare(model, train_rows, pad_id)
+            phases.end("load")
             session.loop(model, loader)
+            phases.end("compute")
     except Exception as error:
         if not is_out_of_memory(error, memory_capped=job.training.memory_limit_gb is not None):
             raise

@@ -2,7 +2,7 @@
 
 from lora_study.jobs import job
 
-with job(snakemake, light=True) as log:
+with job(snakemake, work="checks") as log:
     import json
 
     from lora_study.io import read_json, write_json

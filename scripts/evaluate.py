@@ -11,6 +11,7 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     from lora_study.sweep import RunSpec
 
     is_trained_run = hasattr(snakemake.input, "train_metrics")
+    trained = read_json(snakemake.input.train_metrics) if is_trained_run else {"status": "ok"}
     evaluate_run(
         run=RunSpec.from_params(json.loads(snakemake.params.run)),
         evaluation=json.loads(snakemake.params.evaluation),
@@ -22,5 +23,6 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
         predictions_path=Path(snakemake.output.predictions),
         examples_path=Path(snakemake.output.examples),
         threads=snakemake.threads,
-        train_status=read_json(snakemake.input.train_metrics)["status"] if is_trained_run else "ok",
+        train_status=trained["status"],
+        loss_path=trained.get("loss_path"),
     )

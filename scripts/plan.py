@@ -2,7 +2,7 @@
 
 from lora_study.jobs import job
 
-with job(snakemake):
+with job(snakemake, work="checks"):
     import json
     from pathlib import Path
 

@@ -2,7 +2,7 @@
 
 from lora_study.jobs import job
 
-with job(snakemake) as log:
+with job(snakemake, work="load") as log:
     import json
     from pathlib import Path
 

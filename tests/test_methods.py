@@ -176,6 +176,10 @@ def test_an_untrained_dora_adapter_has_no_update_on_the_4bit_base_it_trains_on(m
     # DoRA's magnitudes start at the norms of the dequantized 4-bit rows: on that base, nothing moved yet.
     # (Merged into the fp32 weights instead, every row would be rescaled by ||W_nf4|| / ||W_fp32||.)
     assert (pd.read_csv(tmp_path / "anatomy.csv")["norm"] < 1e-5).all()
+    # DoRA's anatomy loads the base model: where that does not fit, one row records it.
+    assert run_anatomy(full_manifest, tmp_path / "dora", run, tmp_path / "capped.csv", 1, memory_limit_gb=1e-6) == 0
+    capped = pd.read_csv(tmp_path / "capped.csv")
+    assert len(capped) == 1 and capped["oom"].notna().all() and capped["layer"].isna().all()
 
 
 def test_dora_on_a_4bit_base_gives_in_inference_what_it_gave_in_training(manifest, tmp_path):
@@ -388,3 +392,29 @@ def test_variants_peft_cannot_put_on_expert_weights_are_refused_by_the_check():
     assert check_run(attention_only, layout, names, "mixtral", import_it=False).parameters == ()
     full = RunSpec("full-16bit", 0, 0.0, (), "16bit", False, training, method="full")
     assert check_run(full, layout, names, "mixtral", import_it=False).modules == ""
+
+
+@pytest.mark.parametrize(("method", "rank"), [("lora", 4), ("rslora", 16), ("lora", 16)])
+def test_a_plain_adapters_spectrum_from_its_factors_equals_the_merged_update(manifest, tmp_path, method, rank):
+    """LoRA and rsLoRA: the anatomy read straight from the adapter file (the r x r core of B A, no base model)
+    gives the layers, shapes, norms, effective ranks and leading singular values of the full update computed on
+    the loaded model. DoRA is not plain: it goes to the model."""
+    from lora_study.anatomy import factor_updates
+
+    model = adapted(manifest, method, rank=rank)
+    train_steps(model, batch(model.config.vocab_size))  # B moves off zero: a real, rank-r update
+    model.save_pretrained(tmp_path / "adapter")
+    layout = layout_for("llama")[0]
+    expected, read = adapter_updates(model, layout), factor_updates(tmp_path / "adapter", layout)
+    assert [(u.layer, u.group, u.rows, u.cols, u.effective_rank) for u in read] == [
+        (u.layer, u.group, u.rows, u.cols, u.effective_rank) for u in expected]  # fmt: skip
+    assert all(math.isclose(r.norm, e.norm, rel_tol=1e-5) for r, e in zip(read, expected, strict=True))
+    for r, e in zip(read, expected, strict=True):
+        values, reference = map(lambda u: [float(v) for v in u.singular_values.split()], (r, e))
+        assert len(values) == len(reference)
+        assert all(
+            math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6 * reference[0])
+            for a, b in zip(values, reference, strict=True)
+        )
+    adapted(manifest, "dora").save_pretrained(tmp_path / "dora")
+    assert factor_updates(tmp_path / "dora", layout) is None

@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -47,6 +48,32 @@ def test_every_job_logged_progress(tiny_study):
     train_log = (tiny_study / "logs/train/r4-qv-nf4.log").read_text()
     assert "step 3/3 loss" in train_log and "done:" in train_log
     assert "perplexity" in (tiny_study / "logs/evaluate/base-nf4.log").read_text()
+
+
+def test_every_job_logs_where_its_time_went_and_the_bench_sums_it(tiny_study):
+    """Each job logs its phases (lora_study.phases); the phases add up to the job's logged total; the training
+    and evaluation jobs mark their own compute; bench/stage_times.py turns the logs into the per-stage table."""
+    import subprocess
+    import sys
+
+    from lora_study.phases import LINE
+
+    logs = sorted((tiny_study / "logs").rglob("*.log"))
+    assert logs
+    for log in logs:
+        found = [(m["name"], float(m["seconds"])) for m in map(LINE.search, log.read_text().splitlines()) if m]
+        names = [name for name, _ in found]
+        assert names[0] == "start" and names[-1] == "total", (log, names)
+        assert abs(sum(s for name, s in found[:-1]) - found[-1][1]) < 0.01 * len(found)
+        if log.parent.name == "train":
+            assert {"imports", "checks", "load", "compute", "write"} <= set(names), (log, names)
+        if log.parent.name == "evaluate":  # a trained run's output-head check was its training's
+            assert {"imports", "load", "compute", "write"} <= set(names), (log, names)
+            assert ("checks" in names) == log.stem.startswith("base-"), (log, names)
+    bench = Path(__file__).resolve().parent.parent / "bench" / "stage_times.py"
+    table = subprocess.run([sys.executable, str(bench), "--logs", str(tiny_study / "logs")], capture_output=True,
+                           text=True, check=True).stdout  # fmt: skip
+    assert "get_cpu_capability()" in table and "| train | 5 |" in table and "% of the wall" in table
 
 
 def test_report_is_built_by_the_same_run(tiny_study):
