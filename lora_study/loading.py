@@ -279,34 +279,6 @@ def load_for_evaluation(
     return apply_recipe(model, recipe).eval()
 
 
-def dequantize_once(model: nn.Module, recipe: Recipe) -> int:
-    """On CPU, every 4-bit linear layer replaced by a plain one holding its weight dequantized once, in the
-    compute dtype; returns how many.
-
-    The arithmetic is training's: with gradients, bitsandbytes multiplies by `dequantize_4bit(W).to(x.dtype)`
-    (MatMul4Bit); its inference kernels dequantize every weight again at every forward, at every decoding step
-    of generation. The process then holds the dequantized weights: evaluation's memory on CPU is that of the
-    dequantized model (the deploy stage measures serving memory in each format).
-    """
-    from bitsandbytes.functional import dequantize_4bit
-
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__ != "Linear4bit" or not hasattr(child.weight, "quant_state"):
-                continue
-            weight = dequantize_4bit(child.weight.data, child.weight.quant_state).to(recipe.torch_compute_dtype)
-            plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-            plain.weight = nn.Parameter(weight, requires_grad=False)
-            if child.bias is not None:
-                plain.bias = nn.Parameter(child.bias.data.to(recipe.torch_compute_dtype), requires_grad=False)
-            setattr(parent, name, plain)
-            replaced += 1
-    if replaced:
-        log.info("%d 4-bit layers dequantized once to %s for inference on CPU", replaced, recipe.compute_dtype)
-    return replaced
-
-
 def keep_4bit_layout_for_dora(model: nn.Module) -> int:
     """Stop bitsandbytes repacking 4-bit weights for its CPU kernel in a model with DoRA on 4-bit layers;
     returns how many layers it applies to.
