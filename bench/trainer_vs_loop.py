@@ -1,7 +1,7 @@
 """This project's training loop vs a plain transformers.Trainer + PEFT script,
 side by side in one run.
 
-    python bench/trainer_vs_loop.py [--rounds 2] [--steps 24] [--run r16-qkvo-nf4]
+    python bench/trainer_vs_loop.py [--rounds 3] [--steps 24] [--run r16-qkvo-nf4]
 
 Both train the same LoRA configuration of the default config (model, data,
 quantization, learning rate, batch size, steps, seed) from the same prepared
@@ -146,6 +146,16 @@ def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
     }
 
 
+def cpu_line() -> str:
+    import torch
+
+    from lora_study.precision import detect_capability
+
+    return (f"CPU: {detect_capability(torch.device('cpu')).summary()}; get_cpu_capability() "
+            f"{torch.backends.cpu.get_cpu_capability()}; _is_avx512_bf16_supported() "
+            f"{torch.cpu._is_avx512_bf16_supported()}")  # fmt: skip
+
+
 def run_side(side: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, __file__, "--worker", side, "--out", tmp, "--run", args.run]
@@ -158,7 +168,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--run", default="r16-qkvo-nf4")
     parser.add_argument("--threads", type=int, default=2)
@@ -170,6 +180,7 @@ def main() -> None:
         print(json.dumps(worker(args.run, args.steps, Path(args.out), args.threads)))
         return
 
+    print(cpu_line(), flush=True)
     results: dict[str, list[dict]] = {"ours": [], "trainer": []}
     for round_index in range(args.rounds):
         for side in ("ours", "trainer") if round_index % 2 == 0 else ("trainer", "ours"):
@@ -181,13 +192,15 @@ def main() -> None:
     def median(side: str, key: str) -> float:
         return statistics.median(r[key] for r in results[side])
 
-    print(f"\n{args.run}, {args.steps} steps, {args.rounds} rounds (medians)")
-    print(f"{'':10s}{'useful tok/s':>14s}{'peak RSS GB':>13s}{'perplexity':>12s}")
+    def spread(side: str, key: str, digits: int) -> str:
+        values = [r[key] for r in results[side]]
+        return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+    print(f"\n{args.run}, {args.steps} steps, {args.rounds} rounds: median [min, max]")
+    print(f"{'':10s}{'useful tok/s':>24s}{'peak RSS GB':>22s}{'perplexity':>28s}")
     for side in ("ours", "trainer"):
-        print(
-            f"{side:10s}{median(side, 'useful_tokens_per_s'):>14.1f}"
-            f"{median(side, 'peak_rss_gb'):>13.2f}{median(side, 'perplexity'):>12.4f}"
-        )
+        print(f"{side:10s}{spread(side, 'useful_tokens_per_s', 1):>24s}{spread(side, 'peak_rss_gb', 2):>22s}"
+              f"{spread(side, 'perplexity', 4):>28s}")  # fmt: skip
     speed = median("ours", "useful_tokens_per_s") / median("trainer", "useful_tokens_per_s")
     memory = median("ours", "peak_rss_gb") / median("trainer", "peak_rss_gb")
     quality = median("ours", "perplexity") / median("trainer", "perplexity")

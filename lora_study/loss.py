@@ -85,6 +85,10 @@ class ResponseLoss:
         if known:
             log.info("loss: full logits (the model post-processes them: %s)", ", ".join(known))
             return FULL_LOGITS
+        # One row is enough to see post-processing (its cost is a fraction of the batch's): the one
+        # with the most loss positions.
+        row = int(keep.sum(dim=1).argmax())
+        batch, keep = {name: value[row : row + 1] for name, value in batch.items()}, keep[row : row + 1]
         # Same mode as the run (switching to eval would let bitsandbytes repack 4-bit weights for
         # CPU inference, a format without a backward pass) and the same dropout masks for both
         # paths: each starts from one seed, in a forked RNG the run's own stream never sees.

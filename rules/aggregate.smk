@@ -36,7 +36,7 @@ rule aggregate:
     conda:
         "../envs/study.yaml"
     params:
-        runs=canonical_json([spec.as_params() for spec in EVALUATED.values()]),
+        runs=canonical_json([spec_params(run_id) for run_id in EVALUATED]),
         runs_trained=canonical_json(list(RUNS)),
     script:
         "../scripts/aggregate.py"

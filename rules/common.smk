@@ -52,12 +52,25 @@ def tracking_enabled():
 
 def tracking_params():
     """Each run's configuration as the tracker's parameters (method named even when it is plain LoRA)."""
-    return canonical_json({run_id: {**spec.as_params(), "method": spec.method} for run_id, spec in EVALUATED.items()})
+    return canonical_json(
+        {run_id: {**spec_params(run_id), "method": spec.method} for run_id, spec in EVALUATED.items()}
+    )
+
+
+@functools.cache
+def spec_params(run_id):
+    """One run's settings as params (computed once per run: a large sweep asks for them from several rules)."""
+    return EVALUATED[run_id].as_params()
+
+
+@functools.cache
+def run_params_json(run_id):
+    return canonical_json(spec_params(run_id))
 
 
 def run_params(wildcards):
     """One run's full settings as canonical JSON, so only real edits rerun it."""
-    return canonical_json(EVALUATED[wildcards.run].as_params())
+    return run_params_json(wildcards.run)
 
 
 def compute_params(wildcards):

@@ -21,7 +21,7 @@ rule plan:
     conda:
         "../envs/study.yaml"
     params:
-        runs=canonical_json([spec.as_params() for spec in RUNS.values()]),
+        runs=canonical_json([spec_params(run_id) for run_id in RUNS]),
         plan=canonical_json(config["plan"]),
     script:
         "../scripts/plan.py"
