@@ -62,6 +62,7 @@ def perplexity_of(model, recipe, manifest, splits: Path, batch_size: int) -> flo
 def worker_ours(run_id: str, steps: int, out: Path, threads: int) -> dict:
     from lora_study.loading import load_for_evaluation, pick_device
     from lora_study.metrics import peak_rss_bytes
+    from lora_study.modules import resolve_attention
     from lora_study.train import TrainOutputs, train_run
 
     config, run, manifest, splits = load_setup(run_id, steps)
@@ -71,8 +72,8 @@ def worker_ours(run_id: str, steps: int, out: Path, threads: int) -> dict:
     )  # fmt: skip
     peak = peak_rss_bytes()
     recipe = local_recipe(run)
-    model = load_for_evaluation(manifest, recipe, run.double_quant, run.training.attn_implementation, pick_device(),
-                                str(out / "adapter"))  # fmt: skip
+    attention = resolve_attention(manifest, run.training.attn_implementation)
+    model = load_for_evaluation(manifest, recipe, run.double_quant, attention, pick_device(), str(out / "adapter"))
     return {
         "loss_tokens": metrics.loss_tokens,
         "train_s": metrics.train_wall_s,
