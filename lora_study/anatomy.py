@@ -188,6 +188,10 @@ def factor_updates(weights_dir: Path, layout: Layout | None) -> list[LayerUpdate
     config = json.loads((weights_dir / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA" or any(config.get(key) for key in _NOT_PLAIN):
         return None
+    # Conv1D layers (GPT-2) store the update transposed, and PEFT's saved fan_in_fan_out speaks for the last
+    # layer it wrapped only: which layers are Conv1D is the model's to say.
+    if config.get("fan_in_fan_out") or (layout is not None and layout.fan_in_fan_out):
+        return None
     rank, alpha = config["r"], config["lora_alpha"]
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     tensors = load_file(weights_dir / "adapter_model.safetensors")
@@ -200,8 +204,6 @@ def factor_updates(weights_dir: Path, layout: Layout | None) -> list[LayerUpdate
         down, up = tensors[key].double(), tensors[f"{key[: -len('lora_A.weight')]}lora_B.weight"].double()
         core = torch.linalg.qr(up).R @ torch.linalg.qr(down.T).R.T
         rows, cols = up.shape[0], down.shape[1]
-        if config.get("fan_in_fan_out"):  # Conv1D stores the weight (and so the update) transposed
-            rows, cols = cols, rows
         updates.append(from_singular_values(layer, group_of(layout, layer), rows, cols,
                                             scale * torch.linalg.svdvals(core)))  # fmt: skip
     return updates

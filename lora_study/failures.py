@@ -122,6 +122,7 @@ def memory_cap(limit_gb: float | None, device: torch.device, memory: Any = None)
     # OpenMP starts its worker threads at the first parallel operation, each with a stack mapped in the address
     # space: started under the cap, libgomp cannot create them and exits the process (no error to record).
     (torch.ones(512, 512) @ torch.ones(512, 512)).sum()
+    torch.ones(1 << 22).mul_(2).sum()  # torch's own parallel_for, on all its threads
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     cap = _address_space_bytes() + int(limit_gb * GB)
     if hard != resource.RLIM_INFINITY:

@@ -263,12 +263,14 @@ GRANITE_HYBRID = Layout(
     {
         **_ATTENTION,
         "mlp": ("shared_mlp.input_linear", "shared_mlp.output_linear"),
-        "mixer": ("mamba.in_proj", "mamba.out_proj"),
+        "mixer": ("mamba.in_proj",),
     },
     expert_parameters=("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
+    other_linear=("mamba.out_proj",),
     optional=("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"),
-    notes="hybrid: q, k, v, o in the attention layers only; mixer = the Mamba-2 layers' projections; mlp = the "
-    "shared MLP and, in the MoE checkpoints, the experts' 3-D weights",
+    notes="hybrid: q, k, v, o in the attention layers only; mixer = the Mamba-2 input projection (with the "
+    "mamba_ssm kernels the Mamba forward reads out_proj's weight directly: LoRA there would train nothing); mlp = "
+    "the shared MLP and, in the MoE checkpoints, the experts' 3-D weights",
 )
 MPT = Layout(
     "mpt",
@@ -655,12 +657,16 @@ def peft_wrapped(peft_model: nn.Module) -> dict[str, set[int]]:
     return wrapped
 
 
+_ROUTED_EXPERT = re.compile(r"\.experts?\.\d+\.")
+
+
 def adapters_without_gradient(model: nn.Module) -> list[str]:
     """Per-layer names of the wrapped layers whose adapter got no gradient from a backward pass: the model reads
-    those layers' weights directly (Jamba's Mamba dt_proj on its reference path), so LoRA there trains nothing."""
+    those layers' weights directly (Jamba's Mamba dt_proj on its reference path), so LoRA there trains nothing.
+    Experts kept as separate linear layers are left out: the batch may route no token to one."""
     names = set()
     for name, param in model.named_parameters():
-        if param.requires_grad and "lora_" in name and param.grad is None:
+        if param.requires_grad and "lora_" in name and param.grad is None and not _ROUTED_EXPERT.search(name):
             layer = re.sub(r"\.lora_\w+(\.\w+)*$", "", name)
             names.add(_LAYER_INDEX.sub("", re.sub(r"(\.base_layer)+", "", layer)))
     return sorted(names)

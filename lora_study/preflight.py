@@ -169,8 +169,8 @@ def check_at_start(model_source: str, runs: Iterable[RunSpec]) -> bool:
     _refuse_prequantized(prequantized_method(model_config), model_source)
     model_type = model_config.get("model_type", "")
     layout = ARCHITECTURES.get(model_type)
-    if layout is None:
-        return False
+    if layout is None or layout.optional:
+        return False  # unknown, or a family whose checkpoints differ: checked on the prepared model (check_run)
     names = [*layout.declared_layers(), OUTPUT_HEAD]
     runs = list(runs)
     targets = _collect(runs, lambda run: check_run(run, layout, names, model_type, import_it=False))

@@ -357,7 +357,8 @@ class TrainingSession:
         if unused:
             raise ModuleResolutionError(
                 f"run '{self.job.run.run_id}': the adapters on {unused} got no gradient: the model reads those "
-                "layers' weights directly, so LoRA there would train nothing; leave them out of the modules"
+                "layers' weights directly (or never runs them on this data), so LoRA there would train nothing; "
+                "leave them out of the modules"
             )
 
     def _after_step(self, model, step: int, loss: float, seconds: float, stop: StopSignal) -> None:

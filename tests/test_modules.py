@@ -534,6 +534,21 @@ def test_two_requests_that_train_the_same_modules_are_refused_naming_both(tiny_l
     assert check_at_start(str(tiny_llama), study([["q", "k", "v", "o"], ["all-linear"]]))
 
 
+def test_a_dense_granite_hybrid_is_not_refused_at_start_for_experts_it_does_not_have(tiny_llama, tmp_path):
+    """Granite 4's dense hybrids have no experts: at start (config.json only) mlp with dropout must not meet the
+    experts' dropout rule; families whose checkpoints differ are checked on the prepared model instead."""
+    from lora_study.config import validate_config
+    from lora_study.preflight import check_at_start
+    from lora_study.sweep import expand_study
+
+    tiny_config("granitemoehybrid", num_local_experts=0).save_pretrained(tmp_path)
+    config = tiny_study_config(tiny_llama)
+    config["training"]["lora_dropout"] = 0.05
+    grid = {"rank": [4], "modules": [["mlp"], ["all-linear"]], "quantization": ["nf4"]}
+    config["sweep"] = {"baseline": False, "noise_replicates": 1, "grids": [grid]}
+    assert check_at_start(str(tmp_path), expand_study(validate_config(config)).values()) is False
+
+
 @pytest.mark.parametrize("compute", ["bf16", "fp32"])
 @pytest.mark.parametrize("model_type", [*sorted(ARCHITECTURES), "gpt_oss", "bloom", "opt"])
 def test_the_planner_predicts_every_family(model_type, compute):
