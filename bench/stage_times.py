@@ -37,10 +37,10 @@ def stage_of(log: Path, logs: Path) -> str:
     return relative.parts[0] if len(relative.parts) > 1 else relative.stem
 
 
-def log_span_s(logs: list[Path]) -> float:
-    """First job start to last log write: the log's own first timestamp is the job's, less its start phase."""
-    starts = [log.stat().st_mtime - sum(job_phases(log).values()) for log in logs]
-    return max(log.stat().st_mtime for log in logs) - min(starts)
+def log_span_s(phases_by_log: dict[Path, dict[str, float]]) -> float:
+    """First job start to last log write: each log was last written when its job ended, its phases earlier."""
+    starts = [log.stat().st_mtime - sum(phases.values()) for log, phases in phases_by_log.items()]
+    return max(log.stat().st_mtime for log in phases_by_log) - min(starts)
 
 
 def main() -> None:
@@ -57,8 +57,8 @@ def main() -> None:
     print(f"CPU: {detect_capability(torch.device('cpu')).summary()}; get_cpu_capability() "
           f"{torch.backends.cpu.get_cpu_capability()}; _is_avx512_bf16_supported() "
           f"{torch.cpu._is_avx512_bf16_supported()}")  # fmt: skip
-    logs = sorted(log for log in args.logs.rglob("*.log") if job_phases(log))
-    if not logs:
+    phases_by_log = {log: found for log in sorted(args.logs.rglob("*.log")) if (found := job_phases(log))}
+    if not phases_by_log:
         raise SystemExit(f"no job logs with phase lines under {args.logs}")
     stages: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     jobs: dict[str, int] = defaultdict(int)
@@ -66,8 +66,8 @@ def main() -> None:
     rule = "|---|---|" + "---|" * (len(PHASES) + 2)
     if args.per_job:
         print("\n" + header.format("job") + "\n" + rule)
-    for log in logs:
-        phases, stage = job_phases(log), stage_of(log, args.logs)
+    for log, phases in phases_by_log.items():
+        stage = stage_of(log, args.logs)
         jobs[stage] += 1
         for name, seconds in phases.items():
             stages[stage][name] += seconds
@@ -80,7 +80,7 @@ def main() -> None:
         for name, seconds in stages[stage].items():
             everything[name] += seconds
     print(row("all jobs", sum(jobs.values()), everything))
-    wall = args.wall_s or log_span_s(logs)
+    wall = args.wall_s or log_span_s(phases_by_log)
     summed = sum(everything.values())
     compute = everything.get(COMPUTE, 0.0)
     overhead = wall - compute

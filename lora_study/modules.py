@@ -640,6 +640,12 @@ def resolve_run_targets(
 
 
 _LAYER_NUMBER = re.compile(r"\.(\d+)\.")
+_PEFT_WRAPPER = re.compile(r"(\.base_layer)+")
+
+
+def _unwrapped(name: str) -> str:
+    """A module's name in the model, without PEFT's base_layer wrappers."""
+    return _PEFT_WRAPPER.sub("", name)
 
 
 def peft_wrapped(peft_model: nn.Module) -> dict[str, set[int]]:
@@ -649,7 +655,7 @@ def peft_wrapped(peft_model: nn.Module) -> dict[str, set[int]]:
     for name, module in peft_model.named_modules():
         if not (hasattr(module, "lora_A") and len(module.lora_A)):
             continue
-        name = re.sub(r"(\.base_layer)+", "", name)
+        name = _unwrapped(name)
         if type(module).__name__ == "ParamWrapper":  # a 3-D weight adapted through target_parameters
             name = f"{name}.{module.parameter_name}"
         index = _LAYER_NUMBER.search(name)
@@ -668,7 +674,7 @@ def adapters_without_gradient(model: nn.Module) -> list[str]:
     for name, param in model.named_parameters():
         if param.requires_grad and "lora_" in name and param.grad is None and not _ROUTED_EXPERT.search(name):
             layer = re.sub(r"\.lora_\w+(\.\w+)*$", "", name)
-            names.add(_LAYER_INDEX.sub("", re.sub(r"(\.base_layer)+", "", layer)))
+            names.add(_LAYER_INDEX.sub("", _unwrapped(layer)))
     return sorted(names)
 
 

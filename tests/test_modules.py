@@ -49,6 +49,10 @@ MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_interm
 QWEN3_5_HYBRID = {**TINY, "num_key_value_heads": 2, "num_hidden_layers": 4, "linear_num_key_heads": 2,
                   "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
                   "layer_types": ["linear_attention"] * 3 + ["full_attention"]}  # fmt: skip
+# Multi-head latent attention (DeepSeek-V2/V3): low-rank kv, one dense layer, then MoE layers.
+MLA = {**TINY, "num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+       "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1,
+       "n_group": 1, "topk_group": 1}  # fmt: skip
 # Settings a family's config needs beyond TINY (its own names for sizes, experts, a vision tower).
 FAMILY_SETTINGS = {
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256),
@@ -98,22 +102,8 @@ FAMILY_SETTINGS = {
         "intermediate_size_mlp": 128,
         "interleave_moe_layer_step": 1,
     },
-    # Multi-head latent attention, one dense layer then MoE layers.
-    "deepseek_v3": {
-        **TINY,
-        "num_key_value_heads": 4,
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "q_lora_rank": 16,
-        "kv_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 16,
-        "first_k_dense_replace": 1,
-        "n_group": 1,
-        "topk_group": 1,
-    },
+    # Multi-head latent attention with query compression, one dense layer then MoE layers.
+    "deepseek_v3": {**MLA, "q_lora_rank": 16},
     "qwen3_next": {
         **QWEN3_5_HYBRID,
         "num_experts": 4,
@@ -123,22 +113,7 @@ FAMILY_SETTINGS = {
     },
     "qwen3_5_text": QWEN3_5_HYBRID,
     # DeepSeek-V2-Lite's shape: no query compression (q_proj), shared experts.
-    "deepseek_v2": {
-        **TINY,
-        "num_key_value_heads": 4,
-        "n_routed_experts": 4,
-        "n_shared_experts": 1,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "q_lora_rank": None,
-        "kv_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 16,
-        "first_k_dense_replace": 1,
-        "n_group": 1,
-        "topk_group": 1,
-    },
+    "deepseek_v2": {**MLA, "q_lora_rank": None, "n_shared_experts": 1},
     # Granite 4 hybrid MoE: a Mamba-2 layer, then an attention layer; experts and a shared MLP in each.
     "granitemoehybrid": {
         **TINY,
