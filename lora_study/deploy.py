@@ -9,8 +9,9 @@ beyond the tolerance, shown beyond evaluation noise, is flagged.
 
 Serving: greedy generation of a fixed number of tokens from a fixed prompt,
 at batch 1 and at a chosen batch size, after warm-up generations that are not
-timed. Time to first token is one prefill plus one decoding step; the
-per-token latency is the decoding time after it, divided by the tokens.
+timed. Each generation streams its tokens to a clock: time to first token is
+the prefill plus the first decoding step, the per-token latency the time
+after it divided by the further tokens, both read from the same generation.
 """
 
 from __future__ import annotations
@@ -121,19 +122,43 @@ def save_merged(model: torch.nn.Module, tokenizer, out_dir: Path) -> None:
 # --- serving latency ---------------------------------------------------------------------------------------
 
 
-def timed_calls(call: Callable[[], Any], warmup: int, repeats: int, synchronize: Callable[[], None]) -> list[float]:
-    """Wall seconds of `repeats` calls after `warmup` untimed ones (lazy initialisation, kernel selection)."""
-    for _ in range(warmup):
-        call()
-        synchronize()
-    seconds = []
-    for _ in range(repeats):
+class TokenClock:
+    """A generation streamer that notes when each put reaches the host: first the prompt, then every new
+    token (generate copies the token to the CPU, which waits for the device, so the moment is real)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def first_token(self) -> float:
+        if len(self.stamps) < 2:
+            raise RuntimeError("the generation streamed no new token")
+        return self.stamps[1]
+
+
+def timed_calls(
+    call: Callable[[TokenClock], Any], warmup: int, repeats: int, synchronize: Callable[[], None]
+) -> list[tuple[float, float]]:
+    """(seconds to the first new token, seconds after it) of `repeats` generations, each read from its own
+    token times, after `warmup` untimed ones (lazy initialisation, kernel selection). Both parts come from
+    one call, so the decoding time is never the difference of two separately noisy medians."""
+    timings = []
+    for index in range(warmup + repeats):
+        clock = TokenClock()
         synchronize()
         start = time.perf_counter()
-        call()
+        call(clock)
         synchronize()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        end = time.perf_counter()
+        if index >= warmup:
+            timings.append((clock.first_token - start, end - clock.first_token))
+    return timings
 
 
 def serving_prompt(rows, prompt_tokens: int) -> list[int]:
@@ -187,30 +212,28 @@ def measure_serving(
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     record: dict[str, float] = {}
     for batch in settings.batch_sizes:
-        input_ids = torch.tensor([prompt_ids] * batch, device=device)
-
-        def generate(new_tokens: int, input_ids=input_ids) -> Callable[[], Any]:
-            return _generation(model, input_ids, new_tokens, autocast, pad_id)
-
-        first = timed_calls(generate(1), settings.warmup, settings.repeats, synchronize)
-        whole = timed_calls(generate(settings.new_tokens), settings.warmup, settings.repeats, synchronize)
-        first_s, whole_s = float(np.median(first)), float(np.median(whole))
-        decode_tokens = max(1, settings.new_tokens - 1)
-        record[f"ttft_ms_b{batch}"] = 1000 * first_s
-        record[f"ms_per_token_b{batch}"] = 1000 * max(0.0, whole_s - first_s) / decode_tokens
+        generate = _generation(model, torch.tensor([prompt_ids] * batch, device=device), settings.new_tokens,
+                               autocast, pad_id)  # fmt: skip
+        timings = timed_calls(generate, settings.warmup, settings.repeats, synchronize)
+        first = [first_s for first_s, _ in timings]
+        whole = [first_s + rest_s for first_s, rest_s in timings]
+        per_token = [rest_s / (settings.new_tokens - 1) for _, rest_s in timings]
+        whole_s = float(np.median(whole))
+        record[f"ttft_ms_b{batch}"] = 1000 * float(np.median(first))
+        record[f"ms_per_token_b{batch}"] = 1000 * float(np.median(per_token))
         record[f"tokens_per_s_b{batch}"] = batch * settings.new_tokens / whole_s
         record[f"spread_pct_b{batch}"] = 100 * (max(whole) - min(whole)) / whole_s
     return record
 
 
-def _generation(model, input_ids: torch.Tensor, new_tokens: int, autocast, pad_id: int) -> Callable[[], Any]:
+def _generation(model, input_ids: torch.Tensor, new_tokens: int, autocast, pad_id: int) -> Callable[[TokenClock], Any]:
     attention = torch.ones_like(input_ids)
 
-    def call():
+    def call(clock: TokenClock):
         with torch.inference_mode(), autocast():
             # min = max: every call produces exactly new_tokens (EOS cannot end it early).
             return model.generate(
-                input_ids=input_ids, attention_mask=attention, do_sample=False,
+                input_ids=input_ids, attention_mask=attention, do_sample=False, streamer=clock,
                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id,
             )  # fmt: skip
 

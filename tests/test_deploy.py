@@ -104,8 +104,9 @@ def test_a_quantized_adapter_is_checked_merged_and_requantized(trained):
         assert cost["ms_per_token_b1"] > 0 and cost["tokens_per_s_b2"] > 0 and cost["peak_memory_gb"] > 0
 
 
-def test_timing_leaves_warm_up_out(monkeypatch):
-    """On a clock that each call moves by a known amount, so the check does not depend on the machine's speed."""
+def test_timing_leaves_warm_up_out_and_reads_both_parts_from_one_generation(monkeypatch):
+    """On a clock that each step moves by a known amount, so the check does not depend on the machine's speed:
+    the prompt is put at once, the first token 3 s later (40 s on the first, cold call), then 2 s of decoding."""
     import types
 
     from lora_study import deploy as deploy_module
@@ -113,16 +114,20 @@ def test_timing_leaves_warm_up_out(monkeypatch):
     clock = [0.0]
     calls = []
 
-    def slow_first_call():
+    def generation(streamer):
         calls.append(clock[0])
-        clock[0] += 40.0 if len(calls) == 1 else 1.0
+        streamer.put("prompt")
+        clock[0] += 40.0 if len(calls) == 1 else 3.0
+        streamer.put("first token")
+        clock[0] += 2.0
+        streamer.put("second token")
 
     monkeypatch.setattr(deploy_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    timed = timed_calls(slow_first_call, warmup=1, repeats=3, synchronize=lambda: None)
-    assert len(calls) == 4 and timed == [1.0, 1.0, 1.0]
+    timed = timed_calls(generation, warmup=1, repeats=3, synchronize=lambda: None)
+    assert len(calls) == 4 and timed == [(3.0, 2.0)] * 3
     calls.clear()
-    untimed_warmup = timed_calls(slow_first_call, warmup=0, repeats=3, synchronize=lambda: None)
-    assert untimed_warmup == [40.0, 1.0, 1.0]  # without warm-up the first call's cost would be in the figure
+    untimed_warmup = timed_calls(generation, warmup=0, repeats=3, synchronize=lambda: None)
+    assert untimed_warmup == [(40.0, 2.0), (3.0, 2.0), (3.0, 2.0)]  # without warm-up the cold call would count
 
 
 def test_serving_generates_the_configured_tokens(trained):
@@ -143,11 +148,11 @@ def test_serving_generates_the_configured_tokens(trained):
 
     model.generate = counting_generate
     cost = measure_serving(model, prompt, SERVING, torch.device("cpu"), contextlib.nullcontext, pad_id=0)
-    # Per batch size: warm-up + repeats of one token (first-token time), then of new_tokens.
-    per_batch = (SERVING.warmup + SERVING.repeats) * 2
-    assert len(produced) == per_batch * len(SERVING.batch_sizes)
-    assert {shape for shape in produced} == {(b, n) for b in (1, 2) for n in (1, SERVING.new_tokens)}
+    # Per batch size: warm-up + repeats generations of new_tokens, each timed from its own token times.
+    assert len(produced) == (SERVING.warmup + SERVING.repeats) * len(SERVING.batch_sizes)
+    assert {shape for shape in produced} == {(b, SERVING.new_tokens) for b in (1, 2)}
     assert set(cost) == {f"{k}_b{b}" for k in ("ttft_ms", "ms_per_token", "tokens_per_s", "spread_pct") for b in (1, 2)}
+    assert all(cost[f"{k}_b{b}"] > 0 for k in ("ttft_ms", "ms_per_token", "tokens_per_s") for b in (1, 2))
 
 
 def test_the_merge_table_keeps_every_seed_and_corrects_over_every_check():
