@@ -1,14 +1,18 @@
-"""Evaluating a 4-bit run on CPU: bitsandbytes' inference kernels (what evaluation uses) against the weights
-dequantized once into plain linear layers (training's arithmetic: dequantize, then matmul), side by side.
+"""Evaluating a 4-bit run on CPU three ways, side by side: bitsandbytes' fused CPU kernel (what it switches
+to in eval mode on CPUs with AVX512-BF16), its dequantize-then-matmul at every call (training's arithmetic,
+what evaluation uses: lora_study.loading.compute_4bit_as_in_training), and the weights dequantized once
+into plain linear layers.
 
     snakemake --cores 2 results/runs/r16-qkvo-nf4/train_metrics.json
     python bench/eval_4bit_paths.py --run r16-qkvo-nf4
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python bench/eval_4bit_paths.py --run r16-qkvo-nf4
 
 Prints, per path, the perplexity over the validation split and the greedy
-answers' time, then the perplexity difference and how many answers differ.
-Evaluation keeps the kernels unless the two agree exactly (they did not on
-2026-12-06: see the closing note of the study-speed work).
+answers' time, then per pair the perplexity difference and how many answers
+differ. "Dequantized once" as written here casts a layer's output to the
+compute dtype where bitsandbytes casts it back to the input's, so it is not
+the same arithmetic; it also holds every weight unpacked, which would change
+the memory an NF4 evaluation measures.
 """
 
 from __future__ import annotations
@@ -43,6 +47,17 @@ def dequantize_once(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return replaced
 
 
+def dequantize_per_call(model: torch.nn.Module) -> int:
+    """bitsandbytes' own default path: dequantize every weight at each call, then matmul (what training does),
+    instead of the fused CPU kernel it switches to in eval mode on CPUs with AVX512-BF16."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", type=Path, default=Path("."))
@@ -69,9 +84,11 @@ def main() -> None:
     tokenizer, pad_id = load_tokenizer(manifest)
     adapter = str(args.study / f"results/runs/{args.run}/adapter")
     results = {}
-    for path in ("kernels", "dequantized once"):
+    for path in ("kernels", "dequantized per call", "dequantized once"):
         model = load_for_evaluation(manifest, recipe, True, "sdpa", cpu, adapter)
-        if path != "kernels":
+        if path == "dequantized per call":
+            dequantize_per_call(model)
+        elif path == "dequantized once":
             dequantize_once(model, recipe.torch_compute_dtype)
         started = time.perf_counter()
         nll, tokens = response_nll(ResponseLoss(model, SHORTCUT), rows, 16, pad_id, cpu, recipe)
@@ -81,11 +98,13 @@ def main() -> None:
         results[path] = (math.exp(math.fsum(nll) / sum(tokens)), answers)
         print(f"{path}: perplexity {results[path][0]:.6f} in {perplexity_s:.1f} s; {len(scored)} greedy answers in "
               f"{time.perf_counter() - started:.1f} s")  # fmt: skip
-    (ppl_a, answers_a), (ppl_b, answers_b) = results.values()
-    differ = sum(a != b for a, b in zip(answers_a, answers_b, strict=True))
-    print(
-        f"perplexity differs by {100 * abs(ppl_b - ppl_a) / ppl_a:.3f} %; {differ} of {len(answers_a)} answers differ"
-    )
+    paths = list(results)
+    for index, first in enumerate(paths):
+        for second in paths[index + 1 :]:
+            (ppl_a, answers_a), (ppl_b, answers_b) = results[first], results[second]
+            differ = sum(a != b for a, b in zip(answers_a, answers_b, strict=True))
+            print(f"{first} vs {second}: perplexity differs by {100 * abs(ppl_b - ppl_a) / ppl_a:.4f} %; "
+                  f"{differ} of {len(answers_a)} answers differ")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -275,29 +275,26 @@ def load_for_evaluation(
     if adapter_dir is not None:
         with targets_as_given():
             model = PeftModel.from_pretrained(model, adapter_dir)
-        keep_4bit_layout_for_dora(model)
+    compute_4bit_as_in_training(model)
     return apply_recipe(model, recipe).eval()
 
 
-def keep_4bit_layout_for_dora(model: nn.Module) -> int:
-    """Stop bitsandbytes repacking 4-bit weights for its CPU kernel in a model with DoRA on 4-bit layers;
+def compute_4bit_as_in_training(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer on the arithmetic the run trained with (dequantize, then matmul);
     returns how many layers it applies to.
 
-    bitsandbytes 0.50 repacks a Linear4bit's weight into a CPU-only layout at its first forward without
-    gradients on CPUs with AVX512-BF16. Its own matmul reads that layout; PEFT's DoRA dequantizes the base
-    weight in every forward with the generic routine, which does not, and gets wrong weight norms (an NF4
-    DoRA run of the default study measured perplexity 377,000 unmerged against 5.2 merged). Training is not
-    affected (it runs with gradients); inference keeps the standard layout, at the CPU kernel's speed cost.
+    bitsandbytes 0.50 repacks a Linear4bit's weight at its first forward without gradients on CPUs with
+    AVX512-BF16 (also under ATEN_CPU_CAPABILITY=avx2, which it does not read) and computes with a fused bf16
+    kernel from then on, in fp32 recipes too. Measured on an NF4 run of the default study
+    (bench/eval_4bit_paths.py): perplexity 0.14 % off the trained arithmetic, 12 of 64 greedy answers
+    changed, perplexity 3.7x slower. PEFT's DoRA reads the repacked weight with the generic routine and
+    gets wrong norms (perplexity 377,000 unmerged against 5.2 merged). Other CPUs and GPUs never repack.
     """
-    layers = [
-        module.get_base_layer()
-        for module in model.modules()
-        if getattr(module, "lora_magnitude_vector", None) and type(module.get_base_layer()).__name__ == "Linear4bit"
-    ]
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False
-    if layers:
-        log.info("DoRA on %d 4-bit layers: bitsandbytes' CPU weight repacking off", len(layers))
     return len(layers)
 
 

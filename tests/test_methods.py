@@ -182,6 +182,27 @@ def test_an_untrained_dora_adapter_has_no_update_on_the_4bit_base_it_trains_on(m
     assert len(capped) == 1 and capped["oom"].notna().all() and capped["layer"].isna().all()
 
 
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_4bit_evaluation_computes_exactly_what_training_computed(manifest, tmp_path, compute):
+    """An NF4 adapter loaded for evaluation gives the logits of the trained model's forward bit for bit, on
+    every CPU: bitsandbytes' fused CPU kernel (AVX512-BF16 CPUs, eval mode) would round differently."""
+    recipe = recipe_for("nf4", compute, detect_capability(CPU))
+    model = add_lora(load_base_model(manifest, recipe, True, "eager", CPU), recipe, TARGETS, 4, 8.0, 0.0, False, "lora")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(tmp_path / "lora")
+    inputs = batch(model.config.vocab_size)["input_ids"]
+    with recipe.autocast_context("cpu"):
+        trained = model.train()(input_ids=inputs).logits.detach().float()  # training's forward, with gradients
+    loaded = load_for_evaluation(manifest, recipe, True, "eager", CPU, str(tmp_path / "lora"))
+    with torch.inference_mode(), recipe.autocast_context("cpu"):
+        evaluated = [loaded(input_ids=inputs).logits.float() for _ in range(2)]  # the second after any repacking
+    assert all(torch.equal(logits, trained) for logits in evaluated)
+
+
 def test_dora_on_a_4bit_base_gives_in_inference_what_it_gave_in_training(manifest, tmp_path):
     """bitsandbytes repacks 4-bit weights for its CPU kernel at the first forward without gradients (CPUs
     with AVX512-BF16); DoRA dequantizes them in every forward and must still read the right weights."""
@@ -214,7 +235,7 @@ def test_dora_on_a_4bit_base_gives_in_inference_what_it_gave_in_training(manifes
     logits, weight_change = inference_logits(load_for_evaluation(manifest, recipe, True, "eager", CPU, adapter))
     assert weight_change == 0
     assert ((logits - trained).norm() / trained.norm()).item() < 0.02
-    if has_avx512bf16():  # this CPU repacks: without keep_4bit_layout_for_dora DoRA reads other weights
+    if has_avx512bf16():  # this CPU repacks: without compute_4bit_as_in_training DoRA reads other weights
         plain = PeftModel.from_pretrained(load_base_model(manifest, recipe, True, "eager", CPU), adapter).eval()
         assert inference_logits(plain)[1] > 0.5
 
