@@ -7,8 +7,11 @@ import csv
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +21,19 @@ from lora_study import phases
 from lora_study.batching import collate
 from lora_study.data import load_split
 from lora_study.failures import STATUS_OOM, is_out_of_memory, memory_cap, memory_in_use_gb
+from lora_study.formats import FOUR_BIT, UNQUANTIZED
 from lora_study.gpu_slots import claim_job_gpu, job_environment
 from lora_study.io import atomic_path, write_json
-from lora_study.loading import load_for_evaluation, load_tokenizer, pick_device, set_threads
+from lora_study.loading import (
+    compute_4bit_as_in_training,
+    load_for_evaluation,
+    load_tokenizer,
+    pick_device,
+    set_threads,
+)
 from lora_study.loss import ResponseLoss
-from lora_study.metrics import STATUS_OK, EvalMetrics, PeakMemory, perplexity
+from lora_study.methods import LORA, RSLORA
+from lora_study.metrics import IN_TRAINING, STATUS_OK, EvalMetrics, PeakMemory, perplexity
 from lora_study.modules import resolve_attention
 from lora_study.precision import Recipe, detect_capability, quiet_int8_casts, recipe_for
 from lora_study.sweep import RunSpec
@@ -126,6 +137,77 @@ def load_run_model(
                                None if run.is_full else adapter, adapter if run.is_full else None)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class EvalOutputs:
+    """Where an evaluation writes: metrics, the scored prompts' answers, and per-row scores."""
+
+    metrics: Path
+    predictions: Path
+    examples: Path
+
+    def as_dict(self) -> dict[str, Path]:
+        return {"eval_metrics.json": self.metrics, "predictions.jsonl": self.predictions,
+                "examples.csv": self.examples}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The validation rows, the ones scored by exact match, and the tokenizer."""
+
+    rows: list[dict[str, Any]]
+    scored_indices: list[int]
+    tokenizer: Any
+    pad_id: int
+
+    @classmethod
+    def load(cls, splits_dir: Path, manifest: dict[str, Any], evaluation: dict[str, Any]) -> EvalData:
+        rows = list(load_split(splits_dir, "validation"))
+        tokenizer, pad_id = load_tokenizer(manifest)
+        return cls(rows, exact_answer_indices(rows, evaluation["exact_match_examples"]), tokenizer, pad_id)
+
+    @property
+    def scored(self) -> list[dict[str, Any]]:
+        return [self.rows[i] for i in self.scored_indices]
+
+
+def score(model, loss: ResponseLoss, data: EvalData, evaluation: dict[str, Any], device, recipe: Recipe
+          ) -> dict[str, Any]:  # fmt: skip
+    """Per-row response NLL and the greedy answers of the scored prompts: the evaluation's compute."""
+    batch_size = evaluation["batch_size"]
+    nll_start = time.perf_counter()
+    row_nll, row_tokens = response_nll(loss, data.rows, batch_size, data.pad_id, device, recipe)
+    nll_seconds = time.perf_counter() - nll_start
+    log.info("perplexity %.4f over %d response tokens", perplexity(math.fsum(row_nll), sum(row_tokens)),
+             sum(row_tokens))  # fmt: skip
+    predictions = greedy_answers(model, data.scored, batch_size, evaluation["max_new_tokens"], data.tokenizer,
+                                 data.pad_id, device, recipe)  # fmt: skip
+    phases.end("compute")
+    return {"row_nll": row_nll, "row_tokens": row_tokens, "nll_seconds": nll_seconds, "predictions": predictions}
+
+
+def write_scores(scores: dict[str, Any], data: EvalData, outputs: EvalOutputs, **fields: Any) -> dict[str, Any]:
+    """Predictions, per-row examples and the metrics fields they give (returned, for the metrics file)."""
+    total_nll, tokens = math.fsum(scores["row_nll"]), sum(scores["row_tokens"])
+    eval_tokens = sum(len(r["input_ids"]) for r in data.rows)
+    hits = answer_hits(scores["predictions"], data.scored)
+    accuracy, by_family = exact_match(hits, data.scored) if data.scored else (None, {})
+    if data.scored:
+        log.info("exact-match accuracy %.3f on %d prompts", accuracy, len(data.scored))
+    _write_predictions(outputs.predictions, data.scored, scores["predictions"])
+    write_examples(outputs.examples, scores["row_nll"], scores["row_tokens"],
+                   dict(zip(data.scored_indices, hits, strict=True)))  # fmt: skip
+    return dict(
+        eval_loss=total_nll / tokens,
+        perplexity=perplexity(total_nll, tokens),
+        eval_tokens=eval_tokens,
+        eval_tokens_per_s=eval_tokens / scores["nll_seconds"],
+        accuracy=accuracy,
+        accuracy_n=len(data.scored),
+        accuracy_by_family=by_family,
+        **fields,
+    )
+
+
 def evaluate_run(
     run: RunSpec,
     evaluation: dict[str, Any],
@@ -133,9 +215,7 @@ def evaluate_run(
     manifest: dict[str, Any],
     splits_dir: Path,
     adapter_dir: Path | None,
-    metrics_path: Path,
-    predictions_path: Path,
-    examples_path: Path,
+    outputs: EvalOutputs,
     threads: int,
     train_status: str = STATUS_OK,
     loss_path: str | None = None,
@@ -166,62 +246,32 @@ def evaluate_run(
         )
 
     def not_evaluated(status: str, failure: dict[str, Any]) -> EvalMetrics:
-        _write_predictions(predictions_path, [], [])
-        write_examples(examples_path, [], [], {})
+        _write_predictions(outputs.predictions, [], [])
+        write_examples(outputs.examples, [], [], {})
         metrics = record(status, failure=failure)
-        write_json(metrics_path, metrics.to_dict())
+        write_json(outputs.metrics, metrics.to_dict())
         return metrics
 
     if train_status != STATUS_OK:
         log.info("%s was not trained (status %s): nothing to evaluate", run.run_id, train_status)
         return not_evaluated(train_status, {"phase": "train"})
     log.info("evaluating %s on %s; recipe: %s", run.run_id, capability.summary(), recipe.describe())
-    rows = list(load_split(splits_dir, "validation"))
-    tokenizer, pad_id = load_tokenizer(manifest)
-    scored_indices = exact_answer_indices(rows, evaluation["exact_match_examples"])
-    scored = [rows[i] for i in scored_indices]
-    batch_size = evaluation["batch_size"]
+    data = EvalData.load(splits_dir, manifest, evaluation)
     limit_gb = compute_settings.get("memory_limit_gb")
     try:
         with memory, memory_cap(limit_gb, device, memory), quiet_int8_casts():
             model = load_run_model(run, recipe, manifest, compute_settings, adapter_dir, device)
             loss = ResponseLoss(model, loss_path)
             phases.end("load")
-            nll_start = time.perf_counter()
-            row_nll, row_tokens = response_nll(loss, rows, batch_size, pad_id, device, recipe)
-            total_nll, tokens = math.fsum(row_nll), sum(row_tokens)
-            nll_seconds = time.perf_counter() - nll_start
-            log.info("perplexity %.4f over %d response tokens", perplexity(total_nll, tokens), tokens)
-            max_new = evaluation["max_new_tokens"]
-            predictions = greedy_answers(model, scored, batch_size, max_new, tokenizer, pad_id, device, recipe)
-            phases.end("compute")
+            scores = score(model, loss, data, evaluation, device, recipe)
     except Exception as error:
         if not is_out_of_memory(error, memory_capped=limit_gb is not None):
             raise
         log.error("out of memory during evaluation: recorded as status 'oom'")
         failure = {"phase": "evaluate", "error": f"{type(error).__name__}: {error}"[:500], "memory_limit_gb": limit_gb}
         return not_evaluated(STATUS_OOM, {**failure, **memory_in_use_gb(device)})
-
-    eval_tokens = sum(len(r["input_ids"]) for r in rows)
-    hits = answer_hits(predictions, scored)
-    accuracy, by_family = exact_match(hits, scored) if scored else (None, {})
-    if scored:
-        log.info("exact-match accuracy %.3f on %d prompts", accuracy, len(scored))
-    _write_predictions(predictions_path, scored, predictions)
-    write_examples(examples_path, row_nll, row_tokens, dict(zip(scored_indices, hits, strict=True)))
-    metrics = record(
-        STATUS_OK,
-        loss_path=loss.path,
-        eval_loss=total_nll / tokens,
-        perplexity=perplexity(total_nll, tokens),
-        eval_tokens=eval_tokens,
-        eval_tokens_per_s=eval_tokens / nll_seconds,
-        accuracy=accuracy,
-        accuracy_n=len(scored),
-        accuracy_by_family=by_family,
-        memory=memory.report(),
-    )
-    write_json(metrics_path, metrics.to_dict())
+    metrics = record(STATUS_OK, **write_scores(scores, data, outputs, loss_path=loss.path, memory=memory.report()))
+    write_json(outputs.metrics, metrics.to_dict())
     return metrics
 
 
@@ -258,3 +308,85 @@ def write_examples(path: Path, nll: list[float], tokens: list[int], hits: dict[i
         for row, (value, count) in enumerate(zip(nll, tokens, strict=True)):
             hit = hits.get(row)
             writer.writerow([row, repr(value), count, "" if hit is None else int(hit)])
+
+
+# --- the training job's evaluation of its own model (lora_study.handoff) -----------------------------------
+
+# Runs whose trained model in memory is exactly what the evaluate job loads: plain LoRA and rsLoRA on 4-bit
+# or unquantized weights. Left to the evaluate job: DoRA, PiSSA/OLoRA (their saved adapter is converted),
+# full fine-tuning, and int8, whose bitsandbytes layers keep state from training.
+IN_TRAINING_METHODS = (LORA, RSLORA)
+IN_TRAINING_FORMATS = (*FOUR_BIT, *UNQUANTIZED)
+
+
+def evaluates_in_training(run: RunSpec, config: dict[str, Any]) -> bool:
+    """Whether `run`'s training job also scores its model (evaluation.in_training_job, no memory cap: a capped
+    evaluation is measured in its own process)."""
+    training = run.training.to_dict() if run.training else {}
+    return (
+        bool(config["evaluation"].get("in_training_job", True))
+        and run.method in IN_TRAINING_METHODS
+        and run.quantization in IN_TRAINING_FORMATS
+        and config["evaluation"]["memory_limit_gb"] is None
+        and training.get("memory_limit_gb") is None
+    )
+
+
+@dataclass(frozen=True)
+class InTrainingEvaluation:
+    """The evaluate job's scoring, run by the training job on the model it holds and left as a hand-off."""
+
+    evaluation: dict[str, Any]
+    compute: dict[str, Any]
+    device_setting: str | None
+    manifest: dict[str, Any]
+    splits_dir: Path
+    handoff_dir: Path
+
+    def __call__(self, model, job, loss_path: str, adapter_dir: Path) -> bool:
+        """Score `model` (trained, saved at `adapter_dir`); True if a hand-off was left. Any failure (out of
+        memory included) leaves none: the evaluate job then evaluates, and records what happens there."""
+        from lora_study import handoff
+
+        started = time.perf_counter()
+        staging = Path(tempfile.mkdtemp(prefix="eval-", dir=Path(self.handoff_dir).parent))
+        try:
+            as_loaded_for_evaluation(model)
+            data = EvalData.load(self.splits_dir, self.manifest, self.evaluation)
+            phases.end("load")
+            with quiet_int8_casts():
+                scores = score(model, ResponseLoss(model, loss_path), data, self.evaluation, job.device, job.recipe)
+            outputs = EvalOutputs(
+                staging / "eval_metrics.json", staging / "predictions.jsonl", staging / "examples.csv"
+            )
+            fields = write_scores(scores, data, outputs, loss_path=loss_path, memory={"memory_kind": IN_TRAINING})
+            metrics = EvalMetrics(run_id=job.run.run_id, device=job.device.type, compute_dtype=job.recipe.compute_dtype,
+                                  weight_format=job.recipe.weight_format, capability=job.capability.to_dict(),
+                                  eval_wall_s=time.perf_counter() - started, environment=job_environment(job.gpu_slot),
+                                  evaluated_in=IN_TRAINING, **fields)  # fmt: skip
+            write_json(outputs.metrics, metrics.to_dict())
+            key = handoff.handoff_key(job.run.as_params(), self.evaluation, self.compute, self.device_setting,
+                                      self.manifest, adapter_dir, self.splits_dir)  # fmt: skip
+            handoff.leave(self.handoff_dir, key, outputs.as_dict())
+        except Exception as error:  # the evaluate job evaluates instead, and fails or records it there
+            log.warning("evaluation in the training job failed (%s: %s): the evaluate job evaluates the run",
+                        type(error).__name__, str(error)[:300])  # fmt: skip
+            return False
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("evaluated in the training job in %.1f s: the evaluate job takes the result", metrics.eval_wall_s)
+        return True
+
+
+def as_loaded_for_evaluation(model) -> None:
+    """Put a trained model in the state load_for_evaluation gives: eval mode, KV cache on, no gradient
+    checkpointing or input-gradient hook, 4-bit layers on training's arithmetic."""
+    model.zero_grad(set_to_none=True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+    if getattr(base, "_require_grads_hook", None) is not None:
+        base.disable_input_require_grads()
+    base.config.use_cache = True
+    compute_4bit_as_in_training(model)
+    model.eval()

@@ -104,9 +104,15 @@ class EvalMetrics:
     memory: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     failure: dict[str, Any] = field(default_factory=dict)
+    evaluated_in: str = "evaluate job"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# An evaluation the training job ran on the model it held (lora_study.handoff): the process's peak memory is
+# training's, so evaluation's own is not measured there.
+IN_TRAINING = "training job"
 
 
 class PeakMemory:

@@ -21,6 +21,7 @@ EVAL_METRICS = f"{RUN_DIR}/eval_metrics.json"
 PREDICTIONS = f"{RUN_DIR}/predictions.jsonl"
 # Per validation row: summed NLL, tokens, exact-match hit (paired comparisons between runs).
 EXAMPLES = f"{RUN_DIR}/examples.csv"
+HANDOFF = f"{RUN_DIR}/evaluated_in_training"  # lora_study.handoff: not a rule output
 # Singular values of each layer's learned update (merged minus base weight).
 ANATOMY = f"{RUN_DIR}/anatomy.csv"
 # lm-evaluation-harness scores and per-document scores; deployment (merge check, serving cost).

@@ -64,3 +64,28 @@ class MeasurementSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> MeasurementSettings:
         return cls(**(values or {}))
+
+
+# The settings an evaluate job uses, one definition for the rule's params and for the training job that
+# evaluates its own model (lora_study.handoff).
+EVALUATION_KEYS = ("batch_size", "exact_match_examples", "max_new_tokens")
+
+
+def evaluation_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation settings of an evaluate job: turning on lm-eval, the merge check or serving reruns only
+    their own jobs."""
+    return {key: config["evaluation"][key] for key in EVALUATION_KEYS}
+
+
+def compute_settings(quantization: str, training: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Settings evaluation shares with training: how the base model is computed (compute_dtype only for
+    bitsandbytes weights, so a 16-bit baseline does not rerun when it changes), and the memory cap of the
+    jobs after training (evaluation.memory_limit_gb), only when set, so studies without one keep their
+    recorded params (no reruns)."""
+    from lora_study.formats import applies_compute_dtype
+
+    keys = ("compute_dtype", "attn_implementation") if applies_compute_dtype(quantization) else ("attn_implementation",)
+    settings = {key: training[key] for key in keys}
+    if config["evaluation"]["memory_limit_gb"] is not None:
+        settings["memory_limit_gb"] = config["evaluation"]["memory_limit_gb"]
+    return settings

@@ -13,6 +13,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ from lora_study.batching import collate, endless_batches, total_steps
 from lora_study.budget import budget_verdict
 from lora_study.checkpoints import Checkpointer, Progress, StopSignal, TrainingInterrupted, fingerprint, stop_on_signals
 from lora_study.data import load_split
-from lora_study.failures import STATUS_OOM, STATUS_SKIPPED, is_out_of_memory, memory_cap, memory_in_use_gb
+from lora_study.failures import (
+    STATUS_OOM,
+    STATUS_SKIPPED,
+    is_out_of_memory,
+    memory_cap,
+    memory_in_use_gb,
+    release_memory,
+)
 from lora_study.gpu_slots import GpuSlot, claim_job_gpu, job_environment
 from lora_study.io import atomic_path, write_json
 from lora_study.loading import (
@@ -101,6 +109,10 @@ class TrainOutputs:
         return metrics
 
 
+# Called with the trained model, its job, the loss path training checked, and the saved adapter's folder.
+AfterTraining = Callable[[torch.nn.Module, "Job", str, Path], Any]
+
+
 @dataclass
 class Job:
     """Where and how this process trains: claimed device, its capability, the resolved recipe."""
@@ -162,8 +174,10 @@ def train_run(
     checkpoint_every: int = 0,
     plan_settings: dict[str, Any] | None = None,
     measurement: MeasurementSettings | None = None,
+    after_training: AfterTraining | None = None,
 ) -> TrainMetrics:
-    """Train the adapter for `run` and write its outputs.
+    """Train the adapter for `run` and write its outputs; then, when given, `after_training` gets the trained
+    model (lora_study.evaluate.InTrainingEvaluation) once the optimizer's memory is released.
 
     Out of memory ends the run with status "oom" (a result, not a crash); a
     run the memory plan marked as not fitting is recorded as "skipped" without
@@ -217,7 +231,12 @@ def train_run(
             raise
         checkpointer.remove()
         return outputs.write_not_trained(session.oom_metrics(error, plan), session.progress.curve)
-    return session.write(model, outputs, {**memory.report(), **cap}, plan)
+    metrics = session.write(model, outputs, {**memory.report(), **cap}, plan)
+    if after_training is not None:
+        phases.end("write")
+        session.release()
+        after_training(model, job, session.loss.path, outputs.adapter_dir)
+    return metrics
 
 
 def wrapped_coverage(model: torch.nn.Module, manifest: dict[str, Any], run: RunSpec) -> dict[str, dict[str, Any]]:
@@ -401,6 +420,12 @@ class TrainingSession:
         memory = self.memory.report() if self.memory is not None else {}
         return self.job.base_metrics(STATUS_OOM, failure=failure, memory=memory, memory_plan=plan,
                                      **self.target_fields(), **self.counts)  # fmt: skip
+
+    def release(self) -> None:
+        """Drop the optimizer, its schedule and the batch stream once the outputs are written."""
+        self.optimizer = self.scheduler = None
+        self.params = []
+        release_memory()
 
     def write(self, model, outputs: TrainOutputs, memory: dict[str, Any], plan: dict[str, Any]) -> TrainMetrics:
         """Adapter, loss curve and metrics; the checkpoint goes once they exist."""

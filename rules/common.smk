@@ -16,9 +16,9 @@ from lora_study.config import ConfigError, canonical_json, check_local_sources, 
 from lora_study.budget import budget_verdict
 from lora_study.captions import CHART_CAPTIONS
 from lora_study.downstream import local_task_problem
-from lora_study.formats import applies_compute_dtype
 from lora_study.io import read_csv_rows
 from lora_study.preflight import PreflightError, check_at_start
+from lora_study.settings import compute_settings, evaluation_settings
 from lora_study.sweep import all_evaluated, expand_study
 
 try:
@@ -74,21 +74,9 @@ def run_params(wildcards):
 
 
 def compute_params(wildcards):
-    """Settings evaluation shares with training: how the base model is computed (compute_dtype only
-    for bitsandbytes weights, so a 16-bit baseline does not rerun when it changes), and the memory cap of
-    the jobs after training (evaluation.memory_limit_gb)."""
     spec = EVALUATED[wildcards.run]
     training = spec.training.to_dict() if spec.training else config["training"]
-    keys = (
-        ("compute_dtype", "attn_implementation")
-        if applies_compute_dtype(spec.quantization)
-        else ("attn_implementation",)
-    )
-    settings = {key: training[key] for key in keys}
-    # Only when set, so studies without a cap keep their recorded params (no reruns).
-    if config["evaluation"]["memory_limit_gb"] is not None:
-        settings["memory_limit_gb"] = config["evaluation"]["memory_limit_gb"]
-    return canonical_json(settings)
+    return canonical_json(compute_settings(spec.quantization, training, config))
 
 
 def memory_plan(wildcards):
@@ -135,10 +123,7 @@ def evaluation_inputs(wildcards):
 
 
 def evaluate_params():
-    """The evaluation settings the evaluate jobs use: turning on lm-eval, the merge check or serving reruns
-    only their own jobs."""
-    keys = ("batch_size", "exact_match_examples", "max_new_tokens")
-    return canonical_json({key: config["evaluation"][key] for key in keys})
+    return canonical_json(evaluation_settings(config))
 
 
 def lm_eval_enabled():

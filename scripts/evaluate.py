@@ -1,28 +1,48 @@
-"""Rule evaluate: perplexity and exact-match accuracy of one run or the base model."""
+"""Rule evaluate: perplexity and exact-match accuracy of one run or the base model, or the evaluation its
+training job left when nothing it depends on changed since (lora_study.handoff)."""
 
 from lora_study.jobs import job
 
 with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     import json
+    import logging
     from pathlib import Path
 
-    from lora_study.evaluate import evaluate_run
+    from lora_study import handoff, paths, phases
     from lora_study.io import read_json
-    from lora_study.sweep import RunSpec
 
+    run_params = json.loads(snakemake.params.run)
+    evaluation = json.loads(snakemake.params.evaluation)
+    compute = json.loads(snakemake.params.compute)
+    manifest = read_json(snakemake.input.manifest)
     is_trained_run = hasattr(snakemake.input, "train_metrics")
     trained = read_json(snakemake.input.train_metrics) if is_trained_run else {"status": "ok"}
-    evaluate_run(
-        run=RunSpec.from_params(json.loads(snakemake.params.run)),
-        evaluation=json.loads(snakemake.params.evaluation),
-        compute_settings=json.loads(snakemake.params.compute),
-        manifest=read_json(snakemake.input.manifest),
-        splits_dir=Path(snakemake.input.splits),
-        adapter_dir=Path(snakemake.input.adapter) if is_trained_run else None,
-        metrics_path=Path(snakemake.output.metrics),
-        predictions_path=Path(snakemake.output.predictions),
-        examples_path=Path(snakemake.output.examples),
-        threads=snakemake.threads,
-        train_status=trained["status"],
-        loss_path=trained.get("loss_path"),
-    )
+    outputs = {"eval_metrics.json": Path(snakemake.output.metrics),
+               "predictions.jsonl": Path(snakemake.output.predictions),
+               "examples.csv": Path(snakemake.output.examples)}  # fmt: skip
+    handoff_dir = Path(paths.for_run(paths.HANDOFF, run_params["run_id"]))
+    if is_trained_run and handoff_dir.exists():
+        key = handoff.handoff_key(run_params, evaluation, compute, snakemake.config["execution"]["device"],
+                                  manifest, Path(snakemake.input.adapter), Path(snakemake.input.splits))  # fmt: skip
+        taken = handoff.take(handoff_dir, key, outputs)
+    else:
+        taken = False
+    if taken:
+        logging.getLogger("lora_study").info("evaluated by the training job (nothing it depends on changed since)")
+        phases.end("write")
+    else:
+        from lora_study.evaluate import EvalOutputs, evaluate_run
+        from lora_study.sweep import RunSpec
+
+        evaluate_run(
+            run=RunSpec.from_params(run_params),
+            evaluation=evaluation,
+            compute_settings=compute,
+            manifest=manifest,
+            splits_dir=Path(snakemake.input.splits),
+            adapter_dir=Path(snakemake.input.adapter) if is_trained_run else None,
+            outputs=EvalOutputs(*outputs.values()),
+            threads=snakemake.threads,
+            train_status=trained["status"],
+            loss_path=trained.get("loss_path"),
+        )

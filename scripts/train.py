@@ -1,4 +1,4 @@
-"""Rule train: one LoRA/QLoRA adapter for one configuration."""
+"""Rule train: one LoRA/QLoRA adapter for one configuration (and, where it can, its evaluation)."""
 
 from lora_study.jobs import job
 
@@ -7,23 +7,39 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     from pathlib import Path
 
     from lora_study import paths
+    from lora_study.evaluate import InTrainingEvaluation, evaluates_in_training
     from lora_study.io import read_json
-    from lora_study.settings import MeasurementSettings
+    from lora_study.settings import MeasurementSettings, compute_settings, evaluation_settings
     from lora_study.sweep import RunSpec
     from lora_study.train import TrainOutputs, train_run
 
+    config = snakemake.config
     run = RunSpec.from_params(json.loads(snakemake.params.run))
+    manifest = read_json(snakemake.input.manifest)
+    splits = Path(snakemake.input.splits)
+    # Read from the config, not params: the evaluation settings must not rerun training (lora_study.handoff).
+    evaluation = None
+    if evaluates_in_training(run, config):
+        evaluation = InTrainingEvaluation(
+            evaluation_settings(config),
+            compute_settings(run.quantization, run.training.to_dict(), config),
+            config["execution"]["device"],
+            manifest,
+            splits,
+            Path(paths.for_run(paths.HANDOFF, run.run_id)),
+        )
     train_run(
         run=run,
-        manifest=read_json(snakemake.input.manifest),
-        splits_dir=Path(snakemake.input.splits),
+        manifest=manifest,
+        splits_dir=splits,
         outputs=TrainOutputs(
             Path(snakemake.output.adapter), Path(snakemake.output.metrics), Path(snakemake.output.loss_curve)
         ),
         threads=snakemake.threads,
         checkpoint_dir=Path(paths.for_run(paths.CHECKPOINT, run.run_id)),
         # Read here, not from params: how often to checkpoint must not trigger reruns.
-        checkpoint_every=snakemake.config["execution"]["checkpoint_every"],
-        plan_settings=snakemake.config["plan"],
+        checkpoint_every=config["execution"]["checkpoint_every"],
+        plan_settings=config["plan"],
         measurement=MeasurementSettings.from_dict(json.loads(snakemake.params.measurement)),
+        after_training=evaluation,
     )

@@ -230,13 +230,14 @@ def prepared_inputs(model_dir: Path, config: dict, out: Path) -> tuple[dict, dic
 def train_and_evaluate(run, config: dict, manifest: dict, splits: Path, out: Path, threads: int):
     """One run trained and evaluated in-process by the train and evaluate jobs' own functions; outputs in `out`
     (adapter/, examples.csv, ...)."""
-    from lora_study.evaluate import evaluate_run
+    from lora_study.evaluate import EvalOutputs, evaluate_run
     from lora_study.train import TrainOutputs, train_run
 
     train_run(run, manifest, splits, TrainOutputs(out / "adapter", out / "t.json", out / "curve.csv"),
               threads=threads, checkpoint_dir=out / "checkpoint")  # fmt: skip
-    return evaluate_run(run, config["evaluation"], config["training"], manifest, splits, out / "adapter",
-                        out / "e.json", out / "p.jsonl", out / "examples.csv", threads=threads)  # fmt: skip
+    outputs = EvalOutputs(out / "e.json", out / "p.jsonl", out / "examples.csv")
+    return evaluate_run(run, config["evaluation"], config["training"], manifest, splits, out / "adapter", outputs,
+                        threads=threads)  # fmt: skip
 
 
 def run_snakemake(

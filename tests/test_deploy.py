@@ -23,7 +23,7 @@ from lora_study.deploy import (
     serving_prompt,
     timed_calls,
 )
-from lora_study.evaluate import evaluate_run
+from lora_study.evaluate import EvalOutputs, evaluate_run
 from lora_study.sweep import RunSpec, expand_study
 
 SERVING = ServingSettings(prompt_tokens=12, new_tokens=4, batch_size=2, warmup=1, repeats=2)
@@ -42,8 +42,8 @@ def trained(tiny_llama, tmp_path_factory):
         out = workdir / run_id
         runs[run_id] = (run, out, train_and_evaluate(run, config, manifest, splits, out, threads=1).perplexity)
     base_run = RunSpec("base-fp32", 0, 0.0, (), "fp32", False, None, is_baseline=True)
-    base = evaluate_run(base_run, config["evaluation"], config["training"], manifest, splits, None,
-                        workdir / "b.json", workdir / "b.jsonl", workdir / "b.csv", threads=1)  # fmt: skip
+    outputs = EvalOutputs(workdir / "b.json", workdir / "b.jsonl", workdir / "b.csv")
+    base = evaluate_run(base_run, config["evaluation"], config["training"], manifest, splits, None, outputs, threads=1)
     return config, manifest, workdir, runs, base.perplexity
 
 

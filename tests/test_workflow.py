@@ -67,13 +67,44 @@ def test_every_job_logs_where_its_time_went_and_the_bench_sums_it(tiny_study):
         assert abs(sum(s for name, s in found[:-1]) - found[-1][1]) < 0.01 * len(found)
         if log.parent.name == "train":
             assert {"imports", "checks", "load", "compute", "write"} <= set(names), (log, names)
-        if log.parent.name == "evaluate":  # a trained run's output-head check was its training's
-            assert {"imports", "load", "compute", "write"} <= set(names), (log, names)
-            assert ("checks" in names) == log.stem.startswith("base-"), (log, names)
+        if log.parent.name == "evaluate" and log.stem.startswith("base-"):
+            assert {"imports", "checks", "load", "compute", "write"} <= set(names), (log, names)
+        elif log.parent.name == "evaluate":  # the training job evaluated: this job only took its result
+            assert set(names) == {"start", "write", "total"}, (log, names)
     bench = Path(__file__).resolve().parent.parent / "bench" / "stage_times.py"
     table = subprocess.run([sys.executable, str(bench), "--logs", str(tiny_study / "logs")], capture_output=True,
                            text=True, check=True).stdout  # fmt: skip
     assert "get_cpu_capability()" in table and "| train | 5 |" in table and "% of the wall" in table
+
+
+def test_the_training_jobs_evaluation_is_exactly_the_evaluate_jobs(tiny_study, tmp_path):
+    """Every trained run of the tiny study was scored by its training job and taken by its evaluate job
+    (lora_study.handoff); evaluating two of them again in evaluate jobs of their own gives the same bytes."""
+    import json
+    import shutil
+
+    trained = ["r4-qv-nf4", "r8-qv-nf4", "r4-qkvo-mlp-nf4", "r4-qv-fp32", "r4-qv-nf4-s1"]
+    for run in trained:
+        assert "evaluated in the training job" in (tiny_study / f"logs/train/{run}.log").read_text()
+        assert "evaluated by the training job" in (tiny_study / f"logs/evaluate/{run}.log").read_text()
+        assert not (tiny_study / f"results/runs/{run}/evaluated_in_training").exists()  # taken: removed
+    assert "evaluated by the training job" not in (tiny_study / "logs/evaluate/base-nf4.log").read_text()
+    study = tmp_path / "study"
+    shutil.copytree(tiny_study, study, symlinks=True)
+    again = ["r4-qv-nf4", "r4-qv-fp32"]
+    targets = [f"results/runs/{run}/eval_metrics.json" for run in again]
+    result = run_snakemake(study, "--cores", "2", "--forcerun", "evaluate", *targets)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for run in again:
+        assert "evaluated by the training job" not in (study / f"logs/evaluate/{run}.log").read_text()
+        for name in ("predictions.jsonl", "examples.csv"):
+            first, second = (root / f"results/runs/{run}/{name}" for root in (tiny_study, study))
+            assert first.read_bytes() == second.read_bytes(), (run, name)
+        first, second = (json.loads((root / f"results/runs/{run}/eval_metrics.json").read_text())
+                         for root in (tiny_study, study))  # fmt: skip
+        assert (first["evaluated_in"], second["evaluated_in"]) == ("training job", "evaluate job")
+        for key in ("perplexity", "eval_loss", "accuracy", "accuracy_by_family", "eval_tokens", "loss_path"):
+            assert first[key] == second[key], (run, key)
 
 
 def test_report_is_built_by_the_same_run(tiny_study):
