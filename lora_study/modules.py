@@ -166,13 +166,18 @@ MOE_LINEAR_ROUTER = Layout(
     other_linear=("mlp.router",),
     notes="mlp = the experts' 3-D weights (as for moe); the router, a linear layer, is left alone",
 )
+_LLAMA4_DENSE_MLP = tuple(f"feed_forward.{name}" for name in _GATED_MLP)
 LLAMA4_TEXT = Layout(
     "llama4_text",
-    {**_ATTENTION, "mlp": tuple(f"feed_forward.shared_expert.{name}" for name in _GATED_MLP)},
+    {
+        **_ATTENTION,
+        "mlp": (*(f"feed_forward.shared_expert.{name}" for name in _GATED_MLP), *_LLAMA4_DENSE_MLP),
+    },
     expert_parameters=("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
     other_linear=("feed_forward.router",),
-    notes="mlp = the shared expert and the experts' 3-D weights; checkpoints with dense layers between the MoE "
-    "layers (interleaved) are not mapped",
+    optional=_LLAMA4_DENSE_MLP,
+    notes="mlp = the shared expert and the experts' 3-D weights, and the dense layers' MLP where the checkpoint "
+    "interleaves dense and MoE layers (Maverick: interleave_moe_layer_step 2)",
 )
 
 # Hybrids: attention projections exist only in the full-attention layers (q, k, v, o reach those), the other

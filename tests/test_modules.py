@@ -50,6 +50,7 @@ QWEN3_5_HYBRID = {**TINY, "num_key_value_heads": 2, "num_hidden_layers": 4, "lin
                   "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
                   "layer_types": ["linear_attention"] * 3 + ["full_attention"]}  # fmt: skip
 # Multi-head latent attention (DeepSeek-V2/V3): low-rank kv, one dense layer, then MoE layers.
+LLAMA4_DENSE = ("gate_proj", "up_proj", "down_proj")
 MLA = {**TINY, "num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
        "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1,
        "n_group": 1, "topk_group": 1}  # fmt: skip
@@ -389,6 +390,11 @@ def test_unplaceable_family_lists_its_linear_layers(model_type, explicit):
          {"shared_mlp.input_linear", "shared_mlp.output_linear"}, set()),
         ("granitemoehybrid", {}, "mlp", {"shared_mlp.input_linear", "shared_mlp.output_linear"},
          {"block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj"}),
+        ("llama4_text", {"interleave_moe_layer_step": 2}, "mlp",
+         {*(f"feed_forward.{n}" for n in LLAMA4_DENSE), *(f"feed_forward.shared_expert.{n}" for n in LLAMA4_DENSE)},
+         {"feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"}),
+        ("llama4_text", {}, "mlp", {f"feed_forward.shared_expert.{n}" for n in LLAMA4_DENSE},
+         {"feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"}),
     ],
 )  # fmt: skip
 def test_checkpoints_of_one_family_get_the_names_they_have(model_type, variant, group, names, parameters):
