@@ -1,8 +1,14 @@
+import re
+import shutil
+
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
 from lora_study.config import ConfigError, canonical_json, validate_config
+from lora_study.sweep import all_evaluated, expand_study
+
+SHIPPED = sorted(path.name for path in (REPO / "config").glob("*.yaml") if path.name != "schema.yaml")
 
 
 def minimal() -> dict:
@@ -17,9 +23,28 @@ def test_defaults_are_filled_in():
     assert config["model"]["trust_remote_code"] is False
 
 
-def test_shipped_configs_are_valid():
-    for name in ("config.yaml", "phi2-alpaca.yaml"):
-        validate_config(yaml.safe_load((REPO / "config" / name).read_text()))
+def test_every_config_file_is_checked():
+    assert SHIPPED == ["config.yaml", "downstream.yaml", "methods.yaml", "phi2-alpaca.yaml", "seeds.yaml"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_is_valid_and_plans_one_training_per_run(name, tmp_path):
+    """Valid, expanded into runs, and planned by Snakemake: one train job per run it expands to and one evaluate
+    job per run and base model."""
+    config = validate_config(yaml.safe_load((REPO / "config" / name).read_text()))
+    runs, evaluated = expand_study(config), all_evaluated(config)
+    assert runs and set(runs) < set(evaluated)
+    shutil.copy(REPO / "config" / name, tmp_path / "config.yaml")
+    result = run_snakemake(tmp_path, "--cores", "1", "--dry-run")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    planned: dict[str, set[str]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", result.stdout):
+        if (rule := re.match(r"(?:local)?rule (\w+):", block)) and (
+            run := re.search(r"wildcards: run=([\w.+-]+)", block)
+        ):
+            planned.setdefault(rule[1], set()).add(run[1])
+    assert planned["train"] == set(runs)
+    assert planned["evaluate"] == set(evaluated)
 
 
 @pytest.mark.parametrize(

@@ -36,18 +36,38 @@ def test_runs_table_has_one_row_per_run_with_finite_metrics(tiny_study):
     assert markdown.count("\n") == 2 + len(table)
 
 
-def test_adapters_load_with_peft(tiny_study, tiny_llama):
+def test_adapters_load_with_peft_and_hold_what_training_learned(tiny_study, tiny_llama):
+    """PEFT starts every lora_B at zero: a trained adapter has none left at zero and changes the model's output."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    ids = torch.arange(5, 21).unsqueeze(0)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
     for run in ("r4-qv-nf4", "r4-qkvo-mlp-nf4", "r4-qv-fp32"):
         model = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(tiny_llama), tiny_study / f"results/runs/{run}/adapter"
-        )
-        assert any("lora_A" in name for name, _ in model.named_parameters())
+        ).eval()
+        lora_b = [param for name, param in model.named_parameters() if "lora_B" in name]
+        assert lora_b and all(param.abs().max() > 0 for param in lora_b), run
+        with torch.no_grad():
+            assert not torch.allclose(model(input_ids=ids).logits, base_logits), run
 
 
 def test_every_job_logged_progress(tiny_study):
-    train_log = (tiny_study / "logs/train/r4-qv-nf4.log").read_text()
-    assert "step 3/3 loss" in train_log and "done:" in train_log
-    assert "perplexity" in (tiny_study / "logs/evaluate/base-nf4.log").read_text()
+    """Every job of the study (as a forced dry run lists them) wrote its log, from its first phase to its total;
+    training logged its steps, evaluation its perplexity or the hand-off it took."""
+    result = run_snakemake(tiny_study, "--cores", "1", "--dry-run", "--forceall")
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = re.findall(r"^\s*log: (\S+)$", result.stdout, flags=re.MULTILINE)
+    # 5 runs x (check, train, evaluate, anatomy), 2 base models, and prepare x 2, plan, aggregate, findings.
+    assert len(logs) == len(set(logs)) == 5 * 4 + 2 + 5
+    for log in logs:
+        text = (tiny_study / log).read_text()
+        assert " phase start " in text and " phase total " in text, log
+    for run in ("r4-qv-nf4", "r8-qv-nf4", "r4-qkvo-mlp-nf4", "r4-qv-fp32", "r4-qv-nf4-s1"):
+        assert "step 3/3 loss" in (tiny_study / f"logs/train/{run}.log").read_text()
+    for log in (tiny_study / "logs/evaluate").glob("*.log"):
+        text = log.read_text()
+        assert "perplexity" in text or "evaluated by the training job" in text, log
 
 
 def test_every_job_logs_where_its_time_went_and_the_bench_sums_it(tiny_study):
