@@ -68,29 +68,42 @@ def test_every_chart_gives_a_quantization_one_colour_and_a_module_set_one_shape(
 
 
 def test_quality_is_drawn_as_points_on_fitted_axes_and_only_zero_based_quantities_as_bars(specs):
+    bars, quality_points = [], []
     for name, spec in specs.items():
         for unit in units(spec):
             encoding = unit.get("encoding", {})
             fields = {axis: encoding.get(axis, {}).get("field") for axis in ("x", "y")}
             if mark_type(unit) == "bar":
                 assert not QUALITY & set(fields.values()), name
+                bars.append(name)
             if mark_type(unit) == "point" and fields["y"] in QUALITY:
                 assert encoding["y"]["scale"]["zero"] is False, name
+                quality_points.append(name)
+    # The checks above met real marks: the study's bar charts and its quality-against-setting charts.
+    assert {"memory_vs_rank", "perplexity_by_modules", "quantization", "memory_breakdown"} <= set(bars)
+    assert {"quality_vs_rank", "memory_vs_perplexity", "perplexity_by_modules", "quantization"} <= set(quality_points)
 
 
 def test_every_point_and_bar_tooltip_names_its_run(specs):
+    """Every point (a run, or a pair of runs) has a tooltip; every point, bar or tick tooltip names its run(s)."""
+    checked = set()
     for name, spec in specs.items():
         for unit in units(spec):
-            if mark_type(unit) in ("point", "bar", "tick") and "tooltip" in unit.get("encoding", {}):
-                fields = {t.get("field") for t in unit["encoding"]["tooltip"]}
+            tooltip = unit.get("encoding", {}).get("tooltip")
+            assert tooltip or mark_type(unit) != "point", name
+            if mark_type(unit) in ("point", "bar", "tick") and tooltip:
+                fields = {t.get("field") for t in tooltip}
                 # A run, or for a verdict the two runs it compares.
                 assert "run_id" in fields or {"candidate", "reference"} <= fields, name
+                checked.add(name)
+    assert checked == set(specs) - {"loss_curves"}  # the loss curves are lines
 
 
 def test_rank_axes_tick_exactly_the_swept_ranks(specs, tiny_study):
     ranks = pd.read_csv(tiny_study / "results/tables/derived/rank.csv")["rank"]
-    for unit in units(specs["quality_vs_rank"]["hconcat"][0]):
-        x = unit["encoding"]["x"]
+    axes = [unit["encoding"]["x"] for unit in units(specs["quality_vs_rank"]["hconcat"][0])]
+    assert axes
+    for x in axes:
         assert x["title"] == RANK_TITLE and x["axis"]["values"] == sorted(ranks)
 
 
