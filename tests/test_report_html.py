@@ -74,11 +74,19 @@ def test_every_rendered_chart_titles_its_axes_and_ticks_rank_at_the_swept_ranks(
     assert rank_axes >= 4
 
 
+def test_findings_html_loads_nothing_and_inlines_its_libraries(tiny_study):
+    """Checked without a browser: no external script or stylesheet; Vega, Vega-Lite and vega-embed inlined."""
+    source = (tiny_study / "results/report/findings.html").read_text()
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=\"?https?:", source), "page must not load anything"
+    scripts = re.findall(r"<script type='text/javascript'>(.*?)</script>", source, re.S)
+    # The libraries (hundreds of kB of code) in the page itself, then one vegaEmbed call per chart.
+    assert len(scripts) == 2 and len(scripts[0]) > 500_000
+    assert scripts[1].count("vegaEmbed('#chart-") == len(list((tiny_study / "results/charts").glob("*.svg"))) == 10
+
+
 def test_findings_html_draws_every_chart_offline(tiny_study, tmp_path):
     require(CHROMIUM is not None, NEEDS_CHROMIUM)
     page = tiny_study / "results/report/findings.html"
-    source = page.read_text()
-    assert not re.search(r"<script[^>]+src=|<link[^>]+href=\"?https?:", source), "page must not load anything"
     dom = rendered_dom(page, tmp_path / "profile")
     chart_ids = re.findall(r'<div class="chart[^"]*" id="(chart-[\w-]+)"', dom)
     assert len(chart_ids) == len(list((tiny_study / "results/charts").glob("*.svg"))) == 10, chart_ids
