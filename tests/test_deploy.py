@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import replace
 
 import pytest
@@ -13,6 +14,7 @@ from lora_study.data import load_split
 from lora_study.deploy import (
     MERGE_FLAGGED,
     MERGE_OK,
+    MERGE_OUTCOMES,
     MERGED_16BIT,
     MERGED_REQUANTIZED,
     UNMERGED,
@@ -25,6 +27,7 @@ from lora_study.deploy import (
 )
 from lora_study.evaluate import EvalOutputs, evaluate_run
 from lora_study.sweep import RunSpec, expand_study
+from lora_study.verdicts import decide
 
 SERVING = ServingSettings(prompt_tokens=12, new_tokens=4, batch_size=2, warmup=1, repeats=2)
 
@@ -97,7 +100,11 @@ def test_a_quantized_adapter_is_checked_merged_and_requantized(trained):
     record = deploy(trained, "r4-qv-nf4", serving=SERVING)
     assert set(record["merge"]) == {MERGED_16BIT, MERGED_REQUANTIZED}
     for check in record["merge"].values():
-        assert check["outcome"] in ("ok", "flagged", "unclear") and check["low"] <= check["change"] <= check["high"]
+        # The recorded outcome is the verdict its own evidence gives (change, standard error, df; m = 1).
+        df = math.inf if check["df"] is None else check["df"]
+        low, high, _, _, verdict = decide(math.log1p(check["change"]), check["se"], df, "perplexity", 0.01, 1)
+        assert (check["verdict"], check["outcome"]) == (verdict.value, MERGE_OUTCOMES[verdict]), check["describe"]
+        assert (check["low"], check["high"]) == pytest.approx((low, high)) and low <= check["change"] <= high
     # Served as evaluated (base NF4 + adapter) and as deployed after merging (re-quantized NF4).
     assert set(record["serving"]) == {UNMERGED, MERGED_REQUANTIZED}
     for cost in record["serving"].values():

@@ -158,7 +158,18 @@ def test_every_run_has_lm_eval_scores_beside_its_own(deployed_study):
     derived = workdir / "results/tables/derived"
     downstream = pd.read_csv(derived / "downstream.csv").set_index("run_id")
     assert downstream.loc["r4-qv-nf4", "base"] == "base-nf4"
-    assert downstream.loc["r4-qv-nf4", "vs_base"] in ("better", "worse", "equivalent", "inconclusive")
+    # The verdict is the one the per-document scores give: paired over documents, one judged run.
+    from lora_study.verdicts import Evidence, compare
+
+    samples = pd.read_csv(workdir / "results/tables/downstream_samples.csv")
+    primary = samples[samples["metric"] == downstream.loc["r4-qv-nf4", "metric"]]
+    scores = {run: primary[primary["run_id"] == run].sort_values(["task", "doc_id"])["score"].to_numpy(float)[None]
+              for run in EVALUATED}  # fmt: skip
+    evidence = {run: Evidence(nll=0 * value, tokens=1 + 0 * value[0], correct=value, trained=run != "base-nf4")
+                for run, value in scores.items()}  # fmt: skip
+    tolerance = deployed_study[1].get("report", {}).get("min_relative_gain", 0.01)  # the schema's default
+    expected = compare(evidence["r4-qv-nf4"], evidence["base-nf4"], "accuracy", tolerance, 1)
+    assert downstream.loc["r4-qv-nf4", "vs_base"] == expected.verdict.value
     agreement = pd.read_csv(derived / "downstream_agreement.csv").set_index("run_id")
     assert set(agreement.index) == set(EVALUATED) and (agreement["documents"] == 8).all()
     assert (agreement["agreement"] >= 0.9).all()
@@ -175,8 +186,21 @@ def test_merge_check_and_serving_cover_every_deployed_form(deployed_study):
     derived = workdir / "results/tables/derived"
     merges = pd.read_csv(derived / "merge_check.csv").set_index("run_id")
     assert list(merges.index) == ["r4-qv-nf4"]
+    # Each check as its saved evidence gives it, judged at m = 2 (the table's two checks) and the configured
+    # tolerance.
+    import json
+    import math
+
+    from lora_study.deploy import MERGE_OUTCOMES
+    from lora_study.verdicts import decide
+
+    record = json.loads((workdir / "results/runs/r4-qv-nf4/deploy.json").read_text())
+    tolerance = deployed_study[1]["evaluation"]["merge_check"].get("tolerance", 0.01)
     for form in ("merged_16bit", "merged_requantized"):
-        assert merges.loc["r4-qv-nf4", f"{form}_check"] in ("ok", "flagged", "unclear")
+        check = record["merge"][form]
+        df = math.inf if check["df"] is None else check["df"]
+        *_, verdict = decide(math.log1p(check["change"]), check["se"], df, "perplexity", tolerance, 2)
+        assert merges.loc["r4-qv-nf4", f"{form}_check"] == MERGE_OUTCOMES[verdict]
     serving = pd.read_csv(derived / "serving.csv")
     forms = set(zip(serving["run_id"], serving["form"], strict=True))
     assert forms == {("base-nf4", "base"), ("r4-qv-nf4", "unmerged"), ("r4-qv-nf4", "merged_requantized")}
