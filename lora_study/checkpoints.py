@@ -196,6 +196,27 @@ def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) 
             signal.signal(signum, handler)
 
 
+class Interrupted(Exception):
+    """A signal that arrived during work that may be abandoned (lora_study.handoff: the training job's own
+    evaluation), raised where the work was so that its caller carries on."""
+
+
+@contextmanager
+def signals_as_errors(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Inside the block a signal raises Interrupted, so a job whose outputs are written ends cleanly instead
+    of being killed and losing them (Snakemake deletes the outputs of a failed job)."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in signals}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 class TrainingInterrupted(SystemExit):
     """Stopped by a signal after saving a checkpoint; the exit status says which signal."""
 

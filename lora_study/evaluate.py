@@ -21,7 +21,6 @@ from lora_study import phases
 from lora_study.batching import collate
 from lora_study.data import load_split
 from lora_study.failures import STATUS_OOM, is_out_of_memory, memory_cap, memory_in_use_gb
-from lora_study.formats import FOUR_BIT, UNQUANTIZED
 from lora_study.gpu_slots import claim_job_gpu, job_environment
 from lora_study.io import atomic_path, write_json
 from lora_study.loading import (
@@ -32,7 +31,6 @@ from lora_study.loading import (
     set_threads,
 )
 from lora_study.loss import ResponseLoss
-from lora_study.methods import LORA, RSLORA
 from lora_study.metrics import IN_TRAINING, STATUS_OK, EvalMetrics, PeakMemory, perplexity
 from lora_study.modules import resolve_attention
 from lora_study.precision import Recipe, detect_capability, quiet_int8_casts, recipe_for
@@ -312,25 +310,6 @@ def write_examples(path: Path, nll: list[float], tokens: list[int], hits: dict[i
 
 # --- the training job's evaluation of its own model (lora_study.handoff) -----------------------------------
 
-# Runs whose trained model in memory is exactly what the evaluate job loads: plain LoRA and rsLoRA on 4-bit
-# or unquantized weights. Left to the evaluate job: DoRA, PiSSA/OLoRA (their saved adapter is converted),
-# full fine-tuning, and int8, whose bitsandbytes layers keep state from training.
-IN_TRAINING_METHODS = (LORA, RSLORA)
-IN_TRAINING_FORMATS = (*FOUR_BIT, *UNQUANTIZED)
-
-
-def evaluates_in_training(run: RunSpec, config: dict[str, Any]) -> bool:
-    """Whether `run`'s training job also scores its model (evaluation.in_training_job, no memory cap: a capped
-    evaluation is measured in its own process)."""
-    training = run.training.to_dict() if run.training else {}
-    return (
-        bool(config["evaluation"].get("in_training_job", True))
-        and run.method in IN_TRAINING_METHODS
-        and run.quantization in IN_TRAINING_FORMATS
-        and config["evaluation"]["memory_limit_gb"] is None
-        and training.get("memory_limit_gb") is None
-    )
-
 
 @dataclass(frozen=True)
 class InTrainingEvaluation:
@@ -342,6 +321,7 @@ class InTrainingEvaluation:
     manifest: dict[str, Any]
     splits_dir: Path
     handoff_dir: Path
+    threads: int  # the job's threads, as the evaluate job's key counts its own
 
     def __call__(self, model, job, loss_path: str, adapter_dir: Path) -> bool:
         """Score `model` (trained, saved at `adapter_dir`); True if a hand-off was left. Any failure (out of
@@ -349,9 +329,10 @@ class InTrainingEvaluation:
         from lora_study import handoff
 
         started = time.perf_counter()
-        staging = Path(tempfile.mkdtemp(prefix="eval-", dir=Path(self.handoff_dir).parent))
+        staging = None
         try:
-            as_loaded_for_evaluation(model)
+            staging = Path(tempfile.mkdtemp(prefix="eval-", dir=Path(self.handoff_dir).parent))
+            as_loaded_for_evaluation(model, job.recipe)
             data = EvalData.load(self.splits_dir, self.manifest, self.evaluation)
             phases.end("load")
             with quiet_int8_casts():
@@ -366,21 +347,27 @@ class InTrainingEvaluation:
                                   evaluated_in=IN_TRAINING, **fields)  # fmt: skip
             write_json(outputs.metrics, metrics.to_dict())
             key = handoff.handoff_key(job.run.as_params(), self.evaluation, self.compute, self.device_setting,
-                                      self.manifest, adapter_dir, self.splits_dir)  # fmt: skip
+                                      self.manifest, adapter_dir, self.splits_dir, self.threads)  # fmt: skip
             handoff.leave(self.handoff_dir, key, outputs.as_dict())
         except Exception as error:  # the evaluate job evaluates instead, and fails or records it there
+            phases.end("compute")
             log.warning("evaluation in the training job failed (%s: %s): the evaluate job evaluates the run",
                         type(error).__name__, str(error)[:300])  # fmt: skip
             return False
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
         log.info("evaluated in the training job in %.1f s: the evaluate job takes the result", metrics.eval_wall_s)
         return True
 
 
-def as_loaded_for_evaluation(model) -> None:
+def as_loaded_for_evaluation(model, recipe: Recipe) -> None:
     """Put a trained model in the state load_for_evaluation gives: eval mode, KV cache on, no gradient
-    checkpointing or input-gradient hook, 4-bit layers on training's arithmetic."""
+    checkpointing or input-gradient hook, 4-bit layers on training's arithmetic, and for quantized runs every
+    unquantized base tensor back in the load dtype (prepare_model_for_kbit_training upcast them to fp32 for
+    training; frozen, so the cast back is exact), then the recipe's casts."""
+    from lora_study.precision import apply_recipe
+
     model.zero_grad(set_to_none=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "is_gradient_checkpointing", False):
@@ -388,5 +375,10 @@ def as_loaded_for_evaluation(model) -> None:
     if getattr(base, "_require_grads_hook", None) is not None:
         base.disable_input_require_grads()
     base.config.use_cache = True
+    if recipe.quantized:
+        for name, param in model.named_parameters():
+            if "lora_" not in name and param.dtype.is_floating_point and param.dtype != recipe.load_dtype:
+                param.data = param.data.to(recipe.load_dtype)
+        apply_recipe(model, recipe)
     compute_4bit_as_in_training(model)
     model.eval()

@@ -24,15 +24,41 @@ import json
 import logging
 import os
 import shutil
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from lora_study.formats import FOUR_BIT, UNQUANTIZED
+from lora_study.methods import LORA, RSLORA
+from lora_study.sweep import RunSpec
 
 log = logging.getLogger("lora_study")
 
 PACKAGE = Path(__file__).resolve().parent
 KEY_FILE = "key.json"
-STACK = ("torch", "transformers", "peft", "bitsandbytes")
+STACK = ("torch", "transformers", "peft", "bitsandbytes", "tokenizers", "accelerate", "safetensors", "datasets")
+# Settings that change a CPU's arithmetic without changing the config.
+DISPATCH_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+# Runs whose trained model in memory is exactly what the evaluate job loads: plain LoRA and rsLoRA on 4-bit
+# or unquantized weights. Left to the evaluate job: DoRA, PiSSA/OLoRA (their saved adapter is converted),
+# full fine-tuning, and int8, whose bitsandbytes layers keep state from training.
+IN_TRAINING_METHODS = (LORA, RSLORA)
+IN_TRAINING_FORMATS = (*FOUR_BIT, *UNQUANTIZED)
+
+
+def evaluates_in_training(run: RunSpec, config: dict[str, Any]) -> bool:
+    """Whether `run`'s training job also scores its model (evaluation.in_training_job, no memory cap: a capped
+    evaluation is measured in its own process). The evaluate job takes a hand-off only when this holds."""
+    training = run.training.to_dict() if run.training else {}
+    return (
+        bool(config["evaluation"].get("in_training_job", True))
+        and run.method in IN_TRAINING_METHODS
+        and run.quantization in IN_TRAINING_FORMATS
+        and config["evaluation"]["memory_limit_gb"] is None
+        and training.get("memory_limit_gb") is None
+    )
 
 
 # Snakemake's marker in a directory output, written after the job that made it.
@@ -59,6 +85,7 @@ def code_digest() -> str:
             digest.update(f"{name}=={metadata.version(name)}".encode())
         except metadata.PackageNotFoundError:
             digest.update(f"{name} missing".encode())
+    digest.update(sys.version.encode())
     return digest.hexdigest()
 
 
@@ -70,13 +97,17 @@ def handoff_key(
     manifest: dict[str, Any],
     adapter_dir: Path,
     splits_dir: Path,
+    threads: int,
 ) -> dict[str, Any]:
-    """Everything an evaluation's result depends on, as one JSON-able record."""
+    """Everything an evaluation's result depends on, as one JSON-able record: with the job's threads (a
+    different split of a CPU reduction rounds differently) and the CPU dispatch settings of its environment."""
     return {
         "run": run_params,
         "evaluation": evaluation,
         "compute": compute,
         "device": device,
+        "threads": threads,
+        "dispatch": {name: os.environ.get(name) for name in DISPATCH_VARIABLES},
         "manifest": manifest,
         "adapter": tree_digest(adapter_dir),
         "validation": tree_digest(Path(splits_dir) / "validation"),
@@ -118,3 +149,9 @@ def take(directory: Path, key: dict[str, Any], outputs: dict[str, Path]) -> bool
         log.info("the training job's evaluation does not apply (changed since: %s): evaluating", ", ".join(changed))
     shutil.rmtree(directory, ignore_errors=True)
     return taken
+
+
+def discard(directory: Path) -> None:
+    """Remove a hand-off the evaluate job must not take (the study no longer evaluates in training)."""
+    log.info("the training job's evaluation is not taken (evaluation.in_training_job off or a memory cap set)")
+    shutil.rmtree(directory, ignore_errors=True)

@@ -23,7 +23,15 @@ import torch
 from lora_study import phases
 from lora_study.batching import collate, endless_batches, total_steps
 from lora_study.budget import budget_verdict
-from lora_study.checkpoints import Checkpointer, Progress, StopSignal, TrainingInterrupted, fingerprint, stop_on_signals
+from lora_study.checkpoints import (
+    Checkpointer,
+    Progress,
+    StopSignal,
+    TrainingInterrupted,
+    fingerprint,
+    signals_as_errors,
+    stop_on_signals,
+)
 from lora_study.data import load_split
 from lora_study.failures import (
     STATUS_OOM,
@@ -235,7 +243,8 @@ def train_run(
     if after_training is not None:
         phases.end("write")
         session.release()
-        after_training(model, job, session.loss.path, outputs.adapter_dir)
+        with signals_as_errors():  # a time limit's SIGTERM now ends the extra work, not the finished run
+            after_training(model, job, session.loss.path, outputs.adapter_dir)
     return metrics
 
 

@@ -21,12 +21,17 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
                "predictions.jsonl": Path(snakemake.output.predictions),
                "examples.csv": Path(snakemake.output.examples)}  # fmt: skip
     handoff_dir = Path(paths.for_run(paths.HANDOFF, run_params["run_id"]))
-    if is_trained_run and handoff_dir.exists():
-        key = handoff.handoff_key(run_params, evaluation, compute, snakemake.config["execution"]["device"],
-                                  manifest, Path(snakemake.input.adapter), Path(snakemake.input.splits))  # fmt: skip
-        taken = handoff.take(handoff_dir, key, outputs)
-    else:
-        taken = False
+    taken = False
+    if handoff_dir.exists():
+        from lora_study.sweep import RunSpec
+
+        if is_trained_run and handoff.evaluates_in_training(RunSpec.from_params(run_params), snakemake.config):
+            key = handoff.handoff_key(run_params, evaluation, compute, snakemake.config["execution"]["device"],
+                                      manifest, Path(snakemake.input.adapter), Path(snakemake.input.splits),
+                                      snakemake.threads)  # fmt: skip
+            taken = handoff.take(handoff_dir, key, outputs)
+        else:  # left before evaluation.in_training_job was turned off (or a cap set): evaluate here
+            handoff.discard(handoff_dir)
     if taken:
         logging.getLogger("lora_study").info("evaluated by the training job (nothing it depends on changed since)")
         phases.end("write")

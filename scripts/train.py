@@ -7,7 +7,8 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     from pathlib import Path
 
     from lora_study import paths
-    from lora_study.evaluate import InTrainingEvaluation, evaluates_in_training
+    from lora_study.evaluate import InTrainingEvaluation
+    from lora_study.handoff import evaluates_in_training
     from lora_study.io import read_json
     from lora_study.settings import MeasurementSettings, compute_settings, evaluation_settings
     from lora_study.sweep import RunSpec
@@ -27,6 +28,7 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
             manifest,
             splits,
             Path(paths.for_run(paths.HANDOFF, run.run_id)),
+            snakemake.threads,
         )
     train_run(
         run=run,

@@ -36,6 +36,7 @@ def key_for(tmp_path, **changes):
         "manifest": {"path": "m"},
         "adapter_dir": tmp_path / "adapter",
         "splits_dir": tmp_path / "splits",
+        "threads": 2,
     }
     return handoff.handoff_key(**{**values, **changes})
 
@@ -54,6 +55,7 @@ def test_any_change_since_training_refuses_the_handoff_and_removes_it(tmp_path, 
         "compute": lambda: {"compute": {"compute_dtype": "bf16"}},
         "device": lambda: {"device": "cpu"},
         "manifest": lambda: {"manifest": {"path": "other"}},
+        "threads": lambda: {"threads": 8},
     }
     for field, change in changes.items():
         outputs = left_handoff(tmp_path, key_for(tmp_path))
@@ -87,3 +89,44 @@ def test_snakemakes_marker_in_the_adapter_folder_is_not_a_change(tmp_path):
     outputs = left_handoff(tmp_path, key_for(tmp_path))
     (tmp_path / "adapter" / handoff.SNAKEMAKE_MARKER).write_text("")  # written after the training job ends
     assert handoff.take(tmp_path / "handoff", key_for(tmp_path), outputs)
+
+
+def test_a_different_cpu_dispatch_is_a_change(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    outputs = left_handoff(tmp_path, key_for(tmp_path))
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert not handoff.take(tmp_path / "handoff", key_for(tmp_path), outputs)
+
+
+def test_which_runs_evaluate_in_training():
+    from lora_study.config import validate_config
+    from lora_study.sweep import expand_study
+
+    grid = {"rank": [4], "quantization": ["nf4", "int8", "16bit"]}
+    config = validate_config({"model": {"source": "m"}, "dataset": {"source": "generated"}, "sweep": {"grids": [grid]}})
+    runs = expand_study(config)
+    assert {run_id: handoff.evaluates_in_training(run, config) for run_id, run in runs.items()} == {
+        "r4-qkvo-nf4": True, "r4-qkvo-int8": False, "r4-qkvo-16bit": True}  # fmt: skip
+    off = {**config, "evaluation": {**config["evaluation"], "in_training_job": False}}
+    capped = {**config, "evaluation": {**config["evaluation"], "memory_limit_gb": 4.0}}
+    assert not any(handoff.evaluates_in_training(run, off) or handoff.evaluates_in_training(run, capped)
+                   for run in runs.values())  # fmt: skip
+
+
+def test_a_signal_during_work_that_may_be_abandoned_is_an_error_the_caller_catches():
+    """The training job's own evaluation runs inside signals_as_errors: a SIGTERM (a time limit) ends it as an
+    exception, which InTrainingEvaluation turns into a warning, and the finished training job exits cleanly."""
+    import os
+    import signal
+
+    from lora_study.checkpoints import Interrupted, signals_as_errors
+
+    before = signal.getsignal(signal.SIGTERM)
+    caught = None
+    try:
+        with signals_as_errors():
+            os.kill(os.getpid(), signal.SIGTERM)
+    except Interrupted as error:
+        caught = str(error)
+    assert caught == "stopped by signal SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before

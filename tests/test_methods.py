@@ -203,6 +203,36 @@ def test_4bit_evaluation_computes_exactly_what_training_computed(manifest, tmp_p
     assert all(torch.equal(logits, trained) for logits in evaluated)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_trained_model_put_in_evaluation_state_is_the_model_evaluation_loads(manifest, tmp_path, family):
+    """What the training job scores (lora_study.handoff) is what the evaluate job would load: the same dtype for
+    every tensor and the same logits, bit for bit. GPT-2's learned position embeddings are one of the tensors
+    prepare_model_for_kbit_training upcasts for training that a loaded model holds in the load dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_study.evaluate import as_loaded_for_evaluation
+
+    if family == "gpt2":
+        config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
+        manifest = {"path": str(tmp_path / "gpt2"), "trust_remote_code": False}
+    targets = TARGETS if family == "llama" else Targets(["c_attn"])
+    recipe = recipe_for("nf4", "bf16", detect_capability(CPU))
+    model = add_lora(load_base_model(manifest, recipe, True, "eager", CPU), recipe, targets, 4, 8.0, 0.0, True, "lora")
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(tmp_path / "adapter")
+    as_loaded_for_evaluation(model, recipe)
+    loaded = load_for_evaluation(manifest, recipe, True, "eager", CPU, str(tmp_path / "adapter"))
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in loaded.named_parameters()}
+    inputs = batch(model.config.vocab_size)["input_ids"][:, :16]
+    with torch.inference_mode(), recipe.autocast_context("cpu"):
+        assert torch.equal(model(input_ids=inputs).logits, loaded(input_ids=inputs).logits)
+
+
 def test_dora_on_a_4bit_base_gives_in_inference_what_it_gave_in_training(manifest, tmp_path):
     """bitsandbytes repacks 4-bit weights for its CPU kernel at the first forward without gradients (CPUs
     with AVX512-BF16); DoRA dequantizes them in every forward and must still read the right weights."""
