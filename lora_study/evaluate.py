@@ -370,8 +370,8 @@ def as_loaded_for_evaluation(model, recipe: Recipe) -> None:
 
     model.zero_grad(set_to_none=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base, "is_gradient_checkpointing", False):
-        base.gradient_checkpointing_disable()
+    if getattr(base, "is_activation_checkpointing", False):
+        base.activation_checkpointing_disable()
     if getattr(base, "_require_grads_hook", None) is not None:
         base.disable_input_require_grads()
     base.config.use_cache = True
