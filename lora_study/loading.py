@@ -288,7 +288,10 @@ def compute_4bit_as_in_training(model: nn.Module) -> int:
     kernel from then on, in fp32 recipes too. Measured on an NF4 run of the default study
     (bench/eval_4bit_paths.py): perplexity 0.14 % off the trained arithmetic, 12 of 64 greedy answers
     changed, perplexity 3.7x slower. PEFT's DoRA reads the repacked weight with the generic routine and
-    gets wrong norms (perplexity 377,000 unmerged against 5.2 merged). Other CPUs and GPUs never repack.
+    gets wrong norms (perplexity 377,000 unmerged against 5.2 merged). Other CPUs never repack. On CUDA this
+    changes nothing: bitsandbytes may run batches of up to 256 rows through a fused kernel of its own there,
+    so GPU evaluation is not training's arithmetic bit for bit (the same for every run, and for a training
+    job's own evaluation, which takes the same path).
     """
     from bitsandbytes.nn import Linear4bit
 
