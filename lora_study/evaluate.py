@@ -33,6 +33,7 @@ from lora_study.loading import (
 from lora_study.loss import ResponseLoss
 from lora_study.metrics import IN_TRAINING, STATUS_OK, EvalMetrics, PeakMemory, perplexity
 from lora_study.modules import resolve_attention
+from lora_study.paths import EvalOutputs
 from lora_study.precision import Recipe, detect_capability, quiet_int8_casts, recipe_for
 from lora_study.sweep import RunSpec
 
@@ -136,19 +137,6 @@ def load_run_model(
 
 
 @dataclass(frozen=True)
-class EvalOutputs:
-    """Where an evaluation writes: metrics, the scored prompts' answers, and per-row scores."""
-
-    metrics: Path
-    predictions: Path
-    examples: Path
-
-    def as_dict(self) -> dict[str, Path]:
-        return {"eval_metrics.json": self.metrics, "predictions.jsonl": self.predictions,
-                "examples.csv": self.examples}  # fmt: skip
-
-
-@dataclass(frozen=True)
 class EvalData:
     """The validation rows, the ones scored by exact match, and the tokenizer."""
 
@@ -206,6 +194,15 @@ def write_scores(scores: dict[str, Any], data: EvalData, outputs: EvalOutputs, *
     )
 
 
+def eval_metrics(run_id: str, status: str, device, recipe: Recipe, capability, gpu_slot, started: float,
+                 **fields: Any) -> EvalMetrics:  # fmt: skip
+    """An evaluation's record: where and how it computed, and its wall time since `started`."""
+    return EvalMetrics(run_id=run_id, device=device.type, status=status, compute_dtype=recipe.compute_dtype,
+                       weight_format=recipe.weight_format, capability=capability.to_dict(),
+                       eval_wall_s=time.perf_counter() - started, environment=job_environment(gpu_slot),
+                       **fields)  # fmt: skip
+
+
 def evaluate_run(
     run: RunSpec,
     evaluation: dict[str, Any],
@@ -231,17 +228,7 @@ def evaluate_run(
     memory = PeakMemory(device)
 
     def record(status: str, **fields: Any) -> EvalMetrics:
-        return EvalMetrics(
-            run_id=run.run_id,
-            device=device.type,
-            status=status,
-            compute_dtype=recipe.compute_dtype,
-            weight_format=recipe.weight_format,
-            capability=capability.to_dict(),
-            eval_wall_s=time.perf_counter() - start,
-            environment=job_environment(gpu_slot),
-            **fields,
-        )
+        return eval_metrics(run.run_id, status, device, recipe, capability, gpu_slot, start, **fields)
 
     def not_evaluated(status: str, failure: dict[str, Any]) -> EvalMetrics:
         _write_predictions(outputs.predictions, [], [])
@@ -341,14 +328,12 @@ class InTrainingEvaluation:
                 staging / "eval_metrics.json", staging / "predictions.jsonl", staging / "examples.csv"
             )
             fields = write_scores(scores, data, outputs, loss_path=loss_path, memory={"memory_kind": IN_TRAINING})
-            metrics = EvalMetrics(run_id=job.run.run_id, device=job.device.type, compute_dtype=job.recipe.compute_dtype,
-                                  weight_format=job.recipe.weight_format, capability=job.capability.to_dict(),
-                                  eval_wall_s=time.perf_counter() - started, environment=job_environment(job.gpu_slot),
-                                  evaluated_in=IN_TRAINING, **fields)  # fmt: skip
+            metrics = eval_metrics(job.run.run_id, STATUS_OK, job.device, job.recipe, job.capability, job.gpu_slot,
+                                   started, evaluated_in=IN_TRAINING, **fields)  # fmt: skip
             write_json(outputs.metrics, metrics.to_dict())
             key = handoff.handoff_key(job.run.as_params(), self.evaluation, self.compute, self.device_setting,
                                       self.manifest, adapter_dir, self.splits_dir, self.threads)  # fmt: skip
-            handoff.leave(self.handoff_dir, key, outputs.as_dict())
+            handoff.leave(self.handoff_dir, key, outputs.by_name())
         except Exception as error:  # the evaluate job evaluates instead, and fails or records it there
             phases.end("compute")
             log.warning("evaluation in the training job failed (%s: %s): the evaluate job evaluates the run",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 RESULTS = "results"
 LOGS = "logs"
 
@@ -74,3 +77,18 @@ def for_run(template: str, run_id: str) -> str:
 def benchmark(rule: str, per_run: bool = False) -> str:
     """Snakemake's per-job wall time / RSS record (benchmark: directive)."""
     return f"{BENCHMARKS}/{rule}/{{run}}.tsv" if per_run else f"{BENCHMARKS}/{rule}.tsv"
+
+
+@dataclass(frozen=True)
+class EvalOutputs:
+    """Where an evaluation writes: metrics, the scored prompts' answers, and per-row scores."""
+
+    metrics: Path
+    predictions: Path
+    examples: Path
+
+    def by_name(self) -> dict[str, Path]:
+        """Each output under its file name in the rule (the names a hand-off stores them under)."""
+        templates = (EVAL_METRICS, PREDICTIONS, EXAMPLES)
+        paths = (self.metrics, self.predictions, self.examples)
+        return {Path(template).name: path for template, path in zip(templates, paths, strict=True)}

@@ -10,6 +10,7 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
 
     from lora_study import handoff, paths, phases
     from lora_study.io import read_json
+    from lora_study.sweep import RunSpec
 
     run_params = json.loads(snakemake.params.run)
     evaluation = json.loads(snakemake.params.evaluation)
@@ -17,36 +18,33 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     manifest = read_json(snakemake.input.manifest)
     is_trained_run = hasattr(snakemake.input, "train_metrics")
     trained = read_json(snakemake.input.train_metrics) if is_trained_run else {"status": "ok"}
-    outputs = {"eval_metrics.json": Path(snakemake.output.metrics),
-               "predictions.jsonl": Path(snakemake.output.predictions),
-               "examples.csv": Path(snakemake.output.examples)}  # fmt: skip
-    handoff_dir = Path(paths.for_run(paths.HANDOFF, run_params["run_id"]))
+    run = RunSpec.from_params(run_params)
+    outputs = paths.EvalOutputs(*map(Path, (snakemake.output.metrics, snakemake.output.predictions,
+                                            snakemake.output.examples)))  # fmt: skip
+    handoff_dir = Path(paths.for_run(paths.HANDOFF, run.run_id))
     taken = False
     if handoff_dir.exists():
-        from lora_study.sweep import RunSpec
-
-        if is_trained_run and handoff.evaluates_in_training(RunSpec.from_params(run_params), snakemake.config):
+        if is_trained_run and handoff.evaluates_in_training(run, snakemake.config):
             key = handoff.handoff_key(run_params, evaluation, compute, snakemake.config["execution"]["device"],
                                       manifest, Path(snakemake.input.adapter), Path(snakemake.input.splits),
                                       snakemake.threads)  # fmt: skip
-            taken = handoff.take(handoff_dir, key, outputs)
+            taken = handoff.take(handoff_dir, key, outputs.by_name())
         else:  # left before evaluation.in_training_job was turned off (or a cap set): evaluate here
             handoff.discard(handoff_dir)
     if taken:
         logging.getLogger("lora_study").info("evaluated by the training job (nothing it depends on changed since)")
         phases.end("write")
     else:
-        from lora_study.evaluate import EvalOutputs, evaluate_run
-        from lora_study.sweep import RunSpec
+        from lora_study.evaluate import evaluate_run
 
         evaluate_run(
-            run=RunSpec.from_params(run_params),
+            run=run,
             evaluation=evaluation,
             compute_settings=compute,
             manifest=manifest,
             splits_dir=Path(snakemake.input.splits),
             adapter_dir=Path(snakemake.input.adapter) if is_trained_run else None,
-            outputs=EvalOutputs(*outputs.values()),
+            outputs=outputs,
             threads=snakemake.threads,
             train_status=trained["status"],
             loss_path=trained.get("loss_path"),

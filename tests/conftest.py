@@ -230,7 +230,8 @@ def prepared_inputs(model_dir: Path, config: dict, out: Path) -> tuple[dict, dic
 def train_and_evaluate(run, config: dict, manifest: dict, splits: Path, out: Path, threads: int):
     """One run trained and evaluated in-process by the train and evaluate jobs' own functions; outputs in `out`
     (adapter/, examples.csv, ...)."""
-    from lora_study.evaluate import EvalOutputs, evaluate_run
+    from lora_study.evaluate import evaluate_run
+    from lora_study.paths import EvalOutputs
     from lora_study.train import TrainOutputs, train_run
 
     train_run(run, manifest, splits, TrainOutputs(out / "adapter", out / "t.json", out / "curve.csv"),

@@ -25,7 +25,8 @@ from lora_study.deploy import (
     serving_prompt,
     timed_calls,
 )
-from lora_study.evaluate import EvalOutputs, evaluate_run
+from lora_study.evaluate import evaluate_run
+from lora_study.paths import EvalOutputs
 from lora_study.sweep import RunSpec, expand_study
 from lora_study.verdicts import decide
 

@@ -46,6 +46,15 @@ def batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+def as_if_trained(model, seed: int) -> None:
+    """Random lora_B (PEFT starts it at zero): an adapter with updates, as after training."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+
+
 def loss_of(model, inputs) -> float:
     model.eval()
     with torch.no_grad():
@@ -188,11 +197,7 @@ def test_4bit_evaluation_computes_exactly_what_training_computed(manifest, tmp_p
     every CPU: bitsandbytes' fused CPU kernel (AVX512-BF16 CPUs, eval mode) would round differently."""
     recipe = recipe_for("nf4", compute, detect_capability(CPU))
     model = add_lora(load_base_model(manifest, recipe, True, "eager", CPU), recipe, TARGETS, 4, 8.0, 0.0, False, "lora")
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    as_if_trained(model, seed=5)
     model.save_pretrained(tmp_path / "lora")
     inputs = batch(model.config.vocab_size)["input_ids"]
     with recipe.autocast_context("cpu"):
@@ -219,11 +224,7 @@ def test_a_trained_model_put_in_evaluation_state_is_the_model_evaluation_loads(m
     targets = TARGETS if family == "llama" else Targets(["c_attn"])
     recipe = recipe_for("nf4", "bf16", detect_capability(CPU))
     model = add_lora(load_base_model(manifest, recipe, True, "eager", CPU), recipe, targets, 4, 8.0, 0.0, True, "lora")
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    as_if_trained(model, seed=7)
     model.save_pretrained(tmp_path / "adapter")
     as_loaded_for_evaluation(model, recipe)
     loaded = load_for_evaluation(manifest, recipe, True, "eager", CPU, str(tmp_path / "adapter"))
@@ -242,11 +243,7 @@ def test_dora_on_a_4bit_base_gives_in_inference_what_it_gave_in_training(manifes
 
     recipe = recipe_for("nf4", "bf16", detect_capability(CPU))  # where `auto` picks bf16, bitsandbytes repacks
     model = add_lora(load_base_model(manifest, recipe, True, "eager", CPU), recipe, TARGETS, 4, 8.0, 0.0, False, "dora")
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # a trained adapter: updates that DoRA normalises
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    as_if_trained(model, seed=3)
     adapter = str(tmp_path / "dora")
     model.save_pretrained(adapter)
     inputs = batch(model.config.vocab_size)["input_ids"]
