@@ -8,7 +8,7 @@ CORES ?= 2
 # workers keep both cores of a 2-core machine busy (tests/conftest.py groups and orders the tests).
 TEST_WORKERS ?= 2
 
-.PHONY: setup study test lint format clean
+.PHONY: setup study test lint format docs clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-tracking.txt
 	python3 -m venv $(VENV)
@@ -37,6 +37,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/snakefmt Snakefile rules/
+
+# Reference pages generated from the schema and the rule graph (tests/test_docs.py keeps them current).
+docs: $(STAMP)
+	$(PY) -m lora_study.study.config_docs > config/README.md
+	$(VENV)/bin/snakemake --configfile config/downstream.yaml --rulegraph --cores 1 --quiet all \
+		| $(PY) -m lora_study.study.config_docs rulegraph > docs/rulegraph.md
 
 clean:
 	rm -rf results/* logs benchmarks .snakemake

@@ -1,6 +1,6 @@
 """Calibration of the verdicts: error rates, power and coverage on simulated studies with a known truth.
 
-Every scenario (lora_study/calibration.py) is simulated `--datasets` times and
+Every scenario (lora_study/stats/calibration.py) is simulated `--datasets` times and
 fed through the findings' own Judge; the table gives, per scenario, the false
 better/worse rate with no true difference (nominal 5 %), the rate of
 "equivalent" with no difference (tolerance 2 %), power at a real +5 % change in
@@ -11,7 +11,7 @@ configuration's own accuracy interval.
     python bench/calibration.py --baseline old_verdicts.py   # the same data through another verdicts.py
 
 `--baseline` takes a verdicts.py of an earlier commit (for instance
-`git show <commit>:lora_study/verdicts.py > /tmp/old_verdicts.py`), so a change
+`git show <commit>:lora_study/stats/verdicts.py > /tmp/old_verdicts.py`), so a change
 to the verdicts is judged on identical simulated data.
 """
 
@@ -68,7 +68,7 @@ def main() -> None:
 
     import torch
 
-    from lora_study import calibration, verdicts
+    from lora_study.stats import calibration, verdicts
 
     start = time.perf_counter()
     rows = calibration.calibration_table(args.datasets, verdicts, args.seed)

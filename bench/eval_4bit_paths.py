@@ -1,6 +1,6 @@
 """Evaluating a 4-bit run on CPU three ways, side by side: bitsandbytes' fused CPU kernel (what it switches
 to in eval mode on CPUs with AVX512-BF16), its dequantize-then-matmul at every call (training's arithmetic,
-what evaluation uses: lora_study.loading.compute_4bit_as_in_training), and the weights dequantized once
+what evaluation uses: lora_study.training.loading.compute_4bit_as_in_training), and the weights dequantized once
 into plain linear layers.
 
     snakemake --cores 2 results/runs/r16-qkvo-nf4/train_metrics.json
@@ -65,12 +65,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     args = parser.parse_args()
 
-    from lora_study.data import load_split
-    from lora_study.evaluate import exact_answer_indices, greedy_answers, response_nll
-    from lora_study.io import read_json
-    from lora_study.loading import load_for_evaluation, load_tokenizer
-    from lora_study.loss import SHORTCUT, ResponseLoss
-    from lora_study.precision import detect_capability, recipe_for
+    from lora_study.core.io import read_json
+    from lora_study.measure.evaluate import exact_answer_indices, greedy_answers, response_nll
+    from lora_study.prepare.data import load_split
+    from lora_study.training.loading import load_for_evaluation, load_tokenizer
+    from lora_study.training.loss import SHORTCUT, ResponseLoss
+    from lora_study.training.precision import detect_capability, recipe_for
 
     torch.set_num_threads(2)
     cpu = torch.device("cpu")

@@ -22,7 +22,7 @@ def cell(model_type: str, groups: list[str]) -> str:
     from peft import LoraConfig, get_peft_model
     from test_modules import build
 
-    from lora_study.modules import (
+    from lora_study.study.modules import (
         ModuleResolutionError,
         expert_parameter_names,
         layout_for,
@@ -47,7 +47,7 @@ def cell(model_type: str, groups: list[str]) -> str:
 def main() -> None:
     from test_modules import build
 
-    from lora_study.modules import ARCHITECTURES, expert_parameter_names, layout_for, linear_layer_names
+    from lora_study.study.modules import ARCHITECTURES, expert_parameter_names, layout_for, linear_layer_names
 
     print("| model_type | layout | q,k,v,o | mlp | all-linear |\n|---|---|---|---|---|")
     for model_type in (*ARCHITECTURES, *EXTRA_FAMILIES):

@@ -88,7 +88,7 @@ def build_model(out_dir: Path, shape: dict) -> dict:
     from tokenizers import Tokenizer, models
     from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 
-    from lora_study.model_source import describe_model
+    from lora_study.prepare.model_source import describe_model
 
     config = PhiConfig(**shape)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,13 +126,13 @@ def build_data(out_dir: Path, vocab_size: int, rows: int, seq_len: int) -> None:
 
 def run_config(args: argparse.Namespace) -> None:
     """Child process: claim a GPU as a workflow job does (first), train one configuration, print its metrics."""
-    from lora_study.gpu_slots import claim_job_gpu
+    from lora_study.core.gpu_slots import claim_job_gpu
 
     slot = claim_job_gpu()  # before anything imports CUDA-touching modules
-    from lora_study.io import read_json
-    from lora_study.metrics import torch_device_uuid
-    from lora_study.sweep import RunSpec
-    from lora_study.train import TrainOutputs, train_run
+    from lora_study.core.io import read_json
+    from lora_study.core.metrics import torch_device_uuid
+    from lora_study.study.sweep import RunSpec
+    from lora_study.training.loop import TrainOutputs, train_run
 
     job = json.loads(args.one)
     work = Path(job["work"])
@@ -173,10 +173,10 @@ def finish_child(child: subprocess.Popen, label: str, options: dict) -> dict:
 
 
 def run_spec(rank: int, modules: list[str], quantization: str, training: dict):
-    from lora_study.formats import applies_compute_dtype
-    from lora_study.modules import canonical_modules
-    from lora_study.settings import TrainingSettings
-    from lora_study.sweep import RunSpec, run_id
+    from lora_study.core.formats import applies_compute_dtype
+    from lora_study.study.modules import canonical_modules
+    from lora_study.study.settings import TrainingSettings
+    from lora_study.study.sweep import RunSpec, run_id
 
     ordered = tuple(canonical_modules(modules))
     double_quant = quantization == "nf4"
@@ -187,7 +187,7 @@ def run_spec(rank: int, modules: list[str], quantization: str, training: dict):
 
 
 def table_row(metrics: dict, options: dict) -> dict:
-    from lora_study.findings import measured_device
+    from lora_study.questions.findings import measured_device
 
     memory, plan = metrics["memory"], metrics.get("memory_plan") or {}
     return {
@@ -227,9 +227,9 @@ def plan_only(args: argparse.Namespace) -> None:
     import pandas as pd
     from transformers import PhiConfig
 
-    from lora_study.config import validate_config
-    from lora_study.modules import ARCHITECTURES, linear_layer_names, meta_model, resolve_targets
-    from lora_study.planner import BatchShape, model_facts, plan_run, planning_recipe
+    from lora_study.study.config import validate_config
+    from lora_study.study.modules import ARCHITECTURES, linear_layer_names, meta_model, resolve_targets
+    from lora_study.training.planner import BatchShape, model_facts, plan_run, planning_recipe
 
     config = PhiConfig(**(TINY if args.tiny else PHI2))
     facts = model_facts(config)
@@ -277,7 +277,7 @@ def main() -> None:
 
     import torch
 
-    from lora_study.config import validate_config
+    from lora_study.study.config import validate_config
 
     shape = TINY if args.tiny else PHI2
     options = {**OPTIONS, "gradient_checkpointing": not args.no_gradient_checkpointing}

@@ -27,7 +27,7 @@ if [[ " ${args[*]-} " != *" --out "* ]]; then
 fi
 
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-    echo "gpu_check: $PYTHON has no torch; install the CUDA build for this machine's driver first (README: Installing for a GPU)" >&2
+    echo "gpu_check: $PYTHON has no torch; install the CUDA build for this machine's driver first (docs/gpu.md, Installing for a GPU)" >&2
     exit 2
 fi
 # import name -> requirement (pins from requirements.txt where it has them)

@@ -92,7 +92,7 @@ def build_hybrid(work: Path, env: dict[str, str]) -> Path:
 def capability(env: dict[str, str]) -> str:
     """The CPU as torch dispatches under `env`: get_cpu_capability() and whether bf16 is native."""
     code = (
-        "import torch; from lora_study.precision import detect_capability; "
+        "import torch; from lora_study.training.precision import detect_capability; "
         "print(torch.backends.cpu.get_cpu_capability(), '-', detect_capability(torch.device('cpu')).summary())"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
@@ -114,8 +114,8 @@ def train_all(workdir: Path, env: dict[str, str], study: dict) -> None:
 
 def run_ids(workdir: Path) -> list[str]:
     sys.path.insert(0, str(REPO))
-    from lora_study.config import validate_config
-    from lora_study.sweep import expand_study
+    from lora_study.study.config import validate_config
+    from lora_study.study.sweep import expand_study
 
     return list(expand_study(validate_config(yaml.safe_load((workdir / "config.yaml").read_text()))))
 

@@ -1,7 +1,7 @@
 """Training throughput per precision recipe on this machine, side by side in one process.
 
 Every recipe trains LoRA r16 on q,k,v,o of the default model through the
-workflow's own loading, recipe and loss code (lora_study.loading /
+workflow's own loading, recipe and loss code (lora_study.training.loading /
 precision / loss), on the same random batch, in alternating rounds; the
 table gives the median tokens/s per recipe. It then checks that `auto`
 resolved to the fastest recipe among the correct candidates of each format
@@ -45,7 +45,7 @@ CANDIDATES = {
 def cpu_report() -> str:
     import torch
 
-    from lora_study.precision import detect_capability
+    from lora_study.training.precision import detect_capability
 
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     capability = detect_capability(torch.device("cpu"))
@@ -57,9 +57,9 @@ def cpu_report() -> str:
 
 
 def build(manifest: dict, quantization: str, compute: str | None, device):
-    from lora_study.loading import add_lora, load_base_model
-    from lora_study.modules import Targets
-    from lora_study.precision import detect_capability, recipe_for
+    from lora_study.study.modules import Targets
+    from lora_study.training.loading import add_lora, load_base_model
+    from lora_study.training.precision import detect_capability, recipe_for
 
     recipe = recipe_for(quantization, compute, detect_capability(device))
     model = load_base_model(manifest, recipe, True, "sdpa", device)
@@ -73,8 +73,8 @@ def train_steps(setup, batch, steps: int, device) -> float:
     """Seconds for `steps` optimizer steps (forward, backward, AdamW) under the recipe."""
     import torch
 
-    from lora_study.loss import ResponseLoss
-    from lora_study.precision import GradScaling
+    from lora_study.training.loss import ResponseLoss
+    from lora_study.training.precision import GradScaling
 
     model, recipe, params, optimizer = setup
     loss_fn, scaling = ResponseLoss(model), GradScaling(recipe, device.type)
@@ -105,9 +105,9 @@ def main() -> None:
 
     import torch
 
-    from lora_study.batching import collate
-    from lora_study.io import read_json
-    from lora_study.loading import pick_device, set_threads
+    from lora_study.core.io import read_json
+    from lora_study.training.batching import collate
+    from lora_study.training.loading import pick_device, set_threads
 
     set_threads(args.threads)
     device = pick_device()

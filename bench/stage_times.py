@@ -1,4 +1,4 @@
-"""Where a finished study's time went: per stage, the phases its jobs logged (lora_study.phases), and the
+"""Where a finished study's time went: per stage, the phases its jobs logged (lora_study.core.phases), and the
 overhead (everything but compute) against the wall.
 
     make clean study && python bench/stage_times.py --wall-s 612
@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lora_study.phases import COMPUTE, LINE, PHASES  # noqa: E402
+from lora_study.core.phases import COMPUTE, LINE, PHASES  # noqa: E402
 
 
 def job_phases(log: Path) -> dict[str, float]:
@@ -52,7 +52,7 @@ def main() -> None:
 
     import torch
 
-    from lora_study.precision import detect_capability
+    from lora_study.training.precision import detect_capability
 
     print(f"CPU: {detect_capability(torch.device('cpu')).summary()}; get_cpu_capability() "
           f"{torch.backends.cpu.get_cpu_capability()}; _is_avx512_bf16_supported() "

@@ -34,9 +34,9 @@ def load_setup(run_id: str, steps: int):
 
     import yaml
 
-    from lora_study.config import validate_config
-    from lora_study.io import read_json
-    from lora_study.sweep import expand_study
+    from lora_study.core.io import read_json
+    from lora_study.study.config import validate_config
+    from lora_study.study.sweep import expand_study
 
     config = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
     spec = expand_study(config)[run_id]
@@ -46,11 +46,11 @@ def load_setup(run_id: str, steps: int):
 
 
 def perplexity_of(model, recipe, manifest, splits: Path, batch_size: int) -> float:
-    from lora_study.data import load_split
-    from lora_study.evaluate import response_nll
-    from lora_study.loading import load_tokenizer
-    from lora_study.loss import ResponseLoss
-    from lora_study.metrics import perplexity
+    from lora_study.core.metrics import perplexity
+    from lora_study.measure.evaluate import response_nll
+    from lora_study.prepare.data import load_split
+    from lora_study.training.loading import load_tokenizer
+    from lora_study.training.loss import ResponseLoss
 
     _, pad_id = load_tokenizer(manifest)
     model.eval()
@@ -60,10 +60,10 @@ def perplexity_of(model, recipe, manifest, splits: Path, batch_size: int) -> flo
 
 
 def worker_ours(run_id: str, steps: int, out: Path, threads: int) -> dict:
-    from lora_study.loading import load_for_evaluation, pick_device
-    from lora_study.metrics import peak_rss_bytes
-    from lora_study.modules import resolve_attention
-    from lora_study.train import TrainOutputs, train_run
+    from lora_study.core.metrics import peak_rss_bytes
+    from lora_study.study.modules import resolve_attention
+    from lora_study.training.loading import load_for_evaluation, pick_device
+    from lora_study.training.loop import TrainOutputs, train_run
 
     config, run, manifest, splits = load_setup(run_id, steps)
     metrics = train_run(
@@ -83,8 +83,8 @@ def worker_ours(run_id: str, steps: int, out: Path, threads: int) -> dict:
 
 
 def local_recipe(run):
-    from lora_study.loading import pick_device
-    from lora_study.precision import detect_capability, recipe_for
+    from lora_study.training.loading import pick_device
+    from lora_study.training.precision import detect_capability, recipe_for
 
     return recipe_for(run.quantization, run.training.compute_dtype, detect_capability(pick_device()))
 
@@ -92,11 +92,11 @@ def local_recipe(run):
 def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from lora_study.batching import IGNORE_INDEX
-    from lora_study.data import load_split
-    from lora_study.loading import add_lora, load_base_model, load_tokenizer, pick_device, set_threads
-    from lora_study.metrics import peak_rss_bytes
-    from lora_study.modules import manifest_layout, resolve_attention, resolve_targets
+    from lora_study.core.metrics import peak_rss_bytes
+    from lora_study.prepare.data import load_split
+    from lora_study.study.modules import manifest_layout, resolve_attention, resolve_targets
+    from lora_study.training.batching import IGNORE_INDEX
+    from lora_study.training.loading import add_lora, load_base_model, load_tokenizer, pick_device, set_threads
 
     config, run, manifest, splits = load_setup(run_id, steps)
     set_threads(threads)
@@ -150,7 +150,7 @@ def worker_trainer(run_id: str, steps: int, out: Path, threads: int) -> dict:
 def cpu_line() -> str:
     import torch
 
-    from lora_study.precision import detect_capability
+    from lora_study.training.precision import detect_capability
 
     return (f"CPU: {detect_capability(torch.device('cpu')).summary()}; get_cpu_capability() "
             f"{torch.backends.cpu.get_cpu_capability()}; _is_avx512_bf16_supported() "

@@ -11,15 +11,15 @@ from snakemake.exceptions import WorkflowError
 # (pip install -e . in the venv, or envs/study.yaml under --sdm conda).
 sys.path.insert(0, workflow.basedir)
 
-from lora_study import paths
-from lora_study.config import ConfigError, canonical_json, check_local_sources, validate_config
-from lora_study.budget import budget_verdict
-from lora_study.captions import CHART_CAPTIONS
-from lora_study.downstream import local_task_problem
-from lora_study.io import read_csv_rows
-from lora_study.preflight import PreflightError, check_at_start
-from lora_study.settings import compute_settings, evaluation_settings
-from lora_study.sweep import all_evaluated, expand_study
+from lora_study.core import paths
+from lora_study.study.config import ConfigError, canonical_json, check_local_sources, validate_config
+from lora_study.study.budget import budget_verdict
+from lora_study.report.captions import CHART_CAPTIONS
+from lora_study.measure.downstream import local_task_problem
+from lora_study.core.io import read_csv_rows
+from lora_study.study.preflight import PreflightError, check_at_start
+from lora_study.study.settings import compute_settings, evaluation_settings
+from lora_study.study.sweep import all_evaluated, expand_study
 
 try:
     validate_config(config)

@@ -1,6 +1,6 @@
 """Rule aggregate: every run's settings and metrics in results/tables/runs.csv."""
 
-from lora_study.jobs import job
+from lora_study.core.jobs import job
 
 with job(snakemake) as log:
     import json
@@ -8,18 +8,18 @@ with job(snakemake) as log:
 
     import pandas as pd
 
-    from lora_study.aggregate import (
+    from lora_study.analysis.aggregate import (
         CONFIG_SUMMARY_COLUMNS,
+        SUMMARY_COLUMNS,
         combine_examples,
         combine_loss_curves,
         combine_per_run,
         deployment_frames,
         runs_table,
         with_deployment_columns,
-        write_table,
     )
-    from lora_study.io import atomic_path, read_csv_rows, read_json
-    from lora_study.replicates import config_table
+    from lora_study.core.io import atomic_path, read_csv_rows, read_json, write_table
+    from lora_study.stats.replicates import config_table
 
     table = runs_table(
         runs=json.loads(snakemake.params.runs),
@@ -34,7 +34,7 @@ with job(snakemake) as log:
         table,
     )
     table = with_deployment_columns(table, downstream, deploy)
-    write_table(table, snakemake.output.csv, snakemake.output.markdown)
+    write_table(table, snakemake.output.csv, snakemake.output.markdown, SUMMARY_COLUMNS)
     for frame, path in ((downstream, snakemake.output.downstream), (samples, snakemake.output.downstream_samples),
                         (deploy, snakemake.output.deploy)):  # fmt: skip
         with atomic_path(path) as tmp:

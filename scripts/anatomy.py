@@ -1,14 +1,14 @@
 """Rule anatomy: the spectrum of each layer's learned update for one trained run."""
 
-from lora_study.jobs import job
+from lora_study.core.jobs import job
 
 with job(snakemake):
     import json
     from pathlib import Path
 
-    from lora_study.anatomy import run_anatomy
-    from lora_study.io import read_json
-    from lora_study.sweep import RunSpec
+    from lora_study.core.io import read_json
+    from lora_study.measure.anatomy import run_anatomy
+    from lora_study.study.sweep import RunSpec
 
     run_anatomy(
         manifest=read_json(snakemake.input.manifest),

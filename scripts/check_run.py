@@ -1,13 +1,13 @@
 """Rule check_run: one run's modules, quantization and attention checked on the prepared model (no torch)."""
 
-from lora_study.jobs import job
+from lora_study.core.jobs import job
 
 with job(snakemake, work="checks") as log:
     import json
 
-    from lora_study.io import read_json, write_json
-    from lora_study.preflight import check_with_manifest
-    from lora_study.sweep import RunSpec, expand_study
+    from lora_study.core.io import read_json, write_json
+    from lora_study.study.preflight import check_with_manifest
+    from lora_study.study.sweep import RunSpec, expand_study
 
     run = RunSpec.from_params(json.loads(snakemake.params.run))
     # bitsandbytes is looked up, not imported (that imports torch); the train job imports it. The study's other

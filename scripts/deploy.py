@@ -1,14 +1,14 @@
 """Rule deploy: the merge check and serving cost of one run (or base model)."""
 
-from lora_study.jobs import job, trained_run
+from lora_study.core.jobs import job, trained_run
 
 with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     import json
     from pathlib import Path
 
-    from lora_study.deploy import DeploySettings, run_deploy
-    from lora_study.io import read_json, write_json
-    from lora_study.sweep import RunSpec
+    from lora_study.core.io import read_json, write_json
+    from lora_study.measure.deploy import DeploySettings, run_deploy
+    from lora_study.study.sweep import RunSpec
 
     adapter_dir, train_status = trained_run(snakemake)
     merged_dir = Path(snakemake.output.merged) if hasattr(snakemake.output, "merged") else None

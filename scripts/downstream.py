@@ -2,7 +2,7 @@
 
 import os
 
-from lora_study.jobs import job, trained_run
+from lora_study.core.jobs import job, trained_run
 
 # Standard tasks' data was fetched by rule lm_eval_tasks; compute nodes may have no network.
 # Set before job() imports datasets, which reads them once.
@@ -13,9 +13,9 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     import json
     from pathlib import Path
 
-    from lora_study.downstream import LmEvalSettings, run_downstream
-    from lora_study.io import read_json
-    from lora_study.sweep import RunSpec
+    from lora_study.core.io import read_json
+    from lora_study.measure.downstream import LmEvalSettings, run_downstream
+    from lora_study.study.sweep import RunSpec
 
     adapter_dir, train_status = trained_run(snakemake)
     run_downstream(

@@ -1,16 +1,17 @@
 """Rule evaluate: perplexity and exact-match accuracy of one run or the base model, or the evaluation its
-training job left when nothing it depends on changed since (lora_study.handoff)."""
+training job left when nothing it depends on changed since (lora_study.measure.handoff)."""
 
-from lora_study.jobs import job
+from lora_study.core.jobs import job
 
 with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     import json
     import logging
     from pathlib import Path
 
-    from lora_study import handoff, paths, phases
-    from lora_study.io import read_json
-    from lora_study.sweep import RunSpec
+    from lora_study.core import paths, phases
+    from lora_study.core.io import read_json
+    from lora_study.measure import handoff
+    from lora_study.study.sweep import RunSpec
 
     run_params = json.loads(snakemake.params.run)
     evaluation = json.loads(snakemake.params.evaluation)
@@ -35,7 +36,7 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
         logging.getLogger("lora_study").info("evaluated by the training job (nothing it depends on changed since)")
         phases.end("write")
     else:
-        from lora_study.evaluate import evaluate_run
+        from lora_study.measure.evaluate import evaluate_run
 
         evaluate_run(
             run=run,

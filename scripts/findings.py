@@ -1,6 +1,6 @@
 """Rule findings: derived tables, charts and the findings report."""
 
-from lora_study.jobs import job
+from lora_study.core.jobs import job
 
 with job(snakemake) as log:
     import json
@@ -8,9 +8,9 @@ with job(snakemake) as log:
 
     import pandas as pd
 
-    from lora_study.findings import FindingSettings
-    from lora_study.io import read_json
-    from lora_study.report import Deployment, StudyContext, build_report
+    from lora_study.core.io import read_json
+    from lora_study.questions.findings import FindingSettings
+    from lora_study.report.page import Deployment, StudyContext, build_report
 
     settings = json.loads(snakemake.params.report)
     examples = pd.read_csv(snakemake.input.examples)

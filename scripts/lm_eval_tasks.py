@@ -1,16 +1,16 @@
 """Rule lm_eval_tasks: the study's exact-answer prompts as local lm-eval tasks; every configured task checked."""
 
-from lora_study.jobs import job
+from lora_study.core.jobs import job
 
 with job(snakemake) as log:
     import json
     from pathlib import Path
 
-    from lora_study.data import load_split
-    from lora_study.downstream import LmEvalSettings, check_tasks, write_local_tasks
-    from lora_study.evaluate import exact_answer_indices
-    from lora_study.io import read_json, write_json
-    from lora_study.loading import load_tokenizer
+    from lora_study.core.io import read_json, write_json
+    from lora_study.measure.downstream import LmEvalSettings, check_tasks, write_local_tasks
+    from lora_study.measure.evaluate import exact_answer_indices
+    from lora_study.prepare.data import load_split
+    from lora_study.training.loading import load_tokenizer
 
     settings = LmEvalSettings(tuple(json.loads(snakemake.params.tasks)), num_fewshot=0, limit=None, batch_size=1)
     rows = list(load_split(snakemake.input.splits, "validation"))

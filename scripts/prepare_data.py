@@ -1,6 +1,6 @@
 """Rule prepare_data: format, tokenize and split the data set once."""
 
-from lora_study.jobs import job
+from lora_study.core.jobs import job
 
 with job(snakemake, work="load") as log:
     import json
@@ -8,8 +8,8 @@ with job(snakemake, work="load") as log:
 
     from transformers import AutoTokenizer
 
-    from lora_study.data import prepare_data
-    from lora_study.io import atomic_path, read_json, write_json
+    from lora_study.core.io import atomic_path, read_json, write_json
+    from lora_study.prepare.data import prepare_data
 
     manifest = read_json(snakemake.input.manifest)
     tokenizer = AutoTokenizer.from_pretrained(manifest["path"])

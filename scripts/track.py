@@ -1,6 +1,6 @@
 """Rule track: log every run of the study to MLflow (a failure is a warning, never a failed study)."""
 
-from lora_study.jobs import job
+from lora_study.core.jobs import job
 
 with job(snakemake) as log:
     import json
@@ -8,7 +8,7 @@ with job(snakemake) as log:
 
     import pandas as pd
 
-    from lora_study.tracking import TrackingSettings, track_study, write_record
+    from lora_study.report.tracking import TrackingSettings, track_study, write_record
 
     settings = TrackingSettings.from_config({"mlflow": json.loads(snakemake.params.mlflow)})
     record = track_study(

@@ -1,24 +1,24 @@
 """Rule train: one LoRA/QLoRA adapter for one configuration (and, where it can, its evaluation)."""
 
-from lora_study.jobs import job
+from lora_study.core.jobs import job
 
 with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     import json
     from pathlib import Path
 
-    from lora_study import paths
-    from lora_study.evaluate import InTrainingEvaluation
-    from lora_study.handoff import evaluates_in_training
-    from lora_study.io import read_json
-    from lora_study.settings import MeasurementSettings, compute_settings, evaluation_settings
-    from lora_study.sweep import RunSpec
-    from lora_study.train import TrainOutputs, train_run
+    from lora_study.core import paths
+    from lora_study.core.io import read_json
+    from lora_study.measure.evaluate import InTrainingEvaluation
+    from lora_study.measure.handoff import evaluates_in_training
+    from lora_study.study.settings import MeasurementSettings, compute_settings, evaluation_settings
+    from lora_study.study.sweep import RunSpec
+    from lora_study.training.loop import TrainOutputs, train_run
 
     config = snakemake.config
     run = RunSpec.from_params(json.loads(snakemake.params.run))
     manifest = read_json(snakemake.input.manifest)
     splits = Path(snakemake.input.splits)
-    # Read from the config, not params: the evaluation settings must not rerun training (lora_study.handoff).
+    # Read from the config, not params: the evaluation settings must not rerun training (lora_study.measure.handoff).
     evaluation = None
     if evaluates_in_training(run, config):
         evaluation = InTrainingEvaluation(

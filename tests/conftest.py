@@ -23,7 +23,7 @@ if PARALLEL_WORKER:
 # capped by --max-threads under xdist.
 JOB_THREADS = 1 if PARALLEL_WORKER else 2
 
-from lora_study.datagen import generate_examples  # noqa: E402
+from lora_study.prepare.datagen import generate_examples  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -218,9 +218,9 @@ def prepared_inputs(model_dir: Path, config: dict, out: Path) -> tuple[dict, dic
     make them, for tests that call the jobs' functions in-process."""
     from transformers import AutoTokenizer
 
-    from lora_study.config import validate_config
-    from lora_study.data import prepare_data
-    from lora_study.model_source import describe_model
+    from lora_study.prepare.data import prepare_data
+    from lora_study.prepare.model_source import describe_model
+    from lora_study.study.config import validate_config
 
     config = validate_config(config)
     prepare_data(config["dataset"], AutoTokenizer.from_pretrained(model_dir), out / "splits")
@@ -230,9 +230,9 @@ def prepared_inputs(model_dir: Path, config: dict, out: Path) -> tuple[dict, dic
 def train_and_evaluate(run, config: dict, manifest: dict, splits: Path, out: Path, threads: int):
     """One run trained and evaluated in-process by the train and evaluate jobs' own functions; outputs in `out`
     (adapter/, examples.csv, ...)."""
-    from lora_study.evaluate import evaluate_run
-    from lora_study.paths import EvalOutputs
-    from lora_study.train import TrainOutputs, train_run
+    from lora_study.core.paths import EvalOutputs
+    from lora_study.measure.evaluate import evaluate_run
+    from lora_study.training.loop import TrainOutputs, train_run
 
     train_run(run, manifest, splits, TrainOutputs(out / "adapter", out / "t.json", out / "curve.csv"),
               threads=threads, checkpoint_dir=out / "checkpoint")  # fmt: skip

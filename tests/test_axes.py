@@ -5,10 +5,16 @@ import pandas as pd
 import pytest
 from test_findings import SETTINGS, judge_for, run, study
 
-from lora_study.axes import axis_tables, best_learning_rate_finding
-from lora_study.claims import full_claim
-from lora_study.findings import prepare
-from lora_study.method_tables import anatomy_table, full_share_finding, method_tables, methods_finding, usage_label
+from lora_study.questions.axes import axis_tables, best_learning_rate_finding
+from lora_study.questions.claims import full_claim
+from lora_study.questions.findings import prepare
+from lora_study.questions.method_tables import (
+    anatomy_table,
+    full_share_finding,
+    method_tables,
+    methods_finding,
+    usage_label,
+)
 
 
 def lr_run(rank: int, lr: float, ppl: float, **extra) -> dict:

@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from lora_study import calibration, verdicts
+from lora_study.stats import calibration, verdicts
 
 DATASETS = 1000  # per scenario and truth: a rate of 5 % is known to +-1.4 % (95 %)
 

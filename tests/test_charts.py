@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pandas as pd
 import pytest
 
-from lora_study.charts import QUANT_COLOURS, RANK_TITLE
-from lora_study.planner import MEMORY_TERMS, OVERHEAD_TERMS, memory_terms
+from lora_study.report.charts import QUANT_COLOURS, RANK_TITLE
+from lora_study.training.planner import MEMORY_TERMS, OVERHEAD_TERMS, memory_terms
 
 QUALITY = {"perplexity", "accuracy"}
 

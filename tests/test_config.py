@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from conftest import REPO, run_snakemake
-from lora_study.config import ConfigError, canonical_json, validate_config
-from lora_study.sweep import all_evaluated, expand_study
+from lora_study.study.config import ConfigError, canonical_json, validate_config
+from lora_study.study.sweep import all_evaluated, expand_study
 
 SHIPPED = sorted(path.name for path in (REPO / "config").glob("*.yaml") if path.name != "schema.yaml")
 
@@ -96,3 +96,4 @@ def test_canonical_json_ignores_key_order_and_number_spelling():
     a = yaml.safe_load("lr: 1.0e-3\nsteps: 10\nnested: {b: 1, a: 2}")
     b = yaml.safe_load("nested: {a: 2, b: 1}\nsteps: 10\nlr: 0.001")
     assert canonical_json(a) == canonical_json(b)
+

@@ -4,9 +4,9 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from lora_study.batching import length_grouped_batches
-from lora_study.data import DataError, load_split, prepare_data, tokenize_record
-from lora_study.datagen import FAMILIES, generate_examples
+from lora_study.prepare.data import DataError, load_split, prepare_data, tokenize_record
+from lora_study.prepare.datagen import FAMILIES, generate_examples
+from lora_study.training.batching import length_grouped_batches
 
 
 def test_generator_is_deterministic_distinct_and_large_enough():
@@ -126,8 +126,8 @@ def test_length_grouped_batches_cover_every_row_once_with_little_padding():
 def test_exact_answers_come_from_a_family_column_or_the_exact_answers_setting(tmp_path, caplog):
     import json
 
-    from lora_study.data import load_records
-    from lora_study.evaluate import exact_answer_indices
+    from lora_study.measure.evaluate import exact_answer_indices
+    from lora_study.prepare.data import load_records
 
     path = tmp_path / "rows.jsonl"
     rows = [{"instruction": f"Say {n}.", "input": "", "output": str(n)} for n in range(4)]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import prepared_inputs, tiny_study_config, train_and_evaluate
-from lora_study.data import load_split
-from lora_study.deploy import (
+from lora_study.core.paths import EvalOutputs
+from lora_study.measure.deploy import (
     MERGE_FLAGGED,
     MERGE_OK,
     MERGE_OUTCOMES,
@@ -25,10 +25,10 @@ from lora_study.deploy import (
     serving_prompt,
     timed_calls,
 )
-from lora_study.evaluate import evaluate_run
-from lora_study.paths import EvalOutputs
-from lora_study.sweep import RunSpec, expand_study
-from lora_study.verdicts import decide
+from lora_study.measure.evaluate import evaluate_run
+from lora_study.prepare.data import load_split
+from lora_study.stats.verdicts import decide
+from lora_study.study.sweep import RunSpec, expand_study
 
 SERVING = ServingSettings(prompt_tokens=12, new_tokens=4, batch_size=2, warmup=1, repeats=2)
 
@@ -117,7 +117,7 @@ def test_timing_leaves_warm_up_out_and_reads_both_parts_from_one_generation(monk
     the prompt is put at once, the first token 3 s later (40 s on the first, cold call), then 2 s of decoding."""
     import types
 
-    from lora_study import deploy as deploy_module
+    from lora_study.measure import deploy as deploy_module
 
     clock = [0.0]
     calls = []
@@ -166,8 +166,8 @@ def test_serving_generates_the_configured_tokens(trained):
 def test_the_merge_table_keeps_every_seed_and_corrects_over_every_check():
     import pandas as pd
 
-    from lora_study.deploy import MERGE_UNCLEAR
-    from lora_study.deployment_tables import merge_table
+    from lora_study.measure.deploy import MERGE_UNCLEAR
+    from lora_study.questions.deployment_tables import merge_table
 
     # A +2 % merge change whose interval excludes 0 when judged alone (m = 1: flagged) but not among the 4
     # checks the table holds (2 seeds x 2 forms): the sentence counting flags over all of them must correct.

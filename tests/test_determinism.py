@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from conftest import prepared_inputs, tiny_study_config, train_and_evaluate
-from lora_study.sweep import expand_study
+from lora_study.study.sweep import expand_study
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ import shutil
 import pytest
 import torch
 
-from lora_study.batching import collate
-from lora_study.data import tokenize_record
-from lora_study.datagen import generate_examples
-from lora_study.downstream import (
+from lora_study.measure.downstream import (
     LOCAL_GROUP,
     LmEvalSettings,
     TaskError,
@@ -18,8 +15,11 @@ from lora_study.downstream import (
     evaluate_tasks,
     write_local_tasks,
 )
-from lora_study.evaluate import greedy_answers, normalize_answer
-from lora_study.precision import detect_capability, recipe_for
+from lora_study.measure.evaluate import greedy_answers, normalize_answer
+from lora_study.prepare.data import tokenize_record
+from lora_study.prepare.datagen import generate_examples
+from lora_study.training.batching import collate
+from lora_study.training.precision import detect_capability, recipe_for
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_an_unknown_standard_task_is_named(answering_model, tmp_path):
 
 
 def test_documents_of_nested_groups_belong_to_the_configured_task():
-    from lora_study.downstream import configured_tasks
+    from lora_study.measure.downstream import configured_tasks
 
     results = {"group_subtasks": {"mmlu_stem": ["mmlu_stem_physics"], "mmlu_stem_physics": ["mmlu_physics_a",
                "mmlu_physics_b"], "mmlu_algebra": []}}  # fmt: skip
@@ -159,7 +159,7 @@ def test_every_run_has_lm_eval_scores_beside_its_own(deployed_study):
     downstream = pd.read_csv(derived / "downstream.csv").set_index("run_id")
     assert downstream.loc["r4-qv-nf4", "base"] == "base-nf4"
     # The verdict is the one the per-document scores give: paired over documents, one judged run.
-    from lora_study.verdicts import Evidence, compare
+    from lora_study.stats.verdicts import Evidence, compare
 
     samples = pd.read_csv(workdir / "results/tables/downstream_samples.csv")
     primary = samples[samples["metric"] == downstream.loc["r4-qv-nf4", "metric"]]
@@ -191,8 +191,8 @@ def test_merge_check_and_serving_cover_every_deployed_form(deployed_study):
     import json
     import math
 
-    from lora_study.deploy import MERGE_OUTCOMES
-    from lora_study.verdicts import decide
+    from lora_study.measure.deploy import MERGE_OUTCOMES
+    from lora_study.stats.verdicts import decide
 
     record = json.loads((workdir / "results/runs/r4-qv-nf4/deploy.json").read_text())
     tolerance = deployed_study[1]["evaluation"]["merge_check"].get("tolerance", 0.01)

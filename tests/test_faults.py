@@ -31,9 +31,9 @@ from conftest import (
     tiny_study_config,
     train_and_evaluate,
 )
-from lora_study.checkpoints import Checkpointer, Progress
-from lora_study.failures import is_out_of_memory
-from lora_study.io import atomic_path, write_json
+from lora_study.core.io import atomic_path, write_json
+from lora_study.training.checkpoints import Checkpointer, Progress
+from lora_study.training.failures import is_out_of_memory
 
 
 def write_config(workdir: Path, config: dict) -> None:
@@ -141,7 +141,7 @@ RESUME_TRAINING = {"max_steps": 240, "log_every": 20, "lora_dropout": 0.1}
 def uninterrupted(tiny_llama, tmp_path_factory) -> float:
     """The run's perplexity trained and evaluated without interruption, by the functions the workflow's jobs
     call, on as many threads as the workflow gives a job here."""
-    from lora_study.sweep import expand_study
+    from lora_study.study.sweep import expand_study
 
     out = tmp_path_factory.mktemp("uninterrupted")
     config, manifest, splits = prepared_inputs(tiny_llama, small_config(tiny_llama, RESUME_RUN, **RESUME_TRAINING), out)
@@ -204,7 +204,7 @@ def test_readers_never_see_a_half_written_file(tmp_path):
     writer = subprocess.Popen(
         [
             sys.executable, "-c",
-            "import sys; from lora_study.io import write_json\n"
+            "import sys; from lora_study.core.io import write_json\n"
             "for i in range(40): write_json(sys.argv[1], {'rows': list(range(200_000 + i))})",
             str(target),
         ]
@@ -241,7 +241,7 @@ def test_what_counts_as_out_of_memory():
 def test_out_of_memory_in_a_part_of_a_job_is_recorded_and_the_job_goes_on():
     import torch
 
-    from lora_study.failures import oom_as_data
+    from lora_study.training.failures import oom_as_data
 
     record: dict = {}
     with oom_as_data(record, "merged forms"):
@@ -256,8 +256,9 @@ def test_lm_eval_that_does_not_fit_is_recorded_and_reported():
     import pandas as pd
     import torch
 
-    from lora_study.deployment_tables import deploy_frame, downstream_frame, oom_finding
-    from lora_study.downstream import LmEvalSettings, _scores_or_oom
+    from lora_study.analysis.deployment import deploy_frame, downstream_frame
+    from lora_study.measure.downstream import LmEvalSettings, _scores_or_oom
+    from lora_study.questions.deployment_tables import oom_finding
 
     def load_too_large():
         return torch.empty(2**62, dtype=torch.uint8)
@@ -280,7 +281,7 @@ def test_a_weight_conversion_that_ran_out_of_memory_is_out_of_memory():
     report and raises a RuntimeError without its cause; jobs silence those warnings. The loader recovers it."""
     import logging
 
-    from lora_study.loading import conversion_failures_as_errors
+    from lora_study.training.loading import conversion_failures_as_errors
 
     report = logging.getLogger("transformers.utils.loading_report")
     logging.getLogger("transformers").setLevel(logging.ERROR)  # as every job sets it

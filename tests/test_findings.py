@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lora_study.findings import (
+from lora_study.questions.findings import (
     STATUS_LABELS,
     FindingSettings,
     all_tables,
@@ -15,7 +15,7 @@ from lora_study.findings import (
     pareto_front,
     prepare,
 )
-from lora_study.verdicts import Evidence, Judge
+from lora_study.stats.verdicts import Evidence, Judge
 
 SETTINGS = FindingSettings(sweet_spot_tolerance=0.02, min_relative_gain=0.01, memory_budgets_gb=(2, 5, 8))
 
@@ -273,7 +273,7 @@ def test_accuracy_columns_disappear_when_the_data_has_no_exact_answers():
 
 
 def test_the_reference_claims_are_answered_from_the_data():
-    from lora_study.claims import CONTRADICTED, NOT_TESTED, SUPPORTED, reference_claims
+    from lora_study.questions.claims import CONTRADICTED, NOT_TESTED, SUPPORTED, reference_claims
 
     def answers(*runs, memory: str = "peak GPU memory (NVML)", predicted=None, **options) -> dict[str, str]:
         table = study(*runs)

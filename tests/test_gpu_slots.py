@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from lora_study.gpu_slots import claim_gpu, try_claim
+from lora_study.core.gpu_slots import claim_gpu, try_claim
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from lora_study.gpu_slots import claim_gpu
+from lora_study.core.gpu_slots import claim_gpu
 slot = claim_gpu(Path(sys.argv[1]), devices=sys.argv[2].split(","), timeout_s=600, poll_s=0.05)  # a hang guard
 print(slot.device, flush=True)
 time.sleep(float(sys.argv[3]))
@@ -79,7 +79,7 @@ def test_claims_among_several_visible_devices_under_slurm_too_and_never_with_one
 
 
 def test_locks_are_per_host_and_per_allocation(monkeypatch):
-    from lora_study.gpu_slots import default_lock_dir
+    from lora_study.core.gpu_slots import default_lock_dir
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     local = default_lock_dir()
@@ -103,7 +103,7 @@ class MachineNvml:
 
 
 def test_the_jobs_gpu_is_found_by_the_uuid_cuda_reports_never_by_position(monkeypatch):
-    from lora_study.metrics import nvml_handle_for_uuid
+    from lora_study.core.metrics import nvml_handle_for_uuid
 
     machine = MachineNvml(["GPU-aaaa-0", "GPU-bbbb-1", "GPU-cccc-2", "MIG-dddd-3"])
     # Cgroup-renumbered: the job sees one device, its "0", which is NVML's device 2; CUDA reports its UUID bare.
@@ -131,7 +131,7 @@ def test_claiming_a_gpu_makes_cuda_number_devices_like_nvml(tmp_path, monkeypatc
 # CUDA-touching modules were imported by then.
 CLAIM_PROBE = """
 import runpy, sys, types
-import lora_study.gpu_slots as slots
+import lora_study.core.gpu_slots as slots
 
 def probe():
     loaded = [m for m in ("bitsandbytes", "peft", "transformers", "transformers.integrations.bitsandbytes")
@@ -159,7 +159,7 @@ def test_gpu_jobs_claim_their_gpu_before_anything_can_touch_cuda(rule):
 def test_a_claim_after_cuda_started_is_refused(tmp_path, monkeypatch):
     import torch
 
-    from lora_study.gpu_slots import CudaStartedError
+    from lora_study.core.gpu_slots import CudaStartedError
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(CudaStartedError, match="claim first"):
@@ -167,8 +167,8 @@ def test_a_claim_after_cuda_started_is_refused(tmp_path, monkeypatch):
 
 
 def test_gpus_torch_cannot_use_stop_the_job_in_seconds_with_the_fix(monkeypatch):
-    from lora_study import loading
-    from lora_study.errors import UserError
+    from lora_study.core.errors import UserError
+    from lora_study.training import loading
 
     # This machine has no GPU: torch.cuda.is_available() is False here, as under a driver too old for the build.
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -191,8 +191,8 @@ def test_gpus_torch_cannot_use_stop_the_job_in_seconds_with_the_fix(monkeypatch)
 
 
 def test_a_gpu_without_kernels_in_the_torch_build_is_refused():
-    from lora_study.errors import UserError
-    from lora_study.loading import check_kernels
+    from lora_study.core.errors import UserError
+    from lora_study.training.loading import check_kernels
 
     arch = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
     for capability in ((7, 5), (8, 0), (8, 9), (9, 0), (12, 1)):  # T4, A100, L4 (sm_86 runs 8.9), H100, newer
@@ -204,7 +204,7 @@ def test_a_gpu_without_kernels_in_the_torch_build_is_refused():
 
 DEVICE_PROBE = """
 import os, runpy, sys, types
-import lora_study.gpu_slots as slots
+import lora_study.core.gpu_slots as slots
 
 def probe():
     print("VISIBLE", repr(os.environ.get("CUDA_VISIBLE_DEVICES")), flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from lora_study import handoff
+from lora_study.measure import handoff
 
 
 def left_handoff(tmp_path, key):
@@ -99,8 +99,8 @@ def test_a_different_cpu_dispatch_is_a_change(tmp_path, monkeypatch):
 
 
 def test_which_runs_evaluate_in_training():
-    from lora_study.config import validate_config
-    from lora_study.sweep import expand_study
+    from lora_study.study.config import validate_config
+    from lora_study.study.sweep import expand_study
 
     grid = {"rank": [4], "quantization": ["nf4", "int8", "16bit"]}
     config = validate_config({"model": {"source": "m"}, "dataset": {"source": "generated"}, "sweep": {"grids": [grid]}})
@@ -119,7 +119,7 @@ def test_a_signal_during_work_that_may_be_abandoned_is_an_error_the_caller_catch
     import os
     import signal
 
-    from lora_study.checkpoints import Interrupted, signals_as_errors
+    from lora_study.training.checkpoints import Interrupted, signals_as_errors
 
     before = signal.getsignal(signal.SIGTERM)
     caught = None

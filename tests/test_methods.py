@@ -12,15 +12,15 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_snakemake
-from lora_study.anatomy import adapter_updates, effective_rank
-from lora_study.config import training_defaults
-from lora_study.loading import add_lora, load_base_model, load_for_evaluation, prepare_full
-from lora_study.methods import PEFT_FLAGS, RSLORA
-from lora_study.modules import Targets, layout_for
-from lora_study.planner import lora_params, model_facts, plan_run, saved_activation_bytes
-from lora_study.precision import detect_capability, recipe_for
-from lora_study.settings import TrainingSettings
-from lora_study.train import save_initial_adapter, save_trained
+from lora_study.measure.anatomy import adapter_updates, effective_rank
+from lora_study.study.config import training_defaults
+from lora_study.study.methods import PEFT_FLAGS, RSLORA
+from lora_study.study.modules import Targets, layout_for
+from lora_study.study.settings import TrainingSettings
+from lora_study.training.loading import add_lora, load_base_model, load_for_evaluation, prepare_full
+from lora_study.training.loop import save_initial_adapter, save_trained
+from lora_study.training.planner import lora_params, model_facts, plan_run, saved_activation_bytes
+from lora_study.training.precision import detect_capability, recipe_for
 
 CPU = torch.device("cpu")
 TARGETS = Targets(["q_proj", "v_proj"])
@@ -113,7 +113,7 @@ def test_converted_adapter_on_the_original_base_equals_the_trained_model(manifes
 
 
 def test_a_resumed_pissa_run_rebuilds_its_initialisation_and_converts_the_same(manifest, tmp_path):
-    from lora_study.checkpoints import Checkpointer, Progress
+    from lora_study.training.checkpoints import Checkpointer, Progress
 
     def session():
         model = adapted(manifest, "pissa")
@@ -171,8 +171,8 @@ def test_full_finetuning_trains_every_parameter_in_fp32_under_autocast(manifest)
 
 
 def test_an_untrained_dora_adapter_has_no_update_on_the_4bit_base_it_trains_on(manifest, tmp_path):
-    from lora_study.anatomy import run_anatomy
-    from lora_study.sweep import RunSpec
+    from lora_study.measure.anatomy import run_anatomy
+    from lora_study.study.sweep import RunSpec
 
     recipe = recipe_for("nf4", "fp32", detect_capability(CPU))
     model = add_lora(load_base_model(manifest, recipe, True, "eager", CPU), recipe, TARGETS, 4, 8.0, 0.0, False, "dora")
@@ -210,12 +210,12 @@ def test_4bit_evaluation_computes_exactly_what_training_computed(manifest, tmp_p
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_trained_model_put_in_evaluation_state_is_the_model_evaluation_loads(manifest, tmp_path, family):
-    """What the training job scores (lora_study.handoff) is what the evaluate job would load: the same dtype for
+    """What the training job scores (lora_study.measure.handoff) is what the evaluate job would load: the same dtype for
     every tensor and the same logits, bit for bit. GPT-2's learned position embeddings are one of the tensors
     prepare_model_for_kbit_training upcasts for training that a loaded model holds in the load dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_study.evaluate import as_loaded_for_evaluation
+    from lora_study.measure.evaluate import as_loaded_for_evaluation
 
     if family == "gpt2":
         config = AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
@@ -305,8 +305,8 @@ def test_planner_counts_dora_magnitudes_and_full_finetuning_states(tiny_llama):
              for m in ("lora", "dora", "full")}  # fmt: skip
     assert saved["dora"] > saved["lora"]  # DoRA's forward keeps the combined weight and its norm
 
-    from lora_study.planner import BatchShape
-    from lora_study.sweep import RunSpec
+    from lora_study.study.sweep import RunSpec
+    from lora_study.training.planner import BatchShape
 
     training = TrainingSettings.from_dict({**training_defaults(), "max_steps": 2, "batch_size": 2, "lora_dropout": 0.0})
     facts = model_facts(config)
@@ -396,7 +396,7 @@ def test_methods_study_tables(methods_study):
     assert pd.isna(methods.loc["lora", "verdict"])  # the reference itself
     # PiSSA against LoRA at the same rank: the verdict the per-row scores give (one variant judged, the report's
     # default tolerance), recomputed from the study's examples table.
-    from lora_study.verdicts import Judge, evidence_from_examples
+    from lora_study.stats.verdicts import Judge, evidence_from_examples
 
     judge = Judge(evidence_from_examples(pd.read_csv(methods_study / "results/tables/examples.csv")))
     assert methods.loc["pissa", "compared_with"] == "r4-qv-fp32"
@@ -432,9 +432,9 @@ def test_methods_study_tables(methods_study):
 
 
 def test_variants_peft_cannot_put_on_expert_weights_are_refused_by_the_check():
-    from lora_study.modules import ARCHITECTURES
-    from lora_study.preflight import ModuleResolutionError, check_run
-    from lora_study.sweep import RunSpec
+    from lora_study.study.modules import ARCHITECTURES
+    from lora_study.study.preflight import ModuleResolutionError, check_run
+    from lora_study.study.sweep import RunSpec
 
     layout = ARCHITECTURES["mixtral"]
     training = TrainingSettings.from_dict({**training_defaults(), "lora_dropout": 0.0})
@@ -454,7 +454,7 @@ def test_a_plain_adapters_spectrum_from_its_factors_equals_the_merged_update(man
     """LoRA and rsLoRA: the anatomy read straight from the adapter file (the r x r core of B A, no base model)
     gives the layers, shapes, norms, effective ranks and leading singular values of the full update computed on
     the loaded model. DoRA is not plain: it goes to the model."""
-    from lora_study.anatomy import factor_updates
+    from lora_study.measure.anatomy import factor_updates
 
     model = adapted(manifest, method, rank=rank)
     train_steps(model, batch(model.config.vocab_size))  # B moves off zero: a real, rank-r update

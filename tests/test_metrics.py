@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lora_study.batching import IGNORE_INDEX, collate
-from lora_study.loss import FULL_LOGITS, SHORTCUT, ResponseLoss
-from lora_study.metrics import perplexity
+from lora_study.core.metrics import perplexity
+from lora_study.training.batching import IGNORE_INDEX, collate
+from lora_study.training.loss import FULL_LOGITS, SHORTCUT, ResponseLoss
 
 
 def test_perplexity_of_a_hand_computed_case():
@@ -60,7 +60,7 @@ def test_a_model_that_scales_its_logits_trains_on_its_own_logits(monkeypatch, kn
     Caught by name (a known attribute) and, for families not on that list, by the numerical check.
     """
     if not known_by_name:
-        monkeypatch.setattr("lora_study.loss.LOGIT_POST_PROCESSING", ())
+        monkeypatch.setattr("lora_study.training.loss.LOGIT_POST_PROCESSING", ())
     torch.manual_seed(0)
     config = GraniteConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=50, logits_scaling=8.0)  # fmt: skip
@@ -75,7 +75,7 @@ def test_a_model_that_scales_its_logits_trains_on_its_own_logits(monkeypatch, kn
 def test_the_training_phase_has_its_own_peak_beside_the_whole_jobs():
     import torch
 
-    from lora_study.metrics import PeakMemory
+    from lora_study.core.metrics import PeakMemory
 
     memory = PeakMemory(torch.device("cpu"))
     with memory:

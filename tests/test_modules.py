@@ -19,8 +19,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import run_snakemake, tiny_study_config
-from lora_study.config import validate_config
-from lora_study.modules import (
+from lora_study.study.config import validate_config
+from lora_study.study.modules import (
     ARCHITECTURES,
     LOGICAL_GROUPS,
     ModuleResolutionError,
@@ -39,7 +39,7 @@ from lora_study.modules import (
     resolve_targets,
     targets_as_given,
 )
-from lora_study.sweep import expand_study
+from lora_study.study.sweep import expand_study
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
             pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
@@ -428,12 +428,12 @@ def test_explicit_names_and_all_linear():
     assert resolve_targets(layout, ["all-linear"], names, "llama").modules == "all-linear"
 
 
-def test_readme_lists_every_family_as_the_code_maps_it():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+def test_the_docs_list_every_family_as_the_code_maps_it():
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     start, end = "<!-- families:start -->", "<!-- families:end -->"
     assert start in readme and end in readme
     listed = readme.split(start)[1].split(end)[0].strip()
-    assert listed == families_table(), "regenerate with: python -m lora_study.modules"
+    assert listed == families_table(), "regenerate with: python -m lora_study.study.modules"
 
 
 # --- a family beside Llama through the whole workflow ---------------------------------------------------------
@@ -499,9 +499,9 @@ def test_a_hybrid_and_a_latent_attention_model_run_the_whole_workflow(tiny_llama
 def test_two_requests_that_train_the_same_modules_are_refused_naming_both(tiny_llama):
     """On a Llama, all-linear is q,k,v,o + mlp: a study sweeping both would train one adapter twice and report
     "adding the rest changes nothing". Refused before any job runs; replicates of one request are not."""
-    from lora_study.config import validate_config
-    from lora_study.preflight import PreflightError, check_at_start
-    from lora_study.sweep import expand_study
+    from lora_study.study.config import validate_config
+    from lora_study.study.preflight import PreflightError, check_at_start
+    from lora_study.study.sweep import expand_study
 
     def study(modules: list[list[str]]) -> list:
         config = tiny_study_config(tiny_llama)
@@ -518,9 +518,9 @@ def test_two_requests_that_train_the_same_modules_are_refused_naming_both(tiny_l
 def test_a_dense_granite_hybrid_is_not_refused_at_start_for_experts_it_does_not_have(tiny_llama, tmp_path):
     """Granite 4's dense hybrids have no experts: at start (config.json only) mlp with dropout must not meet the
     experts' dropout rule; families whose checkpoints differ are checked on the prepared model instead."""
-    from lora_study.config import validate_config
-    from lora_study.preflight import check_at_start
-    from lora_study.sweep import expand_study
+    from lora_study.study.config import validate_config
+    from lora_study.study.preflight import check_at_start
+    from lora_study.study.sweep import expand_study
 
     tiny_config("granitemoehybrid", num_local_experts=0).save_pretrained(tmp_path)
     config = tiny_study_config(tiny_llama)
@@ -536,9 +536,9 @@ def test_the_planner_predicts_every_family(model_type, compute):
     """A finite prediction for every family the study trains, in both recipes: Bloom builds its ALiBi bias from
     the 2-D padding mask, and the experts' grouped matmul takes only bf16 on the meta device (an fp32 plan
     counts it in bf16 at fp32 size)."""
-    from lora_study.modules import attention_support
-    from lora_study.planner import plan_study
-    from lora_study.precision import DeviceCapability, recipe_for
+    from lora_study.study.modules import attention_support
+    from lora_study.training.planner import plan_study
+    from lora_study.training.precision import DeviceCapability, recipe_for
 
     model = build(model_type)
     names, experts = linear_layer_names(model), expert_parameter_names(model)

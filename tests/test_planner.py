@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lora_study.modules import Targets
-from lora_study.planner import (
+from lora_study.study.modules import Targets
+from lora_study.training.planner import (
     BatchShape,
     largest_batch,
     lora_params,
@@ -22,8 +22,8 @@ from lora_study.planner import (
 
 
 def default_training(**changes):
-    from lora_study.config import validate_config
-    from lora_study.settings import TrainingSettings
+    from lora_study.study.config import validate_config
+    from lora_study.study.settings import TrainingSettings
 
     config = validate_config({"model": {"source": "x"}, "dataset": {"source": "generated"}, "sweep": {}})
     return TrainingSettings.from_dict({**config["training"], **changes})
@@ -51,8 +51,8 @@ def held_bytes(model: torch.nn.Module) -> int:
 )  # fmt: skip
 def test_predicted_weights_match_what_the_recipe_holds(tiny_llama, quantization, double_quant, compute):
     """The planner's weights against a model loaded and cast by the training code itself."""
-    from lora_study.loading import add_lora, load_base_model
-    from lora_study.precision import DeviceCapability, recipe_for
+    from lora_study.training.loading import add_lora, load_base_model
+    from lora_study.training.precision import DeviceCapability, recipe_for
 
     recipe = recipe_for(quantization, compute, DeviceCapability("cpu", "test", "AVX512", ("avx512_bf16",)))
     manifest = {"path": str(tiny_llama), "trust_remote_code": False}
@@ -69,9 +69,9 @@ def test_predicted_weights_match_what_the_recipe_holds(tiny_llama, quantization,
 def test_moe_experts_are_held_in_the_compute_dtype_as_predicted(tiny_llama, tmp_path, quantization, compute):
     """Mixtral's 3-D expert weights: not quantized, not upcast to fp32; the planner counts them so."""
     from conftest import build_tiny_family
-    from lora_study.loading import add_lora, load_base_model
-    from lora_study.modules import ARCHITECTURES, linear_layer_names, resolve_targets
-    from lora_study.precision import DeviceCapability, recipe_for
+    from lora_study.study.modules import ARCHITECTURES, linear_layer_names, resolve_targets
+    from lora_study.training.loading import add_lora, load_base_model
+    from lora_study.training.precision import DeviceCapability, recipe_for
 
     model_dir = build_tiny_family(tmp_path / "mixtral", "mixtral", tiny_llama)
     recipe = recipe_for(quantization, compute, DeviceCapability("cpu", "test", "AVX512", ("avx512_bf16",)))
@@ -126,8 +126,8 @@ def test_activations_under_the_recipe_match_the_training_model(tiny_llama, quant
     """The meta pass under a bf16 recipe (autocast, fp32 norms and LoRA, 4-bit layers returning their input's
     dtype) against the model training builds, run under the recipe's autocast: a 4-bit model saves its MLP
     activations in fp32 behind the fp32 norms, a 16-bit one in bf16, and the plan must tell them apart."""
-    from lora_study.loading import add_lora, load_base_model
-    from lora_study.precision import DeviceCapability, recipe_for
+    from lora_study.training.loading import add_lora, load_base_model
+    from lora_study.training.precision import DeviceCapability, recipe_for
 
     recipe = recipe_for(quantization, "bf16", DeviceCapability("cpu", "test", "AVX512", ("avx512_bf16",)))
     targets = Targets(["q_proj", "v_proj"])
@@ -156,8 +156,8 @@ def test_the_largest_batch_is_the_one_the_run_will_draw():
 
 def test_a_run_the_planner_fails_on_keeps_no_prediction_and_never_stops_the_others(tiny_llama):
     """One run's targets break the meta-device pass: that run is unplanned, the others are planned."""
-    from lora_study.budget import budget_verdict
-    from lora_study.sweep import RunSpec
+    from lora_study.study.budget import budget_verdict
+    from lora_study.study.sweep import RunSpec
 
     config = AutoConfig.from_pretrained(tiny_llama)
     training = default_training(max_steps=2, batch_size=2)
@@ -195,9 +195,9 @@ def test_the_checkpoint_stays_mapped_exactly_when_the_recipe_keeps_its_dtype(tin
 
     tiny_llama = shutil.copytree(tiny_llama, tmp_path / "model")  # files no other test's model maps
 
-    from lora_study.loading import load_base_model
-    from lora_study.planner import checkpoint_files
-    from lora_study.precision import DeviceCapability, recipe_for
+    from lora_study.training.loading import load_base_model
+    from lora_study.training.planner import checkpoint_files
+    from lora_study.training.precision import DeviceCapability, recipe_for
 
     recipe = recipe_for(quantization, compute, DeviceCapability("cpu", "test", "AVX512", ("avx512_bf16",)))
     manifest = {"path": str(tiny_llama), "trust_remote_code": False}

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lora_study.checkpoints import Progress
-from lora_study.config import validate_config
-from lora_study.loading import add_lora, load_base_model
-from lora_study.loss import ResponseLoss
-from lora_study.modules import Targets
-from lora_study.precision import DeviceCapability, GradScaling, recipe_for, resolve_dtype
-from lora_study.settings import TrainingSettings
-from lora_study.train import scheduler_name
+from lora_study.study.config import validate_config
+from lora_study.study.modules import Targets
+from lora_study.study.settings import TrainingSettings
+from lora_study.training.checkpoints import Progress
+from lora_study.training.loading import add_lora, load_base_model
+from lora_study.training.loop import scheduler_name
+from lora_study.training.loss import ResponseLoss
+from lora_study.training.precision import DeviceCapability, GradScaling, recipe_for, resolve_dtype
 
 AVX2 = DeviceCapability("cpu", "EPYC (AVX2 only)", "AVX2", ())
 AVX512_NO_BF16 = DeviceCapability("cpu", "Skylake-SP", "AVX512", ())
@@ -57,7 +57,7 @@ def test_explicit_dtypes_win_and_unquantized_runs_compute_in_their_own_dtype():
 
 
 def test_this_machine_is_detected_as_torch_dispatches(monkeypatch):
-    from lora_study.precision import detect_capability
+    from lora_study.training.precision import detect_capability
 
     capability = detect_capability(torch.device("cpu"))
     assert capability.cpu_capability == torch.backends.cpu.get_cpu_capability()
@@ -89,7 +89,7 @@ def _lora_model(tiny_llama, recipe):
 
 
 def _batch():
-    from lora_study.batching import collate
+    from lora_study.training.batching import collate
 
     return collate([{"input_ids": list(range(5, 25)), "prompt_length": 8}] * 2, pad_id=0)
 
@@ -191,7 +191,7 @@ def test_steady_throughput_leaves_out_the_first_steps_of_every_process_and_check
 
 
 def test_a_real_checkpoint_save_is_timed_apart_from_the_steps(tmp_path):
-    from lora_study.checkpoints import Checkpointer
+    from lora_study.training.checkpoints import Checkpointer
 
     model = torch.nn.Linear(64, 64)
     optimizer = torch.optim.AdamW(model.parameters())

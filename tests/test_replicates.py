@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from test_findings import SETTINGS, run, study
 
-from lora_study.config import validate_config
-from lora_study.findings import all_tables, headline_findings
-from lora_study.replicates import ci_halfwidth, config_table
-from lora_study.sweep import expand_study
-from lora_study.verdicts import Evidence, Judge
+from lora_study.questions.findings import all_tables, headline_findings
+from lora_study.stats.replicates import ci_halfwidth, config_table
+from lora_study.stats.verdicts import Evidence, Judge
+from lora_study.study.config import validate_config
+from lora_study.study.sweep import expand_study
 
 
 def test_seeds_axis_replicates_every_configuration():

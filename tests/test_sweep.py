@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from lora_study.config import ConfigError, validate_config
-from lora_study.sweep import RunSpec, all_evaluated, expand_study, run_id
+from lora_study.study.config import ConfigError, validate_config
+from lora_study.study.sweep import RunSpec, all_evaluated, expand_study, run_id
 
 
 def default_config() -> dict:
@@ -224,7 +224,7 @@ def test_a_grid_cell_repeating_a_run_under_another_id_trains_once_whatever_the_g
      (1e20, "1e20"), (0.5, "0.5"), (3.0, "3")],
 )  # fmt: skip
 def test_numbers_in_ids_are_short_and_exact(value, text):
-    from lora_study.sweep import compact_number
+    from lora_study.study.sweep import compact_number
 
     assert compact_number(value) == text
 

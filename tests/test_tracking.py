@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from lora_study.tracking import RUN_ID_TAG, TrackingSettings, flatten, metric_key, track_study
+from lora_study.report.tracking import RUN_ID_TAG, TrackingSettings, flatten, metric_key, track_study
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lora_study.verdicts import (
+from lora_study.stats.verdicts import (
     Evidence,
     Judge,
     Verdict,

@@ -71,12 +71,12 @@ def test_every_job_logged_progress(tiny_study):
 
 
 def test_every_job_logs_where_its_time_went_and_the_bench_sums_it(tiny_study):
-    """Each job logs its phases (lora_study.phases); the phases add up to the job's logged total; the training
+    """Each job logs its phases (lora_study.core.phases); the phases add up to the job's logged total; the training
     and evaluation jobs mark their own compute; bench/stage_times.py turns the logs into the per-stage table."""
     import subprocess
     import sys
 
-    from lora_study.phases import LINE
+    from lora_study.core.phases import LINE
 
     logs = sorted((tiny_study / "logs").rglob("*.log"))
     assert logs
@@ -99,7 +99,7 @@ def test_every_job_logs_where_its_time_went_and_the_bench_sums_it(tiny_study):
 
 def test_the_training_jobs_evaluation_is_exactly_the_evaluate_jobs(tiny_study, tmp_path):
     """Every trained run of the tiny study was scored by its training job and taken by its evaluate job
-    (lora_study.handoff); evaluating two of them again in evaluate jobs of their own gives the same bytes."""
+    (lora_study.measure.handoff); evaluating two of them again in evaluate jobs of their own gives the same bytes."""
     import json
     import shutil
 
@@ -149,7 +149,7 @@ def test_report_is_built_by_the_same_run(tiny_study):
 
 
 def test_snakemake_report_shows_every_chart_with_its_caption(tiny_study, tmp_path):
-    from lora_study.captions import chart_caption
+    from lora_study.report.captions import chart_caption
 
     result = run_snakemake(tiny_study, "--report", str(tmp_path / "report.html"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -175,7 +175,7 @@ def test_report_reads_in_order_headline_contents_sections_methods(tiny_study):
 
 
 def test_every_row_says_how_it_was_computed_and_runs_gain_against_their_own_base(tiny_study):
-    from lora_study.precision import detect_capability
+    from lora_study.training.precision import detect_capability
 
     table = pd.read_csv(tiny_study / "results/tables/runs.csv").set_index("run_id")
     fast = detect_capability(torch.device("cpu")).fast_dtype  # what `auto` must have resolved to here

@@ -1,0 +1,1 @@
+"""Stage aggregate: every run's measurements in one table."""

@@ -1,0 +1,65 @@
+"""What every rule script does around its one call: logging, quiet progress bars,
+and a failure that is written to the job's log before the job exits."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lora_study.core.errors import UserError
+from lora_study.core.io import setup_logging
+
+
+@contextmanager
+def job(snakemake: Any, gpu: bool = False, work: str = "compute") -> Iterator[logging.Logger]:
+    """Nothing here imports the ML stack: a job that never uses it does not pay for its import.
+
+    `gpu`: a job that may use a GPU claims it here, first, before any import can initialise CUDA (or, with
+    execution.device: cpu, hides the GPUs).
+
+    `work`: the phase (lora_study.core.phases) of a job that marks none itself.
+    """
+    import time
+
+    from lora_study.core import gpu_slots, phases
+
+    entered, age_s = time.perf_counter(), phases.process_age_s()
+
+    if gpu:
+        if (getattr(snakemake, "config", None) or {}).get("execution", {}).get("device") == "cpu":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # execution.device: cpu hides the GPUs before anything sees them
+        gpu_slots.claim_job_gpu()
+    # Byte-level progress bars make unreadable logs (our own progress lines remain), and transformers' warnings
+    # down to errors: set before anything imports the libraries, which read them then (importing them here
+    # would cost every job seconds, also the jobs that never use them).
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    log = setup_logging(snakemake.log[0] if snakemake.log else None)
+    clock = phases.start(age_s, entered)
+    try:
+        yield log
+    except UserError as error:
+        # Bad input: one message naming the run or key and the fix, no traceback.
+        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception:
+        log.exception("job failed")
+        raise
+    clock.finish(work)
+
+
+def trained_run(snakemake: Any) -> tuple[Path | None, str]:
+    """(adapter or weights folder, training status) of the job's run; (None, "ok") for a base model, which
+    has no training inputs."""
+    from lora_study.core.io import read_json
+
+    if not hasattr(snakemake.input, "train_metrics"):
+        return None, "ok"
+    return Path(snakemake.input.adapter), read_json(snakemake.input.train_metrics)["status"]

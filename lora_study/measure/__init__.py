@@ -1,0 +1,1 @@
+"""Stages evaluate, anatomy, downstream and deploy: what is measured of each trained run."""

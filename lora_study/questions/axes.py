@@ -1,0 +1,231 @@
+"""Tables for any swept axis: one per swept training setting, a matrix for two axes swept together,
+and the best learning rate per rank."""
+
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+
+from lora_study.questions.findings import (
+    FindingSettings,
+    _measured,
+    _status,
+    _training_columns,
+    _with_accuracy,
+    sweep_slice,
+    trained_runs,
+)
+from lora_study.stats.verdicts import Judge, Verdict, against_best
+
+# Axes a matrix can pair (beside every training setting), with their readable names.
+DESIGN_AXES = {"rank": "rank", "modules_label": "modules", "quant_label": "quantization", "method": "method"}
+MATRIX_PREFIX = "matrix__"
+MAX_SUBSETS = 4096
+
+
+def axis_name(column: str) -> str:
+    """`training.learning_rate` -> `learning_rate`, `quant_label` -> `quantization`."""
+    return DESIGN_AXES.get(column, column.removeprefix("training."))
+
+
+def training_axis_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """One table per swept training setting (named `training_<key>`): the runs that differ only in it."""
+    tables = {}
+    for column in _training_columns(runs):
+        group = sweep_slice(runs, column, ["rank", "alpha", "modules_label", "quant_label"])
+        if group is None:
+            continue
+        group = group.sort_values(column)
+        table = pd.DataFrame(
+            {
+                "run_id": group["run_id"],
+                axis_name(column): group[column],
+                "rank": group["rank"],
+                "modules": group["modules_label"],
+                "quantization": group["quant_label"],
+                "method": group["method"],
+                **_measured(group, "perplexity", "accuracy", "peak_memory_gb", "train_wall_s"),
+                "status": _status(group),
+            }
+        )
+        tables[f"training_{axis_name(column)}"] = table[_with_accuracy(list(table.columns), table)].reset_index(
+            drop=True
+        )
+    return tables
+
+
+def complete_block(group: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
+    """The largest block of `group` where every value of `first` meets every value of `second` (2 x 2 at least).
+
+    A rank grid at one learning rate beside a rank x learning-rate grid leaves
+    ranks with one learning rate only: the block drops them instead of the matrix.
+    """
+    present = set(zip(group[first], group[second], strict=True))
+    second_values = list(dict.fromkeys(group[second]))
+    best: tuple[list, tuple] | None = None
+    # Subsets of the second axis's values (few: they are swept by hand), largest first, with the
+    # first-axis values that meet all of them; bounded for axes with very many values.
+    subsets = (c for size in range(len(second_values), 1, -1) for c in itertools.combinations(second_values, size))
+    for chosen in itertools.islice(subsets, MAX_SUBSETS):
+        rows = [a for a in dict.fromkeys(group[first]) if all((a, b) in present for b in chosen)]
+        if len(rows) >= 2 and (best is None or len(rows) * len(chosen) > len(best[0]) * len(best[1])):
+            best = (rows, chosen)
+    if best is None:
+        return None
+    return group[group[first].isin(best[0]) & group[second].isin(best[1])]
+
+
+def _matrix_group(trained: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
+    """The largest complete block of runs that differ only in `first` and `second`."""
+    keys = [k for k in [*DESIGN_AXES, "alpha_rule", *_training_columns(trained)] if k not in (first, second)]
+    best = None
+    for _, group in trained.groupby(keys, dropna=False, sort=False):
+        block = complete_block(group, first, second) if group[first].nunique() >= 2 else None
+        if block is not None and (best is None or len(block) > len(best)):
+            best = block
+    return best
+
+
+def matrices(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """For every two axes swept together: perplexity with `first` down and `second` across.
+
+    Named `matrix__<first>__<second>`; the long form (one row per run) is in the table's attrs["cells"].
+    """
+    trained = trained_runs(runs)
+    if trained.empty:
+        return {}
+    axes = [*DESIGN_AXES, *_training_columns(trained)]
+    found = {}
+    for first, second in itertools.combinations(axes, 2):
+        if first == "method" and second.startswith("training."):
+            first, second = second, first
+        group = _matrix_group(trained, first, second)
+        if group is None:
+            continue
+        cells = pd.DataFrame(
+            {
+                "run_id": group["run_id"],
+                axis_name(first): group[first],
+                axis_name(second): group[second],
+                **_measured(group, "perplexity", "accuracy"),
+            }
+        )
+        matrix = cells.pivot_table(
+            index=axis_name(first), columns=axis_name(second), values="perplexity", aggfunc="first", dropna=False
+        )
+        matrix.columns = [f"{axis_name(second)}={value:g}" if isinstance(value, float) else f"{axis_name(second)}="
+                          f"{value}" for value in matrix.columns]  # fmt: skip
+        matrix = matrix.reset_index()
+        matrix.attrs["cells"] = cells
+        matrix.attrs["axes"] = (axis_name(first), axis_name(second))
+        found[f"{MATRIX_PREFIX}{axis_name(first)}__{axis_name(second)}"] = matrix
+    return found
+
+
+def matrix_title(name: str) -> str:
+    first, second = name.removeprefix(MATRIX_PREFIX).split("__")
+    return f"Perplexity: {first} x {second}"
+
+
+def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, settings: FindingSettings) -> str | None:
+    """The best learning rate at each rank, and whether it moves with rank (verdicts, m = every pair of
+    learning rates within each rank: each rank's best is picked from them).
+
+    At every rank, each other rank's best learning rate is compared with that
+    rank's own best at tolerance sweet_spot_tolerance: *worse* anywhere means
+    the best learning rate moves with rank; all *equivalent* means it does not.
+    """
+    matrix = tables.get(f"{MATRIX_PREFIX}rank__learning_rate")
+    if matrix is None:
+        return None
+    cells = matrix.attrs["cells"].dropna(subset=["perplexity"])
+    best = cells.loc[cells.groupby("rank")["perplexity"].idxmin()].set_index("rank")
+    if len(best) < 2:
+        return None
+    listed = ", ".join(f"rank {int(r)}: {best.loc[r, 'learning_rate']:g}" for r in best.index)
+    if best["learning_rate"].nunique() == 1:
+        return _shared_best_finding(cells, best, listed, judge, settings)
+    pairs = []
+    for rank in best.index:
+        own = best.loc[rank]
+        for other in best.index:
+            other_lr = best.loc[other, "learning_rate"]
+            if other == rank or other_lr == own["learning_rate"]:
+                continue
+            candidate = cells[(cells["rank"] == rank) & (cells["learning_rate"] == other_lr)]
+            if len(candidate):
+                pairs.append((rank, other_lr, candidate.iloc[0]["run_id"], own["run_id"]))
+    pairs = list(dict.fromkeys(pairs))
+    results = _judge_pairs(pairs, judge, settings, _selection_comparisons(cells))
+    if results is None:
+        return f"Best learning rate per rank: {listed}; whether it moves with rank: not judged (no per-row scores)."
+    worse = [(p, r) for p, r in results if r.verdict is Verdict.WORSE]
+    if worse:
+        (rank, lr, _, _), result = worse[0]
+        return (
+            f"Best learning rate per rank: {listed}. It moves with rank: at rank {int(rank)}, learning rate {lr:g} "
+            f"(best at another rank) is {result.describe()} against that rank's best "
+            f"({len(worse)} of {len(results)} such comparisons worse)."
+        )
+    if all(r.verdict is Verdict.EQUIVALENT for _, r in results):
+        return (
+            f"Best learning rate per rank: {listed}; it does not detectably move with rank: every rank's best "
+            f"learning rate is equivalent at every other rank (tolerance {settings.sweet_spot_tolerance:.0%}, "
+            f"{len(results)} comparisons)."
+        )
+    (rank, lr, _, _), result = next((p, r) for p, r in results if r.verdict is not Verdict.EQUIVALENT)
+    return (
+        f"Best learning rate per rank: {listed}; whether it moves with rank is inconclusive: at rank {int(rank)}, "
+        f"learning rate {lr:g} is {result.describe()} against that rank's best."
+    )
+
+
+def _judge_pairs(pairs: list[tuple], judge: Judge, settings: FindingSettings, m: int) -> list[tuple] | None:
+    """Each (rank, learning rate, candidate run, reference run) with its perplexity verdict at m comparisons;
+    None when a run has no per-row scores."""
+    results = [(p, judge.compare(p[2], p[3], "perplexity", settings.sweet_spot_tolerance, m)) for p in pairs]
+    return None if any(result is None for _, result in results) else results
+
+
+def _selection_comparisons(cells: pd.DataFrame) -> int:
+    """Each rank's best learning rate is picked from its k cells: every pair within each rank (against_best)."""
+    return sum(against_best(k) for k in cells.groupby("rank").size())
+
+
+def _shared_best_finding(
+    cells: pd.DataFrame, best: pd.DataFrame, listed: str, judge: Judge, settings: FindingSettings
+) -> str:
+    """One learning rate is best at every rank: is it shown better than the others at each rank?
+
+    Every other learning rate at each rank is compared with that rank's best
+    (tolerance sweet_spot_tolerance, m = every pair within each rank).
+    """
+    start = (
+        f"Best learning rate per rank: {listed}: the same at every rank "
+        f"({len(cells)} runs; {cells['learning_rate'].nunique()} learning rates)"
+    )
+    pairs = [
+        (int(row["rank"]), row["learning_rate"], row["run_id"], best.loc[row["rank"], "run_id"])
+        for _, row in cells.iterrows()
+        if row["run_id"] != best.loc[row["rank"], "run_id"]
+    ]
+    results = _judge_pairs(pairs, judge, settings, _selection_comparisons(cells))
+    if not results:
+        return f"{start}; not judged (no per-row scores)."
+    worse = [r for _, r in results if r.verdict is Verdict.WORSE]
+    if len(worse) == len(results):
+        return (
+            f"{start}; every other learning rate is worse at every rank ({len(results)} comparisons, tolerance "
+            f"{settings.sweet_spot_tolerance:.0%}, {worse[0].sources})."
+        )
+    (rank, lr, _, _), result = next((p, r) for p, r in results if r.verdict is not Verdict.WORSE)
+    return (
+        f"{start}, but not shown better than every alternative: at rank {rank}, learning rate {lr:g} is "
+        f"{result.describe()} against it ({len(worse)} of {len(results)} comparisons worse)."
+    )
+
+
+def axis_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Every swept training setting's table and every two-axis matrix the runs support."""
+    return {**training_axis_tables(runs), **matrices(runs)}

@@ -1,0 +1,1 @@
+"""Stage findings: the report page, the chart style, captions, and experiment tracking."""

@@ -1,0 +1,77 @@
+"""Training methods: LoRA and PEFT's variants, and full fine-tuning (no torch import: the Snakefile reads these)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lora_study.core.formats import BITSANDBYTES, UNQUANTIZED
+
+# Effective rank: the fewest singular directions holding this share of an update's energy (its squared
+# Frobenius norm).
+ENERGY_SHARE = 0.90
+
+LORA = "lora"
+DORA = "dora"
+RSLORA = "rslora"
+PISSA = "pissa"
+OLORA = "olora"
+FULL = "full"
+# Initialisations that move the principal part of each base weight into the adapter: the trained
+# adapter only fits the changed base, so it is saved converted for the original one (rank 2r).
+CONVERTED_METHODS = (PISSA, OLORA)
+
+# LoraConfig flags per method (peft 0.18+).
+PEFT_FLAGS: dict[str, dict[str, Any]] = {
+    LORA: {},
+    DORA: {"use_dora": True},
+    RSLORA: {"use_rslora": True},
+    PISSA: {"init_lora_weights": "pissa"},
+    OLORA: {"init_lora_weights": "olora"},
+}
+
+# rsLoRA scales the update by alpha / sqrt(r) instead of alpha / r. With LoRA's alpha = 2r that is
+# 2 sqrt(r): 8 at rank 16, four times LoRA's 2. A constant alpha of 8 gives LoRA's scale at rank 16
+# and grows as sqrt(r) across ranks, which is what rsLoRA is for.
+RSLORA_ALPHA = 8.0
+
+DESCRIPTIONS = {
+    LORA: "LoRA: W + (alpha/r) B A, B initialised to zero",
+    DORA: "DoRA (use_dora): the LoRA update applied to the direction of W, with a trained magnitude per output",
+    RSLORA: f"rsLoRA (use_rslora): scale alpha/sqrt(r) instead of alpha/r; default alpha {RSLORA_ALPHA:g}",
+    PISSA: "PiSSA (init_lora_weights='pissa'): A, B start at the top-r singular vectors of W, the base keeps "
+    "the residual; saved converted for the original base (rank 2r)",
+    OLORA: "OLoRA (init_lora_weights='olora'): A, B start at a QR factorisation of W, the base keeps the "
+    "residual; saved converted for the original base (rank 2r)",
+    FULL: "full fine-tuning: every weight trained, fp32 master weights and AdamW states, forward and "
+    "backward under autocast in the compute dtype",
+}
+
+
+def default_alpha(method: str, rank: int) -> float:
+    """The alpha a run gets when its config says `auto`: 2r, or rsLoRA's constant."""
+    return RSLORA_ALPHA if method == RSLORA else 2.0 * rank
+
+
+def lora_scale(method: str, alpha: float, rank: int) -> float:
+    """What the update B A is multiplied by."""
+    return alpha / math.sqrt(rank) if method == RSLORA else alpha / rank
+
+
+def method_problem(method: str, quantization: str) -> str | None:
+    """Why `method` cannot run on base weights in `quantization`, or None."""
+    if method == FULL and quantization not in UNQUANTIZED:
+        return (
+            f"full fine-tuning trains every weight, which bitsandbytes-quantized ({quantization}) weights cannot "
+            f"be; use one of {list(UNQUANTIZED)}"
+        )
+    if method in CONVERTED_METHODS and quantization in BITSANDBYTES:
+        return (
+            f"{method} initialises the adapter from the base weights, which PEFT cannot do on bitsandbytes "
+            f"({quantization}) weights; use one of {list(UNQUANTIZED)} for {method}"
+        )
+    return None
+
+
+def is_converted(method: str) -> bool:
+    return method in CONVERTED_METHODS
