@@ -187,7 +187,7 @@ def run_spec(rank: int, modules: list[str], quantization: str, training: dict):
 
 
 def table_row(metrics: dict, options: dict) -> dict:
-    from lora_study.questions.findings import measured_device
+    from lora_study.questions.memory_plan import measured_device
 
     memory, plan = metrics["memory"], metrics.get("memory_plan") or {}
     return {

@@ -14,7 +14,8 @@ sys.path.insert(0, workflow.basedir)
 from lora_study.core import paths
 from lora_study.study.config import ConfigError, canonical_json, check_local_sources, validate_config
 from lora_study.study.budget import budget_verdict
-from lora_study.report.captions import CHART_CAPTIONS
+from lora_study.questions import QUESTIONS
+from lora_study.report.question import chart_captions
 from lora_study.measure.downstream import local_task_problem
 from lora_study.core.io import read_csv_rows
 from lora_study.study.preflight import PreflightError, check_at_start

@@ -38,6 +38,6 @@ rule findings:
         evaluation=canonical_json(config["evaluation"]),
         measurement=canonical_json(config["measurement"]),
         # Read by report/charts.rst: each chart's caption in the Snakemake report.
-        chart_captions=CHART_CAPTIONS,
+        chart_captions=chart_captions(QUESTIONS),
     script:
         "../scripts/findings.py"

@@ -9,12 +9,14 @@ with job(snakemake) as log:
     import pandas as pd
 
     from lora_study.core.io import read_json
-    from lora_study.questions.findings import FindingSettings
-    from lora_study.report.page import Deployment, StudyContext, build_report
+    from lora_study.questions import QUESTIONS
+    from lora_study.report.page import StudyContext, build_report
+    from lora_study.report.question import Deployment, FindingSettings
 
     settings = json.loads(snakemake.params.report)
     examples = pd.read_csv(snakemake.input.examples)
     findings = build_report(
+        questions=QUESTIONS,
         table=pd.read_csv(snakemake.input.configs),
         curves=pd.read_csv(snakemake.input.loss_curves),
         context=StudyContext(

@@ -5,16 +5,12 @@ import pandas as pd
 import pytest
 from test_findings import SETTINGS, judge_for, run, study
 
-from lora_study.questions.axes import axis_tables, best_learning_rate_finding
-from lora_study.questions.claims import full_claim
-from lora_study.questions.findings import prepare
-from lora_study.questions.method_tables import (
-    anatomy_table,
-    full_share_finding,
-    method_tables,
-    methods_finding,
-    usage_label,
-)
+from lora_study.analysis.runs import prepare
+from lora_study.questions.adapter_anatomy import anatomy_table, usage_label
+from lora_study.questions.full_finetuning import full_share_finding, full_share_table
+from lora_study.questions.lora_variants import methods_finding, methods_table
+from lora_study.questions.reference_claims import full_claim
+from lora_study.questions.training_axes import axis_tables, best_learning_rate_finding
 
 
 def lr_run(rank: int, lr: float, ppl: float, **extra) -> dict:
@@ -90,29 +86,29 @@ def test_share_of_full_finetuning_counts_against_the_unquantized_base():
     table = full_study()
     judge = judge_for(table)
     runs = prepare(table)
-    tables = method_tables(runs, judge, SETTINGS, None)
-    shares = tables["full_finetuning"].set_index("run_id")
+    shares_table = full_share_table(runs)
+    shares = shares_table.set_index("run_id")
     # The unquantized base has perplexity 19: full fine-tuning gains 9.
     assert shares.loc["r16-fp32", "share_of_full_pct"] == pytest.approx(100 * 8 / 9)
     assert shares.loc["r16-nf4", "share_of_full_pct"] == pytest.approx(100 * 7 / 9)  # not against base-nf4 (20)
     assert shares.loc["r16-nf4", "memory_vs_full_pct"] == 25 and shares.loc["r16-nf4", "time_vs_full_pct"] == 75
-    sentence = full_share_finding(runs, tables["full_finetuning"], judge, SETTINGS)
+    sentence = full_share_finding(runs, shares_table, judge, SETTINGS)
     assert sentence.startswith("Full fine-tuning (full-fp32, learning rate 0.0001) moves perplexity from 19")
     assert "r16-fp32-dora, recovers 94% of it" in sentence
     # The claim is about LoRA: r16-fp32 recovers 89 % (< 90 %), at a change against full fine-tuning of +10 %
     # where a 90 % share allows +9 % (DoRA's 94 % does not count).
-    claim = full_claim(tables["full_finetuning"], judge)
+    claim = full_claim(shares_table, judge)
     assert claim.answer == "contradicted" and claim.evidence.startswith("r16-fp32 recovers 89%")
     assert "at most +9.0%" in claim.evidence
 
 
 def test_methods_table_judges_each_variant_against_plain_lora():
     table = full_study()
-    tables = method_tables(prepare(table), judge_for(table), SETTINGS, None)
-    methods = tables["methods"].set_index("method")
+    methods_of = methods_table(prepare(table), judge_for(table), SETTINGS)
+    methods = methods_of.set_index("method")
     assert list(methods.index) == ["lora", "dora"]
     assert methods.loc["dora", "verdict"] == "better" and methods.loc["lora", "verdict"] == ""
-    assert methods_finding(tables["methods"]).startswith("Methods at rank 16, qkvo, fp32 against plain LoRA")
+    assert methods_finding(methods_of).startswith("Methods at rank 16, qkvo, fp32 against plain LoRA")
 
 
 def test_each_block_of_methods_is_judged_against_its_own_lora_run():
@@ -122,7 +118,7 @@ def test_each_block_of_methods_is_judged_against_its_own_lora_run():
         {**run("r16-fp32", quant="fp32", ppl=11.0), "method": "lora"},
         {**run("r16-fp32-pissa", quant="fp32", ppl=11.0), "method": "pissa"},
     )
-    methods = method_tables(prepare(table), judge_for(table), SETTINGS, None)["methods"].set_index("run_id")
+    methods = methods_table(prepare(table), judge_for(table), SETTINGS).set_index("run_id")
     assert methods.loc["r16-nf4-dora", "compared_with"] == "r16-nf4"
     assert methods.loc["r16-fp32-pissa", "compared_with"] == "r16-fp32"
     assert (

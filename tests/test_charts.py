@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pandas as pd
 import pytest
 
-from lora_study.report.charts import QUANT_COLOURS, RANK_TITLE
-from lora_study.training.planner import MEMORY_TERMS, OVERHEAD_TERMS, memory_terms
+from lora_study.questions.memory_plan import MEMORY_TERMS, OVERHEAD_TERMS, memory_terms
+from lora_study.report.style import QUANT_COLOURS, RANK_TITLE
 
 QUALITY = {"perplexity", "accuracy"}
 

@@ -96,4 +96,3 @@ def test_canonical_json_ignores_key_order_and_number_spelling():
     a = yaml.safe_load("lr: 1.0e-3\nsteps: 10\nnested: {b: 1, a: 2}")
     b = yaml.safe_load("nested: {a: 2, b: 1}\nsteps: 10\nlr: 0.001")
     assert canonical_json(a) == canonical_json(b)
-

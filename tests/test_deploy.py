@@ -12,12 +12,6 @@ import torch
 from conftest import prepared_inputs, tiny_study_config, train_and_evaluate
 from lora_study.core.paths import EvalOutputs
 from lora_study.measure.deploy import (
-    MERGE_FLAGGED,
-    MERGE_OK,
-    MERGE_OUTCOMES,
-    MERGED_16BIT,
-    MERGED_REQUANTIZED,
-    UNMERGED,
     DeploySettings,
     ServingSettings,
     measure_serving,
@@ -26,6 +20,7 @@ from lora_study.measure.deploy import (
     timed_calls,
 )
 from lora_study.measure.evaluate import evaluate_run
+from lora_study.measure.forms import MERGE_FLAGGED, MERGE_OK, MERGE_OUTCOMES, MERGED_16BIT, MERGED_REQUANTIZED, UNMERGED
 from lora_study.prepare.data import load_split
 from lora_study.stats.verdicts import decide
 from lora_study.study.sweep import RunSpec, expand_study
@@ -166,8 +161,8 @@ def test_serving_generates_the_configured_tokens(trained):
 def test_the_merge_table_keeps_every_seed_and_corrects_over_every_check():
     import pandas as pd
 
-    from lora_study.measure.deploy import MERGE_UNCLEAR
-    from lora_study.questions.deployment_tables import merge_table
+    from lora_study.measure.forms import MERGE_UNCLEAR
+    from lora_study.questions.merge_and_serving import merge_table
 
     # A +2 % merge change whose interval excludes 0 when judged alone (m = 1: flagged) but not among the 4
     # checks the table holds (2 seeds x 2 forms): the sentence counting flags over all of them must correct.

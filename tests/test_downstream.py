@@ -191,7 +191,7 @@ def test_merge_check_and_serving_cover_every_deployed_form(deployed_study):
     import json
     import math
 
-    from lora_study.measure.deploy import MERGE_OUTCOMES
+    from lora_study.measure.forms import MERGE_OUTCOMES
     from lora_study.stats.verdicts import decide
 
     record = json.loads((workdir / "results/runs/r4-qv-nf4/deploy.json").read_text())

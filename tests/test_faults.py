@@ -258,7 +258,7 @@ def test_lm_eval_that_does_not_fit_is_recorded_and_reported():
 
     from lora_study.analysis.deployment import deploy_frame, downstream_frame
     from lora_study.measure.downstream import LmEvalSettings, _scores_or_oom
-    from lora_study.questions.deployment_tables import oom_finding
+    from lora_study.questions.unmeasured import oom_finding
 
     def load_too_large():
         return torch.empty(2**62, dtype=torch.uint8)

@@ -6,18 +6,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lora_study.questions.findings import (
-    STATUS_LABELS,
-    FindingSettings,
-    all_tables,
-    headline_findings,
-    memory_label,
-    pareto_front,
-    prepare,
-)
+from lora_study.analysis.runs import STATUS_LABELS, memory_label, prepare
+from lora_study.questions import QUESTIONS
+from lora_study.questions.pareto import pareto_front
+from lora_study.report.page import ask
+from lora_study.report.question import FindingSettings
 from lora_study.stats.verdicts import Evidence, Judge
 
 SETTINGS = FindingSettings(sweet_spot_tolerance=0.02, min_relative_gain=0.01, memory_budgets_gb=(2, 5, 8))
+
+
+def all_tables(table: pd.DataFrame, settings: FindingSettings, judge: Judge | None = None) -> dict[str, pd.DataFrame]:
+    """Every table the registered questions derive from `table` (the claims and the verdict list left out)."""
+    _, answers = ask(QUESTIONS, table, settings, judge)
+    return {name: frame for a in answers if not a.question.answered_last for name, frame in a.tables.items()}
+
+
+def headline_findings(table: pd.DataFrame, settings: FindingSettings, judge: Judge | None = None) -> list[str]:
+    """The report's headline: every registered question's sentences, in registry order."""
+    _, answers = ask(QUESTIONS, table, settings, judge)
+    return [sentence for a in answers for sentence in a.findings]
 
 
 def run(run_id, rank=16, modules="q,k,v,o", quant="nf4", ppl=5.0, mem=4.0, time=10.0, params=None, **extra):
@@ -273,7 +281,7 @@ def test_accuracy_columns_disappear_when_the_data_has_no_exact_answers():
 
 
 def test_the_reference_claims_are_answered_from_the_data():
-    from lora_study.questions.claims import CONTRADICTED, NOT_TESTED, SUPPORTED, reference_claims
+    from lora_study.questions.reference_claims import CONTRADICTED, NOT_TESTED, SUPPORTED, reference_claims
 
     def answers(*runs, memory: str = "peak GPU memory (NVML)", predicted=None, **options) -> dict[str, str]:
         table = study(*runs)

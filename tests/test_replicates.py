@@ -6,9 +6,8 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from test_findings import SETTINGS, run, study
+from test_findings import SETTINGS, all_tables, headline_findings, run, study
 
-from lora_study.questions.findings import all_tables, headline_findings
 from lora_study.stats.replicates import ci_halfwidth, config_table
 from lora_study.stats.verdicts import Evidence, Judge
 from lora_study.study.config import validate_config

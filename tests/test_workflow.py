@@ -149,26 +149,36 @@ def test_report_is_built_by_the_same_run(tiny_study):
 
 
 def test_snakemake_report_shows_every_chart_with_its_caption(tiny_study, tmp_path):
-    from lora_study.report.captions import chart_caption
+    from lora_study.questions import QUESTIONS
+    from lora_study.report.question import caption
 
     result = run_snakemake(tiny_study, "--report", str(tmp_path / "report.html"))
     assert result.returncode == 0, result.stderr[-3000:]
     page = (tmp_path / "report.html").read_text()
-    for chart in (tiny_study / "results/charts").glob("*.svg"):
-        assert f"<strong>{chart.stem.replace('_', ' ')}</strong>: {chart_caption(chart.stem)}" in page, chart.stem
+    charts = list((tiny_study / "results/charts").glob("*.svg"))
+    assert len(charts) > 8
+    for chart in charts:
+        text = caption(QUESTIONS, chart.stem)
+        assert f"<strong>{chart.stem.replace('_', ' ')}</strong>: {text}" in page, chart.stem
 
 
 def test_report_reads_in_order_headline_contents_sections_methods(tiny_study):
     findings = (tiny_study / "results/report/findings.md").read_text()
     headings = [line for line in findings.splitlines() if line.startswith("## ")]
     assert headings[:2] == ["## Headline findings", "## Contents"]
-    assert headings[-2:] == ["## The reference study's claims, checked", "## Methods and definitions"]
+    # The sections in registry order (lora_study.questions.QUESTIONS): the claims and every verdict last.
+    assert headings[-3:] == [
+        "## The reference study's claims, checked",
+        "## Every verdict against its reference",
+        "## Methods and definitions",
+    ]
     # Each chart sits in the section of the table it summarises, its caption under it.
     section = findings.split("## Where the memory goes", 1)[1].split("\n## ", 1)[0]
     assert "![memory_breakdown](../charts/memory_breakdown.svg)" in section
     assert "*Where each run's memory goes:" in section and "| run_id " in section
-    rank = findings.split("## Rank: quality, memory and diminishing returns", 1)[1].split("\n## ", 1)[0]
-    assert "../charts/quality_vs_rank.svg" in rank and "### Diminishing returns per rank step" in rank
+    rank = findings.split("## Rank: quality and memory", 1)[1].split("\n## ", 1)[0]
+    assert "../charts/quality_vs_rank.svg" in rank and "../charts/memory_vs_rank.svg" in rank
+    assert "## Diminishing returns per rank step" in findings
     # Every section is listed in the contents, with a working anchor.
     for anchor in re.findall(r"\]\(#([\w-]+)\)", findings):
         assert f'<a id="{anchor}"></a>' in findings, anchor

@@ -38,7 +38,7 @@ def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
 
 
 # Planner columns carried into the runs table (as plan_<name>), next to what was measured: the
-# predictions and their terms (lora_study.training.planner.MEMORY_TERMS).
+# predictions and their terms (lora_study.questions.memory_plan.MEMORY_TERMS).
 PLAN_COLUMNS = (
     "predicted_cuda_gb",
     "predicted_cuda_allocated_gb",

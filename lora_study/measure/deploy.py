@@ -32,24 +32,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lora_study.stats.verdicts import Evidence, Verdict, compare
+from lora_study.measure.forms import (
+    BASE,
+    FULL,
+    MERGE_OUTCOMES,
+    MERGED_16BIT,
+    MERGED_REQUANTIZED,
+    UNMERGED,
+)
+from lora_study.stats.verdicts import Evidence, compare
 from lora_study.training.failures import oom_as_data, release_memory
 
 log = logging.getLogger("lora_study")
 
 GB = 1024**3
 
-# Ways of deploying an adapter, as named in tables.
-UNMERGED = "unmerged"
-MERGED_16BIT = "merged_16bit"
-MERGED_REQUANTIZED = "merged_requantized"
-BASE = "base"
-FULL = "full"
-# The merge check's outcome per way of merging.
-MERGE_OK, MERGE_FLAGGED, MERGE_UNCLEAR = "ok", "flagged", "unclear"
-# A merge check's outcome from its verdict: a shown change is flagged, an undecided one unclear.
-MERGE_OUTCOMES = {Verdict.EQUIVALENT: MERGE_OK, Verdict.BETTER: MERGE_FLAGGED, Verdict.WORSE: MERGE_FLAGGED,
-                  Verdict.INCONCLUSIVE: MERGE_UNCLEAR}  # fmt: skip
 MERGED_FORMS = "merged forms"  # the part of a deploy job that merges (and re-quantizes) the adapter
 
 

@@ -1,1 +1,2 @@
-"""Stage findings: the report page, the chart style, captions, and experiment tracking."""
+"""What a report question is and how the page asks every registered one (question), the chart style every
+chart shares (style), the page itself (page), and experiment tracking (tracking)."""

@@ -72,7 +72,11 @@ def _description(node: dict[str, Any], defs: dict[str, Any]) -> str:
     if "$ref" in node:
         ref = node["$ref"]
         if ref in SHARED:
-            return "any key of [`training`](#training)" if ref.endswith("training") else "any key of [`training`](#training), a list of values"
+            return (
+                "any key of [`training`](#training)"
+                if ref.endswith("training")
+                else "any key of [`training`](#training), a list of values"
+            )
         return _description(defs[ref.rsplit("/", 1)[-1]], defs)
     if "items" in node:  # a list axis: what one of its values is
         return _description(node["items"], defs)

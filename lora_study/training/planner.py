@@ -51,7 +51,7 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -601,30 +601,6 @@ def cpu_overhead_bytes(run: RunSpec, recipe: Recipe, facts: ModelFacts, checkpoi
         held_as_stored = facts.total_params * 4.0 if run.is_full else unquantized_bytes(facts, recipe, run.double_quant)
         mapped = checkpoint.bytes - held_as_stored
     return CPU_RUNTIME_GB * GB + mapped + CPU_ALLOCATOR_RETENTION * transient
-
-
-# Where a run's predicted peak goes, term by term (plan.csv columns), before the device's overhead.
-MEMORY_TERMS = {
-    "base weights": "weights_gb",
-    "LoRA weights": "adapter_weights_gb",
-    "gradients + optimizer states": "gradients_optimizer_gb",
-    "activations": "activations_gb",
-    "backward working memory": "backward_working_gb",
-    "logits": "logits_gb",
-}
-# What each device adds on top of the allocated terms (cpu_overhead_bytes; CUDA_CONTEXT_GB and CUDA_ALLOCATOR_SLACK).
-OVERHEAD_TERMS = {"cpu": "runtime + mapped checkpoint + allocator retention", "cuda": "CUDA context + allocator slack"}
-
-
-def memory_terms(plan: Mapping[str, Any], device_type: str) -> dict[str, float]:
-    """A run's predicted peak on `device_type` ("cuda" or "cpu") split into MEMORY_TERMS and the overhead (GB).
-
-    `plan` holds plan.csv's columns (or the runs table's plan_<column>s with the prefix removed).
-    """
-    terms = {term: float(plan.get(column, math.nan)) for term, column in MEMORY_TERMS.items()}
-    total = float(plan["predicted_cuda_gb" if device_type == "cuda" else "predicted_cpu_gb"])
-    terms[OVERHEAD_TERMS[device_type]] = total - float(plan["predicted_cuda_allocated_gb"])
-    return terms
 
 
 def plan_study(

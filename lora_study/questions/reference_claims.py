@@ -5,8 +5,7 @@ equivalence (TOST) interval's bounds, each a one-sided test at level alpha:
 supported when the whole interval is on the claim's side of its threshold,
 contradicted when the whole interval is on the other side, inconclusive when
 it straddles the threshold. A claim the study has no runs for is "not tested".
-The reference's numbers are not expected values: only its claims are used.
-"""
+The reference's numbers are not expected values: only its claims are used."""
 
 from __future__ import annotations
 
@@ -14,8 +13,14 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lora_study.questions.findings import FindingSettings, _reference_row
-from lora_study.stats.verdicts import Comparison, Judge
+from lora_study.questions.common import (
+    reference_row,
+)
+from lora_study.report.question import FindingSettings, Question, Study
+from lora_study.stats.verdicts import (
+    Comparison,
+    Judge,
+)
 from lora_study.study.methods import LORA
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = "supported", "contradicted", "inconclusive", "not tested"
@@ -128,7 +133,7 @@ def quantization_claims(
     f_claim = "NF4 saves about half the training memory of 16-bit."
     f_question = "Does NF4 need 40-60% less peak training memory than the unquantized run?"
     nf4 = _by(quant, "quantization", "nf4")
-    reference = _reference_row(quant[quant["perplexity"].notna()]) if quant is not None else None
+    reference = reference_row(quant[quant["perplexity"].notna()]) if quant is not None else None
     if nf4 is None or reference is None:
         missing = "nf4 and unquantized runs in one quantization sweep"
         return [_untested(e_claim, e_question, missing), _untested(f_claim, f_question, missing)]
@@ -197,3 +202,24 @@ def full_claim(shares: pd.DataFrame | None, judge: Judge, claimed_share: float =
         f"fine-tuning of at most {100 * threshold:+.1f}%: " + (_one_sided(result) if result else "no per-row scores")
     )
     return Claim(claim, question, answer, evidence)
+
+
+def tables(study: Study) -> dict[str, pd.DataFrame | None]:
+    runs = study.runs
+    predicted = dict(zip(runs["run_id"], runs["plan_predicted_cuda_gb"], strict=True)) \
+        if "plan_predicted_cuda_gb" in runs else {}  # fmt: skip
+    claims = reference_claims(study.tables, study.judge, study.settings, study.memory_text, predicted)
+    return {"reference_claims": pd.DataFrame([claim.to_dict() for claim in claims])}
+
+
+QUESTION = Question(
+    anchor="reference-claims",
+    title="The reference study's claims, checked",
+    tables=tables,
+    intro=(
+        "Each claim of the reference write-up, restated as a question and answered from this study's runs "
+        "(supported / contradicted / inconclusive / not tested); its numbers are not expected values here."
+    ),
+    prose_tables=("reference_claims",),
+    answered_last=True,
+)

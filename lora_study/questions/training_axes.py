@@ -1,26 +1,38 @@
-"""Tables for any swept axis: one per swept training setting, a matrix for two axes swept together,
-and the best learning rate per rank."""
+"""Training settings as axes: one table per swept setting, a matrix (and heatmap) for two axes swept
+together, and whether the best learning rate moves with rank."""
 
 from __future__ import annotations
 
 import itertools
 
+import altair as alt
 import pandas as pd
 
-from lora_study.questions.findings import (
-    FindingSettings,
-    _measured,
-    _status,
-    _training_columns,
-    _with_accuracy,
-    sweep_slice,
+from lora_study.analysis.runs import (
     trained_runs,
 )
-from lora_study.stats.verdicts import Judge, Verdict, against_best
+from lora_study.questions.common import (
+    measured,
+    status_column,
+    sweep_slice,
+    training_columns,
+    with_accuracy,
+)
+from lora_study.report.question import FindingSettings, Question, Study
+from lora_study.report.style import HEIGHT, WIDTH, Style
+from lora_study.stats.verdicts import (
+    Judge,
+    Verdict,
+    against_best,
+)
 
 # Axes a matrix can pair (beside every training setting), with their readable names.
 DESIGN_AXES = {"rank": "rank", "modules_label": "modules", "quant_label": "quantization", "method": "method"}
+
+
 MATRIX_PREFIX = "matrix__"
+
+
 MAX_SUBSETS = 4096
 
 
@@ -32,7 +44,7 @@ def axis_name(column: str) -> str:
 def training_axis_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """One table per swept training setting (named `training_<key>`): the runs that differ only in it."""
     tables = {}
-    for column in _training_columns(runs):
+    for column in training_columns(runs):
         group = sweep_slice(runs, column, ["rank", "alpha", "modules_label", "quant_label"])
         if group is None:
             continue
@@ -45,11 +57,11 @@ def training_axis_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 "modules": group["modules_label"],
                 "quantization": group["quant_label"],
                 "method": group["method"],
-                **_measured(group, "perplexity", "accuracy", "peak_memory_gb", "train_wall_s"),
-                "status": _status(group),
+                **measured(group, "perplexity", "accuracy", "peak_memory_gb", "train_wall_s"),
+                "status": status_column(group),
             }
         )
-        tables[f"training_{axis_name(column)}"] = table[_with_accuracy(list(table.columns), table)].reset_index(
+        tables[f"training_{axis_name(column)}"] = table[with_accuracy(list(table.columns), table)].reset_index(
             drop=True
         )
     return tables
@@ -78,7 +90,7 @@ def complete_block(group: pd.DataFrame, first: str, second: str) -> pd.DataFrame
 
 def _matrix_group(trained: pd.DataFrame, first: str, second: str) -> pd.DataFrame | None:
     """The largest complete block of runs that differ only in `first` and `second`."""
-    keys = [k for k in [*DESIGN_AXES, "alpha_rule", *_training_columns(trained)] if k not in (first, second)]
+    keys = [k for k in [*DESIGN_AXES, "alpha_rule", *training_columns(trained)] if k not in (first, second)]
     best = None
     for _, group in trained.groupby(keys, dropna=False, sort=False):
         block = complete_block(group, first, second) if group[first].nunique() >= 2 else None
@@ -95,7 +107,7 @@ def matrices(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     trained = trained_runs(runs)
     if trained.empty:
         return {}
-    axes = [*DESIGN_AXES, *_training_columns(trained)]
+    axes = [*DESIGN_AXES, *training_columns(trained)]
     found = {}
     for first, second in itertools.combinations(axes, 2):
         if first == "method" and second.startswith("training."):
@@ -108,7 +120,7 @@ def matrices(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
                 "run_id": group["run_id"],
                 axis_name(first): group[first],
                 axis_name(second): group[second],
-                **_measured(group, "perplexity", "accuracy"),
+                **measured(group, "perplexity", "accuracy"),
             }
         )
         matrix = cells.pivot_table(
@@ -229,3 +241,78 @@ def _shared_best_finding(
 def axis_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Every swept training setting's table and every two-axis matrix the runs support."""
     return {**training_axis_tables(runs), **matrices(runs)}
+
+
+def matrix_heatmaps(tables: dict[str, pd.DataFrame]) -> dict[str, alt.Chart]:
+    """A heatmap of perplexity per two-axis matrix (one cell per run), the value written in each cell."""
+    charts = {}
+    for name, matrix in tables.items():
+        if "cells" not in matrix.attrs:
+            continue
+        first, second = matrix.attrs["axes"]
+        cells = matrix.attrs["cells"].dropna(subset=["perplexity"]).copy()
+        cells[first], cells[second] = cells[first].astype(str), cells[second].astype(str)
+        base = alt.Chart(cells).encode(
+            x=alt.X(f"{second}:O", title=second.replace("_", " "), sort=None, axis=alt.Axis(labelAngle=0)),
+            y=alt.Y(f"{first}:O", title=first.replace("_", " "), sort=None),
+        )
+        heat = base.mark_rect().encode(
+            color=alt.Color("perplexity:Q", title="perplexity", scale=alt.Scale(scheme="viridis", reverse=True)),
+            tooltip=["run_id", first, second, alt.Tooltip("perplexity:Q", format=".4g")],
+        )
+        # Light text on the dark (high-perplexity) end of the scale, dark text elsewhere.
+        middle = (cells["perplexity"].min() + cells["perplexity"].max()) / 2
+        text = base.mark_text(fontSize=11).encode(
+            text=alt.Text("perplexity:Q", format=".3g"),
+            color=alt.condition(alt.datum.perplexity > middle, alt.value("white"), alt.value("black")),
+        )
+        title = f"Perplexity: {first} x {second}"
+        charts[heatmap_name(name)] = (heat + text).properties(width=WIDTH, height=HEIGHT, title=title)
+    return charts
+
+
+HEATMAP_PREFIX = "heatmap__"
+
+
+def heatmap_name(table_name: str) -> str:
+    """The chart of a two-axis matrix table (matrix__rank__learning_rate -> heatmap__rank__learning_rate)."""
+    return HEATMAP_PREFIX + table_name.removeprefix(MATRIX_PREFIX)
+
+
+def tables(study: Study) -> dict[str, pd.DataFrame | None]:
+    return axis_tables(study.runs)
+
+
+def findings(study: Study) -> list[str | None]:
+    return [best_learning_rate_finding(study.tables, study.judge, study.settings)]
+
+
+def charts(study: Study, style: Style) -> dict[str, alt.Chart | None]:
+    return matrix_heatmaps(study.tables)
+
+
+def table_title(name: str) -> str | None:
+    """Axis tables and matrices are named after their axes."""
+    if name.startswith(MATRIX_PREFIX):
+        return matrix_title(name)
+    if name.startswith("training_"):
+        return f"Training setting swept: {name.removeprefix('training_')}"
+    return None
+
+
+QUESTION = Question(
+    anchor="training-axes",
+    title="Training settings swept",
+    tables=tables,
+    findings=findings,
+    charts=charts,
+    captions={HEATMAP_PREFIX: "Perplexity of every cell of a two-axis matrix, the value written in each cell."},
+    title_of=table_title,
+    definitions={
+        "learning_rate_per_rank": "in a rank x learning-rate matrix, the best learning rate of a rank is its "
+        "lowest perplexity; at every rank, each other rank's best learning rate is compared with the rank's own "
+        "best (tolerance sweet_spot_tolerance, m = every pair of learning rates within each rank, as each rank's best "
+        "is picked from them): *worse* anywhere = it moves "
+        "with rank.",
+    },
+)
