@@ -74,6 +74,11 @@ def run_params(wildcards):
     return run_params_json(wildcards.run)
 
 
+def train_gpus(wildcards):
+    """Devices a run trains on (training.gpus): Snakemake's gpu resource, SLURM's --gpus."""
+    return RUNS[wildcards.run].training.gpus
+
+
 def compute_params(wildcards):
     spec = EVALUATED[wildcards.run]
     training = spec.training.to_dict() if spec.training else config["training"]

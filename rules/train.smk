@@ -18,7 +18,7 @@ rule train:
         "../envs/study.yaml"
     threads: 2
     resources:
-        gpu=1,
+        gpu=train_gpus,
         # A retry (attempt 2, see profiles/slurm) asks for more memory and time.
         mem_mb=lambda wildcards, attempt: 8000 * attempt,
         runtime=lambda wildcards, attempt: 120 * attempt,

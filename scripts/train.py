@@ -10,9 +10,9 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     from lora_study.core.io import read_json
     from lora_study.measure.evaluate import InTrainingEvaluation
     from lora_study.measure.handoff import evaluates_in_training
-    from lora_study.study.settings import MeasurementSettings, compute_settings, evaluation_settings
+    from lora_study.study.settings import compute_settings, evaluation_settings
     from lora_study.study.sweep import RunSpec
-    from lora_study.training.loop import TrainOutputs, train_run
+    from lora_study.training.loop import train_arguments, train_run
 
     config = snakemake.config
     run = RunSpec.from_params(json.loads(snakemake.params.run))
@@ -30,18 +30,20 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
             Path(paths.for_run(paths.HANDOFF, run.run_id)),
             snakemake.threads,
         )
-    train_run(
-        run=run,
+    arguments = dict(
+        run=run.as_params(),
         manifest=manifest,
-        splits_dir=splits,
-        outputs=TrainOutputs(
-            Path(snakemake.output.adapter), Path(snakemake.output.metrics), Path(snakemake.output.loss_curve)
-        ),
-        threads=snakemake.threads,
-        checkpoint_dir=Path(paths.for_run(paths.CHECKPOINT, run.run_id)),
+        splits_dir=str(splits),
+        outputs=[snakemake.output.adapter, snakemake.output.metrics, snakemake.output.loss_curve],
+        checkpoint_dir=paths.for_run(paths.CHECKPOINT, run.run_id),
         # Read here, not from params: how often to checkpoint must not trigger reruns.
         checkpoint_every=config["execution"]["checkpoint_every"],
         plan_settings=config["plan"],
-        measurement=MeasurementSettings.from_dict(json.loads(snakemake.params.measurement)),
-        after_training=evaluation,
+        measurement=json.loads(snakemake.params.measurement),
     )
+    if run.training.gpus > 1:  # one run on N devices: N processes (lora_study.training.sharded)
+        from lora_study.training.sharded import launch
+
+        launch(arguments, run.training.gpus, snakemake.threads, snakemake.log[0] if snakemake.log else None)
+    else:
+        train_run(**train_arguments(arguments), threads=snakemake.threads, after_training=evaluation)

@@ -49,6 +49,23 @@ def test_a_killed_job_frees_its_device(tmp_path):
     taken["1"].kill()
 
 
+def test_a_sharded_job_claims_its_devices_together_or_none(tmp_path):
+    """A job that trains on two devices locks two free ones; with one free it holds nothing and waits, so two
+    such jobs on a three-GPU machine cannot each hold one and wait for the other."""
+    holder = start_holder(tmp_path)
+    assert holder.stdout.readline().strip() == "0"
+    assert try_claim(["0", "1", "2"], tmp_path, count=3) is None
+    pair = try_claim(["0", "1", "2"], tmp_path, count=2)
+    assert pair is not None and pair.device == "1,2" and len(pair.handles) == 2
+    assert try_claim(["0", "1", "2"], tmp_path) is None  # all three held
+    del pair  # closing the handles releases the locks
+    import gc
+
+    gc.collect()
+    assert try_claim(["1", "2"], tmp_path, count=2).device == "1,2"
+    holder.kill()
+
+
 def test_a_waiting_job_gets_a_device_when_one_is_released(tmp_path):
     holders = [start_holder(tmp_path, hold_s=1.0), start_holder(tmp_path, hold_s=1.0)]
     assert {holder.stdout.readline().strip() for holder in holders} == {"0", "1"}
@@ -133,7 +150,7 @@ CLAIM_PROBE = """
 import runpy, sys, types
 import lora_study.core.gpu_slots as slots
 
-def probe():
+def probe(count=1):
     loaded = [m for m in ("bitsandbytes", "peft", "transformers", "transformers.integrations.bitsandbytes")
               if m in sys.modules]
     torch = sys.modules.get("torch")
@@ -206,7 +223,7 @@ DEVICE_PROBE = """
 import os, runpy, sys, types
 import lora_study.core.gpu_slots as slots
 
-def probe():
+def probe(count=1):
     print("VISIBLE", repr(os.environ.get("CUDA_VISIBLE_DEVICES")), flush=True)
     raise SystemExit(0)
 

@@ -31,10 +31,11 @@ LOCK_ROOT = Path(".snakemake") / "gpu-slots"
 
 @dataclass
 class GpuSlot:
-    """A claimed device; keep the object alive for as long as the job uses it."""
+    """Claimed devices (one, or N for a sharded run: `device` lists them comma-separated); keep the object alive
+    for as long as the job uses them."""
 
     device: str
-    handle: IO[str]
+    handles: tuple[IO[str], ...]
 
 
 def visible_devices() -> list[str]:
@@ -51,9 +52,10 @@ def visible_devices() -> list[str]:
         return []
 
 
-def try_claim(devices: list[str], lock_dir: Path) -> GpuSlot | None:
-    """Lock the first free device, or None when all are taken."""
+def try_claim(devices: list[str], lock_dir: Path, count: int = 1) -> GpuSlot | None:
+    """Lock the first `count` free devices, or None (holding none) when fewer are free."""
     lock_dir.mkdir(parents=True, exist_ok=True)
+    taken: list[tuple[str, IO[str]]] = []
     for device in devices:
         handle = (lock_dir / f"gpu-{device}.lock").open("a+")
         try:
@@ -65,7 +67,11 @@ def try_claim(devices: list[str], lock_dir: Path) -> GpuSlot | None:
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        return GpuSlot(device, handle)
+        taken.append((device, handle))
+        if len(taken) == count:
+            return GpuSlot(",".join(name for name, _ in taken), tuple(held for _, held in taken))
+    for _, handle in taken:  # too few free: wait holding nothing, so two waiting jobs cannot deadlock
+        handle.close()
     return None
 
 
@@ -86,13 +92,18 @@ def cuda_initialized() -> bool:
 
 
 def claim_gpu(
-    lock_dir: Path | None = None, devices: list[str] | None = None, timeout_s: float = 3600, poll_s: float = 1.0
+    lock_dir: Path | None = None,
+    devices: list[str] | None = None,
+    timeout_s: float = 3600,
+    poll_s: float = 1.0,
+    count: int = 1,
 ) -> GpuSlot | None:
-    """Claim a device for this process and make it the only visible one.
+    """Claim `count` devices for this process (a sharded run: its GPUs) and make them the only visible ones.
 
     Refused once CUDA is initialised. Returns None (and changes nothing) when
-    at most one device is visible. Waits while every device is taken (more jobs
-    than GPUs were started) and fails after `timeout_s`.
+    at most `count` devices are visible (a SLURM job given exactly its GPUs).
+    Waits while too few are free (more jobs than GPUs were started) and fails
+    after `timeout_s`.
     """
     if cuda_initialized():
         raise CudaStartedError(
@@ -104,13 +115,13 @@ def claim_gpu(
     # (set before CUDA starts), so the slot, the device and its memory readings match.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     candidates = visible_devices() if devices is None else devices
-    if len(candidates) <= 1:
+    if len(candidates) <= count:
         return None
     lock_dir = default_lock_dir() if lock_dir is None else lock_dir
     deadline = time.monotonic() + timeout_s
-    while (slot := try_claim(candidates, lock_dir)) is None:
+    while (slot := try_claim(candidates, lock_dir, count)) is None:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no free GPU among {candidates} after {timeout_s:.0f} s ({lock_dir})")
+            raise TimeoutError(f"no {count} free GPUs among {candidates} after {timeout_s:.0f} s ({lock_dir})")
         time.sleep(poll_s)
     os.environ["CUDA_VISIBLE_DEVICES"] = slot.device
     return slot
@@ -119,10 +130,10 @@ def claim_gpu(
 _JOB_SLOT: list[GpuSlot | None] = []  # this process's claim, once made
 
 
-def claim_job_gpu() -> GpuSlot | None:
-    """The job's GPU: claimed on the first call (before CUDA starts), the same slot on every later one."""
+def claim_job_gpu(count: int = 1) -> GpuSlot | None:
+    """The job's GPUs: claimed on the first call (before CUDA starts), the same slot on every later one."""
     if not _JOB_SLOT:
-        _JOB_SLOT.append(claim_gpu())
+        _JOB_SLOT.append(claim_gpu(count=count))
     return _JOB_SLOT[0]
 
 

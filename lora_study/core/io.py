@@ -64,15 +64,18 @@ class _DropHarmless(logging.Filter):
         return not any(text in message for text in HARMLESS_MESSAGES)
 
 
-def setup_logging(log_file: str | Path | None) -> logging.Logger:
-    """Log to the job's log file and stderr; route warnings there too."""
+def setup_logging(
+    log_file: str | Path | None, level: int = logging.INFO, prefix: str = "", append: bool = False
+) -> logging.Logger:
+    """Log to the job's log file and stderr; route warnings there too. `append`: a process the job started (a
+    rank of a sharded run) adds to the job's log, each line after `prefix`."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="w"))
+        handlers.append(logging.FileHandler(log_file, mode="a" if append else "w"))
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
+        level=level,
+        format=f"%(asctime)s %(levelname)s {prefix}%(message)s",
         datefmt="%H:%M:%S",
         handlers=handlers,
         force=True,

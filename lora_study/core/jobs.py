@@ -33,7 +33,8 @@ def job(snakemake: Any, gpu: bool = False, work: str = "compute") -> Iterator[lo
     if gpu:
         if (getattr(snakemake, "config", None) or {}).get("execution", {}).get("device") == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # execution.device: cpu hides the GPUs before anything sees them
-        gpu_slots.claim_job_gpu()
+        # A sharded training job asks Snakemake for gpu=N (its resources) and claims N devices.
+        gpu_slots.claim_job_gpu(int((getattr(snakemake, "resources", None) or {}).get("gpu", 1) or 1))
     # Byte-level progress bars make unreadable logs (our own progress lines remain), and transformers' warnings
     # down to errors: set before anything imports the libraries, which read them then (importing them here
     # would cost every job seconds, also the jobs that never use them).

@@ -71,6 +71,9 @@ class TrainMetrics:
     target_coverage: dict[str, Any] = field(default_factory=dict)
     # What attention ran: `auto` resolved for this model (sdpa, else eager).
     attn_implementation: str | None = None
+    # Devices the run was sharded over (training.gpus); memory then holds the largest rank's peak as
+    # peak_memory_gb and every rank's in rank_peak_memory_gb.
+    gpus: int = 1
     resumed_from_step: int = 0
     memory: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)

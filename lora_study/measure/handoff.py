@@ -50,7 +50,8 @@ IN_TRAINING_FORMATS = (*FOUR_BIT, *UNQUANTIZED)
 
 def evaluates_in_training(run: RunSpec, config: dict[str, Any]) -> bool:
     """Whether `run`'s training job also scores its model (evaluation.in_training_job, no memory cap: a capped
-    evaluation is measured in its own process). The evaluate job takes a hand-off only when this holds."""
+    evaluation is measured in its own process; one device: a sharded model is evaluated by the evaluate job). The
+    evaluate job takes a hand-off only when this holds."""
     training = run.training.to_dict() if run.training else {}
     return (
         bool(config["evaluation"].get("in_training_job", True))
@@ -58,6 +59,7 @@ def evaluates_in_training(run: RunSpec, config: dict[str, Any]) -> bool:
         and run.quantization in IN_TRAINING_FORMATS
         and config["evaluation"]["memory_limit_gb"] is None
         and training.get("memory_limit_gb") is None
+        and training.get("gpus", 1) == 1
     )
 
 

@@ -32,12 +32,14 @@ class TrainingSettings:
     seed: int
     log_every: int
     memory_limit_gb: float | None
+    # Devices the run is sharded over (a layout: never in the run id; in params only when > 1).
+    gpus: int = 1
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "training") -> TrainingSettings:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - names)
-        missing = sorted(names - set(values) - {"compute_dtype"})
+        missing = sorted(names - set(values) - {"compute_dtype", "gpus"})
         if unknown:
             raise ConfigError(f"{where}: unknown training settings {unknown}")
         if missing:
@@ -45,10 +47,13 @@ class TrainingSettings:
         return cls(**{"compute_dtype": None, **values})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data; compute_dtype only where it applies."""
+        """Plain data; compute_dtype only where it applies, gpus only when the run is sharded (so a one-device
+        run's params, and every study finished before sharding existed, stay as they were)."""
         values = asdict(self)
         if values["compute_dtype"] is None:
             del values["compute_dtype"]
+        if values["gpus"] == 1:
+            del values["gpus"]
         return values
 
     def replace(self, **changes: Any) -> TrainingSettings:

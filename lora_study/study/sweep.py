@@ -153,6 +153,26 @@ def setting_suffix(key: str, value: Any) -> str:
     return f"{name}{value}"
 
 
+# Settings that say how a run is laid out on devices, not what it computes: never part of its id.
+LAYOUT_SETTINGS = ("gpus",)
+# Methods a sharded run (training.gpus > 1) trains: PiSSA/OLoRA convert their adapter through PEFT at save time,
+# which reads the model's own (there sharded) weights.
+SHARDED_METHODS = (LORA, "rslora", "dora", FULL)
+
+
+def sharding_problem(method: str, training: dict[str, Any]) -> str | None:
+    """Why a run cannot be sharded over training.gpus devices (None when it can, or is not sharded)."""
+    if training.get("gpus", 1) == 1:
+        return None
+    if method not in SHARDED_METHODS:
+        return f"method {method} trains on one device only (its adapter is converted at save time)"
+    if training.get("memory_limit_gb") is not None:
+        return "training.memory_limit_gb emulates one device's memory: leave it unset for a sharded run"
+    if training["batch_size"] < training["gpus"]:
+        return f"a batch of {training['batch_size']} rows cannot give each of {training['gpus']} devices a row"
+    return None
+
+
 def settings_suffix(own_settings: dict[str, Any], method: str = LORA) -> list[str]:
     """The id parts of a run's own (swept or overridden) settings that differ from the schema's defaults.
 
@@ -163,7 +183,7 @@ def settings_suffix(own_settings: dict[str, Any], method: str = LORA) -> list[st
     order = list(defaults)
     parts = []
     for key in sorted(own_settings, key=lambda k: order.index(k) if k in order else len(order)):
-        if own_settings[key] != defaults.get(key):
+        if key not in LAYOUT_SETTINGS and own_settings[key] != defaults.get(key):
             parts.append(setting_suffix(key, own_settings[key]))
     return parts
 
@@ -231,6 +251,8 @@ def _make_spec(entry: Entry, shared: dict[str, Any], method_settings: dict[str, 
         own.pop("compute_dtype", None)
     if full:
         own.pop("lora_dropout", None)  # no adapter: a dropout value must not name the run
+    if problem := sharding_problem(entry.method, training):
+        raise ConfigError(f"{origin}: training.gpus {training.get('gpus')}: {problem}")
     return RunSpec(
         run_id=entry.explicit_id or run_id(rank, alpha, ordered, entry.quantization, double_quant, entry.method, own),
         rank=rank,

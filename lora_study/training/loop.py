@@ -64,7 +64,7 @@ from lora_study.training.loading import (
     prepare_full,
     set_threads,
 )
-from lora_study.training.loss import ResponseLoss, scored_tokens
+from lora_study.training.loss import FULL_LOGITS, ResponseLoss, scored_tokens
 from lora_study.training.planner import plan_for_run
 from lora_study.training.precision import (
     DeviceCapability,
@@ -74,6 +74,7 @@ from lora_study.training.precision import (
     quiet_int8_casts,
     recipe_for,
 )
+from lora_study.training.sharded import Ranks
 
 log = logging.getLogger("lora_study")
 
@@ -140,6 +141,12 @@ class Job:
     started: float
     memory: PeakMemory  # created before CUDA starts: the device reading at start excludes this job
     attn_implementation: str = "sdpa"  # resolved for the model once the manifest is read
+    ranks: Ranks | None = None  # a sharded run's rank (lora_study.training.sharded); None on one device
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's outputs (always, unless it is a sharded run's rank > 0)."""
+        return self.ranks is None or self.ranks.is_main
 
     @property
     def training(self) -> TrainingSettings:
@@ -159,24 +166,34 @@ class Job:
             job_wall_s=time.perf_counter() - self.started,
             environment=job_environment(self.gpu_slot),
             attn_implementation=self.attn_implementation,
+            gpus=self.ranks.world if self.ranks else 1,
             **fields,
         )
 
 
-def start_job(run: RunSpec, threads: int) -> Job:
-    """Claim a GPU (before CUDA starts), set threads, resolve the recipe for this device."""
+def start_job(run: RunSpec, threads: int, ranks: Ranks | None = None) -> Job:
+    """Claim a GPU (before CUDA starts), set threads, resolve the recipe for this device. A sharded run's rank
+    takes its own GPU of the job's (the job claimed them) and joins the process group."""
     started = time.perf_counter()
-    gpu_slot = claim_job_gpu()  # the rule script claimed it first; a direct call claims it here
+    gpu_slot = None if ranks else claim_job_gpu()  # the rule script claimed it first; a direct call claims it here
     set_threads(threads)
     device = pick_device()
+    if ranks is not None:
+        if device.type == "cuda":
+            device = torch.device("cuda", ranks.local_rank)
+            torch.cuda.set_device(device)
+        from lora_study.training import sharded
+
+        sharded.init(ranks, device)
     memory = PeakMemory(device)
     capability = detect_capability(device)
     assert run.training is not None
     recipe = recipe_for(run.quantization, run.training.compute_dtype, capability, full=run.is_full)
-    log.info("run %s on %s, %d threads", run.run_id, capability.summary(), torch.get_num_threads())
+    log.info("run %s on %s, %d threads%s", run.run_id, capability.summary(), torch.get_num_threads(),
+             f", rank {ranks.rank} of {ranks.world}" if ranks else "")  # fmt: skip
     log.info("recipe: %s (compute %s, autocast %s, grad scaler %s)", recipe.describe(), recipe.compute_dtype,
              recipe.autocast, recipe.grad_scaler)  # fmt: skip
-    return Job(run, gpu_slot, device, capability, recipe, started, memory)
+    return Job(run, gpu_slot, device, capability, recipe, started, memory, ranks=ranks)
 
 
 def train_run(
@@ -190,6 +207,7 @@ def train_run(
     plan_settings: dict[str, Any] | None = None,
     measurement: MeasurementSettings | None = None,
     after_training: AfterTraining | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainMetrics:
     """Train the adapter for `run` and write its outputs; then, when given, `after_training` gets the trained
     model (lora_study.measure.evaluate.InTrainingEvaluation) once the optimizer's memory is released.
@@ -199,7 +217,7 @@ def train_run(
     loading anything. SIGTERM/SIGINT save a checkpoint and exit non-zero; the
     next attempt resumes from the newest checkpoint.
     """
-    job = start_job(run, threads)  # claims the GPU first: importing peft queries CUDA
+    job = start_job(run, threads, ranks)  # claims the GPU first: importing peft queries CUDA
     import peft  # noqa: F401  (imported before any memory cap, like everything heavy)
 
     phases.end("imports")
@@ -222,7 +240,8 @@ def train_run(
         log.warning("skipped: predicted %.2f GB (%s), over the %.2f GB budget", verdict["predicted_gb"],
                     verdict["plan_device"], verdict["budget_gb"])  # fmt: skip
         failure = {"reason": "predicted over the memory budget", **verdict}
-        return outputs.write_not_trained(job.base_metrics(STATUS_SKIPPED, failure=failure, memory_plan=plan), [])
+        metrics = job.base_metrics(STATUS_SKIPPED, failure=failure, memory_plan=plan)
+        return outputs.write_not_trained(metrics, []) if job.is_main else metrics
     log.info("memory plan: %.2f GB on CUDA, %.2f GB on CPU", plan["predicted_cuda_gb"], plan["predicted_cpu_gb"])
     phases.end("checks")
 
@@ -231,7 +250,9 @@ def train_run(
     _, pad_id = load_tokenizer(manifest)
     set_seed(job.training.seed)  # after planning: everything random from here on is the run's own
     run_fingerprint = fingerprint(run.as_params(), manifest, splits_dir, job.recipe.to_dict())
-    checkpointer = Checkpointer(checkpoint_dir, run_fingerprint, checkpoint_every)
+    if ranks is not None and ranks.is_main and checkpoint_every:
+        log.warning("a sharded run is not checkpointed yet: an interrupted one starts again")
+    checkpointer = Checkpointer(checkpoint_dir, run_fingerprint, 0 if ranks else checkpoint_every)
     session = TrainingSession(job, checkpointer, measurement)
     try:
         with job.memory as memory, memory_cap(job.training.memory_limit_gb, job.device, memory) as cap:
@@ -245,7 +266,8 @@ def train_run(
         if not is_out_of_memory(error, memory_capped=job.training.memory_limit_gb is not None):
             raise
         checkpointer.remove()
-        return outputs.write_not_trained(session.oom_metrics(error, plan), session.progress.curve)
+        metrics = session.oom_metrics(error, plan)
+        return outputs.write_not_trained(metrics, session.progress.curve) if job.is_main else metrics
     metrics = session.write(model, outputs, {**memory.report(), **cap}, plan)
     if after_training is not None:
         phases.end("write")
@@ -253,6 +275,20 @@ def train_run(
         with signals_as_errors():  # a time limit's SIGTERM now ends the extra work, not the finished run
             after_training(model, job, session.loss.path, outputs.adapter_dir)
     return metrics
+
+
+def train_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """train_run's arguments from the plain data a rule script (or a sharded run's launcher) passes on."""
+    return dict(
+        run=RunSpec.from_params(arguments["run"]),
+        manifest=arguments["manifest"],
+        splits_dir=Path(arguments["splits_dir"]),
+        outputs=TrainOutputs(*(Path(path) for path in arguments["outputs"])),
+        checkpoint_dir=Path(arguments["checkpoint_dir"]),
+        checkpoint_every=arguments["checkpoint_every"],
+        plan_settings=arguments["plan_settings"],
+        measurement=MeasurementSettings.from_dict(arguments["measurement"]),
+    )
 
 
 def wrapped_coverage(model: torch.nn.Module, manifest: dict[str, Any], run: RunSpec) -> dict[str, dict[str, Any]]:
@@ -305,6 +341,12 @@ class TrainingSession:
         if not run.is_full:
             self.coverage = wrapped_coverage(model, manifest, run)
         log.info("trainable params %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+        if self.job.ranks is not None:
+            from lora_study.training import sharded
+
+            sharded.shard(model)
+            if self.job.ranks.rank > 0:  # the same initial weights everywhere; each rank its own dropout masks
+                torch.manual_seed(training.seed + self.job.ranks.rank)
         return model
 
     def prepare(self, model: torch.nn.Module, train_rows, pad_id: int):
@@ -321,7 +363,9 @@ class TrainingSession:
 
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=training.warmup_steps,
                                        num_training_steps=self.steps)  # fmt: skip
-        self.progress = self.checkpointer.restore(model, self.optimizer, self.scheduler, self.scaling) or Progress()
+        ranks = self.job.ranks
+        restored = None if ranks else self.checkpointer.restore(model, self.optimizer, self.scheduler, self.scaling)
+        self.progress = restored or Progress()
         lengths = [len(ids) for ids in train_rows["input_ids"]]
         # The batch stream is a pure function of the seed: resuming skips what was consumed.
         batches = itertools.islice(
@@ -329,7 +373,10 @@ class TrainingSession:
             self.progress.step * training.gradient_accumulation_steps,
             None,
         )
-        self.loss = ResponseLoss(model)
+        if ranks is not None:  # each rank its share of every global batch: the one-device run's rows and order
+            batches = (rows[ranks.rank :: ranks.world] for rows in batches)
+        # A sharded model gathers its root's weights (embeddings, head) in its own forward only: full logits.
+        self.loss = ResponseLoss(model, FULL_LOGITS if ranks else None)
         return torch.utils.data.DataLoader(
             train_rows.with_format(None),
             batch_sampler=batches,
@@ -365,16 +412,25 @@ class TrainingSession:
     def _step(self, model, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int, int]:
         """One optimizer step over the accumulated micro-batches: (mean loss, tokens, loss tokens)."""
         assert self.loss is not None
-        # Token-weighted mean over the whole accumulated step, not a mean of means.
+        # Token-weighted mean over the whole accumulated step (and every rank's share), not a mean of means.
+        ranks = self.job.ranks
         step_tokens = sum(scored_tokens(b) for b in micro_batches)
+        if ranks is not None:
+            from lora_study.training import sharded
+
+            step_tokens = sharded.total(step_tokens)
+        # FSDP averages the ranks' gradients: N times each rank's part of the step's mean gives their sum.
+        scale = ranks.world if ranks else 1
         step_loss, tokens = 0.0, 0
         for batch in micro_batches:
             batch = {k: v.to(self.job.device) for k, v in batch.items()}
             with self.job.recipe.autocast_context(self.job.device.type):
                 loss_sum, _ = self.loss(batch)
-            self.scaling.backward(loss_sum / step_tokens)
+            self.scaling.backward(loss_sum * scale / step_tokens)
             step_loss += loss_sum.item()
             tokens += int(batch["attention_mask"].sum())
+        if ranks is not None:
+            step_loss, tokens = sharded.total(step_loss), int(sharded.total(tokens))
         if not self._gradients_checked:
             self._refuse_adapters_without_gradient(model)
         self.scaling.unscale(self.optimizer)
@@ -413,7 +469,8 @@ class TrainingSession:
             log.info("step %d/%d loss %.4f lr %.2e %.2f s/step %.0f tokens/s", step, self.steps, loss, lr, seconds,
                      progress.train_tokens / progress.train_seconds)  # fmt: skip
         if stop.received:
-            self.checkpointer.save(model, self.optimizer, self.scheduler, progress, self.scaling)
+            if self.job.ranks is None:
+                self.checkpointer.save(model, self.optimizer, self.scheduler, progress, self.scaling)
             log.error("%s received: stopped after step %d; rerun the workflow to resume", stop.name, step)
             raise TrainingInterrupted(stop.received, step)
         if step < self.steps and self.checkpointer.due(step):
@@ -443,11 +500,25 @@ class TrainingSession:
         self.params = []
         release_memory()
 
+    def _gathered(self, model, memory: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """A sharded run's trained weights, whole, and its memory: the largest rank's peak, and every rank's.
+        (Collectives: every rank calls this.) One device: nothing to gather."""
+        if self.job.ranks is None:
+            return None, memory
+        from lora_study.training import sharded
+
+        state = sharded.trainable_state(model)
+        peaks = [report["peak_memory_gb"] for report in sharded.gathered(memory)]
+        return state, {**memory, "peak_memory_gb": max(peaks), "rank_peak_memory_gb": peaks}
+
     def write(self, model, outputs: TrainOutputs, memory: dict[str, Any], plan: dict[str, Any]) -> TrainMetrics:
         """Adapter, loss curve and metrics; the checkpoint goes once they exist."""
         progress = self.progress
+        state, memory = self._gathered(model, memory)
+        if not self.job.is_main:
+            return self.job.base_metrics(STATUS_OK)
         with atomic_path(outputs.adapter_dir) as tmp:
-            save_trained(model, tmp, self.initial_adapter)
+            save_trained(model, tmp, self.initial_adapter, state)
         _write_curve(outputs.loss_curve_path, progress.curve)
         tokens_per_s, loss_tokens_per_s, measured_steps = progress.throughput()
         trainable, total = self.counts["trainable_params"], self.counts["total_params"]
@@ -502,13 +573,17 @@ def save_initial_adapter(model) -> tempfile.TemporaryDirectory:
     return folder
 
 
-def save_trained(model, out_dir: Path, initial_adapter: tempfile.TemporaryDirectory | None) -> None:
+def save_trained(
+    model, out_dir: Path, initial_adapter: tempfile.TemporaryDirectory | None, state: dict[str, Any] | None = None
+) -> None:
     """The adapter (PiSSA/OLoRA: converted for the original base, rank 2r) or, for full fine-tuning, the
     whole model as its fp32 master weights (as trained: a 16-bit copy would round away small updates,
     which the anatomy step measures as weight differences)."""
     conversion = {}
     if initial_adapter is not None:
         conversion["path_initial_model_for_weight_conversion"] = str(Path(initial_adapter.name) / INITIAL_ADAPTER)
+    if state is not None:  # a sharded model: its weights gathered whole
+        conversion["state_dict"] = state
     model.save_pretrained(out_dir, safe_serialization=True, **conversion)
 
 

@@ -1,0 +1,149 @@
+"""One run on N devices as one job: torchrun starts N processes, each holds a shard of the model (FSDP2's
+fully_shard, per decoder layer and at the root) and trains on its share of every global batch.
+
+The result is the one-device run's: each global batch (the same rows, in the same order) is split between the
+ranks, the loss of every rank is divided by the tokens of the whole step (summed over the ranks) and scaled by
+N, because FSDP averages the ranks' gradients. Quantized bases shard their 4-bit weights in a float storage
+dtype (bitsandbytes' quant_storage), as FSDP-QLoRA does. Rank 0 writes the run's outputs; the adapter it saves is
+gathered from the shards, so evaluate and any PEFT client load it as a one-device adapter.
+
+On a machine without GPUs the processes talk over gloo on the CPU (each with its share of the job's threads);
+with GPUs over NCCL, one GPU each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_study.core import phases
+
+log = logging.getLogger("lora_study")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a sharded run."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks to shard one by one: the model's longest ModuleList (the decoder layers)."""
+    import torch.nn as nn
+
+    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard(model) -> None:
+    """FSDP2: each decoder layer its own unit (gathered for its forward and backward only), the rest at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    model.train()  # bitsandbytes repacks a 4-bit weight for inference at its first forward in eval mode
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def init(ranks: Ranks, device) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=ranks.rank, world_size=ranks.world)
+
+
+def total(value: float | int) -> float:
+    """`value` summed over the ranks."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(float(value), dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def gathered(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def trainable_state(model) -> dict[str, Any]:
+    """The trained parameters, whole (gathered from the shards on every rank), by their one-device names."""
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if hasattr(param, "full_tensor") else param
+            state[name] = whole.detach().cpu()
+    return state
+
+
+# --- the job's side: start the ranks, wait for them ----------------------------------------------------------
+
+
+def launch(arguments: dict[str, Any], gpus: int, threads: int, log_path: str | None) -> None:
+    """Run `arguments` (train_run's, as plain data) on `gpus` processes and wait; a failed rank fails the job."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump({**arguments, "log_path": log_path}, handle)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={gpus}",
+        "-m", "lora_study.training.sharded", handle.name,
+    ]  # fmt: skip
+    # Each rank gets its share of the job's threads (CPU: the ranks run side by side on the same cores).
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // gpus))}
+    log.info("sharded over %d processes (FSDP2): %s", gpus, " ".join(command[2:]))
+    try:
+        completed = subprocess.run(command, env=env, check=False)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+        phases.end("ranks")  # the ranks' time: rank 0 logs its own phases (imports, load, compute, ...)
+    if completed.returncode != 0:
+        raise RuntimeError(f"a rank of the sharded run failed (exit {completed.returncode}); see the log above")
+
+
+def main(arguments_path: str) -> None:
+    """A rank: set up logging and the process group, then train (lora_study.training.loop.train_run)."""
+    import torch.distributed as dist
+
+    from lora_study.core.io import setup_logging
+    from lora_study.training.loop import train_arguments, train_run
+
+    entered, age_s = time.perf_counter(), phases.process_age_s()
+    arguments = json.loads(Path(arguments_path).read_text())
+    ranks = Ranks.from_env()
+    # Rank 0 writes the job's log; the others only their warnings and errors, to the same log.
+    setup_logging(arguments["log_path"], level=logging.INFO if ranks.is_main else logging.WARNING,
+                  prefix="" if ranks.is_main else f"rank {ranks.rank}: ", append=True)  # fmt: skip
+    clock = phases.start(age_s, entered) if ranks.is_main else None
+    try:
+        train_run(**train_arguments(arguments), threads=int(os.environ.get("OMP_NUM_THREADS", "1")), ranks=ranks)
+        if clock is not None:
+            clock.finish("write")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,111 @@
+"""One run on two devices as one job (training.gpus: 2): FSDP2 over two CPU processes (gloo) here, the same code as
+on two GPUs. The sharded study must train what the one-device study trains."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import run_snakemake, tiny_study_config
+from lora_study.study.config import ConfigError, validate_config
+from lora_study.study.sweep import expand_study
+
+RUNS = ("r4-qv-nf4", "r4-qv-fp32")  # QLoRA on 4-bit weights, and LoRA on unquantized ones
+# Same global batch, data order and seed, no dropout (each rank draws its own masks): the two layouts differ by the
+# order of float sums (the ranks' gradients reduced, the loss summed per rank) and by the loss path (sharded runs
+# compute full logits).
+LOSS_TOLERANCE = 1e-4  # relative, per step
+PERPLEXITY_TOLERANCE = 1e-3
+
+
+def study_config(tiny_llama: Path, gpus: int) -> dict:
+    config = tiny_study_config(tiny_llama)
+    config["training"].update(gpus=gpus, max_steps=4, lora_dropout=0.0)
+    config["sweep"] = {
+        "baseline": False,
+        "grids": [{"rank": [4], "modules": [["q", "v"]], "quantization": ["nf4", "fp32"]}],
+    }
+    return config
+
+
+@pytest.fixture(scope="module")
+def studies(tiny_llama, tmp_path_factory) -> dict[int, Path]:
+    """The same two runs trained and evaluated on one device and on two."""
+    done = {}
+    for gpus in (1, 2):
+        workdir = tmp_path_factory.mktemp(f"gpus{gpus}")
+        (workdir / "config.yaml").write_text(yaml.safe_dump(study_config(tiny_llama, gpus)))
+        targets = [f"results/runs/{run}/eval_metrics.json" for run in RUNS]
+        result = run_snakemake(workdir, "--cores", "2", *targets)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+        done[gpus] = workdir
+    return done
+
+
+def metrics(workdir: Path, run: str, kind: str) -> dict:
+    return json.loads((workdir / f"results/runs/{run}/{kind}_metrics.json").read_text())
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_a_sharded_run_trains_what_one_device_trains(studies, run):
+    one, two = (pd.read_csv(studies[g] / f"results/runs/{run}/loss_curve.csv") for g in (1, 2))
+    assert list(one["step"]) == list(two["step"]) == [1, 2, 3, 4]
+    assert (abs(two["loss"] - one["loss"]) / one["loss"]).max() < LOSS_TOLERANCE
+    assert (two["tokens_seen"] == one["tokens_seen"]).all()  # every rank's tokens counted once
+    ppl_one, ppl_two = (metrics(studies[g], run, "eval")["perplexity"] for g in (1, 2))
+    assert abs(ppl_two - ppl_one) / ppl_one < PERPLEXITY_TOLERANCE
+    trained = metrics(studies[2], run, "train")
+    assert trained["gpus"] == 2 and metrics(studies[1], run, "train")["gpus"] == 1
+    peaks = trained["memory"]["rank_peak_memory_gb"]
+    assert len(peaks) == 2 and trained["memory"]["peak_memory_gb"] == max(peaks) > 0
+    # Sharding changes no count: every trainable parameter once.
+    assert trained["trainable_params"] == metrics(studies[1], run, "train")["trainable_params"]
+
+
+def test_the_saved_adapter_is_whole_and_loads_in_a_plain_peft_client(studies, tiny_llama):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    adapter = studies[2] / "results/runs/r4-qv-fp32/adapter"
+    saved, single = (load_file(studies[g] / "results/runs/r4-qv-fp32/adapter/adapter_model.safetensors")
+                     for g in (2, 1))  # fmt: skip
+    assert saved.keys() == single.keys() and all(saved[k].shape == single[k].shape for k in saved)
+    assert all(torch.allclose(saved[k], single[k], rtol=1e-3, atol=1e-5) for k in saved)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter)
+    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_the_layout_is_not_in_the_run_id_and_reaches_the_job_and_the_table(studies):
+    for gpus, workdir in studies.items():
+        assert sorted(p.name for p in (workdir / "results/runs").iterdir()) == sorted(RUNS)
+    log = (studies[2] / "logs/train/r4-qv-nf4.log").read_text()
+    assert "sharded over 2 processes (FSDP2)" in log and "rank 0 of 2" in log
+    assert re.search(r" phase compute \d+\.\d+ s$", log, flags=re.M)  # rank 0's phases, in the job's log
+    config = validate_config(study_config(Path("/nonexistent"), 2))
+    params = expand_study(config)["r4-qv-nf4"].as_params()
+    assert params["training"]["gpus"] == 2
+    assert "gpus" not in expand_study(validate_config(study_config(Path("/x"), 1)))["r4-qv-nf4"].as_params()["training"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"sweep": {"grids": [{"method": ["pissa"], "quantization": ["fp32"]}]}}, "method pissa trains on one device"),
+        ({"training": {"memory_limit_gb": 4}}, "memory_limit_gb emulates one device"),
+        ({"training": {"batch_size": 1}}, "a batch of 1 rows cannot give each of 2 devices a row"),
+    ],
+)
+def test_what_cannot_be_sharded_is_refused_before_any_job(change, message, tmp_path):
+    config = study_config(tmp_path, 2)
+    for section, values in change.items():
+        config[section].update(values)
+    with pytest.raises(ConfigError, match=message):
+        expand_study(validate_config(config))
