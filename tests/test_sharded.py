@@ -84,7 +84,7 @@ def test_the_saved_adapter_is_whole_and_loads_in_a_plain_peft_client(studies, ti
 
 
 def test_the_layout_is_not_in_the_run_id_and_reaches_the_job_and_the_table(studies):
-    for gpus, workdir in studies.items():
+    for workdir in studies.values():
         assert sorted(p.name for p in (workdir / "results/runs").iterdir()) == sorted(RUNS)
     log = (studies[2] / "logs/train/r4-qv-nf4.log").read_text()
     assert "sharded over 2 processes (FSDP2)" in log and "rank 0 of 2" in log
