@@ -209,3 +209,36 @@ def test_the_checkpoint_stays_mapped_exactly_when_the_recipe_keeps_its_dtype(tin
     still_mapped = mapped_bytes(tiny_llama) > 0
     assert still_mapped == checkpoint.shared_by(recipe), (quantization, compute, mapped_bytes(tiny_llama))
     del model
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "fp32"])
+def test_a_sharded_run_is_planned_per_rank(tiny_llama, quantization):
+    """N ranks: each holds 1/N of the weights and the LoRA states plus what FSDP gathers whole (the root unit and
+    two decoder layers), its share of the batch's activations, and full logits for its rows."""
+    from lora_study.study.sweep import RunSpec
+    from lora_study.training.planner import gathered_bytes, logits_bytes, plan_run, planning_recipe
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    facts = model_facts(config)
+    batch = BatchShape(rows=4, padded_length=32, loss_positions=40)
+    plans = {}
+    for gpus in (1, 2, 4):
+        run = RunSpec("r4", 4, 8.0, ("q", "v"), quantization, quantization == "nf4",
+                      default_training(batch_size=4, gpus=gpus))  # fmt: skip
+        recipe = planning_recipe(run, "cuda")
+        plans[gpus] = plan_run(run, recipe, config, facts, Targets(["q_proj", "v_proj"]), batch, "cuda", None)
+    one = plans[1]
+    weights = weights_bytes(facts, recipe, quantization == "nf4") / 2**30
+    assert one.gpus == 1 and one.gathered_gb == 0 and one.weights_gb == pytest.approx(weights)
+    for gpus in (2, 4):
+        plan = plans[gpus]
+        gathered = gathered_bytes(facts, recipe, weights * 2**30, config) / 2**30
+        assert plan.gpus == gpus and gathered > 0 and plan.gathered_gb == pytest.approx(gathered)
+        assert plan.weights_gb == pytest.approx(weights / gpus + gathered)
+        assert plan.lora_states_gb == pytest.approx(one.lora_states_gb / gpus)
+        assert plan.activations_gb == pytest.approx(one.activations_gb / gpus)  # 4 rows: 4 / gpus each
+        head_bytes = 4 if recipe.compute_dtype == "fp32" else 2
+        full_logits = logits_bytes(4 // gpus * 32, facts.vocab_size, head_bytes) / 2**30
+        assert plan.logits_gb == pytest.approx(full_logits)
+    # A model of two decoder layers gathers all of them: sharding it saves only the states and activations.
+    assert plans[2].weights_gb >= one.weights_gb

@@ -22,6 +22,8 @@ RUNS = ("r4-qv-nf4", "r4-qv-fp32")  # QLoRA on 4-bit weights, and LoRA on unquan
 # compute full logits).
 LOSS_TOLERANCE = 1e-4  # relative, per step
 PERPLEXITY_TOLERANCE = 1e-3
+# The planner's per-rank CPU prediction against the measured rank peak (bench/planner_cpu.py measures it per run).
+PLAN_TOLERANCE = 0.25
 
 
 def study_config(tiny_llama: Path, gpus: int) -> dict:
@@ -64,6 +66,10 @@ def test_a_sharded_run_trains_what_one_device_trains(studies, run):
     assert trained["gpus"] == 2 and metrics(studies[1], run, "train")["gpus"] == 1
     peaks = trained["memory"]["rank_peak_memory_gb"]
     assert len(peaks) == 2 and trained["memory"]["peak_memory_gb"] == max(peaks) > 0
+    # The planner predicted one rank's peak (CPU: each rank a process of its own), measured on each rank.
+    plan = trained["memory_plan"]
+    assert plan["gpus"] == 2 and plan["gathered_gb"] > 0
+    assert abs(plan["predicted_cpu_gb"] - max(peaks)) / max(peaks) < PLAN_TOLERANCE
     # Sharding changes no count: every trainable parameter once.
     assert trained["trainable_params"] == metrics(studies[1], run, "train")["trainable_params"]
 

@@ -32,6 +32,13 @@ The prediction is a sum of terms, each reported on its own:
   activations).
 - output head: the logits at loss positions (batch x longest response),
   their fp32 log-softmax and its gradient.
+- a sharded run (training.gpus = N > 1), per rank: weights, LoRA (or full
+  fine-tuning's) states divided by N, plus the weights FSDP gathers whole: the
+  root's (embeddings, norms, head: gathered for the whole step) and two
+  decoder layers (the one computing and the one prefetched); activations,
+  backward working set and logits for the rank's share of the batch, with
+  full logits (a sharded run computes no output-head shortcut); the CPU
+  overhead once per process.
 - overhead: on CUDA the context (outside torch's allocator, inside NVML's
   figure) and allocator slack. On CPU the interpreter and libraries; the
   checkpoint files where the recipe loads weights in the checkpoint's own
@@ -468,6 +475,8 @@ class RunPlan:
     plan_error: str = ""  # why there is no prediction (the planner failed on this run; it still trains)
     adapter_weights_gb: float = math.nan  # the trained LoRA weights (fp32); 0 for full fine-tuning
     gradients_optimizer_gb: float = math.nan  # their gradients and optimizer states (+ autocast copies)
+    gpus: int = 1  # devices the run is sharded over: every term above is then one rank's
+    gathered_gb: float = 0.0  # part of weights_gb: what FSDP holds whole besides the rank's shard
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -548,6 +557,11 @@ def plan_run(
         recipe,
     )
     logits = logits_bytes(batch.loss_positions, facts.vocab_size, DTYPE_BYTES[recipe.compute_dtype])
+    gpus = training.gpus
+    if gpus > 1:  # one rank's share of the batch, with full logits (lora_study.training.sharded)
+        rows = math.ceil(batch.rows / gpus)
+        activations, per_layer = activations * rows / batch.rows, per_layer * rows / batch.rows
+        logits = logits_bytes(rows * batch.padded_length, facts.vocab_size, DTYPE_BYTES[recipe.compute_dtype])
     if run.is_full:
         trainable = facts.total_params
         weights = trainable * 4.0  # fp32 masters
@@ -560,6 +574,10 @@ def plan_run(
         weights = weights_bytes(facts, recipe, run.double_quant)
         adapter = trainable * 4.0
         gradients_optimizer = trainable * (4 + OPTIMIZER_STATE_BYTES[training.optimizer])
+    gathered = 0.0
+    if gpus > 1:
+        gathered = gathered_bytes(facts, recipe, weights, model_config)
+        weights, adapter, gradients_optimizer = weights / gpus + gathered, adapter / gpus, gradients_optimizer / gpus
     states = adapter + gradients_optimizer
     allocated = weights + states + activations + per_layer + logits
     cuda = allocated * (1 + CUDA_ALLOCATOR_SLACK) / GB + CUDA_CONTEXT_GB
@@ -589,7 +607,17 @@ def plan_run(
         attn_implementation=attn_implementation,
         adapter_weights_gb=adapter / GB,
         gradients_optimizer_gb=gradients_optimizer / GB,
+        gpus=gpus,
+        gathered_gb=gathered / GB,
     )
+
+
+def gathered_bytes(facts: ModelFacts, recipe: Recipe, weights: float, model_config) -> float:
+    """What a rank of a sharded run holds whole besides its shard: the root unit's weights (embeddings, norms,
+    head: FSDP keeps the root gathered through the step) and two decoder layers' (computing and prefetched)."""
+    root = _other_bytes(facts, recipe)
+    layers = max(1, int(getattr(model_config.get_text_config(), "num_hidden_layers", 1) or 1))
+    return root + 2 * (weights - root) / layers
 
 
 def cpu_overhead_bytes(run: RunSpec, recipe: Recipe, facts: ModelFacts, checkpoint: Checkpoint,
