@@ -115,3 +115,35 @@ def test_what_cannot_be_sharded_is_refused_before_any_job(change, message, tmp_p
         config[section].update(values)
     with pytest.raises(ConfigError, match=message):
         expand_study(validate_config(config))
+
+
+def test_an_interrupted_sharded_run_resumes_to_the_adapter_it_would_have_trained(tiny_llama, tmp_path_factory):
+    """A time limit's SIGTERM reaches the job, which passes it to the ranks: they finish the step, checkpoint
+    their shards together and exit; the next run resumes from it and ends with the uninterrupted run's adapter."""
+    import signal
+
+    from safetensors.torch import load_file
+    from test_faults import _interrupt, small_config, write_config
+
+    runs = [{"id": "long", "rank": 4, "modules": ["q", "v"], "quantization": "fp32"}]
+    config = small_config(tiny_llama, runs, max_steps=120, log_every=20, lora_dropout=0.0, gpus=2)
+    config["execution"] = {"checkpoint_every": 20}
+    adapters = {}
+    for name in ("uninterrupted", "interrupted"):
+        workdir = tmp_path_factory.mktemp(name)
+        write_config(workdir, config)
+        if name == "interrupted":
+            stopped_at = _interrupt(workdir, beyond=20, kill_signal=signal.SIGTERM)
+            log = (workdir / "logs/train/long.log").read_text()
+            assert 40 <= stopped_at < 120 and f"SIGTERM received: stopped after step {stopped_at}" in log
+            assert len(list((workdir / "results/checkpoints/long/shards").glob("*.distcp"))) == 2  # one per rank
+        result = run_snakemake(workdir, "--cores", "2", "results/runs/long/train_metrics.json")
+        assert result.returncode == 0, result.stderr[-3000:]
+        if name == "interrupted":
+            assert f"resuming from the checkpoint at step {stopped_at}" in (workdir / "logs/train/long.log").read_text()
+            assert metrics(workdir, "long", "train")["resumed_from_step"] == stopped_at
+            assert not (workdir / "results/checkpoints/long").exists()
+        adapters[name] = load_file(workdir / "results/runs/long/adapter/adapter_model.safetensors")
+    assert adapters["interrupted"].keys() == adapters["uninterrupted"].keys()
+    for key, tensor in adapters["uninterrupted"].items():
+        assert torch.allclose(adapters["interrupted"][key], tensor, rtol=1e-5, atol=1e-7), key

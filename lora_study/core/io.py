@@ -72,7 +72,11 @@ def setup_logging(
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="a" if append else "w"))
+        if not append:
+            Path(log_file).write_text("")
+        # Always appending (O_APPEND): the lines of processes a job starts (the ranks of a sharded run) land
+        # after its own, never over them.
+        handlers.append(logging.FileHandler(log_file, mode="a"))
     logging.basicConfig(
         level=level,
         format=f"%(asctime)s %(levelname)s {prefix}%(message)s",

@@ -223,3 +223,94 @@ class TrainingInterrupted(SystemExit):
     def __init__(self, signum: int, step: int) -> None:
         super().__init__(128 + signum)
         self.signum, self.step = signum, step
+
+
+SHARDS_DIR = "shards"  # torch.distributed.checkpoint's files: each rank its shard of the weights and optimizer
+
+
+def _rank_state_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+class ShardedCheckpointer(Checkpointer):
+    """A sharded run's checkpoint: every rank writes its shard of the trainable weights and optimizer states
+    (torch.distributed.checkpoint) and its random state; rank 0 the schedule and the progress. Saving and
+    restoring are collectives: every rank calls them at the same step."""
+
+    def __init__(self, directory: Path, run_fingerprint: str, every_steps: int, rank: int) -> None:
+        super().__init__(directory, run_fingerprint, every_steps)
+        self.rank = rank
+
+    def _staging(self) -> Path:
+        """A temporary folder beside the checkpoint, the same on every rank (rank 0 names it)."""
+        import torch.distributed as dist
+
+        name = [f".{self.directory.name}.{int(time.time() * 1e6)}" if self.rank == 0 else None]
+        dist.broadcast_object_list(name, src=0)
+        return self.directory.parent / str(name[0])
+
+    def save(self, model: torch.nn.Module, optimizer, scheduler, progress: Progress, scaler=None) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        started = time.perf_counter()
+        staging = self._staging()
+        weights, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        dcp.save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=staging / SHARDS_DIR)
+        torch.save(_rng_state(), staging / _rank_state_file(self.rank))
+        dist.barrier()
+        if self.rank == 0:
+            torch.save({"scheduler": scheduler.state_dict()}, staging / STATE_FILE)
+            progress.checkpoint_seconds += time.perf_counter() - started
+            record = {"fingerprint": self.fingerprint, "progress": asdict(progress)}
+            (staging / PROGRESS_FILE).write_text(canonical_json(record) + "\n")
+            shutil.rmtree(self.directory, ignore_errors=True)
+            staging.rename(self.directory)  # the progress file last: a checkpoint without it is never used
+            log.info("checkpoint saved at step %d: %s", progress.step, self.directory)
+        dist.barrier()
+
+    def restore(self, model: torch.nn.Module, optimizer, scheduler, scaler=None) -> Progress | None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        record = [None]
+        if self.rank == 0 and (self.directory / PROGRESS_FILE).is_file():
+            found = read_json(self.directory / PROGRESS_FILE)
+            if found.get("fingerprint") == self.fingerprint:
+                record = [found]
+            else:
+                log.warning("checkpoint %s belongs to other settings or data; starting over", self.directory)
+                self.remove()
+        dist.broadcast_object_list(record, src=0)
+        if record[0] is None:
+            return None
+        options = StateDictOptions(ignore_frozen_params=True)
+        weights, optimizer_state = get_state_dict(model, optimizer, options=options)
+        state = {"model": weights, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=self.directory / SHARDS_DIR)
+        # Only the trained weights were saved: the frozen base is not expected back.
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
+        scheduler.load_state_dict(torch.load(self.directory / STATE_FILE, weights_only=True)["scheduler"])
+        _set_rng_state(torch.load(self.directory / _rank_state_file(self.rank), weights_only=True))
+        progress = Progress(**record[0]["progress"])
+        progress.resumed_from_step = progress.step
+        log.info("resuming from the checkpoint at step %d", progress.step)
+        return progress
+
+    def remove(self) -> None:
+        if self.rank == 0:
+            super().remove()
+
+
+def any_rank_stopped(stop: StopSignal) -> bool:
+    """Whether any rank of a sharded run received a stop signal: all stop (and checkpoint) at the same step."""
+    import torch.distributed as dist
+
+    flag = torch.tensor(1 if stop.received else 0)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and not stop.received:
+        stop.received = signal.SIGTERM  # another rank's signal: stop here as it does
+    return bool(flag.item())

@@ -41,8 +41,10 @@ from lora_study.training.batching import collate, endless_batches, total_steps
 from lora_study.training.checkpoints import (
     Checkpointer,
     Progress,
+    ShardedCheckpointer,
     StopSignal,
     TrainingInterrupted,
+    any_rank_stopped,
     fingerprint,
     signals_as_errors,
     stop_on_signals,
@@ -250,9 +252,11 @@ def train_run(
     _, pad_id = load_tokenizer(manifest)
     set_seed(job.training.seed)  # after planning: everything random from here on is the run's own
     run_fingerprint = fingerprint(run.as_params(), manifest, splits_dir, job.recipe.to_dict())
-    if ranks is not None and ranks.is_main and checkpoint_every:
-        log.warning("a sharded run is not checkpointed yet: an interrupted one starts again")
-    checkpointer = Checkpointer(checkpoint_dir, run_fingerprint, 0 if ranks else checkpoint_every)
+    checkpointer = (
+        Checkpointer(checkpoint_dir, run_fingerprint, checkpoint_every)
+        if ranks is None
+        else ShardedCheckpointer(checkpoint_dir, run_fingerprint, checkpoint_every, ranks.rank)
+    )
     session = TrainingSession(job, checkpointer, measurement)
     try:
         with job.memory as memory, memory_cap(job.training.memory_limit_gb, job.device, memory) as cap:
@@ -364,8 +368,7 @@ class TrainingSession:
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=training.warmup_steps,
                                        num_training_steps=self.steps)  # fmt: skip
         ranks = self.job.ranks
-        restored = None if ranks else self.checkpointer.restore(model, self.optimizer, self.scheduler, self.scaling)
-        self.progress = restored or Progress()
+        self.progress = self.checkpointer.restore(model, self.optimizer, self.scheduler, self.scaling) or Progress()
         lengths = [len(ids) for ids in train_rows["input_ids"]]
         # The batch stream is a pure function of the seed: resuming skips what was consumed.
         batches = itertools.islice(
@@ -468,9 +471,9 @@ class TrainingSession:
         if step % training.log_every == 0 or step == self.steps:
             log.info("step %d/%d loss %.4f lr %.2e %.2f s/step %.0f tokens/s", step, self.steps, loss, lr, seconds,
                      progress.train_tokens / progress.train_seconds)  # fmt: skip
-        if stop.received:
-            if self.job.ranks is None:
-                self.checkpointer.save(model, self.optimizer, self.scheduler, progress, self.scaling)
+        # A sharded run's ranks stop together, at the step the first of them was signalled.
+        if any_rank_stopped(stop) if self.job.ranks is not None else stop.received:
+            self.checkpointer.save(model, self.optimizer, self.scheduler, progress, self.scaling)
             log.error("%s received: stopped after step %d; rerun the workflow to resume", stop.name, step)
             raise TrainingInterrupted(stop.received, step)
         if step < self.steps and self.checkpointer.due(step):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,13 +114,20 @@ def launch(arguments: dict[str, Any], gpus: int, threads: int, log_path: str | N
     # Each rank gets its share of the job's threads (CPU: the ranks run side by side on the same cores).
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // gpus))}
     log.info("sharded over %d processes (FSDP2): %s", gpus, " ".join(command[2:]))
+    process = subprocess.Popen(command, env=env)
+    # A time limit's SIGTERM (or Ctrl-C) goes on to torchrun, which passes it to the ranks: they finish the step,
+    # checkpoint together and exit; this job waits for them and fails, so the retry resumes.
+    forwarded = {signum: signal.signal(signum, lambda received, _: process.send_signal(received))
+                 for signum in (signal.SIGTERM, signal.SIGINT)}  # fmt: skip
     try:
-        completed = subprocess.run(command, env=env, check=False)
+        returncode = process.wait()
     finally:
+        for signum, handler in forwarded.items():
+            signal.signal(signum, handler)
         Path(handle.name).unlink(missing_ok=True)
         phases.end("ranks")  # the ranks' time: rank 0 logs its own phases (imports, load, compute, ...)
-    if completed.returncode != 0:
-        raise RuntimeError(f"a rank of the sharded run failed (exit {completed.returncode}); see the log above")
+    if returncode != 0:
+        raise RuntimeError(f"the sharded run's processes ended with exit status {returncode}; see the log above")
 
 
 def main(arguments_path: str) -> None:
@@ -140,6 +148,11 @@ def main(arguments_path: str) -> None:
         train_run(**train_arguments(arguments), threads=int(os.environ.get("OMP_NUM_THREADS", "1")), ranks=ranks)
         if clock is not None:
             clock.finish("write")
+    except SystemExit:
+        raise  # stopped by a signal after the checkpoint (logged where it happened)
+    except BaseException:
+        log.exception("rank %d of %d failed", ranks.rank, ranks.world)  # in the job's log, not only torchrun's
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
