@@ -107,6 +107,7 @@ def test_the_layout_is_not_in_the_run_id_and_reaches_the_job_and_the_table(studi
         ({"sweep": {"grids": [{"method": ["pissa"], "quantization": ["fp32"]}]}}, "method pissa trains on one device"),
         ({"training": {"memory_limit_gb": 4}}, "memory_limit_gb emulates one device"),
         ({"training": {"batch_size": 1}}, "a batch of 1 rows cannot give each of 2 devices a row"),
+        ({"training": {"optimizer": "paged_adamw_8bit"}}, "8-bit optimizers cannot update sharded parameters"),
     ],
 )
 def test_what_cannot_be_sharded_is_refused_before_any_job(change, message, tmp_path):

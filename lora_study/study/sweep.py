@@ -168,6 +168,9 @@ def sharding_problem(method: str, training: dict[str, Any]) -> str | None:
         return f"method {method} trains on one device only (its adapter is converted at save time)"
     if training.get("memory_limit_gb") is not None:
         return "training.memory_limit_gb emulates one device's memory: leave it unset for a sharded run"
+    if training.get("optimizer", "adamw") != "adamw":
+        optimizer = training["optimizer"]
+        return f"optimizer {optimizer}: bitsandbytes' 8-bit optimizers cannot update sharded parameters (use adamw)"
     if training["batch_size"] < training["gpus"]:
         return f"a batch of {training['batch_size']} rows cannot give each of {training['gpus']} devices a row"
     return None
