@@ -20,7 +20,11 @@ end of the check. After the grid come three checks of the GPU path itself:
 two jobs started together must hold different GPUs (different device UUIDs,
 where two or more are visible), a run under a memory cap far below its need must
 come back as status "oom" (data, not a crash), and every row says which dtype
-`auto` resolved to and how the per-process figure compares with torch's.
+`auto` resolved to and how the per-process figure compares with torch's. Last, with
+two or more GPUs (or on a CPU with --tiny: two processes over gloo), the first
+configuration sharded over two devices (training.gpus: 2, FSDP2) beside the same
+run on one device, both with torch's AdamW: its per-rank peaks and the largest
+difference between their loss curves; with one GPU that row says it was skipped.
 
 `--tiny` swaps in a 2-layer model with Phi-2's architecture and small widths,
 so the whole path (model build, quantization, LoRA, planner, table) runs on a
@@ -172,6 +176,41 @@ def finish_child(child: subprocess.Popen, label: str, options: dict) -> dict:
     return {"check": label, "status": "failed", "error": error[:300]}
 
 
+def record_sharded(args, work: Path, job, first: tuple, options: dict, record, plan_device: str) -> None:
+    """The first configuration on two devices (FSDP2) beside the same run on one, both with torch's AdamW."""
+    import torch
+
+    if plan_device == "cuda" and torch.cuda.device_count() < 2:
+        record({"check": "sharded over 2 GPUs", "status": "skipped", "error": "one GPU visible: needs two"})
+        return
+    one = finish_child(start_child(args, job(*first, label="one-device", optimizer="adamw")), "one device (adamw)",
+                       options)  # fmt: skip
+    record(one)
+    from lora_study.training.sharded import launch
+
+    spec = job(*first, label="sharded", optimizer="adamw", gpus=2)
+    run_dir = work / "runs" / "sharded"
+    arguments = {"run": spec["run"], "manifest": json.loads((work / "manifest.json").read_text()),
+                 "splits_dir": str(work / "splits"),
+                 "outputs": [str(run_dir / "adapter"), str(run_dir / "train_metrics.json"),
+                             str(run_dir / "loss_curve.csv")],
+                 "checkpoint_dir": str(work / "checkpoints" / "sharded"), "checkpoint_every": 0,
+                 "plan_settings": {"device": plan_device, "memory_budget_gb": None}, "measurement": None}  # fmt: skip
+    try:
+        launch(arguments, 2, args.threads, None)
+    except RuntimeError as error:
+        record({"check": "sharded over 2 devices", "status": "failed", "error": str(error)[:300]})
+        return
+    import pandas as pd
+
+    metrics = json.loads((run_dir / "train_metrics.json").read_text())
+    curves = [pd.read_csv(work / "runs" / label / "loss_curve.csv")["loss"] for label in ("one-device", "sharded")]
+    difference = float(((curves[1] - curves[0]).abs() / curves[0]).max())
+    record({"check": "sharded over 2 devices", **table_row(metrics, options),
+            "rank_peak_memory_gb": metrics["memory"].get("rank_peak_memory_gb"),
+            "loss_vs_one_device": f"{difference:.2g} relative (largest step)"})  # fmt: skip
+
+
 def run_spec(rank: int, modules: list[str], quantization: str, training: dict):
     from lora_study.core.formats import applies_compute_dtype
     from lora_study.study.modules import canonical_modules
@@ -321,6 +360,7 @@ def main() -> None:
         # aborts the process when the cap leaves no room for its worker threads' stacks.
         record(finish_child(start_child(args, job(*first, label="oom-probe", memory_limit_gb=0.001), threads=1),
                             "memory cap 0.001 GB", options))  # fmt: skip
+        record_sharded(args, work, job, first, options, record, plan_device)
     print(summary(rows, plan_device), flush=True)
     write_table(args.out, header, rows, summary(rows, plan_device))
     print(f"wrote {args.out}")

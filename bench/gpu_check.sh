@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (see bench/gpu_check.py): the reference grid on a random-weight Phi-2, then the GPU-path checks.
+# GPU check (see bench/gpu_check.py): the reference grid on a random-weight Phi-2, then the GPU-path checks
+# (with two or more GPUs, the first configuration also sharded over two: training.gpus: 2).
 #
 # One shot on a fresh GPU machine with a CUDA torch already installed:
 #   bash bench/gpu_check.sh --configs 4 --steps 6 --out /tmp/gpu_check.md     # a first pass, ~5 min on an H100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 
@@ -21,9 +22,15 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_model(tmp_path):
     table = everything[everything["check"] == "grid"]
     assert list(table["run_id"]) == ["r4-qkvo-nf4", "r8-qkvo-nf4"]
     assert (table["status"] == "ok").all() and (table["memory_kind"] == "cpu_peak_rss").all()
-    # After the grid: two concurrent jobs and a run under a memory cap, each a row (a failure included).
-    assert list(everything["check"].iloc[2:]) == ["concurrent 1 of 2", "concurrent 2 of 2", "memory cap 0.001 GB"]
-    assert (everything["status"].iloc[2:4] == "ok").all()
+    # After the grid: two concurrent jobs, a run under a memory cap, and the first configuration on one device and
+    # sharded over two (here two CPU processes), each a row (a failure included).
+    assert list(everything["check"].iloc[2:]) == ["concurrent 1 of 2", "concurrent 2 of 2", "memory cap 0.001 GB",
+                                                  "one device (adamw)", "sharded over 2 devices"]  # fmt: skip
+    assert (everything["status"].iloc[[2, 3, 5, 6]] == "ok").all()
+    sharded = everything.iloc[6]
+    peaks = json.loads(sharded["rank_peak_memory_gb"])
+    assert len(peaks) == 2 and sharded["peak_memory_gb"] == max(peaks)
+    assert float(sharded["loss_vs_one_device"].split()[0]) < 1e-2  # bf16 or fp32 sums in another order
     for column in ("peak_memory_gb", "planned_cuda_gb", "planned_cpu_gb", "useful_tokens_per_s"):
         assert table[column].map(math.isfinite).all() and (table[column] > 0).all(), column
     assert table["trainable_params"].iloc[1] == 2 * table["trainable_params"].iloc[0]
