@@ -1,6 +1,6 @@
 """The tiny study through profiles/slurm on a real SLURM cluster.
 
-.ci/run starts a single-node cluster with one declared GPU
+.ci/run starts a single-node cluster with two declared GPUs
 (tests/slurm/start_cluster.sh); without a responding cluster these tests skip.
 """
 
@@ -49,13 +49,15 @@ BROKEN_RUN = {
     "training": {"attn_implementation": "flash_attention_2"},
 }
 TRAINED = ("r4-qv-nf4", "r8-qv-nf4")
+# One run on two devices (training.gpus: 2): one SLURM job asking for both, two processes inside it.
+SHARDED_RUN = {"id": "sharded", "rank": 4, "modules": ["q", "v"], "quantization": "fp32", "training": {"gpus": 2}}
 
 
 def slurm_config(model_dir, runs: list[dict]) -> dict:
     config = tiny_study_config(model_dir)
-    # What is under test is how jobs reach the cluster: two trained runs and no base-model evaluation.
+    # What is under test is how jobs reach the cluster: trained runs and no base-model evaluation.
     config["sweep"] = {"baseline": False, "grids": [{"rank": [4, 8], "modules": [["q", "v"]], "quantization": ["nf4"]}],
-                       "runs": runs}  # fmt: skip
+                       "runs": [*runs, SHARDED_RUN]}  # fmt: skip
     return config
 
 
@@ -82,7 +84,7 @@ def test_every_train_job_is_its_own_slurm_job_with_one_gpu(slurm_study):
     for run in TRAINED:
         environment = json.loads((workdir / f"results/runs/{run}/train_metrics.json").read_text())["environment"]
         assert environment["slurm_job_id"], run
-        assert environment["cuda_visible_devices"] == "0"  # SLURM gave the job the declared GPU
+        assert environment["cuda_visible_devices"] in {"0", "1"}  # SLURM gave the job one declared GPU
         job_ids[run] = environment["slurm_job_id"]
     assert len(set(job_ids.values())) == 2
     output = with_failure.stdout + with_failure.stderr
@@ -92,8 +94,17 @@ def test_every_train_job_is_its_own_slurm_job_with_one_gpu(slurm_study):
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-5000:]
     assert not [line for line in completed.stdout.splitlines() if "sbatch call:" in line]  # nothing retrained
     table = pd.read_csv(workdir / "results/tables/runs.csv")
-    assert list(table["run_id"]) == list(TRAINED)
+    assert list(table["run_id"]) == [*TRAINED, "sharded"]
     assert table["slurm_job_id"].notna().all()
+
+
+def test_a_sharded_run_is_one_slurm_job_holding_both_its_gpus(slurm_study):
+    workdir, with_failure, _ = slurm_study
+    calls = sbatch_calls(with_failure.stdout + with_failure.stderr, "train", "sharded")
+    assert len(calls) == 1 and "--gpus=2" in calls[0]
+    metrics = json.loads((workdir / "results/runs/sharded/train_metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["gpus"] == 2 and len(metrics["memory"]["rank_peak_memory_gb"]) == 2
+    assert metrics["environment"]["slurm_job_id"] and metrics["environment"]["cuda_visible_devices"] == "0,1"
 
 
 def test_a_failing_job_is_retried_with_more_memory_and_reported_while_the_others_finish(slurm_study):

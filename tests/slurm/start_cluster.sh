@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Start a real single-node SLURM cluster (munge, slurmctld, slurmd) with one
-# declared GPU, for tests/test_slurm.py. Needs root and Debian's packages:
+# Start a real single-node SLURM cluster (munge, slurmctld, slurmd) with two
+# declared GPUs, for tests/test_slurm.py. Needs root and Debian's packages:
 #   apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
 # Daemons are stopped by the PIDs in their pid files (stop_cluster.sh), never by name.
 set -euo pipefail
@@ -44,13 +44,15 @@ SlurmdLogFile=${state}/log/slurmd.log
 MinJobAge=300
 ReturnToService=2
 SchedulerType=sched/backfill
-NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory} Gres=gpu:1 State=UNKNOWN
+NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${memory} Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=1000
 CONF
-# A declared (fake) GPU: jobs asking --gpus=1 get CUDA_VISIBLE_DEVICES=0.
+# Two declared (fake) GPUs: a job asking --gpus=1 gets CUDA_VISIBLE_DEVICES=0 (or 1), one asking --gpus=2
+# (a sharded run, training.gpus: 2) gets 0,1.
 cat > /etc/slurm/gres.conf <<CONF
 AutoDetect=off
-NodeName=${host} Name=gpu Count=1 File=/dev/null
+NodeName=${host} Name=gpu File=/dev/null
+NodeName=${host} Name=gpu File=/dev/zero
 CONF
 
 slurmctld
@@ -62,4 +64,4 @@ for _ in $(seq 300); do
     sleep 0.3
 done
 [[ "$(sinfo -h -N -o %T)" == idle ]] || { echo "slurm node did not become idle" >&2; exit 1; }
-echo "slurm cluster up: node $host, $cpus CPUs, ${memory} MB, 1 GPU"
+echo "slurm cluster up: node $host, $cpus CPUs, ${memory} MB, 2 GPUs"
