@@ -243,3 +243,21 @@ def test_execution_device_cpu_hides_the_gpus_before_the_claim():
         result = run_guarded(command, env=env)
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.splitlines()[-1] == f"VISIBLE {visible}", result.stdout
+
+
+def test_a_job_claims_as_many_devices_as_its_run_is_sharded_over():
+    """From the run's params, not the gpu resource: Snakemake scales that down to a smaller --resources limit."""
+    import json
+    import types
+
+    from lora_study.core.jobs import job_gpus
+
+    def job_of(training: dict | None):
+        params = types.SimpleNamespace(run=json.dumps({"run_id": "r", "training": training}))
+        return types.SimpleNamespace(params=params, resources={"gpu": 1})
+
+    assert job_gpus(job_of({"gpus": 2, "batch_size": 8})) == 2
+    assert job_gpus(job_of({"batch_size": 8})) == 1  # one device: params carry no gpus
+    assert job_gpus(job_of(None)) == 1  # a base model's evaluation
+    assert job_gpus(types.SimpleNamespace(params=None)) == 1
+    assert job_gpus(types.SimpleNamespace(params=types.SimpleNamespace())) == 1  # a rule without run params

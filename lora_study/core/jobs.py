@@ -33,8 +33,7 @@ def job(snakemake: Any, gpu: bool = False, work: str = "compute") -> Iterator[lo
     if gpu:
         if (getattr(snakemake, "config", None) or {}).get("execution", {}).get("device") == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # execution.device: cpu hides the GPUs before anything sees them
-        # A sharded training job asks Snakemake for gpu=N (its resources) and claims N devices.
-        gpu_slots.claim_job_gpu(int((getattr(snakemake, "resources", None) or {}).get("gpu", 1) or 1))
+        gpu_slots.claim_job_gpu(job_gpus(snakemake))
     # Byte-level progress bars make unreadable logs (our own progress lines remain), and transformers' warnings
     # down to errors: set before anything imports the libraries, which read them then (importing them here
     # would cost every job seconds, also the jobs that never use them).
@@ -54,6 +53,16 @@ def job(snakemake: Any, gpu: bool = False, work: str = "compute") -> Iterator[lo
         log.exception("job failed")
         raise
     clock.finish(work)
+
+
+def job_gpus(snakemake: Any) -> int:
+    """Devices this job claims: a sharded training run's training.gpus (read from its params: Snakemake scales
+    the gpu resource down to a smaller --resources limit, the run's need stays), else one."""
+    import json
+
+    params = getattr(snakemake, "params", None)
+    run = json.loads(getattr(params, "run", None) or "{}") if params is not None else {}
+    return int(((run or {}).get("training") or {}).get("gpus", 1))
 
 
 def trained_run(snakemake: Any) -> tuple[Path | None, str]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lora_study.core import phases
+from lora_study.core.errors import UserError
 from lora_study.core.gpu_slots import GpuSlot, claim_job_gpu, job_environment
 from lora_study.core.io import atomic_path, write_json
 from lora_study.core.metrics import STATUS_OK, PeakMemory, TrainMetrics
@@ -182,6 +183,10 @@ def start_job(run: RunSpec, threads: int, ranks: Ranks | None = None) -> Job:
     device = pick_device()
     if ranks is not None:
         if device.type == "cuda":
+            if torch.cuda.device_count() < ranks.world:
+                raise UserError(f"run '{run.run_id}' is sharded over {ranks.world} GPUs (training.gpus) but its job "
+                                f"sees {torch.cuda.device_count()}: give it {ranks.world} (SLURM: --gpus; locally: "
+                                "free GPUs, --resources gpu=N)")  # fmt: skip
             device = torch.device("cuda", ranks.local_rank)
             torch.cuda.set_device(device)
         from lora_study.training import sharded
