@@ -1,8 +1,9 @@
 """Rule train: one LoRA/QLoRA adapter for one configuration (and, where it can, its evaluation)."""
 
-from lora_study.core.jobs import job
+from lora_study.core.jobs import job, job_gpus
 
-with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
+# Claims its GPUs (training.gpus of them) before anything can start CUDA.
+with job(snakemake, gpu=True, devices=job_gpus(snakemake)):
     import json
     from pathlib import Path
 

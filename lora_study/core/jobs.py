@@ -16,11 +16,11 @@ from lora_study.core.io import setup_logging
 
 
 @contextmanager
-def job(snakemake: Any, gpu: bool = False, work: str = "compute") -> Iterator[logging.Logger]:
+def job(snakemake: Any, gpu: bool = False, work: str = "compute", devices: int = 1) -> Iterator[logging.Logger]:
     """Nothing here imports the ML stack: a job that never uses it does not pay for its import.
 
     `gpu`: a job that may use a GPU claims it here, first, before any import can initialise CUDA (or, with
-    execution.device: cpu, hides the GPUs).
+    execution.device: cpu, hides the GPUs); `devices` of them (a sharded training run: job_gpus).
 
     `work`: the phase (lora_study.core.phases) of a job that marks none itself.
     """
@@ -33,7 +33,7 @@ def job(snakemake: Any, gpu: bool = False, work: str = "compute") -> Iterator[lo
     if gpu:
         if (getattr(snakemake, "config", None) or {}).get("execution", {}).get("device") == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # execution.device: cpu hides the GPUs before anything sees them
-        gpu_slots.claim_job_gpu(job_gpus(snakemake))
+        gpu_slots.claim_job_gpu(devices)
     # Byte-level progress bars make unreadable logs (our own progress lines remain), and transformers' warnings
     # down to errors: set before anything imports the libraries, which read them then (importing them here
     # would cost every job seconds, also the jobs that never use them).
@@ -56,8 +56,9 @@ def job(snakemake: Any, gpu: bool = False, work: str = "compute") -> Iterator[lo
 
 
 def job_gpus(snakemake: Any) -> int:
-    """Devices this job claims: a sharded training run's training.gpus (read from its params: Snakemake scales
-    the gpu resource down to a smaller --resources limit, the run's need stays), else one."""
+    """Devices a training job claims: its run's training.gpus (read from its params: Snakemake scales the gpu
+    resource down to a smaller --resources limit, the run's need stays), else one. Only the train script asks:
+    evaluate, deploy and downstream load a sharded run's adapter on one device."""
     import json
 
     params = getattr(snakemake, "params", None)

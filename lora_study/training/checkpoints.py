@@ -261,7 +261,9 @@ class ShardedCheckpointer(Checkpointer):
         torch.save(_rng_state(), staging / _rank_state_file(self.rank))
         dist.barrier()
         if self.rank == 0:
-            torch.save({"scheduler": scheduler.state_dict()}, staging / STATE_FILE)
+            # The grad scaler is the same on every rank (its inf check is reduced over them).
+            scaling = scaler.state_dict() if scaler is not None else {}
+            torch.save({"scheduler": scheduler.state_dict(), "scaler": scaling}, staging / STATE_FILE)
             progress.checkpoint_seconds += time.perf_counter() - started
             record = {"fingerprint": self.fingerprint, "progress": asdict(progress)}
             (staging / PROGRESS_FILE).write_text(canonical_json(record) + "\n")
@@ -293,7 +295,10 @@ class ShardedCheckpointer(Checkpointer):
         # Only the trained weights were saved: the frozen base is not expected back.
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
-        scheduler.load_state_dict(torch.load(self.directory / STATE_FILE, weights_only=True)["scheduler"])
+        shared = torch.load(self.directory / STATE_FILE, weights_only=True)
+        scheduler.load_state_dict(shared["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(shared.get("scaler") or {})
         _set_rng_state(torch.load(self.directory / _rank_state_file(self.rank), weights_only=True))
         progress = Progress(**record[0]["progress"])
         progress.resumed_from_step = progress.step

@@ -239,6 +239,11 @@ def train_run(
         log.info("%s on target modules %s -> %s; attention %s", run.method, list(run.modules), targets.describe(),
                  job.attn_implementation)  # fmt: skip
     train_rows = load_split(splits_dir, "train")
+    if ranks is not None and 0 < len(train_rows) % job.training.batch_size < ranks.world:
+        left = len(train_rows) % job.training.batch_size
+        raise UserError(f"run '{run.run_id}': each epoch ends with a batch of {left} row(s) ({len(train_rows)} "
+                        f"training rows, batch_size {job.training.batch_size}), too few for {ranks.world} devices: "
+                        "choose a batch_size that divides the rows, or dataset.max_train_examples")  # fmt: skip
     plan = plan_for_run(run, manifest, train_rows, plan_settings, job.recipe, targets, job.attn_implementation)
     if plan["plan_error"]:
         log.warning("no memory plan for this run (the planner failed): %s", plan["plan_error"])
@@ -272,7 +277,9 @@ def train_run(
             session.loop(model, loader)
             phases.end("compute")
     except Exception as error:
-        if not is_out_of_memory(error, memory_capped=job.training.memory_limit_gb is not None):
+        # A sharded run's rank fails outright: the others wait in a collective that rank never joins, and
+        # torchrun ends them at once when one exits non-zero (recording it as data is not built yet).
+        if ranks is not None or not is_out_of_memory(error, memory_capped=job.training.memory_limit_gb is not None):
             raise
         checkpointer.remove()
         metrics = session.oom_metrics(error, plan)
@@ -515,9 +522,12 @@ class TrainingSession:
             return None, memory
         from lora_study.training import sharded
 
-        state = sharded.trainable_state(model)
-        peaks = [report["peak_memory_gb"] for report in sharded.gathered(memory)]
-        return state, {**memory, "peak_memory_gb": max(peaks), "rank_peak_memory_gb": peaks}
+        state = sharded.trainable_state(model, keep=self.job.is_main)
+        reports = sharded.gathered(memory)
+        peaks = [report["peak_memory_gb"] for report in reports]
+        largest = {key: max(values) for key in ("train_peak_memory_gb",)
+                   if (values := [r[key] for r in reports if r.get(key) is not None])}  # fmt: skip
+        return state, {**memory, **largest, "peak_memory_gb": max(peaks), "rank_peak_memory_gb": peaks}
 
     def write(self, model, outputs: TrainOutputs, memory: dict[str, Any], plan: dict[str, Any]) -> TrainMetrics:
         """Adapter, loss curve and metrics; the checkpoint goes once they exist."""

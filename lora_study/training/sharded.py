@@ -48,11 +48,15 @@ class Ranks:
 
 
 def decoder_layers(model) -> list:
-    """The repeated blocks to shard one by one: the model's longest ModuleList (the decoder layers)."""
+    """The repeated blocks to shard one by one: the ModuleList as long as the config's decoder layers (not a
+    mixture-of-experts layer's list of experts, which can be longer), else the longest."""
     import torch.nn as nn
 
     lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    config = getattr(model, "config", None)
+    layers = getattr(config.get_text_config(), "num_hidden_layers", None) if config is not None else None
+    matching = [module for module in lists if len(module) == layers]
+    return list((matching or sorted(lists, key=len, reverse=True) or [[]])[0])
 
 
 def shard(model) -> None:
@@ -68,7 +72,9 @@ def shard(model) -> None:
 def init(ranks: Ranks, device) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=ranks.rank, world_size=ranks.world)
+    # With GPUs, NCCL for the model's tensors and gloo for the small CPU tensors the loop reduces (tokens, stop).
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world)
 
 
 def total(value: float | int) -> float:
@@ -90,13 +96,15 @@ def gathered(value: Any) -> list[Any]:
     return values
 
 
-def trainable_state(model) -> dict[str, Any]:
-    """The trained parameters, whole (gathered from the shards on every rank), by their one-device names."""
+def trainable_state(model, keep: bool) -> dict[str, Any]:
+    """The trained parameters, whole, by their one-device names. Every rank gathers (a collective); only the rank
+    that `keep`s them holds the copy (full fine-tuning: the whole model)."""
     state = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             whole = param.full_tensor() if hasattr(param, "full_tensor") else param
-            state[name] = whole.detach().cpu()
+            if keep:
+                state[name] = whole.detach().cpu()
     return state
 
 
