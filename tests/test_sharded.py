@@ -148,3 +148,20 @@ def test_an_interrupted_sharded_run_resumes_to_the_adapter_it_would_have_trained
     assert adapters["interrupted"].keys() == adapters["uninterrupted"].keys()
     for key, tensor in adapters["uninterrupted"].items():
         assert torch.allclose(adapters["interrupted"][key], tensor, rtol=1e-5, atol=1e-7), key
+
+
+def test_data_whose_epochs_end_in_a_batch_too_small_to_share_is_refused_at_the_start(tiny_llama, tmp_path):
+    """213 training rows in batches of 4 leave a last batch of one row each epoch: one of two ranks would get
+    nothing. The job stops before loading the model, with one line that names the fix."""
+    config = study_config(tiny_llama, 2)
+    config["dataset"]["max_train_examples"] = 213
+    config["sweep"]["grids"][0]["quantization"] = ["fp32"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--cores", "2", "results/runs/r4-qv-fp32/train_metrics.json")
+    assert result.returncode != 0
+    log = (tmp_path / "logs/train/r4-qv-fp32.log").read_text()
+    assert "each epoch ends with a batch of 1 row(s) (213 training rows, batch_size 4), too few for 2 devices" in log
+    lines = log.splitlines()
+    said = [i for i, line in enumerate(lines) if "ERROR run 'r4-qv-fp32': each epoch ends" in line]  # rank 0's line
+    assert len(said) == 1 and not lines[said[0] + 1].startswith("Traceback")  # one line, no traceback after it
+    assert "trainable params" not in log  # stopped before the model was loaded

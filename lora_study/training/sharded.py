@@ -142,6 +142,7 @@ def main(arguments_path: str) -> None:
     """A rank: set up logging and the process group, then train (lora_study.training.loop.train_run)."""
     import torch.distributed as dist
 
+    from lora_study.core.errors import UserError
     from lora_study.core.io import setup_logging
     from lora_study.training.loop import train_arguments, train_run
 
@@ -158,6 +159,9 @@ def main(arguments_path: str) -> None:
             clock.finish("write")
     except SystemExit:
         raise  # stopped by a signal after the checkpoint (logged where it happened)
+    except UserError as error:  # bad input: one line that names the run and the fix, as a one-device job says it
+        log.error("%s", error)
+        raise SystemExit(1) from None
     except BaseException:
         log.exception("rank %d of %d failed", ranks.rank, ranks.world)  # in the job's log, not only torchrun's
         raise
