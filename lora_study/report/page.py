@@ -295,7 +295,8 @@ def build_report(
     findings = [sentence for answered in answers for sentence in answered.findings]
     with atomic_path(tables_dir) as tmp:
         write_tables(answers, tmp, study.memory_text)
-    style = Style.of(with_own_intervals(prepare(table), judge), memory_axis_title(study.runs))
+    # The charts' runs carry their own intervals; the questions read the runs without them (a copy).
+    style = Style.of(with_own_intervals(study.runs.copy(), judge), memory_axis_title(study.runs))
     charts, chart_names = {}, {}
     for answered in answers:
         drawn = {name: chart for name, chart in answered.question.charts(study, style).items() if chart is not None}

@@ -116,10 +116,17 @@ class Question:
         dynamic = self.title_of(name) if self.title_of else None
         return self.titles.get(name) or dynamic or self.title
 
-    def caption(self, chart: str) -> str:
+    def caption_key(self, chart: str) -> str | None:
+        """The key of `captions` that captions `chart` (its stem, else a "__"-ending prefix); None if none does."""
         if chart in self.captions:
-            return self.captions[chart]
-        return next(text for key, text in self.captions.items() if key.endswith("__") and chart.startswith(key))
+            return chart
+        return next((key for key in self.captions if key.endswith("__") and chart.startswith(key)), None)
+
+    def caption(self, chart: str) -> str:
+        key = self.caption_key(chart)
+        if key is None:
+            raise KeyError(f"question {self.anchor!r} has no caption for chart {chart!r}")
+        return self.captions[key]
 
 
 @dataclass
@@ -164,7 +171,7 @@ def chart_captions(questions: Iterable[Question]) -> dict[str, str]:
 def caption(questions: Iterable[Question], chart: str) -> str:
     """The caption of a chart by its stem, from the question that draws it."""
     for question in questions:
-        if chart in question.captions or any(k.endswith("__") and chart.startswith(k) for k in question.captions):
+        if question.caption_key(chart) is not None:
             return question.caption(chart)
     raise KeyError(f"no question captions chart {chart!r}")
 

@@ -27,8 +27,8 @@ run ids, model sources and the supported families: [docs/configuration.md](../do
 Regenerate after editing the schema: `make docs`.
 """
 
-# Definitions shown once, where they are first used; later uses point there.
-SHARED = {"#/$defs/training": "training", "#/$defs/training_axes": "training"}
+# Definitions documented once, under `training`; every other use points there.
+SHARED = ("#/$defs/training", "#/$defs/training_axes")
 
 
 def _one_line(text: str) -> str:
