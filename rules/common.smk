@@ -13,7 +13,7 @@ sys.path.insert(0, workflow.basedir)
 
 from lora_study.core import paths
 from lora_study.study.config import ConfigError, canonical_json, check_local_sources, validate_config
-from lora_study.study.budget import budget_verdict
+from lora_study.study.budget import AUTO, auto_gpus, budget_verdict
 from lora_study.questions import QUESTIONS
 from lora_study.report.question import chart_captions
 from lora_study.measure.downstream import local_task_problem
@@ -75,8 +75,34 @@ def run_params(wildcards):
 
 
 def train_gpus(wildcards):
-    """Devices a run trains on (training.gpus): Snakemake's gpu resource, SLURM's --gpus."""
-    return RUNS[wildcards.run].training.gpus
+    """Devices a run trains on (training.gpus; `auto`: chosen from its layout): Snakemake's gpu resource,
+    SLURM's --gpus."""
+    gpus = RUNS[wildcards.run].training.gpus
+    return auto_layout(wildcards.run)[0] if gpus == AUTO else gpus
+
+
+def train_inputs(wildcards):
+    """A run's training inputs; a `gpus: auto` run's also its predictions per device count."""
+    inputs = {
+        "manifest": paths.MODEL_MANIFEST,
+        "splits": paths.DATA_SPLITS,
+        "check": paths.for_run(paths.RUN_CHECK, wildcards.run),
+    }
+    if RUNS[wildcards.run].training.gpus == AUTO:
+        inputs["layout"] = paths.for_run(paths.RUN_LAYOUT, wildcards.run)
+    return inputs
+
+
+def auto_layout(run_id):
+    """(devices, predictions) of an auto run under the configured budget. Before its layout exists (a dry run
+    of a new study) one device; Snakemake evaluates params and resources again once a job's inputs exist. (Read
+    by path, not from `input`: Snakemake does not record params derived from input, and this one must rerun.)"""
+    path = paths.for_run(paths.RUN_LAYOUT, run_id)
+    predictions = None
+    if os.path.exists(path):
+        with open(path) as handle:
+            predictions = json.load(handle)
+    return auto_gpus(predictions, config["plan"]), predictions
 
 
 def compute_params(wildcards):
@@ -86,7 +112,8 @@ def compute_params(wildcards):
 
 
 def memory_plan(wildcards):
-    """The memory budget's verdict on this run ("null" unless it is skipped), for rerun decisions.
+    """The memory budget's verdict on this run ("null" unless it is skipped), for rerun decisions; an auto run's
+    also its device count, so a budget edit that changes the count retrains it and one that does not, nothing.
 
     Read from the plan.csv on disk while the job graph is built: a run's
     prediction only changes with its own settings, model or data, which rerun
@@ -95,6 +122,9 @@ def memory_plan(wildcards):
     that fresh verdict (train does not depend on the plan step: a replanned
     study must not retrain runs that did not change).
     """
+    if RUNS[wildcards.run].training.gpus == AUTO:
+        gpus, predictions = auto_layout(wildcards.run)
+        return canonical_json({"gpus": gpus, **(budget_verdict(predictions, config["plan"], gpus) or {})})
     return canonical_json(budget_verdict(planned_rows().get(wildcards.run), config["plan"]))
 
 

@@ -4,6 +4,7 @@
 
 localrules:
     plan,
+    layout,
 
 
 rule plan:
@@ -25,3 +26,22 @@ rule plan:
         plan=canonical_json(config["plan"]),
     script:
         "../scripts/plan.py"
+
+
+# A `training.gpus: auto` run's predictions per device count, from which the Snakefile
+# chooses its devices under plan.memory_budget_gb (rules/common.smk: train_gpus).
+rule layout:
+    input:
+        manifest=paths.MODEL_MANIFEST,
+        splits=paths.DATA_SPLITS,
+        check=paths.RUN_CHECK,
+    output:
+        layout=paths.RUN_LAYOUT,
+    log:
+        f"{paths.LOGS}/layout/{{run}}.log",
+    conda:
+        "../envs/study.yaml"
+    params:
+        run=run_params,
+    script:
+        "../scripts/layout.py"

@@ -3,9 +3,7 @@
 
 rule train:
     input:
-        manifest=paths.MODEL_MANIFEST,
-        splits=paths.DATA_SPLITS,
-        check=paths.RUN_CHECK,
+        unpack(train_inputs),
     output:
         adapter=directory(paths.ADAPTER),
         metrics=paths.TRAIN_METRICS,

@@ -42,9 +42,10 @@ with job(snakemake, gpu=True, devices=job_gpus(snakemake)):
         plan_settings=config["plan"],
         measurement=json.loads(snakemake.params.measurement),
     )
-    if run.training.gpus > 1:  # one run on N devices: N processes (lora_study.training.sharded)
+    gpus = job_gpus(snakemake)  # training.gpus, or what `auto` chose
+    if gpus > 1:  # one run on N devices: N processes (lora_study.training.sharded)
         from lora_study.training.sharded import launch
 
-        launch(arguments, run.training.gpus, snakemake.threads, snakemake.log[0] if snakemake.log else None)
+        launch(arguments, gpus, snakemake.threads, snakemake.log[0] if snakemake.log else None)
     else:
         train_run(**train_arguments(arguments), threads=snakemake.threads, after_training=evaluation)

@@ -242,3 +242,35 @@ def test_a_sharded_run_is_planned_per_rank(tiny_llama, quantization):
         assert plan.logits_gb == pytest.approx(full_logits)
     # A model of two decoder layers gathers all of them: sharding it saves only the states and activations.
     assert plans[2].weights_gb >= one.weights_gb
+
+
+def test_auto_takes_the_fewest_devices_whose_prediction_fits_the_budget(tiny_llama):
+    """Every run is planned on 1, 2, 4 and 8 devices (where it can be sharded); `gpus: auto` takes the fewest
+    that fit the budget, and a run that fits on none is skipped with its smallest prediction."""
+    from lora_study.study.budget import auto_gpus, budget_verdict, gpus_needed, per_gpu_column
+    from lora_study.study.sweep import RunSpec
+
+    config = AutoConfig.from_pretrained(tiny_llama, num_hidden_layers=16)  # enough layers for sharding to pay
+    lengths, prompts = [64] * 16, [8] * 16
+
+    def plan(gpus, budget, method="full", batch_size=4):
+        training = default_training(batch_size=batch_size, max_steps=2, gpus=gpus)
+        run = RunSpec("run", 4, 8.0, ("q", "v"), "fp32", False, training, method=method)
+        (result,) = plan_study([run], config, {"run": Targets(["q_proj", "v_proj"])}, lengths, prompts, "cuda", budget)
+        return result
+
+    free = plan(1, None)
+    per_gpu = [free.per_gpu_gb[per_gpu_column("cuda", gpus)] for gpus in (1, 2, 4)]
+    assert per_gpu[0] == pytest.approx(free.predicted_cuda_gb) and per_gpu[0] > per_gpu[1] > per_gpu[2]
+    assert math.isnan(free.per_gpu_gb[per_gpu_column("cuda", 8)])  # a batch of 4 rows cannot feed 8 devices
+    budget = (per_gpu[0] + per_gpu[1]) / 2
+    chosen = plan("auto", budget)
+    assert chosen.gpus == 2 and not chosen.skip and chosen.predicted_cuda_gb == pytest.approx(per_gpu[1])
+    assert gpus_needed(chosen.to_dict(), "cuda", budget) == 2
+    settings = {"device": "cuda", "memory_budget_gb": budget}
+    assert auto_gpus(chosen.to_dict(), settings) == 2 and budget_verdict(chosen.to_dict(), settings, 2) is None
+    assert plan("auto", None).gpus == 1  # no budget: one device
+    too_small = plan("auto", per_gpu[2] / 2)
+    assert too_small.gpus == 4 and too_small.skip  # the least any layout needs, still over: skipped
+    # A method that trains on one device only is never sharded by auto.
+    assert plan("auto", budget, method="pissa").gpus == 1

@@ -105,7 +105,6 @@ def test_the_layout_is_not_in_the_run_id_and_reaches_the_job_and_the_table(studi
     "change, message",
     [
         ({"sweep": {"grids": [{"method": ["pissa"], "quantization": ["fp32"]}]}}, "method pissa trains on one device"),
-        ({"training": {"memory_limit_gb": 4}}, "memory_limit_gb emulates one device"),
         ({"training": {"batch_size": 1}}, "a batch of 1 rows cannot give each of 2 devices a row"),
         ({"training": {"optimizer": "paged_adamw_8bit"}}, "8-bit optimizers cannot update sharded parameters"),
     ],
@@ -165,3 +164,61 @@ def test_data_whose_epochs_end_in_a_batch_too_small_to_share_is_refused_at_the_s
     said = [i for i, line in enumerate(lines) if "ERROR run 'r4-qv-fp32': each epoch ends" in line]  # rank 0's line
     assert len(said) == 1 and not lines[said[0] + 1].startswith("Traceback")  # one line, no traceback after it
     assert "trainable params" not in log  # stopped before the model was loaded
+
+
+def test_auto_trains_on_the_fewest_devices_whose_prediction_fits_the_budget(tiny_llama, tmp_path):
+    """`gpus: auto`: plan.csv predicts the run on 1, 2, 4 and 8 devices; with a budget between its 1- and
+    2-device predictions the job gets two (resource, claim, ranks) and records them; the run id stays; a budget
+    edit that changes the count retrains it, one that does not changes nothing."""
+    run = "r4-qv-fp32"
+    config = study_config(tiny_llama, 1)
+    config["training"]["gpus"] = "auto"
+    config["sweep"]["grids"][0]["quantization"] = ["fp32"]
+    config["plan"] = {"device": "cpu", "memory_budget_gb": None}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--cores", "2", "results/tables/plan.csv")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    row = pd.read_csv(tmp_path / "results/tables/plan.csv").set_index("run_id").loc[run]
+    one, two = row["predicted_cpu_gb_1gpu"], row["predicted_cpu_gb_2gpu"]
+    assert row["gpus"] == 1 and two < one  # no budget: one device; two hold less each (activations, states)
+    config["plan"]["memory_budget_gb"] = float((one + two) / 2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--cores", "2", f"results/runs/{run}/eval_metrics.json")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    assert (tmp_path / f"results/runs/{run}/train_metrics.json").exists(), result.stdout[-3000:] + result.stderr[-5000:]
+    trained = metrics(tmp_path, run, "train")
+    assert trained["status"] == "ok" and trained["gpus"] == 2 and len(trained["memory"]["rank_peak_memory_gb"]) == 2
+    assert "sharded over 2 processes (FSDP2)" in (tmp_path / f"logs/train/{run}.log").read_text()
+    assert run_snakemake(tmp_path, "--cores", "2", "results/tables/plan.csv").returncode == 0
+    assert pd.read_csv(tmp_path / "results/tables/plan.csv").set_index("run_id").loc[run, "gpus"] == 2  # the same
+    target = f"results/runs/{run}/train_metrics.json"
+    assert "Nothing to be done" in run_snakemake(tmp_path, "-n", "--cores", "2", target).stdout
+    config["plan"]["memory_budget_gb"] = float(two + (one - two) / 4)  # still two devices: nothing to retrain
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = run_snakemake(tmp_path, "-n", "--cores", "2", target)
+    assert "rule train:" not in dry.stdout, dry.stdout[-3000:]
+    config["plan"]["memory_budget_gb"] = float(one * 2)  # now one fits: the run trains again, on one
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = run_snakemake(tmp_path, "-n", "--cores", "2", target)
+    assert "rule train:" in dry.stdout, dry.stdout[-3000:]
+
+
+def test_out_of_memory_on_a_rank_is_recorded_once_as_the_runs_result(tiny_llama, tmp_path):
+    """memory_limit_gb caps each device of a sharded run; a rank that runs out of memory stops the run, which is
+    recorded as status "oom" (with the rank) like a one-device run's, and the study goes on to report it."""
+    run = "r4-qv-fp32"
+    config = study_config(tiny_llama, 2)
+    config["sweep"]["grids"][0]["quantization"] = ["fp32"]
+    config["training"]["memory_limit_gb"] = 0.001
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--cores", "2", f"results/runs/{run}/eval_metrics.json")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    trained = metrics(tmp_path, run, "train")
+    assert trained["status"] == "oom" and trained["gpus"] == 2
+    failure = trained["failure"]
+    assert failure["memory_limit_gb"] == 0.001 and failure["rank"] in (0, 1)
+    assert failure["rank"] == min(failure["ranks_out_of_memory"])
+    assert metrics(tmp_path, run, "eval")["status"] == "oom"
+    log = (tmp_path / f"logs/train/{run}.log").read_text()
+    assert log.count("the run is recorded as status 'oom'") == 1 and "Traceback" not in log
+    assert "another rank ran out of memory" not in log or failure["ranks_out_of_memory"] != [0, 1]

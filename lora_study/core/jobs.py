@@ -57,13 +57,17 @@ def job(snakemake: Any, gpu: bool = False, work: str = "compute", devices: int =
 
 def job_gpus(snakemake: Any) -> int:
     """Devices a training job claims: its run's training.gpus (read from its params: Snakemake scales the gpu
-    resource down to a smaller --resources limit, the run's need stays), else one. Only the train script asks:
-    evaluate, deploy and downstream load a sharded run's adapter on one device."""
+    resource down to a smaller --resources limit, the run's need stays; `auto`: the count its memory_plan param
+    chose from plan.csv), else one. Only the train script asks: evaluate, deploy and downstream load a sharded
+    run's adapter on one device."""
     import json
 
     params = getattr(snakemake, "params", None)
     run = json.loads(getattr(params, "run", None) or "{}") if params is not None else {}
-    return int(((run or {}).get("training") or {}).get("gpus", 1))
+    gpus = ((run or {}).get("training") or {}).get("gpus", 1)
+    if gpus == "auto":
+        return int((json.loads(getattr(params, "memory_plan", None) or "null") or {}).get("gpus", 1))
+    return int(gpus)
 
 
 def trained_run(snakemake: Any) -> tuple[Path | None, str]:

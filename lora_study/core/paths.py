@@ -12,6 +12,8 @@ MODEL_DIR = f"{RESULTS}/model"
 MODEL_MANIFEST = f"{MODEL_DIR}/model.json"
 # One run's targets, checked on the prepared model before it trains.
 RUN_CHECK = f"{RESULTS}/checks/{{run}}.json"
+# A `training.gpus: auto` run's predicted peak per device on 1, 2, 4 and 8 devices (its count is chosen from it).
+RUN_LAYOUT = f"{RESULTS}/layouts/{{run}}.json"
 DATA_DIR = f"{RESULTS}/data"
 DATA_SUMMARY = f"{DATA_DIR}/summary.json"
 DATA_SPLITS = f"{DATA_DIR}/splits"

@@ -46,6 +46,8 @@ def _type_text(node: dict[str, Any], defs: dict[str, Any]) -> str:
         return _type_text(defs[name], defs) if name not in ("training", "training_axes") else "mapping"
     if "enum" in node:
         return "one of " + ", ".join(_value(v) for v in node["enum"])
+    if "const" in node:
+        return _value(node["const"])
     if "oneOf" in node:
         return " or ".join(_type_text(option, defs) for option in node["oneOf"])
     kinds = node.get("type", "any")

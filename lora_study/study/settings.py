@@ -32,8 +32,8 @@ class TrainingSettings:
     seed: int
     log_every: int
     memory_limit_gb: float | None
-    # Devices the run is sharded over (a layout: never in the run id; in params only when > 1).
-    gpus: int = 1
+    # Devices the run is sharded over, or "auto" (a layout: never in the run id; in params only when not 1).
+    gpus: int | str = 1
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "training") -> TrainingSettings:

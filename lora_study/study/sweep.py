@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from lora_study.core.formats import FOUR_BIT, applies_compute_dtype, quantization_label
+from lora_study.study.budget import AUTO
 from lora_study.study.config import ConfigError, load_schema, training_defaults
 from lora_study.study.methods import FULL, LORA, default_alpha, method_problem
 from lora_study.study.modules import ALL_LINEAR, canonical_modules, modules_label
@@ -162,12 +163,11 @@ SHARDED_METHODS = (LORA, "rslora", "dora", FULL)
 
 def sharding_problem(method: str, training: dict[str, Any]) -> str | None:
     """Why a run cannot be sharded over training.gpus devices (None when it can, or is not sharded)."""
-    if training.get("gpus", 1) == 1:
+    gpus = training.get("gpus", 1)
+    if gpus == 1 or gpus == AUTO:  # auto only chooses among the counts that pass these checks
         return None
     if method not in SHARDED_METHODS:
         return f"method {method} trains on one device only (its adapter is converted at save time)"
-    if training.get("memory_limit_gb") is not None:
-        return "training.memory_limit_gb emulates one device's memory: leave it unset for a sharded run"
     if training.get("optimizer", "adamw") != "adamw":
         optimizer = training["optimizer"]
         return f"optimizer {optimizer}: bitsandbytes' 8-bit optimizers cannot update sharded parameters (use adamw)"

@@ -25,6 +25,12 @@ log = logging.getLogger("lora_study")
 STATUS_OOM = "oom"
 STATUS_SKIPPED = "skipped"
 
+
+class RankOutOfMemory(Exception):
+    """A sharded run's rank ran out of memory and left its record for the launcher (the run's result, not a crash;
+    lora_study.training.sharded)."""
+
+
 # How allocation failures read when they arrive wrapped (safetensors, C++ allocators, OS errors).
 OOM_MESSAGES = (
     "out of memory",

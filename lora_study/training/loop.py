@@ -26,7 +26,7 @@ from lora_study.core.gpu_slots import GpuSlot, claim_job_gpu, job_environment
 from lora_study.core.io import atomic_path, write_json
 from lora_study.core.metrics import STATUS_OK, PeakMemory, TrainMetrics
 from lora_study.prepare.data import load_split
-from lora_study.study.budget import budget_verdict
+from lora_study.study.budget import AUTO, budget_verdict
 from lora_study.study.methods import is_converted
 from lora_study.study.modules import (
     ModuleResolutionError,
@@ -53,6 +53,7 @@ from lora_study.training.checkpoints import (
 from lora_study.training.failures import (
     STATUS_OOM,
     STATUS_SKIPPED,
+    RankOutOfMemory,
     is_out_of_memory,
     memory_cap,
     memory_in_use_gb,
@@ -68,7 +69,7 @@ from lora_study.training.loading import (
     set_threads,
 )
 from lora_study.training.loss import FULL_LOGITS, ResponseLoss, scored_tokens
-from lora_study.training.planner import plan_for_run
+from lora_study.training.planner import plan_for_run, with_gpus
 from lora_study.training.precision import (
     DeviceCapability,
     GradScaling,
@@ -215,6 +216,7 @@ def train_run(
     measurement: MeasurementSettings | None = None,
     after_training: AfterTraining | None = None,
     ranks: Ranks | None = None,
+    rank_failures: Path | None = None,
 ) -> TrainMetrics:
     """Train the adapter for `run` and write its outputs; then, when given, `after_training` gets the trained
     model (lora_study.measure.evaluate.InTrainingEvaluation) once the optimizer's memory is released.
@@ -224,6 +226,8 @@ def train_run(
     loading anything. SIGTERM/SIGINT save a checkpoint and exit non-zero; the
     next attempt resumes from the newest checkpoint.
     """
+    if run.training is not None and run.training.gpus == AUTO:  # the count its job was given (plan.csv's choice)
+        run = with_gpus(run, ranks.world if ranks else 1)
     job = start_job(run, threads, ranks)  # claims the GPU first: importing peft queries CUDA
     import peft  # noqa: F401  (imported before any memory cap, like everything heavy)
 
@@ -277,9 +281,17 @@ def train_run(
             session.loop(model, loader)
             phases.end("compute")
     except Exception as error:
-        # A sharded run's rank fails outright: the others wait in a collective that rank never joins, and
-        # torchrun ends them at once when one exits non-zero (recording it as data is not built yet).
-        if ranks is not None or not is_out_of_memory(error, memory_capped=job.training.memory_limit_gb is not None):
+        if not is_out_of_memory(error, memory_capped=job.training.memory_limit_gb is not None):
+            raise
+        if ranks is not None and rank_failures is not None:
+            # The other ranks wait in a collective this rank never joins: it stops (torchrun then stops them) and
+            # leaves its record, which the launcher writes once as the run's result.
+            from lora_study.training import sharded
+
+            sharded.record_out_of_memory(rank_failures, ranks.rank, session.oom_metrics(error, plan).to_dict(),
+                                         session.progress.curve)  # fmt: skip
+            raise RankOutOfMemory() from error
+        if ranks is not None:
             raise
         checkpointer.remove()
         metrics = session.oom_metrics(error, plan)
@@ -304,6 +316,8 @@ def train_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
         checkpoint_every=arguments["checkpoint_every"],
         plan_settings=arguments["plan_settings"],
         measurement=MeasurementSettings.from_dict(arguments["measurement"]),
+        # A sharded run's ranks leave an out-of-memory record here (lora_study.training.sharded.launch).
+        rank_failures=Path(arguments["rank_failures"]) if arguments.get("rank_failures") else None,
     )
 
 

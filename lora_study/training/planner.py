@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -68,11 +69,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lora_study.core.formats import FOUR_BIT
+from lora_study.study.budget import AUTO, GPU_COUNTS, auto_gpus, per_gpu_column
 from lora_study.study.methods import DORA, FULL, LORA
 from lora_study.study.modules import Targets, resolve_attention, targets_as_given
 from lora_study.study.preflight import check_with_manifest
 from lora_study.study.settings import TrainingSettings
-from lora_study.study.sweep import RunSpec
+from lora_study.study.sweep import RunSpec, sharding_problem
 from lora_study.training.batching import total_steps
 from lora_study.training.precision import (
     DTYPES,
@@ -477,9 +479,14 @@ class RunPlan:
     gradients_optimizer_gb: float = math.nan  # their gradients and optimizer states (+ autocast copies)
     gpus: int = 1  # devices the run is sharded over: every term above is then one rank's
     gathered_gb: float = 0.0  # part of weights_gb: what FSDP holds whole besides the rank's shard
+    # The predicted peak per device were the run sharded over each of GPU_COUNTS (plan.csv's
+    # predicted_<device>_gb_<N>gpu columns; NaN where it cannot be): "GPUs needed" and `gpus: auto` read them.
+    per_gpu_gb: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        values.update(values.pop("per_gpu_gb"))
+        return values
 
     @classmethod
     def unplanned(cls, run: RunSpec, plan_device: str, budget_gb: float | None, error: Exception) -> RunPlan:
@@ -658,13 +665,47 @@ def plan_study(
             batch = largest_batch(lengths, prompt_lengths, run.training)
             recipe = (recipes or {}).get(run.run_id) or planning_recipe(run, plan_device)
             attn = (attention or {}).get(run.run_id, "sdpa")
-            plan = plan_run(run, recipe, model_config, facts, targets[run.run_id], batch, plan_device, budget_gb,
-                            checkpoint, attn)  # fmt: skip
+
+            plan_on = functools.partial(_plan_layout, run, recipe, model_config, facts, targets[run.run_id], batch,
+                                        plan_device, budget_gb, checkpoint, attn)  # fmt: skip
+            layouts = {gpus: plan_on(gpus) for gpus in GPU_COUNTS if layout_problem(run, gpus, len(lengths)) is None}
+            per_gpu = {per_gpu_column(device, gpus): math.nan for device in ("cuda", "cpu") for gpus in GPU_COUNTS}
+            for gpus, layout in layouts.items():
+                per_gpu[per_gpu_column("cuda", gpus)] = layout.predicted_cuda_gb
+                per_gpu[per_gpu_column("cpu", gpus)] = layout.predicted_cpu_gb
+            gpus = run.training.gpus
+            if gpus == AUTO:
+                gpus = auto_gpus(per_gpu, {"device": plan_device, "memory_budget_gb": budget_gb})
+            plan = layouts[gpus] if gpus in layouts else plan_on(gpus)
+            plan.per_gpu_gb = per_gpu
         except Exception as error:
             log.warning("%s: no memory prediction, the planner failed: %s", run.run_id, error, exc_info=True)
             plan = RunPlan.unplanned(run, plan_device, budget_gb, error)
         plans.append(plan)
     return plans
+
+
+def _plan_layout(run: RunSpec, *arguments: Any) -> RunPlan:
+    """plan_run's plan of `run` laid out on the last of `arguments` devices."""
+    *rest, gpus = arguments
+    return plan_run(with_gpus(run, gpus), *rest)
+
+
+def with_gpus(run: RunSpec, gpus: int) -> RunSpec:
+    """The run laid out on `gpus` devices (its configuration unchanged)."""
+    assert run.training is not None
+    return dataclasses.replace(run, training=run.training.replace(gpus=gpus))
+
+
+def layout_problem(run: RunSpec, gpus: int, train_rows: int) -> str | None:
+    """Why `run` cannot be sharded over `gpus` devices with `train_rows` rows of data (None when it can)."""
+    assert run.training is not None
+    if gpus == 1:
+        return None
+    problem = sharding_problem(run.method, {**run.training.to_dict(), "gpus": gpus})
+    if problem is None and 0 < train_rows % run.training.batch_size < gpus:
+        problem = f"each epoch ends with a batch of {train_rows % run.training.batch_size} row(s)"
+    return problem
 
 
 def checkpoint_files(manifest: dict[str, Any]) -> Checkpoint:
@@ -718,6 +759,7 @@ def plan_for_run(
 
 PLAN_SUMMARY_COLUMNS = (
     "run_id",
+    "gpus",
     "compute_dtype",
     "trainable_params",
     "weights_gb",
@@ -728,6 +770,39 @@ PLAN_SUMMARY_COLUMNS = (
     "predicted_cpu_gb",
     "skip",
 )
+
+
+def plan_prepared(
+    runs: list[RunSpec], settings: dict[str, Any], manifest: dict[str, Any], splits_dir: Path
+) -> list[RunPlan]:
+    """Plan the trained runs from the model's config and the prepared data (no weights loaded)."""
+    from lora_study.prepare.data import load_split
+
+    train = load_split(splits_dir, "train")
+    trained = [run for run in runs if not run.is_baseline]
+    return plan_study(
+        trained,
+        _model_config(manifest),
+        check_with_manifest(manifest, trained),
+        lengths=[len(ids) for ids in train["input_ids"]],
+        prompt_lengths=list(train["prompt_length"]),
+        plan_device=settings["device"],
+        budget_gb=settings["memory_budget_gb"],
+        checkpoint=checkpoint_files(manifest),
+        attention={run.run_id: resolve_attention(manifest, run.training.attn_implementation) for run in trained},
+    )
+
+
+def write_layout(run: RunSpec, manifest: dict[str, Any], splits_dir: Path, path: Path) -> dict[str, float]:
+    """A `gpus: auto` run's predicted peak per device on each of GPU_COUNTS (both devices; no budget: the
+    Snakefile applies plan.memory_budget_gb to it, so a budget edit reruns nothing but what it changes)."""
+    from lora_study.core.io import write_json
+
+    (plan,) = plan_prepared([run], {"device": "cuda", "memory_budget_gb": None}, manifest, splits_dir)
+    if plan.plan_error:
+        log.warning("%s: no prediction (%s): `auto` trains it on one device", run.run_id, plan.plan_error)
+    write_json(path, plan.per_gpu_gb)
+    return plan.per_gpu_gb
 
 
 def write_plan(
@@ -742,22 +817,8 @@ def write_plan(
     import pandas as pd
 
     from lora_study.core.io import write_table
-    from lora_study.prepare.data import load_split
 
-    model_config = _model_config(manifest)
-    train = load_split(splits_dir, "train")
-    trained = [run for run in runs if not run.is_baseline]
-    plans = plan_study(
-        trained,
-        model_config,
-        check_with_manifest(manifest, trained),
-        lengths=[len(ids) for ids in train["input_ids"]],
-        prompt_lengths=list(train["prompt_length"]),
-        plan_device=settings["device"],
-        budget_gb=settings["memory_budget_gb"],
-        checkpoint=checkpoint_files(manifest),
-        attention={run.run_id: resolve_attention(manifest, run.training.attn_implementation) for run in trained},
-    )
+    plans = plan_prepared(runs, settings, manifest, splits_dir)
     for plan in plans:
         if plan.plan_error:
             continue

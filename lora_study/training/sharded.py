@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,10 +112,26 @@ def trainable_state(model, keep: bool) -> dict[str, Any]:
 # --- the job's side: start the ranks, wait for them ----------------------------------------------------------
 
 
+def record_out_of_memory(failures_dir: Path, rank: int, metrics: dict[str, Any], curve: list[dict[str, float]]) -> None:
+    """A rank's out-of-memory record, for the launcher to write once as the run's outputs."""
+    from lora_study.core.io import write_json
+
+    write_json(failures_dir / f"rank{rank}.json", {"metrics": {**metrics, "failure": {**metrics["failure"],
+               "rank": rank}}, "curve": curve})  # fmt: skip
+
+
+def out_of_memory_records(failures_dir: Path) -> list[dict[str, Any]]:
+    """The ranks' out-of-memory records, lowest rank first."""
+    paths = sorted(failures_dir.glob("rank*.json"), key=lambda path: int(path.stem.removeprefix("rank")))
+    return [json.loads(path.read_text()) for path in paths]
+
+
 def launch(arguments: dict[str, Any], gpus: int, threads: int, log_path: str | None) -> None:
-    """Run `arguments` (train_run's, as plain data) on `gpus` processes and wait; a failed rank fails the job."""
+    """Run `arguments` (train_run's, as plain data) on `gpus` processes and wait. A rank that runs out of memory
+    ends the run with status "oom" (written once, here); any other failed rank fails the job."""
+    failures_dir = Path(tempfile.mkdtemp(prefix="rank-failures-"))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump({**arguments, "log_path": log_path}, handle)
+        json.dump({**arguments, "log_path": log_path, "rank_failures": str(failures_dir)}, handle)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={gpus}",
         "-m", "lora_study.training.sharded", handle.name,
@@ -134,8 +151,28 @@ def launch(arguments: dict[str, Any], gpus: int, threads: int, log_path: str | N
             signal.signal(signum, handler)
         Path(handle.name).unlink(missing_ok=True)
         phases.end("ranks")  # the ranks' time: rank 0 logs its own phases (imports, load, compute, ...)
-    if returncode != 0:
+    try:
+        records = out_of_memory_records(failures_dir)
+    finally:
+        shutil.rmtree(failures_dir, ignore_errors=True)
+    if returncode != 0 and records:
+        _write_out_of_memory(arguments, records)
+    elif returncode != 0:
         raise RuntimeError(f"the sharded run's processes ended with exit status {returncode}; see the log above")
+
+
+def _write_out_of_memory(arguments: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """The run's outputs from the first rank that ran out of memory (the others were stopped with it)."""
+    from lora_study.core.metrics import TrainMetrics
+    from lora_study.training.loop import train_arguments
+
+    outputs = train_arguments(arguments)["outputs"]
+    first = records[0]
+    metrics = TrainMetrics(**first["metrics"])
+    metrics.failure["ranks_out_of_memory"] = [record["metrics"]["failure"]["rank"] for record in records]
+    shutil.rmtree(arguments["checkpoint_dir"], ignore_errors=True)  # as a one-device run's out of memory does
+    outputs.write_not_trained(metrics, first["curve"])
+    log.error("rank %s ran out of memory: the run is recorded as status 'oom'", metrics.failure["rank"])
 
 
 def main(arguments_path: str) -> None:
@@ -144,6 +181,7 @@ def main(arguments_path: str) -> None:
 
     from lora_study.core.errors import UserError
     from lora_study.core.io import setup_logging
+    from lora_study.training.failures import RankOutOfMemory
     from lora_study.training.loop import train_arguments, train_run
 
     entered, age_s = time.perf_counter(), phases.process_age_s()
@@ -162,7 +200,13 @@ def main(arguments_path: str) -> None:
     except UserError as error:  # bad input: one line that names the run and the fix, as a one-device job says it
         log.error("%s", error)
         raise SystemExit(1) from None
+    except RankOutOfMemory:  # (imported from failures: this module runs as __main__ in a rank)
+        raise SystemExit(1) from None  # recorded for the launcher (the rank logged where it happened)
     except BaseException:
+        failures_dir = Path(arguments["rank_failures"]) if arguments.get("rank_failures") else None
+        if failures_dir is not None and out_of_memory_records(failures_dir):  # a collective with a dead rank
+            log.warning("rank %d stopped: another rank ran out of memory", ranks.rank)
+            raise SystemExit(1) from None
         log.exception("rank %d of %d failed", ranks.rank, ranks.world)  # in the job's log, not only torchrun's
         raise
     finally:
