@@ -5,7 +5,9 @@ and 8 GPUs, and the fewest GPUs of each memory size that hold it.
     python bench/sharded_plan.py [--seq-len 1024] [--batch 1] [--budgets 16 24 40 80]
 
 The run: NF4 with double quantization, LoRA rank 16 on q, k, v, o, bf16 compute, gradient checkpointing,
-8-bit paged AdamW, SDPA, planned for CUDA (NVML's per-process figure: context and allocator slack included).
+8-bit paged AdamW on one GPU and torch's AdamW when sharded (bitsandbytes' 8-bit optimizers cannot update sharded
+parameters: the workflow refuses them there), SDPA, planned for CUDA (NVML's per-process figure: context and
+allocator slack included).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def main() -> None:
         for gpus in GPUS:
             # The global batch stays `--batch` rows per GPU times N: each GPU sees --batch rows.
             batch = BatchShape(args.batch * gpus, args.seq_len, args.batch * gpus * args.seq_len // 2)
-            run = run_spec(16, ["q", "k", "v", "o"], "nf4", {**base, **options, "gpus": gpus})
+            optimizer = options["optimizer"] if gpus == 1 else "adamw"
+            run = run_spec(16, ["q", "k", "v", "o"], "nf4", {**base, **options, "gpus": gpus, "optimizer": optimizer})
             targets = resolve_targets(ARCHITECTURES[family], run.modules, layers, family)
             plan = plan_run(run, planning_recipe(run, "cuda"), config, facts, targets, batch, "cuda", None)
             rows.append({"model": name, "params_b": facts.total_params / 1e9, "gpus": gpus,
@@ -64,7 +67,7 @@ def main() -> None:
                          "logits_gb": plan.logits_gb})  # fmt: skip
     table = pd.DataFrame(rows)
     print(f"Per-GPU prediction, batch {args.batch} x {args.seq_len} tokens per GPU (half a response), NF4 r16 "
-          "q,k,v,o, bf16, gradient checkpointing, paged 8-bit AdamW\n")  # fmt: skip
+          "q,k,v,o, bf16, gradient checkpointing, paged 8-bit AdamW on 1 GPU, AdamW sharded\n")  # fmt: skip
     print(table.to_markdown(index=False, floatfmt=".3g"))
     print()
     needed = []

@@ -1,5 +1,6 @@
 """Derived tables and finding sentences on small hand-built run tables."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -229,6 +230,28 @@ def test_the_budget_table_prefers_the_cheapest_run_within_noise_of_the_best():
     table = tables_of(table=study(*predicted))["decision"]
     on_gpu = table[table["memory"] == "predicted GPU"].set_index("budget_gb")
     assert on_gpu.loc[5, "run_id"] == "cheap" and on_gpu.loc[8, "run_id"] == "cheap"
+
+
+def test_the_budget_table_says_how_many_gpus_a_run_needs_when_one_is_too_small():
+    """On the planner's GPU predictions a run that does not fit one GPU of the budget fits on the fewest of
+    2, 4, 8 whose per-GPU prediction does; fewer GPUs are cheaper than less memory per GPU."""
+    per_gpu = {1: 46.0, 2: 31.7, 4: 21.4, 8: 16.0}  # a 70B-shaped QLoRA (bench/sharded_plan.py)
+    big = dict(run("big", rank=16, ppl=4.0, mem=6.0), plan_predicted_cuda_gb=per_gpu[1], plan_predicted_cpu_gb=6.0,
+               **{f"plan_predicted_cuda_gb_{n}gpu": gb for n, gb in per_gpu.items()})  # fmt: skip
+    small = dict(run("small", rank=4, ppl=9.0, mem=2.0), plan_predicted_cuda_gb=6.0, plan_predicted_cpu_gb=2.0,
+                 **{f"plan_predicted_cuda_gb_{n}gpu": 6.0 / n + 1 for n in per_gpu})  # fmt: skip
+    settings = dataclasses.replace(SETTINGS, memory_budgets_gb=(8, 24, 40, 80))
+    table = all_tables(study(big, small), settings, judge_for(study(big, small)))["decision"]
+    on_gpu = table[table["memory"] == "predicted GPU"].set_index("budget_gb")
+    assert on_gpu.loc[24, "run_id"] == "big" and on_gpu.loc[24, "gpus_needed"] == 4
+    assert on_gpu.loc[24, "memory_gb"] == pytest.approx(21.4)
+    assert on_gpu.loc[40, "gpus_needed"] == 2 and on_gpu.loc[80, "gpus_needed"] == 1
+    assert on_gpu.loc[8, "run_id"] == "small" and on_gpu.loc[8, "gpus_needed"] == 1  # big needs more than 8 x 8 GB
+    sentences = headline_findings(study(big, small), settings, judge_for(study(big, small)))
+    assert any(s.startswith("Budget 24 GB (predicted GPU memory): big on 4 GPUs (perplexity 4, 21.40 GB per GPU")
+               for s in sentences), sentences  # fmt: skip
+    measured = table[table["memory"] == "measured"]
+    assert set(measured["gpus_needed"].dropna()) == {1}  # as each run was trained
 
 
 def test_a_sweet_spot_the_data_cannot_settle_is_called_inconclusive():

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from conftest import run_snakemake, tiny_study_config
+from lora_study.questions.memory_plan import GATHERED_TERM, memory_terms
 from lora_study.study.config import ConfigError, validate_config
 from lora_study.study.sweep import expand_study
 
@@ -70,6 +71,10 @@ def test_a_sharded_run_trains_what_one_device_trains(studies, run):
     plan = trained["memory_plan"]
     assert plan["gpus"] == 2 and plan["gathered_gb"] > 0
     assert abs(plan["predicted_cpu_gb"] - max(peaks)) / max(peaks) < PLAN_TOLERANCE
+    # The report's memory breakdown, per GPU: the rank's shard of the weights and the layers gathered whole.
+    terms = memory_terms(plan, "cpu")
+    assert terms[GATHERED_TERM] == pytest.approx(plan["gathered_gb"]) and terms["base weights"] >= 0
+    assert sum(terms.values()) == pytest.approx(plan["predicted_cpu_gb"])
     # Sharding changes no count: every trainable parameter once.
     assert trained["trainable_params"] == metrics(studies[1], run, "train")["trainable_params"]
 

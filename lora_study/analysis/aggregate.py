@@ -10,6 +10,7 @@ import pandas as pd
 
 from lora_study.core.io import atomic_path
 from lora_study.core.metrics import STATUS_OK
+from lora_study.study.budget import GPU_COUNTS, per_gpu_column
 from lora_study.study.methods import LORA
 
 CONFIG_COLUMNS = ("run_id", "config_id", "is_baseline", "rank", "alpha", "modules", "quantization", "double_quant")
@@ -50,6 +51,9 @@ PLAN_COLUMNS = (
     "activations_gb",
     "backward_working_gb",
     "logits_gb",
+    "gpus",
+    "gathered_gb",
+    *(per_gpu_column("cuda", gpus) for gpus in GPU_COUNTS),
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pandas as pd
@@ -19,18 +20,23 @@ from lora_study.stats.verdicts import (
     Verdict,
     against_best,
 )
+from lora_study.study.budget import GPU_COUNTS, gpus_needed, per_gpu_column
 
 
 def decision_table(
     runs: pd.DataFrame, budgets_gb: tuple[float, ...], judge: Judge, settings: FindingSettings
 ) -> pd.DataFrame | None:
-    """Per memory budget: the cheapest fitting run equivalent to the best fitting run.
+    """Per memory budget (per GPU): the cheapest fitting run equivalent to the best fitting run, and the GPUs it
+    needs.
 
-    Cheapest = least peak memory, then least training time. The best is the
-    lowest mean perplexity among the runs that fit; each cheaper run is
-    compared with it at tolerance sweet_spot_tolerance (m = every pair of the
-    k runs that fit: the best was picked from them). A CPU study adds the same table on the planner's
-    predicted GPU memory, labelled as predicted.
+    Cheapest = fewest GPUs, then least peak memory per GPU, then least
+    training time. The best is the lowest mean perplexity among the runs that
+    fit; each cheaper run is compared with it at tolerance sweet_spot_tolerance
+    (m = every pair of the k runs that fit: the best was picked from them). A
+    CPU study adds the same table on the planner's predicted GPU memory,
+    labelled as predicted: there a run fits a budget on the fewest of 1, 2, 4
+    or 8 GPUs whose predicted peak per GPU is within it (a sharded run,
+    training.gpus).
     """
     trained = trained_runs(runs)
     if trained.empty:
@@ -43,22 +49,48 @@ def decision_table(
     rows = []
     for basis, column in bases:
         for budget in budgets_gb:
+            candidates = _within_budget(fitting, basis, column, budget)
             rows.append({"memory": basis, "budget_gb": budget,
-                         **_cheapest_equivalent(fitting, column, budget, judge, settings)})  # fmt: skip
+                         **_cheapest_equivalent(candidates, judge, settings)})  # fmt: skip
     table = pd.DataFrame(rows)
     return table[with_accuracy(list(table.columns), table)]
 
 
-def _cheapest_equivalent(
-    fitting: pd.DataFrame, column: str, budget: float, judge: Judge, settings: FindingSettings
-) -> dict[str, Any]:
-    candidates = fitting[pd.to_numeric(fitting[column], errors="coerce") <= budget]
+def _within_budget(fitting: pd.DataFrame, basis: str, column: str, budget: float) -> pd.DataFrame:
+    """The runs that fit `budget` per GPU, with the GPUs they need (gpus_needed) and their memory per GPU
+    (memory_gb): measured, as each run was laid out; predicted, on the fewest GPUs that fit."""
+    if basis == "measured":
+        gpus = pd.to_numeric(fitting["gpus"], errors="coerce") if "gpus" in fitting else pd.Series(1, fitting.index)
+        candidates = fitting.assign(gpus_needed=gpus.fillna(1).astype(int),
+                                    memory_gb=pd.to_numeric(fitting[column], errors="coerce"))  # fmt: skip
+        return candidates[candidates["memory_gb"] <= budget]
+    needed = [_predicted_gpus(row, column, budget) for _, row in fitting.iterrows()]
+    candidates = fitting.assign(gpus_needed=[n for n, _ in needed], memory_gb=[gb for _, gb in needed])
+    return candidates.dropna(subset=["gpus_needed"]).astype({"gpus_needed": int})
+
+
+def _predicted_gpus(row: pd.Series, column: str, budget: float) -> tuple[float, float]:
+    """(fewest GPUs, predicted GB per GPU on them) for one run under `budget`; NaNs when none fits. Runs planned
+    before the per-GPU predictions existed have their one-device prediction only."""
+    predictions = {f"predicted_cuda_gb_{gpus}gpu": row.get(f"plan_{per_gpu_column('cuda', gpus)}")
+                   for gpus in GPU_COUNTS}  # fmt: skip
+    if all(pd.isna(value) for value in predictions.values()):
+        predictions[per_gpu_column("cuda", 1)] = row.get(column)
+    gpus = gpus_needed(predictions, "cuda", budget)
+    return (math.nan, math.nan) if gpus is None else (gpus, float(predictions[per_gpu_column("cuda", gpus)]))
+
+
+def _cheapest_equivalent(candidates: pd.DataFrame, judge: Judge, settings: FindingSettings) -> dict[str, Any]:
     if candidates.empty:
         return {"run_id": "nothing fits"}
-    best = candidates.sort_values(["perplexity", column]).iloc[0]
-    cheaper = candidates.sort_values([column, "train_wall_s"])
+    cost = ["gpus_needed", "memory_gb", "train_wall_s"]
+    best = candidates.sort_values(["perplexity", "gpus_needed", "memory_gb"]).iloc[0]
+    cheaper = candidates.sort_values(cost)
     cheaper = cheaper[cheaper["run_id"] != best["run_id"]]
-    cheaper = cheaper[pd.to_numeric(cheaper[column]) <= float(best[column])]
+    cheaper = cheaper[
+        (cheaper["gpus_needed"] < best["gpus_needed"])
+        | ((cheaper["gpus_needed"] == best["gpus_needed"]) & (cheaper["memory_gb"] <= float(best["memory_gb"])))
+    ]
     pick, comparison, undecided = best, None, []
     for _, row in cheaper.iterrows():
         result = judge.compare(row["run_id"], best["run_id"], "perplexity", settings.sweet_spot_tolerance,
@@ -70,9 +102,10 @@ def _cheapest_equivalent(
             undecided.append(row["run_id"])
     return {
         "run_id": pick["run_id"],
+        "gpus_needed": int(pick["gpus_needed"]),
         "perplexity": pick["perplexity"],
         "accuracy": pick.get("accuracy"),
-        "memory_gb": pick[column],
+        "memory_gb": pick["memory_gb"],
         "train_wall_s": pick["train_wall_s"],
         "best_run_id": best["run_id"],
         "vs_best": comparison.describe() if comparison else "is the best",
@@ -90,7 +123,7 @@ def decision_findings(decisions: pd.DataFrame | None, memory_text: str) -> list[
         label = memory_text if basis == "measured" else "predicted GPU memory (planner)"
         start = 0
         for end in range(len(rows)):
-            same = ("run_id", "best_run_id")  # one sentence while the pick and the reason stay the same
+            same = ("run_id", "best_run_id", "gpus_needed")  # one sentence while the pick and its reason stay
             if end + 1 < len(rows) and all(rows[end + 1].get(k) == rows[start].get(k) for k in same):
                 continue
             first, last, row = rows[start]["budget_gb"], rows[end]["budget_gb"], rows[start]
@@ -100,8 +133,11 @@ def decision_findings(decisions: pd.DataFrame | None, memory_text: str) -> list[
             if row["run_id"] == "nothing fits":
                 sentences.append(f"{budget}: nothing fits.")
             else:
-                choice = (f"{row['run_id']} (perplexity {sig(row['perplexity'])}, {row['memory_gb']:.2f} GB "
-                          f"{label})")  # fmt: skip
+                gpus = int(row.get("gpus_needed") or 1)
+                on = f" on {gpus} GPUs" if gpus > 1 else ""
+                per_gpu = " per GPU" if gpus > 1 else ""
+                choice = (f"{row['run_id']}{on} (perplexity {sig(row['perplexity'])}, {row['memory_gb']:.2f} GB"
+                          f"{per_gpu} {label})")  # fmt: skip
                 best = row["best_run_id"]
                 why = ("the best that fits" if row["run_id"] == best
                        else f"the cheapest run equivalent to the best that fits, {best}: {row['vs_best']}")  # fmt: skip
@@ -130,7 +166,9 @@ QUESTION = Question(
         "the lowest mean perplexity; the pick is the cheapest run (least memory, then least training time) that is "
         "*equivalent* to the best (tolerance sweet_spot_tolerance), else the best itself; cheaper runs whose "
         "comparison was inconclusive are named. m = k(k-1)/2 over the k runs within the budget (the best is "
-        "picked from them). When memory was measured on a CPU, "
-        "the same table is also given on the planner's predicted GPU memory, labelled as predicted.",
+        "picked from them). Memory is per GPU; gpus_needed is the GPUs the pick trains on (cheapest: fewest GPUs "
+        "first). When memory was measured on a CPU, the same table is also given on the planner's predicted GPU "
+        "memory, labelled as predicted: a run fits there on the fewest of 1, 2, 4 or 8 GPUs whose predicted peak "
+        "per GPU is within the budget (sharded with FSDP2, training.gpus).",
     },
 )

@@ -95,6 +95,10 @@ MEMORY_TERMS = {
 }
 
 
+# A sharded run's (training.gpus > 1) share of "base weights" that FSDP gathers whole: the root unit and two layers.
+GATHERED_TERM = "gathered layers (sharded)"
+GATHERED_COLOUR = "#5c5cb8"
+
 # What each device adds on top of the allocated terms (cpu_overhead_bytes; CUDA_CONTEXT_GB and CUDA_ALLOCATOR_SLACK).
 OVERHEAD_TERMS = {"cpu": "runtime + mapped checkpoint + allocator retention", "cuda": "CUDA context + allocator slack"}
 
@@ -105,6 +109,10 @@ def memory_terms(plan: Mapping[str, Any], device_type: str) -> dict[str, float]:
     `plan` holds plan.csv's columns (or the runs table's plan_<column>s with the prefix removed).
     """
     terms = {term: float(plan.get(column, math.nan)) for term, column in MEMORY_TERMS.items()}
+    gathered = float(plan.get("gathered_gb", 0.0) or 0.0)
+    if gathered > 0:  # a sharded run: its shard of the weights, and the layers FSDP holds whole at a time
+        terms = {"base weights": terms["base weights"] - gathered, GATHERED_TERM: gathered,
+                 **{term: gb for term, gb in terms.items() if term != "base weights"}}  # fmt: skip
     total = float(plan["predicted_cuda_gb" if device_type == "cuda" else "predicted_cpu_gb"])
     terms[OVERHEAD_TERMS[device_type]] = total - float(plan["predicted_cuda_allocated_gb"])
     return terms
@@ -115,7 +123,8 @@ TERM_COLOURS = ("#3b3b98", "#7f7fd5", "#c9a227", "#6a9a58", "#b7d6a3", "#d98c5f"
 
 
 def memory_breakdown(style: Style) -> alt.Chart | None:
-    """Each trained run's predicted peak as stacked planner terms, its measured peak as a black tick."""
+    """Each trained run's predicted peak as stacked planner terms, its measured peak as a black tick (per GPU: a
+    sharded run's are its largest rank's)."""
     runs = trained_runs(style.runs)
     plan_columns = [f"plan_{column}" for column in MEMORY_TERMS.values()]
     if any(column not in runs for column in plan_columns):
@@ -130,7 +139,12 @@ def memory_breakdown(style: Style) -> alt.Chart | None:
         for term, gb in memory_terms(plan, device).items():
             rows.append({"run_id": run["run_id"], "term": term, "gb": gb, "device": device})
     terms = pd.DataFrame(rows)
-    term_order = [*MEMORY_TERMS, *(t for t in OVERHEAD_TERMS.values() if t in set(terms["term"]))]
+    present = set(terms["term"])
+    term_order = [*MEMORY_TERMS, *(t for t in OVERHEAD_TERMS.values() if t in present)]
+    colours = list(TERM_COLOURS)
+    if GATHERED_TERM in present:  # per GPU: a sharded run's bar is one rank's
+        term_order.insert(1, GATHERED_TERM)
+        colours.insert(1, GATHERED_COLOUR)
     order = list(runs.sort_values("peak_memory_gb", na_position="last")["run_id"])
     y = alt.Y("run_id:N", sort=order, title="run")
     bars = (
@@ -144,7 +158,7 @@ def memory_breakdown(style: Style) -> alt.Chart | None:
                 "term:N",
                 title="planned term",
                 sort=term_order,
-                scale=alt.Scale(domain=term_order, range=list(TERM_COLOURS)),
+                scale=alt.Scale(domain=term_order, range=colours),
             ),
             order=alt.Order("term_index:Q"),
             tooltip=[
