@@ -19,7 +19,7 @@ from lora_study.report.question import chart_captions
 from lora_study.measure.downstream import local_task_problem
 from lora_study.core.io import read_csv_rows
 from lora_study.study.preflight import PreflightError, check_at_start
-from lora_study.study.settings import compute_settings, evaluation_settings
+from lora_study.study.settings import compute_settings, evaluation_settings, forgetting_enabled
 from lora_study.study.sweep import all_evaluated, expand_study
 
 try:
@@ -156,6 +156,14 @@ def anatomy_runtime(wildcards, attempt):
 
 def evaluation_inputs(wildcards):
     return {"manifest": paths.MODEL_MANIFEST, "splits": paths.DATA_SPLITS, **trained_inputs(wildcards)}
+
+
+def evaluation_outputs():
+    """Metrics, answers and per-row scores; with evaluation.forgetting also the per-row scores on general text."""
+    outputs = {"metrics": paths.EVAL_METRICS, "predictions": paths.PREDICTIONS, "examples": paths.EXAMPLES}
+    if forgetting_enabled(config):
+        outputs["general"] = paths.GENERAL_EXAMPLES
+    return outputs
 
 
 def evaluate_params():

@@ -5,9 +5,7 @@ rule evaluate:
     input:
         unpack(evaluation_inputs),
     output:
-        metrics=paths.EVAL_METRICS,
-        predictions=paths.PREDICTIONS,
-        examples=paths.EXAMPLES,
+        **evaluation_outputs(),
     log:
         paths.EVAL_LOG,
     benchmark:

@@ -10,6 +10,7 @@ rule findings:
         configs=paths.CONFIGS_CSV,
         loss_curves=paths.LOSS_CURVES_CSV,
         examples=paths.EXAMPLES_CSV,
+        general=paths.GENERAL_EXAMPLES_CSV,
         anatomy=paths.ANATOMY_CSV,
         downstream=paths.DOWNSTREAM_CSV,
         downstream_samples=paths.DOWNSTREAM_SAMPLES_CSV,

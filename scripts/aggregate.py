@@ -47,6 +47,7 @@ with job(snakemake) as log:
         snakemake.output.loss_curves,
     )
     combine_examples(snakemake.input.examples, table, snakemake.output.examples)
+    combine_examples(snakemake.input.general, table, snakemake.output.general)
     trained = list(json.loads(snakemake.params.runs_trained))
     combine_per_run(
         snakemake.input.anatomy, trained, snakemake.output.anatomy, ["layer", "group", "effective_rank"], table

@@ -20,8 +20,9 @@ with job(snakemake, gpu=True):  # claims its GPU before anything can start CUDA
     is_trained_run = hasattr(snakemake.input, "train_metrics")
     trained = read_json(snakemake.input.train_metrics) if is_trained_run else {"status": "ok"}
     run = RunSpec.from_params(run_params)
+    general = Path(snakemake.output.general) if hasattr(snakemake.output, "general") else None
     outputs = paths.EvalOutputs(*map(Path, (snakemake.output.metrics, snakemake.output.predictions,
-                                            snakemake.output.examples)))  # fmt: skip
+                                            snakemake.output.examples)), general=general)  # fmt: skip
     handoff_dir = Path(paths.for_run(paths.HANDOFF, run.run_id))
     taken = False
     if handoff_dir.exists():

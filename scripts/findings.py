@@ -36,6 +36,7 @@ with job(snakemake) as log:
         markdown_path=Path(snakemake.output.markdown),
         html_path=Path(snakemake.output.html),
         examples=examples,
+        general=pd.read_csv(snakemake.input.general),
         anatomy=pd.read_csv(snakemake.input.anatomy),
         deployment=Deployment(
             downstream=pd.read_csv(snakemake.input.downstream),

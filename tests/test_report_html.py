@@ -60,7 +60,7 @@ def test_every_rendered_chart_titles_its_axes_and_ticks_rank_at_the_swept_ranks(
     runs = pd.read_csv(tiny_study / "results/tables/runs.csv")
     swept = sorted(str(int(r)) for r in set(runs.loc[~runs["is_baseline"].astype(bool), "rank"]))
     sections = chart_sections(dom)
-    assert len(sections) == 10
+    assert len(sections) == 11
     rank_axes = 0
     for chart_id, section in sections.items():
         axes = rendered_axes(section)
@@ -81,7 +81,7 @@ def test_findings_html_loads_nothing_and_inlines_its_libraries(tiny_study):
     scripts = re.findall(r"<script type='text/javascript'>(.*?)</script>", source, re.S)
     # The libraries (hundreds of kB of code) in the page itself, then one vegaEmbed call per chart.
     assert len(scripts) == 2 and len(scripts[0]) > 500_000
-    assert scripts[1].count("vegaEmbed('#chart-") == len(list((tiny_study / "results/charts").glob("*.svg"))) == 10
+    assert scripts[1].count("vegaEmbed('#chart-") == len(list((tiny_study / "results/charts").glob("*.svg"))) == 11
 
 
 def test_findings_html_draws_every_chart_offline(tiny_study, tmp_path):
@@ -89,7 +89,7 @@ def test_findings_html_draws_every_chart_offline(tiny_study, tmp_path):
     page = tiny_study / "results/report/findings.html"
     dom = rendered_dom(page, tmp_path / "profile")
     chart_ids = re.findall(r'<div class="chart[^"]*" id="(chart-[\w-]+)"', dom)
-    assert len(chart_ids) == len(list((tiny_study / "results/charts").glob("*.svg"))) == 10, chart_ids
+    assert len(chart_ids) == len(list((tiny_study / "results/charts").glob("*.svg"))) == 11, chart_ids
     for chart_id in chart_ids:
         section = dom.split(f'id="{chart_id}"', 1)[1].split('<div class="chart', 1)[0]
         assert "<svg" in section, f"{chart_id} drew nothing"

@@ -117,13 +117,22 @@ def test_the_training_jobs_evaluation_is_exactly_the_evaluate_jobs(tiny_study, t
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for run in again:
         assert "evaluated by the training job" not in (study / f"logs/evaluate/{run}.log").read_text()
-        for name in ("predictions.jsonl", "examples.csv"):
+        for name in ("predictions.jsonl", "examples.csv", "general.csv"):
             first, second = (root / f"results/runs/{run}/{name}" for root in (tiny_study, study))
             assert first.read_bytes() == second.read_bytes(), (run, name)
         first, second = (json.loads((root / f"results/runs/{run}/eval_metrics.json").read_text())
                          for root in (tiny_study, study))  # fmt: skip
         assert (first["evaluated_in"], second["evaluated_in"]) == ("training job", "evaluate job")
-        for key in ("perplexity", "eval_loss", "accuracy", "accuracy_by_family", "eval_tokens", "loss_path"):
+        for key in (
+            "perplexity",
+            "eval_loss",
+            "accuracy",
+            "accuracy_by_family",
+            "eval_tokens",
+            "loss_path",
+            "general_perplexity",
+            "general_tokens",
+        ):
             assert first[key] == second[key], (run, key)
 
 
@@ -136,10 +145,12 @@ def test_report_is_built_by_the_same_run(tiny_study):
     assert tables == {
         "rank", "modules", "quantization", "diminishing_returns", "time_memory",
         "pareto_memory", "pareto_time", "decision", "memory_plan", "base_quantization", "reference_claims",
-        "anatomy", "comparisons",
+        "anatomy", "comparisons", "forgetting",
     }  # fmt: skip
     charts = {p.stem for p in (results / "charts").glob("*.svg")}
-    assert len(charts) == 10 and {"effective_rank", "memory_breakdown", "comparisons"} <= charts
+    assert (
+        len(charts) == 11 and {"effective_rank", "memory_breakdown", "comparisons", "learning_vs_forgetting"} <= charts
+    )
     # The centre configuration's two seeds measure training noise; every one-seed verdict borrows it.
     assert "seed noise pooled from 2 replicates of r4-qv-nf4" in findings
     assert "Noise: training noise measured on replicates of r4-qv-nf4 (2 seeds)" in findings
@@ -235,3 +246,25 @@ def test_a_hub_token_never_reaches_results_or_logs(tiny_study):
                 leaked.append(path)
     assert not leaked
     assert (tiny_study / "results/tables/runs.csv").exists()  # the scan did see the study
+
+
+def test_every_run_is_scored_on_general_text_and_the_report_weighs_learning_against_forgetting(tiny_study):
+    """evaluation.forgetting (on by default, the Python docs' prose): every run and base model scored on the same
+    general-text rows; the report's table, sentence and chart set each run's learning against its forgetting,
+    with paired verdicts against its own base model."""
+    import pandas as pd
+
+    runs = pd.read_csv(tiny_study / "results/tables/runs.csv")
+    assert runs["general_perplexity"].notna().all() and (runs["general_tokens"] == 32 * 127).all()
+    general = pd.read_csv(tiny_study / "results/tables/general_examples.csv")
+    assert set(general["run_id"]) == set(runs["run_id"]) and general.groupby("run_id").size().eq(32).all()
+    table = pd.read_csv(tiny_study / "results/tables/derived/forgetting.csv")
+    trained = runs[~runs["is_baseline"].astype(bool)]
+    assert set(table["run_id"]) <= set(trained["config_id"]) and len(table) > 0
+    row = table.iloc[0]
+    base = runs.set_index("run_id").loc[row["base_id"]]
+    assert row["forgetting_pct"] == pytest.approx(100 * (row["general_perplexity"] / base["general_perplexity"] - 1))
+    assert table["forgets"].isin(["better", "worse", "equivalent", "inconclusive"]).all()
+    findings = (tiny_study / "results/report/findings.md").read_text()
+    assert "- Learning vs forgetting (general-text perplexity against each run's base model" in findings
+    assert (tiny_study / "results/charts/learning_vs_forgetting.svg").exists()

@@ -183,14 +183,16 @@ def combine_loss_curves(curve_paths: list[str], run_ids: list[str], out_path: st
 
 
 def combine_examples(example_paths: list[str], table: pd.DataFrame, out_path: str | Path) -> None:
-    """Every run's per-row scores in one long table, with the configuration and seed each run belongs to."""
+    """Every run's per-row scores (validation, or general text) in one long table, with the configuration and
+    seed each run belongs to; empty when there are none (forgetting off)."""
     runs = table.set_index("run_id")
     frames = []
     for path in example_paths:
         run_id = Path(path).parent.name  # results/runs/<run>/examples.csv
         config_id = runs.loc[run_id, "config_id"] if "config_id" in runs else run_id
         frames.append(pd.read_csv(path).assign(run_id=run_id, config_id=config_id, seed=runs.loc[run_id, "seed"]))
-    combined = pd.concat(frames, ignore_index=True)
+    columns = ["row", "nll", "tokens", "correct", "run_id", "config_id", "seed"]
+    combined = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     with atomic_path(out_path) as tmp:
         combined.to_csv(tmp, index=False)
 

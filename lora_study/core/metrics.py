@@ -103,6 +103,9 @@ class EvalMetrics:
     accuracy: float | None = None
     accuracy_n: int = 0
     accuracy_by_family: dict[str, float] = field(default_factory=dict)
+    # Perplexity on general text the run was not trained on (evaluation.forgetting), and its scored tokens.
+    general_perplexity: float | None = None
+    general_tokens: int | None = None
     eval_wall_s: float | None = None
     memory: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)

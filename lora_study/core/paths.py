@@ -26,6 +26,7 @@ EVAL_METRICS = f"{RUN_DIR}/eval_metrics.json"
 PREDICTIONS = f"{RUN_DIR}/predictions.jsonl"
 # Per validation row: summed NLL, tokens, exact-match hit (paired comparisons between runs).
 EXAMPLES = f"{RUN_DIR}/examples.csv"
+GENERAL_EXAMPLES = f"{RUN_DIR}/general.csv"  # per-row NLL on the general text (evaluation.forgetting)
 HANDOFF = f"{RUN_DIR}/evaluated_in_training"  # lora_study.measure.handoff: not a rule output
 # Singular values of each layer's learned update (merged minus base weight).
 ANATOMY = f"{RUN_DIR}/anatomy.csv"
@@ -48,6 +49,7 @@ CONFIGS_CSV = f"{TABLES}/configs.csv"
 CONFIGS_MD = f"{TABLES}/configs.md"
 LOSS_CURVES_CSV = f"{TABLES}/loss_curves.csv"
 EXAMPLES_CSV = f"{TABLES}/examples.csv"
+GENERAL_EXAMPLES_CSV = f"{TABLES}/general_examples.csv"
 ANATOMY_CSV = f"{TABLES}/anatomy.csv"
 DOWNSTREAM_CSV = f"{TABLES}/downstream.csv"
 DOWNSTREAM_SAMPLES_CSV = f"{TABLES}/downstream_samples.csv"
@@ -88,9 +90,10 @@ class EvalOutputs:
     metrics: Path
     predictions: Path
     examples: Path
+    general: Path | None = None  # per-row NLL on the general text, when evaluation.forgetting is on
 
     def by_name(self) -> dict[str, Path]:
         """Each output under its file name in the rule (the names a hand-off stores them under)."""
-        templates = (EVAL_METRICS, PREDICTIONS, EXAMPLES)
-        paths = (self.metrics, self.predictions, self.examples)
-        return {Path(template).name: path for template, path in zip(templates, paths, strict=True)}
+        named = {EVAL_METRICS: self.metrics, PREDICTIONS: self.predictions, EXAMPLES: self.examples,
+                 GENERAL_EXAMPLES: self.general}  # fmt: skip
+        return {Path(template).name: path for template, path in named.items() if path is not None}

@@ -144,12 +144,16 @@ class EvalData:
     scored_indices: list[int]
     tokenizer: Any
     pad_id: int
+    general: list[dict[str, Any]] | None = None  # general text (evaluation.forgetting), when on
 
     @classmethod
     def load(cls, splits_dir: Path, manifest: dict[str, Any], evaluation: dict[str, Any]) -> EvalData:
+        from lora_study.prepare.general import general_split
+
         rows = list(load_split(splits_dir, "validation"))
         tokenizer, pad_id = load_tokenizer(manifest)
-        return cls(rows, exact_answer_indices(rows, evaluation["exact_match_examples"]), tokenizer, pad_id)
+        general = general_split(evaluation["forgetting"], tokenizer) if evaluation.get("forgetting") else None
+        return cls(rows, exact_answer_indices(rows, evaluation["exact_match_examples"]), tokenizer, pad_id, general)
 
     @property
     def scored(self) -> list[dict[str, Any]]:
@@ -165,10 +169,16 @@ def score(model, loss: ResponseLoss, data: EvalData, evaluation: dict[str, Any],
     nll_seconds = time.perf_counter() - nll_start
     log.info("perplexity %.4f over %d response tokens", perplexity(math.fsum(row_nll), sum(row_tokens)),
              sum(row_tokens))  # fmt: skip
+    general = None
+    if data.general is not None:  # what the run forgets: its NLL on text it was not trained on
+        general = response_nll(loss, data.general, batch_size, data.pad_id, device, recipe)
+        log.info("general-text perplexity %.4f over %d tokens", perplexity(math.fsum(general[0]), sum(general[1])),
+                 sum(general[1]))  # fmt: skip
     predictions = greedy_answers(model, data.scored, batch_size, evaluation["max_new_tokens"], data.tokenizer,
                                  data.pad_id, device, recipe)  # fmt: skip
     phases.end("compute")
-    return {"row_nll": row_nll, "row_tokens": row_tokens, "nll_seconds": nll_seconds, "predictions": predictions}
+    return {"row_nll": row_nll, "row_tokens": row_tokens, "nll_seconds": nll_seconds, "predictions": predictions,
+            "general": general}  # fmt: skip
 
 
 def write_scores(scores: dict[str, Any], data: EvalData, outputs: EvalOutputs, **fields: Any) -> dict[str, Any]:
@@ -182,6 +192,11 @@ def write_scores(scores: dict[str, Any], data: EvalData, outputs: EvalOutputs, *
     _write_predictions(outputs.predictions, data.scored, scores["predictions"])
     write_examples(outputs.examples, scores["row_nll"], scores["row_tokens"],
                    dict(zip(data.scored_indices, hits, strict=True)))  # fmt: skip
+    if outputs.general is not None and scores.get("general") is not None:
+        general_nll, general_tokens = scores["general"]
+        write_examples(outputs.general, general_nll, general_tokens, {})
+        fields["general_perplexity"] = perplexity(math.fsum(general_nll), sum(general_tokens))
+        fields["general_tokens"] = sum(general_tokens)
     return dict(
         eval_loss=total_nll / tokens,
         perplexity=perplexity(total_nll, tokens),
@@ -233,6 +248,8 @@ def evaluate_run(
     def not_evaluated(status: str, failure: dict[str, Any]) -> EvalMetrics:
         _write_predictions(outputs.predictions, [], [])
         write_examples(outputs.examples, [], [], {})
+        if outputs.general is not None:
+            write_examples(outputs.general, [], [], {})
         metrics = record(status, failure=failure)
         write_json(outputs.metrics, metrics.to_dict())
         return metrics
@@ -283,7 +300,8 @@ EXAMPLE_FIELDS = ("row", "nll", "tokens", "correct")
 
 
 def write_examples(path: Path, nll: list[float], tokens: list[int], hits: dict[int, bool]) -> None:
-    """One line per validation row: summed NLL, scored tokens, exact-match hit (empty when not scored).
+    """One line per validation row (or general-text row): summed NLL, scored tokens, exact-match hit (empty when
+    not scored).
 
     Every run is scored on the same rows in the same order, so two runs compare row by row.
     """
@@ -325,8 +343,9 @@ class InTrainingEvaluation:
             with quiet_int8_casts():
                 scores = score(model, ResponseLoss(model, loss_path), data, self.evaluation, job.device, job.recipe)
             outputs = EvalOutputs(
-                staging / "eval_metrics.json", staging / "predictions.jsonl", staging / "examples.csv"
-            )
+                staging / "eval_metrics.json", staging / "predictions.jsonl", staging / "examples.csv",
+                staging / "general.csv" if data.general is not None else None,
+            )  # fmt: skip
             fields = write_scores(scores, data, outputs, loss_path=loss_path, memory={"memory_kind": IN_TRAINING})
             metrics = eval_metrics(job.run.run_id, STATUS_OK, job.device, job.recipe, job.capability, job.gpu_slot,
                                    started, evaluated_in=IN_TRAINING, **fields)  # fmt: skip

@@ -282,15 +282,18 @@ def build_report(
     examples: pd.DataFrame | None = None,
     anatomy: pd.DataFrame | None = None,
     deployment: Deployment | None = None,
+    general: pd.DataFrame | None = None,
 ) -> list[str]:
     """Ask every question; write the derived tables, the charts and the report; return the headline findings.
 
     `examples` (results/tables/examples.csv) holds every run's per-row scores: the verdicts' evidence;
+    `general` (results/tables/general_examples.csv) the same on general text (what each run forgets);
     `anatomy` (results/tables/anatomy.csv) every trained layer's update spectrum.
     """
     import vl_convert
 
-    judge = Judge(evidence_from_examples(examples) if examples is not None else {})
+    judge = Judge(evidence_from_examples(examples) if examples is not None else {},
+                  general=evidence_from_examples(general) if general is not None and len(general) else {})  # fmt: skip
     study, answers = ask(questions, table, settings, judge, curves, anatomy, deployment)
     findings = [sentence for answered in answers for sentence in answered.findings]
     with atomic_path(tables_dir) as tmp:

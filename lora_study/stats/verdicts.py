@@ -317,7 +317,7 @@ class Comparison:
         return f"[{100 * low:+.1f}, {100 * high:+.1f}]"
 
     def _interval(self, low: float, high: float, level: float) -> str:
-        unit = "%" if self.metric == "perplexity" else " pts"
+        unit = "%" if self.metric in ("perplexity", GENERAL) else " pts"
         return f"{100 * self.change:+.1f}{unit} {self._bounds(low, high)} ({level:.1%} interval)"
 
     def interval_text(self) -> str:
@@ -565,6 +565,10 @@ def _seed_of(run: pd.DataFrame) -> int | None:
     return None if pd.isna(value) else int(value)
 
 
+# Perplexity on general text the runs were not trained on (evaluation.forgetting): what a run forgets.
+GENERAL = "general_perplexity"
+
+
 @dataclass
 class Judge:
     """Compares configurations by id; None where a configuration has no per-row scores.
@@ -576,28 +580,39 @@ class Judge:
     evidence: dict[str, Evidence]
     records: list[dict] = field(default_factory=list)
     _pools: dict[str, SeedPool | None] = field(default_factory=dict, repr=False)
+    # Per configuration, its seeds' per-row NLL on general text (evaluation.forgetting): metric GENERAL.
+    general: dict[str, Evidence] = field(default_factory=dict)
+
+    def _on(self, metric: str) -> tuple[dict[str, Evidence], str]:
+        """The evidence a metric is judged on, and the metric as the statistics know it (general-text
+        perplexity is a perplexity on other rows: the same paired test, its own seed pool)."""
+        return (self.general, "perplexity") if metric == GENERAL else (self.evidence, metric)
 
     def pool(self, metric: str) -> SeedPool | None:
         if metric not in self._pools:
-            self._pools[metric] = seed_pool(self.evidence, metric)
+            evidence, statistic = self._on(metric)
+            self._pools[metric] = seed_pool(evidence, statistic)
         return self._pools[metric]
 
     def compare(
         self, candidate: str, reference: str, metric: str, tolerance: float, comparisons: int = 1
     ) -> Comparison | None:
-        if candidate not in self.evidence or reference not in self.evidence:
+        evidence, statistic = self._on(metric)
+        if candidate not in evidence or reference not in evidence:
             return None
-        a, b = self.evidence[candidate], self.evidence[reference]
-        if metric == "accuracy" and (a.correct is None or b.correct is None):
+        a, b = evidence[candidate], evidence[reference]
+        if statistic == "accuracy" and (a.correct is None or b.correct is None):
             return None
-        result = compare(a, b, metric, tolerance, max(1, comparisons), self.pool(metric))
+        result = compare(a, b, statistic, tolerance, max(1, comparisons), self.pool(metric))
+        result = replace(result, metric=metric)
         self.records.append({"candidate": candidate, "reference": reference, "comparison": result})
         return result
 
     def own_interval(self, config_id: str, metric: str) -> tuple[float, float]:
-        if config_id not in self.evidence:
+        evidence, statistic = self._on(metric)
+        if config_id not in evidence:
             return math.nan, math.nan
-        return own_interval(self.evidence[config_id], metric, self.pool(metric))
+        return own_interval(evidence[config_id], statistic, self.pool(metric))
 
 
 def comparisons_table(judge: Judge) -> pd.DataFrame:

@@ -79,7 +79,28 @@ EVALUATION_KEYS = ("batch_size", "exact_match_examples", "max_new_tokens")
 def evaluation_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The evaluation settings of an evaluate job: turning on lm-eval, the merge check or serving reruns only
     their own jobs."""
-    return {key: config["evaluation"][key] for key in EVALUATION_KEYS}
+    settings = {key: config["evaluation"][key] for key in EVALUATION_KEYS}
+    if forgetting_enabled(config):  # only when on: studies without it keep their recorded params
+        forgetting = dict(config["evaluation"]["forgetting"])
+        if forgetting["source"] != "python-docs":  # a local file: its content, so an edit reruns the evaluations
+            forgetting["digest"] = file_digest(forgetting["source"])
+        settings["forgetting"] = forgetting
+    return settings
+
+
+def file_digest(path: str) -> str | None:
+    import hashlib
+    import os
+
+    if not os.path.exists(path):
+        return None  # the evaluation says so
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def forgetting_enabled(config: dict[str, Any]) -> bool:
+    """Whether evaluations also score the general text (evaluation.forgetting.source)."""
+    return config["evaluation"].get("forgetting", {}).get("source") is not None
 
 
 def compute_settings(quantization: str, training: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
