@@ -142,3 +142,31 @@ def test_anatomy_table_labels_rank_use():
     seeded = layers.assign(config_id=layers["run_id"], run_id=[f"{r}-s{i}" for i, r in enumerate(layers["run_id"])])
     pooled = anatomy_table(prepare(table), seeded).set_index("run_id")
     assert pooled.loc["r16-fp32", "effective_rank"] == 3 and pooled.loc["r16-fp32", "layers"] == 2
+
+
+def data_run(rank: int, examples: int, ppl: float) -> dict:
+    return {**run(f"r{rank}-ex{examples}", rank=rank, ppl=ppl), "training.train_examples": examples, "method": "lora"}
+
+
+def rank_for_data(cells: dict[tuple[int, int], float], noise: float = 0.0) -> tuple[pd.DataFrame, str]:
+    from lora_study.questions.rank_for_data import rank_for_data_finding, rank_for_data_table
+
+    table = study(*[data_run(rank, examples, ppl) for (rank, examples), ppl in cells.items()])
+    judged = rank_for_data_table(axis_tables(prepare(table)), judge_for(table, noise=noise, rows=40), SETTINGS)
+    return judged, rank_for_data_finding(judged, SETTINGS)
+
+
+def test_the_rank_a_data_size_needs_is_the_smallest_equivalent_to_its_best_and_it_can_grow_with_data():
+    small = {(4, 30): 5.0, (8, 30): 5.0, (16, 30): 4.999}  # little data: every rank does as well
+    large = {(4, 300): 6.0, (8, 300): 5.5, (16, 300): 4.0}  # more data: only the largest rank reaches the best
+    table, sentence = rank_for_data({**small, **large})
+    assert list(table["rank_needed"]) == [4, 16] and list(table["best_rank"]) == [16, 16]
+    assert sentence.startswith("Rank needed per training-set size (the smallest rank equivalent to the best at "
+                               "that size, tolerance 2%): 30 examples: rank 4 (best rank 16; equivalent")  # fmt: skip
+    assert sentence.endswith("So the rank needed grows with the data, from 4 to 16.")
+    same, sentence = rank_for_data({**small, (4, 300): 4.0, (8, 300): 4.0, (16, 300): 4.0})
+    assert list(same["rank_needed"]) == [4, 4] and "does not grow with the data (rank 4 at every size)" in sentence
+    # Noisy rows: a smaller rank can no longer be shown equivalent; it is named, not counted as needed.
+    noisy, sentence = rank_for_data({**small, **large}, noise=8.0)
+    assert noisy.loc[0, "rank_needed"] == 16 and noisy.loc[0, "smaller_inconclusive"] == "4, 8"
+    assert "more seeds would settle it" in sentence

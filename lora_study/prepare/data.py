@@ -221,3 +221,16 @@ def load_split(splits_dir: str | Path, name: str):
     from datasets import load_from_disk
 
     return load_from_disk(str(Path(splits_dir) / name))
+
+
+def first_rows(split, count: int | None, run_id: str):
+    """A run's training rows: the first `count` of the prepared split (training.train_examples; the split is
+    shuffled once, so a smaller set is a subset of a larger one), or all of them."""
+    if count is None:
+        return split
+    if count > len(split):
+        from lora_study.core.errors import UserError
+
+        raise UserError(f"run '{run_id}': training.train_examples {count}, but the prepared training split has "
+                        f"{len(split)} rows: raise dataset.max_train_examples, or give more data")  # fmt: skip
+    return split.select(range(count))

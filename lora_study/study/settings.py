@@ -34,12 +34,15 @@ class TrainingSettings:
     memory_limit_gb: float | None
     # Devices the run is sharded over, or "auto" (a layout: never in the run id; in params only when not 1).
     gpus: int | str = 1
+    # Train on the first N prepared training rows (None: all; in params only when set, so studies from before
+    # keep theirs).
+    train_examples: int | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "training") -> TrainingSettings:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - names)
-        missing = sorted(names - set(values) - {"compute_dtype", "gpus"})
+        missing = sorted(names - set(values) - {"compute_dtype", "gpus", "train_examples"})
         if unknown:
             raise ConfigError(f"{where}: unknown training settings {unknown}")
         if missing:
@@ -54,6 +57,8 @@ class TrainingSettings:
             del values["compute_dtype"]
         if values["gpus"] == 1:
             del values["gpus"]
+        if values["train_examples"] is None:
+            del values["train_examples"]
         return values
 
     def replace(self, **changes: Any) -> TrainingSettings:

@@ -137,6 +137,7 @@ SETTING_ABBREVIATIONS = {
     "attn_implementation": "attn",
     "compute_dtype": "cd",
     "memory_limit_gb": "mem",
+    "train_examples": "ex",
 }
 # Settings that cannot be a grid axis, and what to use instead.
 NOT_AN_AXIS = {"seed": "seeds are replicates of one configuration: set sweep.seeds"}

@@ -25,7 +25,7 @@ from lora_study.core.errors import UserError
 from lora_study.core.gpu_slots import GpuSlot, claim_job_gpu, job_environment
 from lora_study.core.io import atomic_path, write_json
 from lora_study.core.metrics import STATUS_OK, PeakMemory, TrainMetrics
-from lora_study.prepare.data import load_split
+from lora_study.prepare.data import first_rows, load_split
 from lora_study.study.budget import AUTO, budget_verdict
 from lora_study.study.methods import is_converted
 from lora_study.study.modules import (
@@ -242,7 +242,7 @@ def train_run(
     else:
         log.info("%s on target modules %s -> %s; attention %s", run.method, list(run.modules), targets.describe(),
                  job.attn_implementation)  # fmt: skip
-    train_rows = load_split(splits_dir, "train")
+    train_rows = first_rows(load_split(splits_dir, "train"), job.training.train_examples, run.run_id)
     if ranks is not None and 0 < len(train_rows) % job.training.batch_size < ranks.world:
         left = len(train_rows) % job.training.batch_size
         raise UserError(f"run '{run.run_id}': each epoch ends with a batch of {left} row(s) ({len(train_rows)} "

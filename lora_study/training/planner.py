@@ -662,13 +662,17 @@ def plan_study(
     for run in runs:
         assert run.training is not None
         try:
-            batch = largest_batch(lengths, prompt_lengths, run.training)
+            examples = run.training.train_examples or len(lengths)  # the run's first N rows (train_examples)
+            run_lengths, run_prompts = lengths[:examples], prompt_lengths[:examples]
+            batch = largest_batch(run_lengths, run_prompts, run.training)
             recipe = (recipes or {}).get(run.run_id) or planning_recipe(run, plan_device)
             attn = (attention or {}).get(run.run_id, "sdpa")
 
             plan_on = functools.partial(_plan_layout, run, recipe, model_config, facts, targets[run.run_id], batch,
                                         plan_device, budget_gb, checkpoint, attn)  # fmt: skip
-            layouts = {gpus: plan_on(gpus) for gpus in GPU_COUNTS if layout_problem(run, gpus, len(lengths)) is None}
+            layouts = {
+                gpus: plan_on(gpus) for gpus in GPU_COUNTS if layout_problem(run, gpus, len(run_lengths)) is None
+            }
             per_gpu = {per_gpu_column(device, gpus): math.nan for device in ("cuda", "cpu") for gpus in GPU_COUNTS}
             for gpus, layout in layouts.items():
                 per_gpu[per_gpu_column("cuda", gpus)] = layout.predicted_cuda_gb
