@@ -145,7 +145,7 @@ def test_report_is_built_by_the_same_run(tiny_study):
     assert tables == {
         "rank", "modules", "quantization", "diminishing_returns", "time_memory",
         "pareto_memory", "pareto_time", "decision", "memory_plan", "base_quantization", "reference_claims",
-        "anatomy", "comparisons", "forgetting",
+        "anatomy", "comparisons", "forgetting", "field_claims",
     }  # fmt: skip
     charts = {p.stem for p in (results / "charts").glob("*.svg")}
     assert (

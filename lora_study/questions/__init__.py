@@ -10,6 +10,7 @@ from lora_study.questions import (
     comparisons,
     diminishing_returns,
     downstream_tasks,
+    field_claims,
     forgetting,
     full_finetuning,
     lora_variants,
@@ -48,6 +49,7 @@ QUESTIONS = (
     downstream_tasks.QUESTION,
     merge_and_serving.QUESTION,
     reference_claims.QUESTION,
+    field_claims.QUESTION,
     comparisons.QUESTION,
     unmeasured.QUESTION,
 )
