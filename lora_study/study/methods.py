@@ -16,6 +16,7 @@ DORA = "dora"
 RSLORA = "rslora"
 PISSA = "pissa"
 OLORA = "olora"
+EVA = "eva"
 FULL = "full"
 # Initialisations that move the principal part of each base weight into the adapter: the trained
 # adapter only fits the changed base, so it is saved converted for the original one (rank 2r).
@@ -28,7 +29,13 @@ PEFT_FLAGS: dict[str, dict[str, Any]] = {
     RSLORA: {"use_rslora": True},
     PISSA: {"init_lora_weights": "pissa"},
     OLORA: {"init_lora_weights": "olora"},
+    EVA: {"init_lora_weights": "eva"},
 }
+# EVA's redistribution: a layer may get up to rho x r of the study's rank budget (r per layer on average), by the
+# share of its input activations' variance the components explain (PEFT's EvaConfig; 2 is PEFT's default).
+EVA_RHO = 2.0
+# Training batches (the run's own first ones) whose layer inputs EVA's incremental SVD reads.
+EVA_BATCHES = 8
 
 # rsLoRA scales the update by alpha / sqrt(r) instead of alpha / r. With LoRA's alpha = 2r that is
 # 2 sqrt(r): 8 at rank 16, four times LoRA's 2. A constant alpha of 8 gives LoRA's scale at rank 16
@@ -43,6 +50,10 @@ DESCRIPTIONS = {
     "the residual; saved converted for the original base (rank 2r)",
     OLORA: "OLoRA (init_lora_weights='olora'): A, B start at a QR factorisation of W, the base keeps the "
     "residual; saved converted for the original base (rank 2r)",
+    EVA: f"EVA (init_lora_weights='eva'): A starts at the top singular vectors of each layer's input activations on "
+    f"the run's first {EVA_BATCHES} training batches, B at zero; ranks redistributed across layers by explained "
+    f"variance (rho {EVA_RHO:g}: at most {EVA_RHO:g}r per layer, the same rank budget): a per-layer rank_pattern "
+    "from the base model's own statistics",
     FULL: "full fine-tuning: every weight trained, fp32 master weights and AdamW states, forward and "
     "backward under autocast in the compute dtype",
 }

@@ -168,7 +168,9 @@ def sharding_problem(method: str, training: dict[str, Any]) -> str | None:
     if gpus == 1 or gpus == AUTO:  # auto only chooses among the counts that pass these checks
         return None
     if method not in SHARDED_METHODS:
-        return f"method {method} trains on one device only (its adapter is converted at save time)"
+        why = ("its initialisation reads each layer's inputs whole" if method == "eva"
+               else "its adapter is converted at save time")  # fmt: skip
+        return f"method {method} trains on one device only ({why})"
     if training.get("optimizer", "adamw") != "adamw":
         optimizer = training["optimizer"]
         return f"optimizer {optimizer}: bitsandbytes' 8-bit optimizers cannot update sharded parameters (use adamw)"

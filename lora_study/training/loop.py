@@ -27,7 +27,7 @@ from lora_study.core.io import atomic_path, write_json
 from lora_study.core.metrics import STATUS_OK, PeakMemory, TrainMetrics
 from lora_study.prepare.data import first_rows, load_split
 from lora_study.study.budget import AUTO, budget_verdict
-from lora_study.study.methods import is_converted
+from lora_study.study.methods import EVA, is_converted
 from lora_study.study.modules import (
     ModuleResolutionError,
     Targets,
@@ -62,6 +62,7 @@ from lora_study.training.failures import (
 from lora_study.training.loading import (
     add_lora,
     count_parameters,
+    initialize_eva,
     load_base_model,
     load_tokenizer,
     pick_device,
@@ -382,6 +383,11 @@ class TrainingSession:
     def prepare(self, model: torch.nn.Module, train_rows, pad_id: int):
         """Optimizer, schedule and the batch stream, restored from a checkpoint when there is one."""
         training = self.job.training
+        if self.job.run.method == EVA:  # before the optimizer and any checkpoint: EVA may change the factors' shapes
+            initialize_eva(model, train_rows, pad_id, training, self.job.device)
+            trainable, total = count_parameters(model)
+            self.counts = {"trainable_params": trainable, "total_params": total}
+            log.info("trainable params after EVA %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, training)
         self.steps = total_steps(training, len(train_rows))
