@@ -163,7 +163,8 @@ def test_the_rank_a_data_size_needs_is_the_smallest_equivalent_to_its_best_and_i
     assert list(table["rank_needed"]) == [4, 16] and list(table["best_rank"]) == [16, 16]
     assert sentence.startswith("Rank needed per training-set size (the smallest rank equivalent to the best at "
                                "that size, tolerance 2%): 30 examples: rank 4 (best rank 16; equivalent")  # fmt: skip
-    assert sentence.endswith("So the rank needed grows with the data, from 4 to 16.")
+    assert sentence.endswith("So the rank needed grows with the data, from 4 to 16 (at 300 examples the rank needed "
+                             "is the largest swept: it may be higher).")  # fmt: skip
     same, sentence = rank_for_data({**small, (4, 300): 4.0, (8, 300): 4.0, (16, 300): 4.0})
     assert list(same["rank_needed"]) == [4, 4] and "does not grow with the data (rank 4 at every size)" in sentence
     # Noisy rows: a smaller rank can no longer be shown equivalent; it is named, not counted as needed.

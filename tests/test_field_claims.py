@@ -48,10 +48,14 @@ def test_learning_rate_ratio():
     prepared, judge = answers(*runs)
     claim = learning_rate_ratio_claim(prepared, judge, SETTINGS)
     assert claim.answer == "supported" and "best LoRA 0.01 (l-2), best full 0.001 (f-3): 10x" in claim.evidence
-    far = [lora("l-3", 5.0, 1e-3), lora("l-2", 7.0, 1e-2), full("f-3", 5.0, 1e-3), full("f-2", 9.0, 1e-2)]
+    far = [lora("l-4", 7.0, 1e-4), lora("l-3", 5.0, 1e-3), lora("l-2", 7.0, 1e-2),
+           full("f-4", 7.0, 1e-4), full("f-3", 5.0, 1e-3), full("f-2", 9.0, 1e-2)]  # fmt: skip
     assert learning_rate_ratio_claim(*answers(*far), SETTINGS).answer == "contradicted"  # 1x
-    tie = [lora("l-3", 5.0, 1e-3), lora("l-2", 5.0, 1e-2), full("f-3", 5.0, 1e-3), full("f-2", 9.0, 1e-2)]
+    tie = [lora("l-4", 7.0, 1e-4), lora("l-3", 5.0, 1e-3), lora("l-2", 5.0, 1e-2), *far[3:]]
     assert learning_rate_ratio_claim(*answers(*tie), SETTINGS).answer == "inconclusive"  # LoRA's best not pinned
+    edge = [lora("l-3", 7.0, 1e-3), lora("l-2", 6.0, 1e-2), lora("l-1", 5.0, 1e-1), *runs[3:]]
+    claim = learning_rate_ratio_claim(*answers(*edge), SETTINGS)
+    assert claim.answer == "inconclusive" and "lora's best is its sweep's largest learning rate" in claim.evidence
     assert learning_rate_ratio_claim(*answers(*runs[:3]), SETTINGS).answer == "not tested"  # no full sweep
 
 
@@ -63,7 +67,7 @@ def test_learning_rate_and_rank_at_one_alpha():
     moves = {(4, 1e-3): 8.0, (4, 1e-2): 6.0, (16, 1e-3): 5.0, (16, 1e-2): 7.0}
     prepared, judge = answers(*grid(moves, alpha=16.0))
     assert learning_rate_rank_claim(prepared, judge, SETTINGS).answer == "contradicted"
-    stays = {(4, 1e-3): 6.0, (4, 1e-2): 7.0, (16, 1e-3): 5.0, (16, 1e-2): 6.0}
+    stays = {(4, 1e-4): 7.0, (4, 1e-3): 6.0, (4, 1e-2): 7.0, (16, 1e-4): 6.0, (16, 1e-3): 5.0, (16, 1e-2): 6.0}
     prepared, judge = answers(*grid(stays, alpha=16.0))
     assert learning_rate_rank_claim(prepared, judge, SETTINGS).answer == "supported"
     prepared, judge = answers(*grid(stays))  # alpha = 2r: not the claim's condition
@@ -88,12 +92,12 @@ def test_lora_forgets_less_than_full_finetuning_at_equal_learning():
     prepared, judge = answers(*runs, general={"base-bf16": 30.0, "lora": 30.3, "full": 33.0})
     prepared = prepared.assign(base_perplexity=prepared["perplexity"])  # no base of this format in the helper
     table = forgetting_table_for(prepared, judge)
-    claim = forgetting_claim(table, judge, SETTINGS)
+    claim = forgetting_claim(table, prepared, judge, SETTINGS)
     assert claim.answer == "supported" and claim.evidence.startswith("lora vs full: learning equivalent")
     prepared, judge = answers(lora("lora", 9.0), full("full", 5.0), general={"lora": 30.0, "full": 33.0})
-    claim = forgetting_claim(forgetting_table_for(prepared, judge), judge, SETTINGS)
+    claim = forgetting_claim(forgetting_table_for(prepared, judge), prepared, judge, SETTINGS)
     assert claim.answer == "inconclusive" and "no LoRA run is shown to learn as much as full" in claim.evidence
-    assert forgetting_claim(None, judge, SETTINGS).answer == "not tested"
+    assert forgetting_claim(None, prepared, judge, SETTINGS).answer == "not tested"
 
 
 def forgetting_table_for(prepared: pd.DataFrame, judge) -> pd.DataFrame:

@@ -72,9 +72,24 @@ def learning_rate_ratio_claim(runs: pd.DataFrame, judge: Judge, settings: Findin
         said = result.describe() if result else "no per-row scores"
         return Claim(claim, question, INCONCLUSIVE, f"{evidence}; but {row['run_id']} is {said} against its "
                      "sweep's best, so the best learning rate is not pinned down")  # fmt: skip
+    edges = []
+    for name, (best, _) in ((LORA, lora), (FULL, full)):
+        largest, smallest = _span(runs, name)
+        if best[LR] in (largest, smallest):
+            side = "largest" if best[LR] == largest else "smallest"
+            edges.append(f"{name}'s best is its sweep's {side} learning rate")
+    if edges:
+        return Claim(claim, question, INCONCLUSIVE, f"{evidence}; but {', '.join(edges)}: the best may lie beyond "
+                     "the sweep")  # fmt: skip
     close = 10 / math.sqrt(10) <= ratio <= 10 * math.sqrt(10)
     return Claim(claim, question, SUPPORTED if close else CONTRADICTED,
                  f"{evidence}; every other learning rate worse than its sweep's best")  # fmt: skip
+
+
+def _span(runs: pd.DataFrame, method: str) -> tuple[float, float]:
+    """(largest, smallest) learning rate of the method's learning-rate sweep."""
+    group = sweep_slice(_fitting(runs, method), LR, FIXED)
+    return float(group[LR].max()), float(group[LR].min())
 
 
 def learning_rate_rank_claim(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -> Claim:
@@ -100,6 +115,10 @@ def learning_rate_rank_claim(runs: pd.DataFrame, judge: Judge, settings: Finding
                                        settings.sweet_spot_tolerance, m)  # fmt: skip
                 results.append((rank, lr, result))
     if not results:
+        lr = best["learning_rate"].iloc[0]
+        if lr in (cells["learning_rate"].max(), cells["learning_rate"].min()):
+            return Claim(claim, question, INCONCLUSIVE, f"alpha {alphas.pop():g}; best per rank {listed}: the same "
+                         "at every rank, but the sweep's edge: the best may lie beyond it")  # fmt: skip
         return Claim(claim, question, SUPPORTED, f"alpha {alphas.pop():g}; best per rank {listed}: the same at "
                      "every rank")  # fmt: skip
     worse = [(rank, lr, r) for rank, lr, r in results if r is not None and r.verdict is Verdict.WORSE]
@@ -167,30 +186,46 @@ def _same(first, second) -> bool:
     return (pd.isna(first) and pd.isna(second)) or first == second
 
 
-def forgetting_claim(forgetting: pd.DataFrame | None, judge: Judge, settings: FindingSettings) -> Claim:
+def forgetting_claim(forgetting: pd.DataFrame | None, runs: pd.DataFrame, judge: Judge, settings: FindingSettings
+                     ) -> Claim:  # fmt: skip
     claim = "LoRA forgets less than full fine-tuning at equal learning."
-    question = ("Does the LoRA run that learns as much as full fine-tuning (equivalent or better validation "
-                "perplexity) have a lower general-text perplexity than full fine-tuning?")  # fmt: skip
+    question = ("In one weight format and training setting, does a LoRA run that learns as much as full "
+                "fine-tuning (equivalent or better validation perplexity) forget less (lower general-text "
+                "perplexity)?")  # fmt: skip
     if forgetting is None or not (forgetting["method"] == FULL).any() or not (forgetting["method"] == LORA).any():
         return _untested(claim, question, "full fine-tuning and LoRA runs scored on general text "
                          "(evaluation.forgetting)")  # fmt: skip
-    full = forgetting[forgetting["method"] == FULL].sort_values("perplexity").iloc[0]
-    lora = forgetting[forgetting["method"] == LORA]
+    pairs = _learning_pairs(forgetting, runs)
+    if not pairs:
+        return _untested(claim, question, "LoRA run beside a full fine-tuning run in the same format and training "
+                         "settings (learning rate aside)")  # fmt: skip
     learned = []
-    for _, row in lora.iterrows():
-        result = judge.compare(row["run_id"], full["run_id"], "perplexity", settings.sweet_spot_tolerance, len(lora))
+    for lora, full in pairs:
+        result = judge.compare(lora["run_id"], full["run_id"], "perplexity", settings.sweet_spot_tolerance,
+                               len(pairs))  # fmt: skip
         if result is not None and result.verdict in (Verdict.EQUIVALENT, Verdict.BETTER):
-            learned.append((row, result))
+            learned.append((lora, full, result))
     if not learned:
-        closest = lora.loc[(lora["perplexity"] - full["perplexity"]).abs().idxmin()]
-        return Claim(claim, question, INCONCLUSIVE, f"no LoRA run is shown to learn as much as {full['run_id']} "
-                     f"(closest: {closest['run_id']}, perplexity {closest['perplexity']:.4g} vs "
-                     f"{full['perplexity']:.4g})")  # fmt: skip
-    row, learning = min(learned, key=lambda pair: pair[0]["general_perplexity"])
-    result = judge.compare(row["run_id"], full["run_id"], GENERAL, 0.0, len(learned))
+        lora, full = min(pairs, key=lambda pair: pair[0]["perplexity"] / pair[1]["perplexity"])
+        return Claim(claim, question, INCONCLUSIVE, f"no LoRA run is shown to learn as much as full fine-tuning in "
+                     f"the same setting (closest: {lora['run_id']}, perplexity {lora['perplexity']:.4g} vs "
+                     f"{full['run_id']}'s {full['perplexity']:.4g})")  # fmt: skip
+    lora, full, learning = min(learned, key=lambda item: item[0]["general_perplexity"] / item[1]["general_perplexity"])
+    result = judge.compare(lora["run_id"], full["run_id"], GENERAL, 0.0, len(learned))
     answer = _side(result, 0.0, below_is_claimed=True) if result else INCONCLUSIVE
-    return Claim(claim, question, answer, f"{row['run_id']} vs {full['run_id']}: learning {learning.describe()}; "
+    return Claim(claim, question, answer, f"{lora['run_id']} vs {full['run_id']}: learning {learning.describe()}; "
                  f"general text {_one_sided(result) if result else 'no per-row scores'}")  # fmt: skip
+
+
+def _learning_pairs(forgetting: pd.DataFrame, runs: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
+    """(LoRA run, full fine-tuning run) pairs in one weight format with the same training settings, the
+    learning rate aside (each method its own), both scored on general text."""
+    settings = runs.set_index("run_id")
+    keys = ["quant_label", *[c for c in runs.columns if c.startswith("training.") and c != LR]]
+    lora = forgetting[forgetting["method"] == LORA]
+    full = forgetting[forgetting["method"] == FULL]
+    return [(a, b) for _, a in lora.iterrows() for _, b in full.iterrows()
+            if all(_same(settings.loc[a["run_id"], k], settings.loc[b["run_id"], k]) for k in keys)]  # fmt: skip
 
 
 def batch_claim(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -> Claim:
@@ -209,11 +244,19 @@ def batch_claim(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -> 
         return Claim(claim, question, INCONCLUSIVE, "no per-row scores")
     text = "; ".join(f"{method} batch {int(large[BATCH])} vs {int(small[BATCH])}: {result.describe()}"
                      for method, (small, large, result) in changes.items())  # fmt: skip
-    lora, full = changes[LORA][2].verdict, changes[FULL][2].verdict
+    lora_change, full_change = changes[LORA][2], changes[FULL][2]
+    lora, full = lora_change.verdict, full_change.verdict
     if lora is Verdict.WORSE and full in (Verdict.EQUIVALENT, Verdict.BETTER):
         return Claim(claim, question, SUPPORTED, text)
     if lora in (Verdict.EQUIVALENT, Verdict.BETTER):
         return Claim(claim, question, CONTRADICTED, text)
+    if lora is Verdict.WORSE and full is Verdict.WORSE:
+        # Both degrade: by how much, from the two intervals (apart: a difference at a stricter level than each).
+        if lora_change.low > full_change.high:
+            return Claim(claim, question, SUPPORTED, f"{text}; LoRA's interval lies above full fine-tuning's")
+        if lora_change.high < full_change.low:
+            return Claim(claim, question, CONTRADICTED, f"{text}; LoRA's interval lies below full fine-tuning's")
+        return Claim(claim, question, INCONCLUSIVE, f"{text}; both degrade, their intervals overlap")
     return Claim(claim, question, INCONCLUSIVE, text)
 
 
@@ -223,7 +266,7 @@ def field_claims(study: Study) -> list[Claim]:
         learning_rate_ratio_claim(runs, judge, settings),
         learning_rate_rank_claim(runs, judge, settings),
         all_layers_claim(runs, judge),
-        forgetting_claim(study.tables.get("forgetting"), judge, settings),
+        forgetting_claim(study.tables.get("forgetting"), runs, judge, settings),
         batch_claim(runs, judge, settings),
     ]
 

@@ -62,10 +62,11 @@ def forgetting_finding(table: pd.DataFrame | None, settings: FindingSettings) ->
     sentence = (f"Learning vs forgetting (general-text perplexity against each run's base model, tolerance "
                 f"{settings.sweet_spot_tolerance:.0%}, {len(table)} runs): {tally}. Most forgetting: {most['run_id']}, "
                 f"{most['vs_base_general']}. Pareto set of the trade-off: {listed}.")  # fmt: skip
-    for _, full in table[table["method"] == FULL].iterrows():
-        place = "on" if full["pareto"] else "off"
-        sentence += (f" Full fine-tuning {full['run_id']} ({full['learning_pct']:+.1f}%, "
-                     f"{full['forgetting_pct']:+.1f}%) is {place} it.")  # fmt: skip
+    full = table[table["method"] == FULL]
+    if not full.empty:
+        listed = ", ".join(f"{r['run_id']} ({r['learning_pct']:+.1f}%, {r['forgetting_pct']:+.1f}%"
+                           f"{', on it' if r['pareto'] else ''})" for _, r in full.iterrows())  # fmt: skip
+        sentence += f" Full fine-tuning: {listed}."
     return sentence
 
 

@@ -39,7 +39,8 @@ def rank_for_data_table(tables: dict[str, pd.DataFrame], judge: Judge, settings:
                 break
             if result is None or result.verdict is Verdict.INCONCLUSIVE:
                 undecided.append(int(smaller["rank"]))
-        rows.append({"train_examples": int(size), "ranks": len(at_size), "best_rank": int(best["rank"]),
+        rows.append({"train_examples": int(size), "ranks": len(at_size), "largest_rank": int(at_size["rank"].max()),
+                     "best_rank": int(best["rank"]),
                      "best_perplexity": best["perplexity"], "rank_needed": int(needed["rank"]),
                      "needed_run_id": needed["run_id"], "vs_best": verdict,
                      "smaller_inconclusive": ", ".join(map(str, undecided))})  # fmt: skip
@@ -64,6 +65,10 @@ def rank_for_data_finding(table: pd.DataFrame | None, settings: FindingSettings)
         trend = f"the rank needed grows with the data, from {needed[0]} to {needed[-1]}"
     else:
         trend = "the rank needed does not grow steadily with the data"
+    at_top = table[table["rank_needed"] == table["largest_rank"]]
+    if len(at_top):
+        trend += (f" (at {', '.join(str(n) for n in at_top['train_examples'])} examples the rank needed is the "
+                  "largest swept: it may be higher)")  # fmt: skip
     if table["smaller_inconclusive"].astype(bool).any():
         trend += " (where a smaller rank is inconclusive, the rank needed may be lower: more seeds would settle it)"
     return (f"Rank needed per training-set size (the smallest rank equivalent to the best at that size, tolerance "
