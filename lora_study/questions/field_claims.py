@@ -210,22 +210,34 @@ def forgetting_claim(forgetting: pd.DataFrame | None, runs: pd.DataFrame, judge:
         return Claim(claim, question, INCONCLUSIVE, f"no LoRA run is shown to learn as much as full fine-tuning in "
                      f"the same setting (closest: {lora['run_id']}, perplexity {lora['perplexity']:.4g} vs "
                      f"{full['run_id']}'s {full['perplexity']:.4g})")  # fmt: skip
-    lora, full, learning = min(learned, key=lambda item: item[0]["general_perplexity"] / item[1]["general_perplexity"])
-    result = judge.compare(lora["run_id"], full["run_id"], GENERAL, 0.0, len(learned))
-    answer = _side(result, 0.0, below_is_claimed=True) if result else INCONCLUSIVE
-    return Claim(claim, question, answer, f"{lora['run_id']} vs {full['run_id']}: learning {learning.describe()}; "
-                 f"general text {_one_sided(result) if result else 'no per-row scores'}")  # fmt: skip
+    # Every LoRA run that learned as much is judged (m = all of them), none picked for its forgetting.
+    judged = [(lora, full, learning, judge.compare(lora["run_id"], full["run_id"], GENERAL, 0.0, len(learned)))
+              for lora, full, learning in learned]  # fmt: skip
+    answers = [_side(result, 0.0, below_is_claimed=True) if result else INCONCLUSIVE for *_, result in judged]
+    answer = (CONTRADICTED if CONTRADICTED in answers else SUPPORTED if set(answers) == {SUPPORTED}
+              else INCONCLUSIVE)  # fmt: skip
+    evidence = "; ".join(f"{lora['run_id']} vs {full['run_id']}: learning {learning.describe()}; general text "
+                         f"{_one_sided(result) if result else 'no per-row scores'}"
+                         for lora, full, learning, result in judged)  # fmt: skip
+    return Claim(claim, question, answer, evidence)
 
 
 def _learning_pairs(forgetting: pd.DataFrame, runs: pd.DataFrame) -> list[tuple[pd.Series, pd.Series]]:
     """(LoRA run, full fine-tuning run) pairs in one weight format with the same training settings, the
-    learning rate aside (each method its own), both scored on general text."""
+    learning rate aside (each method its own), both scored on general text: each LoRA run against its setting's
+    best-learning full fine-tuning run."""
     settings = runs.set_index("run_id")
     keys = ["quant_label", *[c for c in runs.columns if c.startswith("training.") and c != LR]]
     lora = forgetting[forgetting["method"] == LORA]
     full = forgetting[forgetting["method"] == FULL]
-    return [(a, b) for _, a in lora.iterrows() for _, b in full.iterrows()
-            if all(_same(settings.loc[a["run_id"], k], settings.loc[b["run_id"], k]) for k in keys)]  # fmt: skip
+
+    def setting(run_id: str) -> tuple:
+        return tuple("nan" if pd.isna(value) else value for value in settings.loc[run_id, keys])
+
+    # Each setting's full fine-tuning is its best-learning run (lowest validation perplexity).
+    best_full = full.assign(setting=full["run_id"].map(setting)).sort_values("perplexity").drop_duplicates("setting")
+    by_setting = {row["setting"]: row for _, row in best_full.iterrows()}
+    return [(a, by_setting[setting(a["run_id"])]) for _, a in lora.iterrows() if setting(a["run_id"]) in by_setting]
 
 
 def batch_claim(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -> Claim:
