@@ -270,7 +270,7 @@ TINY_STUDY_FILES = ("test_charts.py", "test_report_html.py", "test_tracking.py",
 # The SLURM study goes first: it mostly waits for the cluster, so the other worker's computing hides it.
 COSTLIEST_GROUPS = (
     "test_slurm.py", "test_reruns.py", "tiny_study", "test_methods.py", "test_faults.py", "test_bad_inputs.py",
-    "test_downstream.py", "test_modules.py", "test_gpu_check.py",
+    "test_downstream.py", "test_sharded.py", "test_modules.py", "test_gpu_check.py",
 )  # fmt: skip
 
 

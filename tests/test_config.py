@@ -24,7 +24,14 @@ def test_defaults_are_filled_in():
 
 
 def test_every_config_file_is_checked():
-    assert SHIPPED == ["config.yaml", "downstream.yaml", "methods.yaml", "phi2-alpaca.yaml", "seeds.yaml"]
+    assert SHIPPED == [
+        "config.yaml",
+        "downstream.yaml",
+        "methods.yaml",
+        "phi2-alpaca.yaml",
+        "questions.yaml",
+        "seeds.yaml",
+    ]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

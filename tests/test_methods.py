@@ -331,6 +331,13 @@ def _model(config):
 # --- a whole methods study through the workflow -------------------------------------------------------
 
 
+DATA_SIZES = (8, 16)
+
+
+def data_run(rank: int, size: int) -> str:
+    return f"r{rank}-qv-fp32-stepsnone-ep1-ex{size}"  # the data size is in the id, like any training axis
+
+
 def methods_config(model_dir) -> dict:
     return {
         "model": {"source": str(model_dir)},
@@ -348,6 +355,13 @@ def methods_config(model_dir) -> dict:
                 },
                 {"rank": [4], "modules": [["q", "v"]], "quantization": ["fp32"], "method": ["pissa", "eva"]},
                 {"method": ["full"], "quantization": ["fp32"]},
+                # Data as an axis: rank x training-set size, one epoch each (lora_study.questions.rank_for_data).
+                {
+                    "rank": [4, 8],
+                    "modules": [["q", "v"]],
+                    "quantization": ["fp32"],
+                    "training": {"train_examples": list(DATA_SIZES), "max_steps": [None], "epochs": [1]},
+                },
             ],
         },
     }
@@ -369,7 +383,8 @@ def derived(workdir, name: str) -> pd.DataFrame:
 def test_methods_study_runs_and_records_each_method(methods_study):
     runs = pd.read_csv(methods_study / "results/tables/runs.csv").set_index("run_id")
     assert set(runs.index) == {"base-fp32", "r4-qv-fp32", "r4-qv-fp32-lr3e-3", "r8-qv-fp32", "r8-qv-fp32-lr3e-3",
-                               "r4-qv-fp32-pissa", "r4-qv-fp32-eva", "full-fp32"}  # fmt: skip
+                               "r4-qv-fp32-pissa", "r4-qv-fp32-eva", "full-fp32",
+                               *(data_run(rank, size) for rank in (4, 8) for size in DATA_SIZES)}  # fmt: skip
     assert runs.loc["r4-qv-fp32-lr3e-3", "training.learning_rate"] == 3e-3
     assert runs.loc["full-fp32", "trainable_params"] == runs.loc["full-fp32", "total_params"]
     assert runs.loc["full-fp32", "training.learning_rate"] == 1e-3  # methods.full
@@ -416,7 +431,7 @@ def test_methods_study_tables(methods_study):
         assert row["memory_vs_full_pct"] == pytest.approx(
             100 * runs.loc[run_id, "peak_memory_gb"] / runs.loc["full-fp32", "peak_memory_gb"]
         )
-    assert "full-fp32" not in shares.index and len(shares) == 5
+    assert "full-fp32" not in shares.index and len(shares) == 10  # every adapter run
 
     anatomy = derived(methods_study, "anatomy")
     assert set(anatomy["run_id"]) == set(runs.index) - {"base-fp32"}
@@ -521,3 +536,29 @@ def test_eva_starts_each_layer_at_its_inputs_principal_directions_with_ranks_fro
             assert not module.lora_B["default"].weight.any(), name
     assert len(ranks) == 4 and all(1 <= r <= EVA_RHO * 4 for r in ranks) and sum(ranks) <= 4 * len(ranks)
     assert pattern == {} or set(pattern.values()) <= set(ranks)
+
+
+def test_train_examples_crossed_with_rank_trains_on_subsets_and_answers_how_much_rank_the_data_needs(methods_study):
+    for rank in (4, 8):
+        for size in DATA_SIZES:
+            trained = json.loads(
+                (methods_study / f"results/runs/{data_run(rank, size)}/train_metrics.json").read_text()
+            )
+            assert trained["steps"] == size // 4  # one epoch over the run's first `size` rows, batch 4
+    table = derived(methods_study, "rank_for_data")
+    assert list(table["train_examples"]) == list(DATA_SIZES) and set(table["rank_needed"]) <= {4, 8}
+    assert list(derived(methods_study, "matrix__rank__train_examples")["rank"]) == [4, 8]
+    findings = (methods_study / "results/report/findings.md").read_text()
+    assert "- Rank needed per training-set size (the smallest rank equivalent to the best at that size" in findings
+
+
+def test_more_training_examples_than_prepared_stop_the_run_with_the_fix():
+    from datasets import Dataset
+
+    from lora_study.core.errors import UserError
+    from lora_study.prepare.data import first_rows
+
+    split = Dataset.from_list([{"input_ids": [1, 2, 3], "prompt_length": 1}] * 10)
+    assert len(first_rows(split, 4, "run")) == 4 and first_rows(split, None, "run") is split
+    with pytest.raises(UserError, match=r"training\.train_examples 11, but the prepared training split has 10 rows"):
+        first_rows(split, 11, "run")

@@ -178,8 +178,9 @@ def test_report_reads_in_order_headline_contents_sections_methods(tiny_study):
     headings = [line for line in findings.splitlines() if line.startswith("## ")]
     assert headings[:2] == ["## Headline findings", "## Contents"]
     # The sections in registry order (lora_study.questions.QUESTIONS): the claims and every verdict last.
-    assert headings[-3:] == [
+    assert headings[-4:] == [
         "## The reference study's claims, checked",
+        "## The field's claims, checked",
         "## Every verdict against its reference",
         "## Methods and definitions",
     ]
