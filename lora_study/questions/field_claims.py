@@ -26,7 +26,12 @@ from lora_study.questions.reference_claims import (
     _side,
     _untested,
 )
-from lora_study.questions.training_axes import complete_block
+from lora_study.questions.training_axes import (
+    best_per_rank,
+    complete_block,
+    cross_rank_pairs,
+    selection_comparisons,
+)
 from lora_study.report.question import FindingSettings, Question, Study
 from lora_study.stats.verdicts import GENERAL, Comparison, Judge, Verdict, against_best
 from lora_study.study.methods import FULL, LORA
@@ -41,10 +46,14 @@ def _fitting(runs: pd.DataFrame, method: str) -> pd.DataFrame:
     return trained[(trained["method"] == method) & trained["fits"]].dropna(subset=["perplexity"])
 
 
+# A method's learning-rate sweep judged: its best run, every other run with its verdict against it, the sweep.
+LearningRateSweep = tuple[pd.Series, list[tuple[pd.Series, Comparison | None]], pd.DataFrame]
+
+
 def _best_learning_rate(runs: pd.DataFrame, method: str, judge: Judge, settings: FindingSettings
-                        ) -> tuple[pd.Series, list[tuple[pd.Series, Comparison | None]]] | None:  # fmt: skip
-    """The method's learning-rate sweep (all else equal): its best run, and every other run's verdict against it
-    (m = every pair of the sweep: the best was picked from it)."""
+                        ) -> LearningRateSweep | None:  # fmt: skip
+    """The method's learning-rate sweep (all else equal): its best run, every other run's verdict against it
+    (m = every pair of the sweep: the best was picked from it), and the sweep."""
     group = sweep_slice(_fitting(runs, method), LR, FIXED) if LR in runs else None
     if group is None:
         return None
@@ -52,7 +61,7 @@ def _best_learning_rate(runs: pd.DataFrame, method: str, judge: Judge, settings:
     m = against_best(len(group))
     others = [(row, judge.compare(row["run_id"], best["run_id"], "perplexity", settings.sweet_spot_tolerance, m))
               for _, row in group.iterrows() if row["run_id"] != best["run_id"]]  # fmt: skip
-    return best, others
+    return best, others, group
 
 
 def learning_rate_ratio_claim(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -> Claim:
@@ -65,7 +74,7 @@ def learning_rate_ratio_claim(runs: pd.DataFrame, judge: Judge, settings: Findin
     ratio = lora[0][LR] / full[0][LR]
     evidence = f"best LoRA {lora[0][LR]:g} ({lora[0]['run_id']}), best full {full[0][LR]:g} ({full[0]['run_id']}): " \
                f"{ratio:.3g}x"  # fmt: skip
-    unsettled = [(row, result) for best, others in (lora, full) for row, result in others
+    unsettled = [(row, result) for _, others, _ in (lora, full) for row, result in others
                  if result is None or result.verdict is not Verdict.WORSE]  # fmt: skip
     if unsettled:
         row, result = unsettled[0]
@@ -73,8 +82,8 @@ def learning_rate_ratio_claim(runs: pd.DataFrame, judge: Judge, settings: Findin
         return Claim(claim, question, INCONCLUSIVE, f"{evidence}; but {row['run_id']} is {said} against its "
                      "sweep's best, so the best learning rate is not pinned down")  # fmt: skip
     edges = []
-    for name, (best, _) in ((LORA, lora), (FULL, full)):
-        largest, smallest = _span(runs, name)
+    for name, (best, _, sweep) in ((LORA, lora), (FULL, full)):
+        largest, smallest = sweep[LR].max(), sweep[LR].min()
         if best[LR] in (largest, smallest):
             side = "largest" if best[LR] == largest else "smallest"
             edges.append(f"{name}'s best is its sweep's {side} learning rate")
@@ -86,12 +95,6 @@ def learning_rate_ratio_claim(runs: pd.DataFrame, judge: Judge, settings: Findin
                  f"{evidence}; every other learning rate worse than its sweep's best")  # fmt: skip
 
 
-def _span(runs: pd.DataFrame, method: str) -> tuple[float, float]:
-    """(largest, smallest) learning rate of the method's learning-rate sweep."""
-    group = sweep_slice(_fitting(runs, method), LR, FIXED)
-    return float(group[LR].max()), float(group[LR].min())
-
-
 def learning_rate_rank_claim(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -> Claim:
     claim = "LoRA's best learning rate does not move with rank (alpha fixed)."
     question = ("At one alpha for every rank, is each rank's best learning rate equivalent (within the tolerance) "
@@ -100,20 +103,11 @@ def learning_rate_rank_claim(runs: pd.DataFrame, judge: Judge, settings: Finding
     if cells is None:
         return _untested(claim, question, "rank x learning-rate grid at one alpha for every rank")
     alphas = set(cells["alpha"])
-    best = cells.loc[cells.groupby("rank")["perplexity"].idxmin()].set_index("rank")
+    best = best_per_rank(cells)
     listed = ", ".join(f"rank {int(r)}: {best.loc[r, 'learning_rate']:g}" for r in best.index)
-    m = sum(against_best(k) for k in cells.groupby("rank").size())
-    results = []
-    for rank in best.index:
-        for other in best.index:
-            lr = best.loc[other, "learning_rate"]
-            if other == rank or lr == best.loc[rank, "learning_rate"]:
-                continue
-            cell = cells[(cells["rank"] == rank) & (cells["learning_rate"] == lr)]
-            if len(cell):
-                result = judge.compare(cell.iloc[0]["run_id"], best.loc[rank, "run_id"], "perplexity",
-                                       settings.sweet_spot_tolerance, m)  # fmt: skip
-                results.append((rank, lr, result))
+    m = selection_comparisons(cells)
+    results = [(rank, lr, judge.compare(candidate, reference, "perplexity", settings.sweet_spot_tolerance, m))
+               for rank, lr, candidate, reference in cross_rank_pairs(cells, best)]  # fmt: skip
     if not results:
         lr = best["learning_rate"].iloc[0]
         if lr in (cells["learning_rate"].max(), cells["learning_rate"].min()):
@@ -144,8 +138,7 @@ def fixed_alpha_cells(runs: pd.DataFrame) -> pd.DataFrame | None:
     lora = _fitting(runs, LORA)
     if LR not in lora or lora.empty:
         return None
-    keys = ["alpha", "modules_label", "quant_label", *[c for c in lora.columns if c.startswith("training.") and
-                                                       c != LR]]  # fmt: skip
+    keys = ["alpha", "modules_label", "quant_label", *_settings_but_learning_rate(lora)]
     best = None
     for _, group in lora.groupby(keys, dropna=False, sort=False):
         block = complete_block(group, "rank", LR) if group["rank"].nunique() >= 2 else None
@@ -163,13 +156,11 @@ def all_layers_claim(runs: pd.DataFrame, judge: Judge) -> Claim:
                 "same trainable parameters (within 25%), all else equal?")  # fmt: skip
     lora = _fitting(runs, LORA)
     with_mlp = lora["modules_label"].str.contains("mlp") | (lora["modules_label"] == "all")
-    keys = ["quant_label", "method", *[c for c in lora.columns if c.startswith("training.") and c != LR]]
+    keys = ["quant_label", "method", *_settings_but_learning_rate(lora)]
     pairs = []
     for _, everywhere in lora[with_mlp].iterrows():
         for _, attention in lora[~with_mlp].iterrows():
-            same = all(
-                (pd.isna(everywhere[k]) and pd.isna(attention[k])) or everywhere[k] == attention[k] for k in keys
-            )
+            same = all(_same(everywhere[k], attention[k]) for k in keys)
             ratio = everywhere["trainable_params"] / attention["trainable_params"]
             if same and 0.8 <= ratio <= 1.25 and everywhere.get(LR) == attention.get(LR):
                 pairs.append((abs(math.log(ratio)), everywhere, attention, ratio))
@@ -184,6 +175,11 @@ def all_layers_claim(runs: pd.DataFrame, judge: Judge) -> Claim:
 
 def _same(first, second) -> bool:
     return (pd.isna(first) and pd.isna(second)) or first == second
+
+
+def _settings_but_learning_rate(frame: pd.DataFrame) -> list[str]:
+    """The training settings two runs must share to be compared while each keeps its own learning rate."""
+    return [column for column in frame.columns if column.startswith("training.") and column != LR]
 
 
 def forgetting_claim(forgetting: pd.DataFrame | None, runs: pd.DataFrame, judge: Judge, settings: FindingSettings
@@ -227,7 +223,7 @@ def _learning_pairs(forgetting: pd.DataFrame, runs: pd.DataFrame) -> list[tuple[
     learning rate aside (each method its own), both scored on general text: each LoRA run against its setting's
     best-learning full fine-tuning run."""
     settings = runs.set_index("run_id")
-    keys = ["quant_label", *[c for c in runs.columns if c.startswith("training.") and c != LR]]
+    keys = ["quant_label", *_settings_but_learning_rate(runs)]
     lora = forgetting[forgetting["method"] == LORA]
     full = forgetting[forgetting["method"] == FULL]
 

@@ -72,7 +72,7 @@ def _within_budget(fitting: pd.DataFrame, basis: str, column: str, budget: float
 def _predicted_gpus(row: pd.Series, column: str, budget: float) -> tuple[float, float]:
     """(fewest GPUs, predicted GB per GPU on them) for one run under `budget`; NaNs when none fits. Runs planned
     before the per-GPU predictions existed have their one-device prediction only."""
-    predictions = {f"predicted_cuda_gb_{gpus}gpu": row.get(f"plan_{per_gpu_column('cuda', gpus)}")
+    predictions = {per_gpu_column("cuda", gpus): row.get(f"plan_{per_gpu_column('cuda', gpus)}")
                    for gpus in GPU_COUNTS}  # fmt: skip
     if all(pd.isna(value) for value in predictions.values()):
         predictions[per_gpu_column("cuda", 1)] = row.get(column)

@@ -152,24 +152,13 @@ def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, se
     if matrix is None:
         return None
     cells = matrix.attrs["cells"].dropna(subset=["perplexity"])
-    best = cells.loc[cells.groupby("rank")["perplexity"].idxmin()].set_index("rank")
+    best = best_per_rank(cells)
     if len(best) < 2:
         return None
     listed = ", ".join(f"rank {int(r)}: {best.loc[r, 'learning_rate']:g}" for r in best.index)
     if best["learning_rate"].nunique() == 1:
         return _shared_best_finding(cells, best, listed, judge, settings)
-    pairs = []
-    for rank in best.index:
-        own = best.loc[rank]
-        for other in best.index:
-            other_lr = best.loc[other, "learning_rate"]
-            if other == rank or other_lr == own["learning_rate"]:
-                continue
-            candidate = cells[(cells["rank"] == rank) & (cells["learning_rate"] == other_lr)]
-            if len(candidate):
-                pairs.append((rank, other_lr, candidate.iloc[0]["run_id"], own["run_id"]))
-    pairs = list(dict.fromkeys(pairs))
-    results = _judge_pairs(pairs, judge, settings, _selection_comparisons(cells))
+    results = _judge_pairs(cross_rank_pairs(cells, best), judge, settings, selection_comparisons(cells))
     if results is None:
         return f"Best learning rate per rank: {listed}; whether it moves with rank: not judged (no per-row scores)."
     worse = [(p, r) for p, r in results if r.verdict is Verdict.WORSE]
@@ -193,6 +182,27 @@ def best_learning_rate_finding(tables: dict[str, pd.DataFrame], judge: Judge, se
     )
 
 
+def best_per_rank(cells: pd.DataFrame) -> pd.DataFrame:
+    """Each rank's lowest-perplexity cell of a rank x learning-rate grid (run_id, rank, learning_rate, ...)."""
+    return cells.loc[cells.groupby("rank")["perplexity"].idxmin()].set_index("rank")
+
+
+def cross_rank_pairs(cells: pd.DataFrame, best: pd.DataFrame) -> list[tuple]:
+    """At each rank, every other rank's best learning rate (where it is not this rank's own) against this rank's
+    best: (rank, learning rate, candidate run, reference run), each pair once."""
+    pairs = []
+    for rank in best.index:
+        own = best.loc[rank]
+        for other in best.index:
+            other_lr = best.loc[other, "learning_rate"]
+            if other == rank or other_lr == own["learning_rate"]:
+                continue
+            candidate = cells[(cells["rank"] == rank) & (cells["learning_rate"] == other_lr)]
+            if len(candidate):
+                pairs.append((rank, other_lr, candidate.iloc[0]["run_id"], own["run_id"]))
+    return list(dict.fromkeys(pairs))
+
+
 def _judge_pairs(pairs: list[tuple], judge: Judge, settings: FindingSettings, m: int) -> list[tuple] | None:
     """Each (rank, learning rate, candidate run, reference run) with its perplexity verdict at m comparisons;
     None when a run has no per-row scores."""
@@ -200,7 +210,7 @@ def _judge_pairs(pairs: list[tuple], judge: Judge, settings: FindingSettings, m:
     return None if any(result is None for _, result in results) else results
 
 
-def _selection_comparisons(cells: pd.DataFrame) -> int:
+def selection_comparisons(cells: pd.DataFrame) -> int:
     """Each rank's best learning rate is picked from its k cells: every pair within each rank (against_best)."""
     return sum(against_best(k) for k in cells.groupby("rank").size())
 
@@ -222,7 +232,7 @@ def _shared_best_finding(
         for _, row in cells.iterrows()
         if row["run_id"] != best.loc[row["rank"], "run_id"]
     ]
-    results = _judge_pairs(pairs, judge, settings, _selection_comparisons(cells))
+    results = _judge_pairs(pairs, judge, settings, selection_comparisons(cells))
     if not results:
         return f"{start}; not judged (no per-row scores)."
     worse = [r for _, r in results if r.verdict is Verdict.WORSE]
