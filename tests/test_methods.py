@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import run_snakemake
 from lora_study.measure.anatomy import adapter_updates, effective_rank
 from lora_study.study.config import training_defaults
-from lora_study.study.methods import PEFT_FLAGS, RSLORA
+from lora_study.study.methods import CONVERTED_METHODS, PEFT_FLAGS, RSLORA
 from lora_study.study.modules import Targets, layout_for
 from lora_study.study.settings import TrainingSettings
 from lora_study.training.loading import add_lora, load_base_model, load_for_evaluation, prepare_full
@@ -38,13 +38,14 @@ def fp32_recipe(full: bool = False):
 
 def adapted(manifest, method: str, rank: int = 4, alpha: float = 8.0):
     model = load_base_model(manifest, fp32_recipe(), False, "sdpa", CPU)
-    return add_lora(model, fp32_recipe(), TARGETS, rank, alpha, 0.0, False, method)
+    calibration = [batch(model.config.vocab_size, seed) for seed in (1, 2)]  # CorDA's and LoRA-GA's batches
+    return add_lora(model, fp32_recipe(), TARGETS, rank, alpha, 0.0, False, method, lambda: calibration)
 
 
 def batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (4, 24), generator=generator)
-    return {"input_ids": ids, "labels": ids.clone()}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 def as_if_trained(model, seed: int) -> None:
@@ -72,7 +73,7 @@ def train_steps(model, inputs, steps: int = 4, lr: float = 2e-2) -> None:
         optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "pissa", "olora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "pissa", "olora", "corda", "lora_ga"])
 def test_each_method_reaches_peft_with_its_flags(manifest, method):
     model = adapted(manifest, method)
     config = model.peft_config["default"]
@@ -84,15 +85,15 @@ def test_each_method_reaches_peft_with_its_flags(manifest, method):
     assert ("default" in layer.lora_magnitude_vector) is (method == "dora")
     base = load_base_model(manifest, fp32_recipe(), False, "sdpa", CPU).model.layers[0].self_attn.q_proj.weight
     moved = not torch.equal(layer.get_base_layer().weight, base)
-    # PiSSA and OLoRA move the principal part of W into the adapter; the others leave W alone.
-    assert moved is (method in ("pissa", "olora"))
-    if method in ("pissa", "olora"):
+    # PiSSA, OLoRA, CorDA and LoRA-GA move part of W into the adapter; the others leave W alone.
+    assert moved is (method in CONVERTED_METHODS)
+    if method in CONVERTED_METHODS:
         assert config.init_lora_weights == PEFT_FLAGS[method]["init_lora_weights"]
         # The adapted model starts as the base model: residual + A0 B0 == W.
         assert torch.allclose(layer.get_base_layer().weight + layer.get_delta_weight("default"), base, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["pissa", "olora"])
+@pytest.mark.parametrize("method", CONVERTED_METHODS)
 def test_converted_adapter_on_the_original_base_equals_the_trained_model(manifest, tmp_path, method):
     model = adapted(manifest, method)
     initial = save_initial_adapter(model)
@@ -111,6 +112,69 @@ def test_converted_adapter_on_the_original_base_equals_the_trained_model(manifes
     # Without the conversion the adapter scores against the wrong base.
     wrong = load_for_evaluation(manifest, fp32_recipe(), False, "sdpa", CPU, str(tmp_path / "unconverted"))
     assert abs(loss_of(wrong, inputs) - trained_loss) > 1e-3
+
+
+def test_lora_ga_starts_at_the_gradients_top_singular_directions_and_corda_at_the_inputs_weighted_weight(manifest):
+    """LoRA-GA's A rows are the top right singular vectors of each weight's gradient on the calibration batches
+    (computed here independently); CorDA's adapter is not PiSSA's: the input covariance changes the directions."""
+    base = load_base_model(manifest, fp32_recipe(), False, "sdpa", CPU)
+    vocab = base.config.vocab_size
+    for seed in (1, 2):  # adapted()'s calibration batches, the gradient summed over them
+        base(**batch(vocab, seed)).loss.backward()
+    gradient = base.model.layers[0].self_attn.q_proj.weight.grad / 2
+    top = torch.linalg.svd(gradient.double(), full_matrices=False)[2][:4]
+    lora_ga = adapted(manifest, "lora_ga").base_model.model.model.layers[0].self_attn.q_proj
+    a = lora_ga.lora_A["default"].weight.detach().double()
+    # The same subspace (svd_lowrank is randomised, so signs and near-equal directions may mix).
+    assert torch.allclose(a @ a.T, torch.eye(4, dtype=torch.double), atol=1e-4)
+    assert torch.linalg.matrix_norm(top @ a.T, ord=2) > 0.999 and torch.linalg.svdvals(top @ a.T).min() > 0.99
+
+    def delta(method: str) -> torch.Tensor:
+        return adapted(manifest, method).base_model.model.model.layers[0].self_attn.q_proj.get_delta_weight("default")
+
+    corda, pissa = delta("corda"), delta("pissa")
+    assert corda.abs().max() > 1e-3 and not torch.allclose(corda, pissa, atol=1e-3)
+
+
+def test_loftq_starts_the_4bit_model_nearer_the_original_weights(manifest, tiny_llama):
+    """LoftQ on an NF4 base: scale * B A is the top-r part of each layer's quantization error whatever alpha is,
+    so every adapted weight and the model's logits start nearer the unquantized model than plain LoRA's."""
+    from lora_study.training.initialisation import initialize_loftq
+
+    recipe = recipe_for("nf4", "fp32", detect_capability(CPU))
+    inputs = batch(400)
+    with torch.no_grad():
+        reference = load_base_model(manifest, fp32_recipe(), False, "sdpa", CPU)(input_ids=inputs["input_ids"]).logits
+    distances = {}
+    for method in ("lora", "loftq"):
+        model = add_lora(load_base_model(manifest, recipe, True, "sdpa", CPU), recipe, TARGETS, 16, 32.0, 0.0,
+                         False, method)  # fmt: skip
+        if method == "loftq":
+            errors = initialize_loftq(model, str(tiny_llama))
+            assert len(errors) == 4 and all(0 < left < 0.95 for left in errors.values())
+            layer = model.base_model.model.model.layers[0].self_attn.q_proj
+            original = load_file(tiny_llama / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+            import bitsandbytes as bnb
+
+            weight = layer.get_base_layer().weight
+            quantized = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+            after = original - quantized - layer.get_delta_weight("default").detach()  # the delta includes scale 2
+            assert float(after.norm() / (original - quantized).norm()) == pytest.approx(
+                errors["base_model.model.model.layers.0.self_attn.q_proj"], rel=1e-4)  # fmt: skip
+        model.eval()
+        with torch.no_grad():
+            distances[method] = float((model(input_ids=inputs["input_ids"]).logits - reference).abs().mean())
+    assert distances["loftq"] < distances["lora"]
+
+
+def test_initialisations_a_weight_format_cannot_take_are_refused_with_the_fix():
+    from lora_study.study.methods import method_problem
+
+    assert "use one of ['nf4', 'fp4'] for loftq" in method_problem("loftq", "16bit")
+    assert method_problem("loftq", "nf4") is None
+    for method in ("corda", "lora_ga"):
+        assert "cannot do on bitsandbytes (nf4) weights" in method_problem(method, "nf4")
+        assert method_problem(method, "fp32") is None
 
 
 def test_a_resumed_pissa_run_rebuilds_its_initialisation_and_converts_the_same(manifest, tmp_path):
@@ -353,7 +417,9 @@ def methods_config(model_dir) -> dict:
                     "quantization": ["fp32"],
                     "training": {"learning_rate": [1.0e-3, 3.0e-3]},
                 },
-                {"rank": [4], "modules": [["q", "v"]], "quantization": ["fp32"], "method": ["pissa", "eva"]},
+                {"rank": [4], "modules": [["q", "v"]], "quantization": ["fp32"],
+                 "method": ["pissa", "eva", "corda", "lora_ga"]},
+                {"rank": [4], "modules": [["q", "v"]], "quantization": ["nf4"], "method": ["loftq"]},
                 {"method": ["full"], "quantization": ["fp32"]},
                 # Data as an axis: rank x training-set size, one epoch each (lora_study.questions.rank_for_data).
                 {
@@ -383,7 +449,8 @@ def derived(workdir, name: str) -> pd.DataFrame:
 def test_methods_study_runs_and_records_each_method(methods_study):
     runs = pd.read_csv(methods_study / "results/tables/runs.csv").set_index("run_id")
     assert set(runs.index) == {"base-fp32", "r4-qv-fp32", "r4-qv-fp32-lr3e-3", "r8-qv-fp32", "r8-qv-fp32-lr3e-3",
-                               "r4-qv-fp32-pissa", "r4-qv-fp32-eva", "full-fp32",
+                               "r4-qv-fp32-pissa", "r4-qv-fp32-eva", "r4-qv-fp32-corda", "r4-qv-fp32-lora_ga",
+                               "r4-qv-nf4-loftq", "base-nf4", "full-fp32",
                                *(data_run(rank, size) for rank in (4, 8) for size in DATA_SIZES)}  # fmt: skip
     assert runs.loc["r4-qv-fp32-lr3e-3", "training.learning_rate"] == 3e-3
     assert runs.loc["full-fp32", "trainable_params"] == runs.loc["full-fp32", "total_params"]
@@ -394,6 +461,15 @@ def test_methods_study_runs_and_records_each_method(methods_study):
     assert "EVA initialised on 8 batches" in (methods_study / "logs/train/r4-qv-fp32-eva.log").read_text()
     config = json.loads((methods_study / "results/runs/r4-qv-fp32-eva/adapter/adapter_config.json").read_text())
     assert config["init_lora_weights"] == "eva" and config["r"] == 4
+    # CorDA and LoRA-GA: initialised from the same batches before PEFT built the adapter, saved converted.
+    for method, logged in (("corda", "CorDA (ipm) covariances from 8 batches"), ("lora_ga", "LoRA-GA gradients")):
+        assert logged in (methods_study / f"logs/train/r4-qv-fp32-{method}.log").read_text()
+        assert runs.loc[f"r4-qv-fp32-{method}", "adapter_params"] == 2 * runs.loc[f"r4-qv-fp32-{method}",
+                                                                                   "trainable_params"]  # fmt: skip
+    # LoftQ: the 4-bit base kept, the adapter starting at the quantization error's top part; a plain adapter.
+    assert "LoftQ initialised 4 layers" in (methods_study / "logs/train/r4-qv-nf4-loftq.log").read_text()
+    config = json.loads((methods_study / "results/runs/r4-qv-nf4-loftq/adapter/adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["r"] == 4
 
 
 def test_full_finetuning_saves_every_trained_weight(methods_study, tiny_llama):
@@ -412,7 +488,7 @@ def test_methods_study_tables(methods_study):
     assert matrix.iloc[1, 2] == pytest.approx(runs.loc["r8-qv-fp32-lr3e-3", "perplexity"])
 
     methods = derived(methods_study, "methods").set_index("method")
-    assert list(methods.index) == ["lora", "pissa", "eva"]
+    assert list(methods.index) == ["lora", "pissa", "eva", "corda", "lora_ga"]  # LoftQ's nf4 block has no lora
     assert pd.isna(methods.loc["lora", "verdict"])  # the reference itself
     # PiSSA against LoRA at the same rank: the verdict the per-row scores give (one variant judged, the report's
     # default tolerance), recomputed from the study's examples table.
@@ -431,10 +507,10 @@ def test_methods_study_tables(methods_study):
         assert row["memory_vs_full_pct"] == pytest.approx(
             100 * runs.loc[run_id, "peak_memory_gb"] / runs.loc["full-fp32", "peak_memory_gb"]
         )
-    assert "full-fp32" not in shares.index and len(shares) == 10  # every adapter run
+    assert "full-fp32" not in shares.index and len(shares) == 13  # every adapter run
 
     anatomy = derived(methods_study, "anatomy")
-    assert set(anatomy["run_id"]) == set(runs.index) - {"base-fp32"}
+    assert set(anatomy["run_id"]) == set(runs.index) - {"base-fp32", "base-nf4"}
     lora = anatomy[anatomy["run_id"] == "r4-qv-fp32"].set_index("group")
     assert set(lora.index) == {"q", "v"} and (lora["effective_rank"] <= 4).all()
     assert (lora["utilisation"] == lora["effective_rank"] / 4).all()
@@ -515,7 +591,7 @@ def test_eva_starts_each_layer_at_its_inputs_principal_directions_with_ranks_fro
     from lora_study.study.config import validate_config
     from lora_study.study.methods import EVA_RHO
     from lora_study.study.settings import TrainingSettings
-    from lora_study.training.loading import initialize_eva
+    from lora_study.training.initialisation import calibration_batches, initialize_eva
     from lora_study.training.precision import recipe_for
 
     recipe = recipe_for(quantization, "fp32" if quantization == "nf4" else None, detect_capability(CPU))
@@ -526,7 +602,7 @@ def test_eva_starts_each_layer_at_its_inputs_principal_directions_with_ranks_fro
                               for _ in range(64)])  # fmt: skip
     config = validate_config({"model": {"source": "x"}, "dataset": {"source": "generated"}, "sweep": {}})
     training = TrainingSettings.from_dict({**config["training"], "batch_size": 4})
-    pattern = initialize_eva(model, rows, 0, training, CPU)
+    pattern = initialize_eva(model, calibration_batches(rows, 0, training, CPU))
     ranks = []
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:

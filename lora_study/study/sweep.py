@@ -11,7 +11,7 @@ from typing import Any
 from lora_study.core.formats import FOUR_BIT, applies_compute_dtype, quantization_label
 from lora_study.study.budget import AUTO
 from lora_study.study.config import ConfigError, load_schema, training_defaults
-from lora_study.study.methods import FULL, LORA, default_alpha, method_problem
+from lora_study.study.methods import CALIBRATED_METHODS, FULL, LORA, default_alpha, is_converted, method_problem
 from lora_study.study.modules import ALL_LINEAR, canonical_modules, modules_label
 from lora_study.study.settings import TrainingSettings
 
@@ -35,7 +35,7 @@ class RunSpec:
     is_baseline: bool = False
     # The configuration this run replicates (equal to run_id without a seeds axis).
     config_id: str = ""
-    method: str = LORA  # lora, dora, rslora, pissa, olora, or full (fine-tuning without an adapter)
+    method: str = LORA  # a name of lora_study.study.methods (full: fine-tuning without an adapter)
 
     def __post_init__(self) -> None:
         if not self.config_id:
@@ -168,8 +168,9 @@ def sharding_problem(method: str, training: dict[str, Any]) -> str | None:
     if gpus == 1 or gpus == AUTO:  # auto only chooses among the counts that pass these checks
         return None
     if method not in SHARDED_METHODS:
-        why = ("its initialisation reads each layer's inputs whole" if method == "eva"
-               else "its adapter is converted at save time")  # fmt: skip
+        why = ("its adapter is converted at save time" if is_converted(method)
+               else "its initialisation reads each layer's inputs whole" if method in CALIBRATED_METHODS
+               else "its initialisation reads each layer's whole 4-bit weight")  # fmt: skip
         return f"method {method} trains on one device only ({why})"
     if training.get("optimizer", "adamw") != "adamw":
         optimizer = training["optimizer"]

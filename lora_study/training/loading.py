@@ -6,15 +6,18 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lora_study.core.errors import UserError
-from lora_study.study.methods import EVA, EVA_BATCHES, EVA_RHO, PEFT_FLAGS
+from lora_study.study.methods import CALIBRATED_METHODS, EVA, PEFT_FLAGS
 from lora_study.study.modules import Targets, targets_as_given
 from lora_study.training.precision import Recipe, apply_recipe, dtype_summary
+
+if TYPE_CHECKING:
+    from lora_study.training.initialisation import Calibration
 
 log = logging.getLogger("lora_study")
 
@@ -223,9 +226,16 @@ def add_lora(
     dropout: float,
     gradient_checkpointing: bool,
     method: str = "lora",
+    calibration: Calibration | None = None,
 ) -> nn.Module:
-    """LoRA (or the PEFT variant `method`) on the target modules, with every tensor where the recipe puts it."""
+    """LoRA (or the PEFT variant `method`) on the target modules, with every tensor where the recipe puts it.
+
+    CorDA and LoRA-GA read `calibration()` (the run's first training batches) before PEFT builds the adapter;
+    EVA reads them afterwards (lora_study.training.initialisation.initialize_eva) and LoftQ the original weights.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from lora_study.training.initialisation import peft_config_extras, preprocess
 
     if recipe.quantized:
         # Freezes the base, upcasts everything unquantized to fp32; apply_recipe then casts
@@ -234,40 +244,17 @@ def add_lora(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    extra = {}
-    if method == EVA:
-        from peft import EvaConfig
-
-        extra["eva_config"] = EvaConfig(rho=EVA_RHO)
     lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                      **targets.lora_kwargs(), **PEFT_FLAGS[method], **extra)  # fmt: skip
+                      **targets.lora_kwargs(), **PEFT_FLAGS[method], **peft_config_extras(method))  # fmt: skip
+    if method in CALIBRATED_METHODS and method != EVA:
+        if calibration is None:
+            raise ValueError(f"{method} initialises from training batches: pass `calibration`")
+        preprocess(model, lora, method, calibration(), recipe)
     with targets_as_given():
         model = get_peft_model(model, lora)
     model = apply_recipe(model, recipe)
     log.info("parameters by dtype after the %s recipe: %s", recipe.compute_dtype, dtype_summary(model))
     return model
-
-
-def initialize_eva(model: nn.Module, train_rows, pad_id: int, training, device: torch.device) -> dict[str, int]:
-    """EVA's initialisation (PEFT): the layer inputs of the run's first EVA_BATCHES training batches (its own order),
-    their incremental SVD per adapted layer, A set to the top components and the ranks redistributed by explained
-    variance. Returns the per-layer ranks (PEFT's rank_pattern; empty when every layer kept r)."""
-    import itertools
-
-    from peft import initialize_lora_eva_weights
-
-    from lora_study.training.batching import collate, endless_batches
-
-    lengths = [len(ids) for ids in train_rows["input_ids"]]
-    order = endless_batches(lengths, training.batch_size, training.seed, training.group_by_length)
-    batches = [{key: value.to(device) for key, value in collate([train_rows[i] for i in rows], pad_id).items()}
-               for rows in itertools.islice(order, EVA_BATCHES)]  # fmt: skip
-    initialize_lora_eva_weights(model, dataloader=batches, show_progress_bar=False)
-    pattern = dict(model.peft_config["default"].rank_pattern or {})
-    ranks = sorted(pattern.values())
-    log.info("EVA initialised on %d batches: per-layer ranks %s", len(batches),
-             f"{ranks[0]}-{ranks[-1]} over {len(ranks)} layers" if ranks else "unchanged")  # fmt: skip
-    return pattern
 
 
 def prepare_full(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:

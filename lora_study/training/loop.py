@@ -27,7 +27,7 @@ from lora_study.core.io import atomic_path, write_json
 from lora_study.core.metrics import STATUS_OK, PeakMemory, TrainMetrics
 from lora_study.prepare.data import first_rows, load_split
 from lora_study.study.budget import AUTO, budget_verdict
-from lora_study.study.methods import EVA, is_converted
+from lora_study.study.methods import EVA, LOFTQ, is_converted
 from lora_study.study.modules import (
     ModuleResolutionError,
     Targets,
@@ -59,10 +59,10 @@ from lora_study.training.failures import (
     memory_in_use_gb,
     release_memory,
 )
+from lora_study.training.initialisation import Calibration, calibration_batches, initialize_eva, initialize_loftq
 from lora_study.training.loading import (
     add_lora,
     count_parameters,
-    initialize_eva,
     load_base_model,
     load_tokenizer,
     pick_device,
@@ -276,7 +276,9 @@ def train_run(
     try:
         with job.memory as memory, memory_cap(job.training.memory_limit_gb, job.device, memory) as cap:
             session.memory = memory
-            model = session.load(manifest, targets)
+            model = session.load(
+                manifest, targets, lambda: calibration_batches(train_rows, pad_id, job.training, job.device)
+            )
             loader = session.prepare(model, train_rows, pad_id)
             phases.end("load")
             session.loop(model, loader)
@@ -351,11 +353,14 @@ class TrainingSession:
         self.steps = 0
         self.loss: ResponseLoss | None = None
         self.scaling = GradScaling(job.recipe, job.device.type)
-        # PiSSA/OLoRA: the adapter as initialised, to convert the trained one for the original base.
+        # PiSSA/OLoRA/CorDA/LoRA-GA: the adapter as initialised, to convert the trained one for the original base.
         self.initial_adapter: tempfile.TemporaryDirectory | None = None
 
-    def load(self, manifest: dict[str, Any], targets: Targets) -> torch.nn.Module:
-        """The base model in the run's format with LoRA on `targets`, cast to the recipe (full: all trainable)."""
+    def load(
+        self, manifest: dict[str, Any], targets: Targets, calibration: Calibration | None = None
+    ) -> torch.nn.Module:
+        """The base model in the run's format with LoRA on `targets`, cast to the recipe (full: all trainable);
+        `calibration` gives the run's first training batches to the initialisations that read them."""
         run, training = self.job.run, self.job.training
         model = load_base_model(manifest, self.job.recipe, run.double_quant, self.job.attn_implementation,
                                 self.job.device)  # fmt: skip
@@ -363,7 +368,9 @@ class TrainingSession:
             model = prepare_full(model, training.gradient_checkpointing)
         else:
             model = add_lora(model, self.job.recipe, targets, run.rank, run.alpha, training.lora_dropout,
-                             training.gradient_checkpointing, run.method)  # fmt: skip
+                             training.gradient_checkpointing, run.method, calibration)  # fmt: skip
+        if run.method == LOFTQ:
+            initialize_loftq(model, manifest["path"])
         if is_converted(run.method):
             self.initial_adapter = save_initial_adapter(model)
         trainable, total = count_parameters(model)
@@ -384,7 +391,7 @@ class TrainingSession:
         """Optimizer, schedule and the batch stream, restored from a checkpoint when there is one."""
         training = self.job.training
         if self.job.run.method == EVA:  # before the optimizer and any checkpoint: EVA may change the factors' shapes
-            initialize_eva(model, train_rows, pad_id, training, self.job.device)
+            initialize_eva(model, calibration_batches(train_rows, pad_id, training, self.job.device))
             trainable, total = count_parameters(model)
             self.counts = {"trainable_params": trainable, "total_params": total}
             log.info("trainable params after EVA %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
