@@ -417,8 +417,12 @@ def methods_config(model_dir) -> dict:
                     "quantization": ["fp32"],
                     "training": {"learning_rate": [1.0e-3, 3.0e-3]},
                 },
-                {"rank": [4], "modules": [["q", "v"]], "quantization": ["fp32"],
-                 "method": ["pissa", "eva", "corda", "lora_ga"]},
+                {
+                    "rank": [4],
+                    "modules": [["q", "v"]],
+                    "quantization": ["fp32"],
+                    "method": ["pissa", "eva", "corda", "lora_ga"],
+                },
                 {"rank": [4], "modules": [["q", "v"]], "quantization": ["nf4"], "method": ["loftq"]},
                 {"method": ["full"], "quantization": ["fp32"]},
                 # Data as an axis: rank x training-set size, one epoch each (lora_study.questions.rank_for_data).
