@@ -167,6 +167,31 @@ def test_loftq_starts_the_4bit_model_nearer_the_original_weights(manifest, tiny_
     assert distances["loftq"] < distances["lora"]
 
 
+def test_a_rank_pattern_gives_its_layers_their_rank_and_alpha_and_the_planner_counts_them(manifest, tiny_llama):
+    """PEFT's rank_pattern / alpha_pattern from a run's rank pattern: the matched layers get their rank and scale,
+    the others the run's, and the planner's trainable count (meta device) is the built model's."""
+    from transformers import AutoConfig
+
+    patterns = {"rank_pattern": {"q_proj": 8, "layers.1.self_attn.v_proj": 2}, "alpha_pattern": {"q_proj": 4.0}}
+    model = add_lora(load_base_model(manifest, fp32_recipe(), False, "sdpa", CPU), fp32_recipe(), TARGETS, 4, 8.0,
+                     0.0, False, "lora", patterns=patterns)  # fmt: skip
+    layers = model.base_model.model.model.layers
+    assert (layers[0].self_attn.q_proj.r["default"], layers[0].self_attn.q_proj.scaling["default"]) == (8, 0.5)
+    assert (layers[0].self_attn.v_proj.r["default"], layers[0].self_attn.v_proj.scaling["default"]) == (4, 2.0)
+    assert (layers[1].self_attn.v_proj.r["default"], layers[1].self_attn.v_proj.scaling["default"]) == (2, 4.0)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layer_ranks = tuple(patterns["rank_pattern"].items())
+    assert lora_params(AutoConfig.from_pretrained(tiny_llama), TARGETS, 4, "lora", layer_ranks) == trainable
+    assert lora_params(AutoConfig.from_pretrained(tiny_llama), TARGETS, 4) < trainable
+    # A pattern matching no adapted layer (PEFT matches the end of the name) stops the run instead of training
+    # the uniform rank under the pattern's name.
+    from lora_study.core.errors import UserError
+
+    with pytest.raises(UserError, match=r"rank_pattern 'layers\\.0\\.' matches no adapted layer"):
+        add_lora(load_base_model(manifest, fp32_recipe(), False, "sdpa", CPU), fp32_recipe(), TARGETS, 4, 8.0, 0.0,
+                 False, "lora", patterns={"rank_pattern": {r"layers\.0\.": 8}, "alpha_pattern": {}})  # fmt: skip
+
+
 def test_initialisations_a_weight_format_cannot_take_are_refused_with_the_fix():
     from lora_study.study.methods import method_problem
 
@@ -408,6 +433,7 @@ def methods_config(model_dir) -> dict:
         "dataset": {"source": "generated", "generated_examples": 200, "validation_size": 16, "max_length": 128},
         "training": {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "log_every": 1},
         "methods": {"full": {"learning_rate": 1.0e-3}},
+        "rank_patterns": {"qwide": {"ranks": {"q_proj": 8}, "alphas": {"q_proj": 16}}},
         "evaluation": {"batch_size": 8, "exact_match_examples": 4, "max_new_tokens": 4},
         "sweep": {
             "grids": [
@@ -424,6 +450,8 @@ def methods_config(model_dir) -> dict:
                     "method": ["pissa", "eva", "corda", "lora_ga"],
                 },
                 {"rank": [4], "modules": [["q", "v"]], "quantization": ["nf4"], "method": ["loftq"]},
+                # Per-layer rank: q at twice the run's rank (and alpha), one more row of the methods table.
+                {"rank": [4], "modules": [["q", "v"]], "quantization": ["fp32"], "rank_pattern": ["qwide"]},
                 {"method": ["full"], "quantization": ["fp32"]},
                 # Data as an axis: rank x training-set size, one epoch each (lora_study.questions.rank_for_data).
                 {
@@ -454,7 +482,7 @@ def test_methods_study_runs_and_records_each_method(methods_study):
     runs = pd.read_csv(methods_study / "results/tables/runs.csv").set_index("run_id")
     assert set(runs.index) == {"base-fp32", "r4-qv-fp32", "r4-qv-fp32-lr3e-3", "r8-qv-fp32", "r8-qv-fp32-lr3e-3",
                                "r4-qv-fp32-pissa", "r4-qv-fp32-eva", "r4-qv-fp32-corda", "r4-qv-fp32-lora_ga",
-                               "r4-qv-nf4-loftq", "base-nf4", "full-fp32",
+                               "r4-qv-nf4-loftq", "r4-qv-fp32-rpqwide", "base-nf4", "full-fp32",
                                *(data_run(rank, size) for rank in (4, 8) for size in DATA_SIZES)}  # fmt: skip
     assert runs.loc["r4-qv-fp32-lr3e-3", "training.learning_rate"] == 3e-3
     assert runs.loc["full-fp32", "trainable_params"] == runs.loc["full-fp32", "total_params"]
@@ -474,6 +502,14 @@ def test_methods_study_runs_and_records_each_method(methods_study):
     assert "LoftQ initialised 4 layers" in (methods_study / "logs/train/r4-qv-nf4-loftq.log").read_text()
     config = json.loads((methods_study / "results/runs/r4-qv-nf4-loftq/adapter/adapter_config.json").read_text())
     assert config["init_lora_weights"] is True and config["r"] == 4
+    # A rank pattern: saved with the adapter; the planner predicted the trainable parameters PEFT created.
+    config = json.loads((methods_study / "results/runs/r4-qv-fp32-rpqwide/adapter/adapter_config.json").read_text())
+    assert (config["rank_pattern"], config["alpha_pattern"]) == ({"q_proj": 8}, {"q_proj": 16})
+    patterned = runs.loc["r4-qv-fp32-rpqwide"]
+    assert patterned["rank_pattern"] == "qwide"
+    assert patterned["trainable_params"] > runs.loc["r4-qv-fp32", "trainable_params"]
+    plan = pd.read_csv(methods_study / "results/tables/plan.csv").set_index("run_id")
+    assert plan.loc["r4-qv-fp32-rpqwide", "trainable_params"] == patterned["trainable_params"]
 
 
 def test_full_finetuning_saves_every_trained_weight(methods_study, tiny_llama):
@@ -492,7 +528,9 @@ def test_methods_study_tables(methods_study):
     assert matrix.iloc[1, 2] == pytest.approx(runs.loc["r8-qv-fp32-lr3e-3", "perplexity"])
 
     methods = derived(methods_study, "methods").set_index("method")
-    assert list(methods.index) == ["lora", "pissa", "eva", "corda", "lora_ga"]  # LoftQ's nf4 block has no lora
+    # LoftQ's nf4 block has no plain LoRA run; the rank pattern is a variant of LoRA.
+    assert list(methods.index) == ["lora", "pissa", "eva", "corda", "lora_ga", "lora+rpqwide"]
+    assert methods.loc["lora+rpqwide", "compared_with"] == "r4-qv-fp32"
     assert pd.isna(methods.loc["lora", "verdict"])  # the reference itself
     # PiSSA against LoRA at the same rank: the verdict the per-row scores give (one variant judged, the report's
     # default tolerance), recomputed from the study's examples table.
@@ -511,7 +549,7 @@ def test_methods_study_tables(methods_study):
         assert row["memory_vs_full_pct"] == pytest.approx(
             100 * runs.loc[run_id, "peak_memory_gb"] / runs.loc["full-fp32", "peak_memory_gb"]
         )
-    assert "full-fp32" not in shares.index and len(shares) == 13  # every adapter run
+    assert "full-fp32" not in shares.index and len(shares) == 14  # every adapter run
 
     anatomy = derived(methods_study, "anatomy")
     assert set(anatomy["run_id"]) == set(runs.index) - {"base-fp32", "base-nf4"}
@@ -583,7 +621,7 @@ def test_a_plain_adapters_spectrum_from_its_factors_equals_the_merged_update(man
     assert factor_updates(tmp_path / "dora", layout) is None
 
 
-@pytest.mark.parametrize("quantization", ["fp32", "nf4"])
+@pytest.mark.parametrize("quantization", ["fp32", "nf4", "bf16"])
 def test_eva_starts_each_layer_at_its_inputs_principal_directions_with_ranks_from_their_variance(
     manifest, tiny_llama, quantization
 ):
@@ -606,7 +644,7 @@ def test_eva_starts_each_layer_at_its_inputs_principal_directions_with_ranks_fro
                               for _ in range(64)])  # fmt: skip
     config = validate_config({"model": {"source": "x"}, "dataset": {"source": "generated"}, "sweep": {}})
     training = TrainingSettings.from_dict({**config["training"], "batch_size": 4})
-    pattern = initialize_eva(model, calibration_batches(rows, 0, training, CPU))
+    pattern = initialize_eva(model, calibration_batches(rows, 0, training, CPU), recipe)
     ranks = []
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:

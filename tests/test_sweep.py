@@ -164,6 +164,52 @@ def test_methods_name_runs_and_get_their_alpha_defaults():
     assert RunSpec.from_params(runs["full-16bit"].as_params()) == full
 
 
+PATTERNS = {"qheavy": {"ranks": {"q_proj": 32}, "alphas": {"q_proj": 64}}, "early": {"ranks": {r"layers\.0\..*": 4}}}
+
+
+def config_with_patterns(sweep: dict, patterns: dict = PATTERNS) -> dict:
+    return validate_config({"model": {"source": "x"}, "dataset": {"source": "generated"},
+                            "rank_patterns": copy.deepcopy(patterns), "sweep": sweep})  # fmt: skip
+
+
+def test_rank_patterns_are_an_axis_named_in_the_id_whose_content_is_in_the_params():
+    sweep = {"grids": [{"rank_pattern": [None, "qheavy", "early"]}],
+             "runs": [{"rank": 8, "rank_pattern": "early", "method": "dora"}]}  # fmt: skip
+    runs = expand_study(config_with_patterns(sweep))
+    assert list(runs) == ["r16-qkvo-nf4", "r16-qkvo-nf4-rpqheavy", "r16-qkvo-nf4-rpearly", "r8-qkvo-nf4-dora-rpearly"]
+    patterned = runs["r16-qkvo-nf4-rpqheavy"]
+    assert patterned.lora_patterns == {"rank_pattern": {"q_proj": 32}, "alpha_pattern": {"q_proj": 64}}
+    assert runs["r16-qkvo-nf4-rpearly"].lora_patterns == {"rank_pattern": {r"layers\.0\..*": 4}, "alpha_pattern": {}}
+    assert RunSpec.from_params(patterned.as_params()) == patterned
+    # A uniform run's params carry no pattern keys (studies from before keep theirs); a patterned run's carry the
+    # pattern itself, so editing it retrains exactly the runs that use it.
+    assert not {"rank_pattern", "layer_ranks", "layer_alphas"} & set(runs["r16-qkvo-nf4"].as_params())
+    edited = expand_study(config_with_patterns({"grids": [{"rank_pattern": [None, "qheavy"]}]},
+                                               {**PATTERNS, "qheavy": {"ranks": {"q_proj": 8}}}))  # fmt: skip
+    assert edited["r16-qkvo-nf4"].as_params() == runs["r16-qkvo-nf4"].as_params()
+    assert edited["r16-qkvo-nf4-rpqheavy"].as_params() != patterned.as_params()
+
+
+@pytest.mark.parametrize(
+    "sweep, message",
+    [
+        ({"grids": [{"rank_pattern": ["wide"]}]}, r"rank_pattern 'wide' is not in the config's rank_patterns \(early, "),
+        ({"grids": [{"rank_pattern": ["qheavy"], "method": ["eva"]}]}, "which computes its own per-layer ranks"),
+        ({"runs": [{"rank_pattern": "early", "method": "full", "quantization": "16bit"}]}, "which trains every weight"),
+    ],
+)  # fmt: skip
+def test_a_rank_pattern_that_cannot_apply_fails_at_start(sweep, message):
+    with pytest.raises(ConfigError, match=message):
+        expand_study(config_with_patterns(sweep))
+
+
+def test_schema_rejects_a_rank_pattern_without_ranks_or_alphas_or_with_a_bad_name():
+    with pytest.raises(ConfigError, match="rank_patterns"):
+        config_with_patterns({}, {"empty": {}})
+    with pytest.raises(ConfigError, match="rank_patterns"):
+        config_with_patterns({}, {"q-heavy": {"ranks": {"q_proj": 8}}})
+
+
 @pytest.mark.parametrize(
     "sweep, message",
     [

@@ -65,6 +65,7 @@ def run_row(
 ) -> dict[str, Any]:
     row: dict[str, Any] = {key: run[key] for key in CONFIG_COLUMNS}
     row["method"] = run.get("method", LORA)
+    row["rank_pattern"] = run.get("rank_pattern", "")
     row["modules"] = ",".join(run["modules"])
     run_training = run["training"] or {}
     row["seed"] = run_training.get("seed")

@@ -9,7 +9,7 @@ from lora_study.core.formats import quantization_label
 from lora_study.stats.verdicts import Judge
 from lora_study.study.methods import LORA, default_alpha
 from lora_study.study.modules import modules_label
-from lora_study.study.sweep import baseline_id
+from lora_study.study.sweep import RANK_PATTERN_PREFIX, baseline_id
 
 # How a run that produced no measurement appears in tables and sentences.
 STATUS_LABELS = {
@@ -30,6 +30,9 @@ def prepare(table: pd.DataFrame) -> pd.DataFrame:
     runs["fits"] = runs["status"].fillna("ok").eq("ok")
     # Tables from before the method axis hold LoRA runs only.
     runs["method"] = runs["method"].fillna(LORA) if "method" in runs else LORA
+    runs["rank_pattern"] = runs["rank_pattern"].fillna("").astype(str) if "rank_pattern" in runs else ""
+    runs["variant"] = [f"{m}+{RANK_PATTERN_PREFIX}{p}" if p else m for m, p in zip(runs["method"], runs["rank_pattern"],
+                                                                                     strict=True)]  # fmt: skip
     runs["alpha_ratio"] = (runs["alpha"] / runs["rank"].where(runs["rank"] > 0)).round(6)
     # Runs along a rank axis share their alpha rule: the method's default (2r; rsLoRA a constant), else k x r.
     runs["alpha_rule"] = [

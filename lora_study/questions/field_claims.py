@@ -43,7 +43,8 @@ FIXED = ["rank", "alpha", "modules_label", "quant_label"]
 
 def _fitting(runs: pd.DataFrame, method: str) -> pd.DataFrame:
     trained = trained_runs(runs)
-    return trained[(trained["method"] == method) & trained["fits"]].dropna(subset=["perplexity"])
+    uniform = trained["rank_pattern"].eq("") if "rank_pattern" in trained else True  # the claims are about uniform r
+    return trained[(trained["method"] == method) & uniform & trained["fits"]].dropna(subset=["perplexity"])
 
 
 # A method's learning-rate sweep judged: its best run, every other run with its verdict against it, the sweep.

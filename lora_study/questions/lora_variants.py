@@ -1,4 +1,5 @@
-"""LoRA variants (DoRA, rsLoRA, PiSSA, OLoRA) against plain LoRA at the same rank, targets and format."""
+"""LoRA variants (DoRA, rsLoRA, the initialisations, rank patterns) against plain LoRA at the same rank, targets and
+format."""
 
 from __future__ import annotations
 
@@ -28,15 +29,17 @@ def methods_table(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -
     block's variants). A variant trained with its own settings (methods.<method>) forms its own block."""
     trained = trained_runs(runs)
     adapters = trained[trained["method"] != FULL]
+    if "variant" not in adapters:  # a table from before rank patterns
+        adapters = adapters.assign(variant=adapters["method"])
     keys = ["rank", "modules_label", "quant_label", *training_columns(adapters)]
-    blocks = [group for _, group in adapters.groupby(keys, dropna=False, sort=False) if group["method"].nunique() > 1]
+    blocks = [group for _, group in adapters.groupby(keys, dropna=False, sort=False) if group["variant"].nunique() > 1]
     if not blocks:
         return None
     group = pd.concat(blocks)
     table = pd.DataFrame(
         {
             "run_id": group["run_id"],
-            "method": group["method"],
+            "method": group["variant"],  # lora+rp<name>: a rank pattern is a variant of its method
             "rank": group["rank"],
             "alpha": group["alpha"],
             "scale": [
@@ -53,11 +56,11 @@ def methods_table(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -
     table = table[with_accuracy(list(table.columns), table)]
     references, comparisons = [], []
     for block in blocks:
-        lora = block[block["method"] == LORA]
+        lora = block[block["variant"] == LORA]  # uniform rank
         reference = lora.iloc[0]["run_id"] if len(lora) else ""
-        variants = (block["method"] != LORA).sum()
-        for run_id, method in zip(block["run_id"], block["method"], strict=True):
-            compared = bool(reference) and method != LORA
+        variants = (block["variant"] != LORA).sum()
+        for run_id, variant in zip(block["run_id"], block["variant"], strict=True):
+            compared = bool(reference) and variant != LORA
             references.append(reference if compared else "")
             comparisons.append(
                 judge.compare(run_id, reference, "perplexity", settings.min_relative_gain, variants)
@@ -80,12 +83,22 @@ def methods_finding(table: pd.DataFrame | None) -> str | None:
         if not reference or not judged:
             continue
         lora = by_id.loc[reference]
-        parts = [f"{row['method']} {sig(row['perplexity'])}: {c.describe()}" for row, c in judged]
+        parts = [f"{row['method']} {sig(row['perplexity'])}{_params_note(row, lora)}: {c.describe()}"
+                 for row, c in judged]  # fmt: skip
         sentences.append(
             f"Methods at rank {int(lora['rank'])}, {lora['modules']}, {lora['quantization']} against plain LoRA "
             f"({reference}, perplexity {sig(lora['perplexity'])}): " + "; ".join(parts) + "."
         )
     return " ".join(sentences) or None
+
+
+def _params_note(row: pd.Series, lora: pd.Series) -> str:
+    """The variant's trainable parameters where they differ from plain LoRA's by over 1 % (EVA's and a rank
+    pattern's redistributed ranks): a comparison at unequal size says so."""
+    mine, theirs = row["trainable_params"], lora["trainable_params"]
+    if pd.isna(mine) or pd.isna(theirs) or not theirs or abs(mine / theirs - 1) <= 0.01:
+        return ""
+    return f" ({int(mine):,} trainable parameters, {mine / theirs:.2f}x LoRA's)"
 
 
 def tables(study: Study) -> dict[str, pd.DataFrame | None]:

@@ -96,6 +96,9 @@ def rows(node: dict[str, Any], path: str, defs: dict[str, Any]) -> Iterator[tupl
         return
     children = target.get("properties") or target.get("items", {}).get("properties") or {}
     prefix = f"{path}[]." if "properties" not in target and children else f"{path}."
+    named = target.get("additionalProperties")
+    if not children and isinstance(named, dict) and named.get("properties"):  # a mapping of named entries
+        children, prefix = named["properties"], f"{path}.<name>."
     for key, child in children.items():
         yield from rows(child, prefix + key, defs)
 

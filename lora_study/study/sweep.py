@@ -11,7 +11,7 @@ from typing import Any
 from lora_study.core.formats import FOUR_BIT, applies_compute_dtype, quantization_label
 from lora_study.study.budget import AUTO
 from lora_study.study.config import ConfigError, load_schema, training_defaults
-from lora_study.study.methods import CALIBRATED_METHODS, FULL, LORA, default_alpha, is_converted, method_problem
+from lora_study.study.methods import CALIBRATED_METHODS, EVA, FULL, LORA, default_alpha, is_converted, method_problem
 from lora_study.study.modules import ALL_LINEAR, canonical_modules, modules_label
 from lora_study.study.settings import TrainingSettings
 
@@ -36,6 +36,11 @@ class RunSpec:
     # The configuration this run replicates (equal to run_id without a seeds axis).
     config_id: str = ""
     method: str = LORA  # a name of lora_study.study.methods (full: fine-tuning without an adapter)
+    # Per-layer rank and alpha (PEFT's rank_pattern / alpha_pattern, module-name regex -> value): the config's
+    # rank_patterns entry named `rank_pattern`; "" for the uniform rank and alpha.
+    rank_pattern: str = ""
+    layer_ranks: tuple[tuple[str, int], ...] = ()
+    layer_alphas: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.config_id:
@@ -52,7 +57,17 @@ class RunSpec:
         params["training"] = self.training.to_dict() if self.training else None
         if self.method == LORA:
             del params["method"]
+        if self.rank_pattern:  # its content too: editing the pattern retrains the run
+            params["layer_ranks"], params["layer_alphas"] = dict(self.layer_ranks), dict(self.layer_alphas)
+        else:
+            for key in ("rank_pattern", "layer_ranks", "layer_alphas"):
+                del params[key]
         return params
+
+    @property
+    def lora_patterns(self) -> dict[str, dict[str, float]]:
+        """LoraConfig's rank_pattern and alpha_pattern (empty for a uniform run)."""
+        return {"rank_pattern": dict(self.layer_ranks), "alpha_pattern": dict(self.layer_alphas)}
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RunSpec:
@@ -60,6 +75,8 @@ class RunSpec:
         values = dict(params)
         training = values.pop("training", None)
         values["modules"] = tuple(values["modules"])
+        for key in ("layer_ranks", "layer_alphas"):
+            values[key] = tuple(values.get(key, {}).items())
         where = f"run '{values.get('run_id')}'"
         return cls(**values, training=TrainingSettings.from_dict(training, where) if training else None)
 
@@ -203,11 +220,13 @@ def run_id(
     double_quant: bool,
     method: str = LORA,
     own_settings: dict[str, Any] | None = None,
+    rank_pattern: str = "",
 ) -> str:
-    """`r16-qkvo-nf4`, `r16-qkvo-nf4-dora-lr2e-4`, `full-16bit`.
+    """`r16-qkvo-nf4`, `r16-qkvo-nf4-dora-lr2e-4`, `r16-qkvo-nf4-rpattn`, `full-16bit`.
 
     Alpha appears only when it is not the method's default; the method only
-    when it is not LoRA; a swept setting only when it differs from the schema default.
+    when it is not LoRA; a rank pattern by its name (`rp<name>`); a swept
+    setting only when it differs from the schema default.
     """
     if method == FULL:
         parts = [FULL, quantization_label(quantization, double_quant)]
@@ -219,6 +238,8 @@ def run_id(
         parts.append(quantization_label(quantization, double_quant))
         if method != LORA:
             parts.append(method)
+        if rank_pattern:
+            parts.append(f"{RANK_PATTERN_PREFIX}{rank_pattern}")
     parts += settings_suffix(own_settings or {}, method)
     return "-".join(parts)
 
@@ -235,9 +256,32 @@ class Entry:
     method: str
     own_settings: dict[str, Any]  # the training values this entry sets itself (grid axes or named overrides)
     explicit_id: str | None = None
+    rank_pattern: str | None = None  # a name of the config's rank_patterns
 
 
-def _make_spec(entry: Entry, shared: dict[str, Any], method_settings: dict[str, Any], origin: str) -> RunSpec:
+# A rank pattern's part of a run id: r16-qkvo-nf4-rp<name>.
+RANK_PATTERN_PREFIX = "rp"
+
+
+def _rank_pattern(entry: Entry, patterns: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The run's rank pattern as RunSpec fields (none for a uniform run), after checking it can apply."""
+    name = entry.rank_pattern
+    if not name:
+        return {}
+    if name not in patterns:
+        known = ", ".join(sorted(patterns)) or "none defined"
+        raise ConfigError(f"{origin}: rank_pattern '{name}' is not in the config's rank_patterns ({known})")
+    if entry.method in (FULL, EVA):
+        why = "trains every weight" if entry.method == FULL else "computes its own per-layer ranks"
+        raise ConfigError(f"{origin}: rank_pattern '{name}' with method {entry.method}, which {why}")
+    pattern = patterns[name]
+    return {"rank_pattern": name, "layer_ranks": tuple(pattern.get("ranks", {}).items()),
+            "layer_alphas": tuple(pattern.get("alphas", {}).items())}  # fmt: skip
+
+
+def _make_spec(
+    entry: Entry, shared: dict[str, Any], method_settings: dict[str, Any], origin: str, patterns: dict[str, Any]
+) -> RunSpec:
     """Resolve an entry: schema and shared defaults, then the method's own settings, then the entry's."""
     problem = method_problem(entry.method, entry.quantization)
     if problem:
@@ -260,8 +304,10 @@ def _make_spec(entry: Entry, shared: dict[str, Any], method_settings: dict[str, 
         own.pop("lora_dropout", None)  # no adapter: a dropout value must not name the run
     if problem := sharding_problem(entry.method, training):
         raise ConfigError(f"{origin}: training.gpus {training.get('gpus')}: {problem}")
+    pattern = _rank_pattern(entry, patterns, origin)
     return RunSpec(
-        run_id=entry.explicit_id or run_id(rank, alpha, ordered, entry.quantization, double_quant, entry.method, own),
+        run_id=entry.explicit_id
+        or run_id(rank, alpha, ordered, entry.quantization, double_quant, entry.method, own, entry.rank_pattern or ""),
         rank=rank,
         alpha=alpha,
         modules=ordered,
@@ -269,6 +315,7 @@ def _make_spec(entry: Entry, shared: dict[str, Any], method_settings: dict[str, 
         double_quant=double_quant,
         training=TrainingSettings.from_dict(training, origin),
         method=entry.method,
+        **pattern,
     )
 
 
@@ -279,12 +326,13 @@ def _grid_entries(grid: dict[str, Any], origin: str) -> list[Entry]:
             raise ConfigError(f"config key '{origin}.training.{key}': {NOT_AN_AXIS[key]}")
     keys = list(axes)
     entries = []
-    for rank, alpha, modules, quant, dq, method in itertools.product(
-        grid["rank"], grid["alpha"], grid["modules"], grid["quantization"], grid["double_quant"], grid["method"]
-    ):
+    for rank, alpha, modules, quant, dq, method, pattern in itertools.product(
+        grid["rank"], grid["alpha"], grid["modules"], grid["quantization"], grid["double_quant"], grid["method"],
+        grid.get("rank_pattern", [None]),
+    ):  # fmt: skip
         for values in itertools.product(*(axes[key] for key in keys)):
             own = dict(zip(keys, values, strict=True))
-            entries.append(Entry(rank, alpha, list(modules), quant, dq, method, own))
+            entries.append(Entry(rank, alpha, list(modules), quant, dq, method, own, rank_pattern=pattern))
     return entries
 
 
@@ -349,6 +397,7 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
     sweep = config["sweep"]
     shared = config["training"]
     method_settings = config.get("methods", {})
+    patterns = config.get("rank_patterns", {})
     runs: dict[str, RunSpec] = {}
     origins: dict[str, str] = {}
 
@@ -367,7 +416,7 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
     cells = []
     for index, grid in enumerate(sweep["grids"]):
         origin = f"sweep.grids[{index}]"
-        cells += [(_make_spec(entry, shared, method_settings, origin), origin)
+        cells += [(_make_spec(entry, shared, method_settings, origin, patterns), origin)
                   for entry in _grid_entries(grid, origin)]  # fmt: skip
     for spec, origin in _merged_grid_cells(cells):
         add(spec, origin)
@@ -379,19 +428,20 @@ def expand_study(config: dict[str, Any]) -> dict[str, RunSpec]:
         if named["method"] == FULL:
             _warn_unused_by_full(named, origin)
         entry = Entry(named["rank"], named["alpha"], list(named["modules"]), named["quantization"],
-                      named["double_quant"], named["method"], dict(named["training"]), named.get("id"))  # fmt: skip
-        add(_make_spec(entry, shared, method_settings, origin), origin)
+                      named["double_quant"], named["method"], dict(named["training"]), named.get("id"),
+                      named.get("rank_pattern"))  # fmt: skip
+        add(_make_spec(entry, shared, method_settings, origin, patterns), origin)
     if not runs:
         raise ConfigError("config key 'sweep': no runs; add a grid or a named run")
     if sweep["seeds"]:
         if sweep.get("noise_replicates", 1) > 1:
             log.info("sweep.seeds replicates every configuration; sweep.noise_replicates is not needed and unused")
         return replicate(runs, sweep["seeds"])
-    return with_noise_replicates(runs, sweep, method_settings, shared)
+    return with_noise_replicates(runs, sweep, method_settings, shared, patterns)
 
 
 def noise_reference(sweep: dict[str, Any], runs: dict[str, RunSpec], method_settings: dict[str, Any],
-                    shared: dict[str, Any]) -> str:  # fmt: skip
+                    shared: dict[str, Any], patterns: dict[str, Any]) -> str:  # fmt: skip
     """The configuration replicated to measure seed noise: sweep.noise_reference, else the centre of the
     first grid (the middle value of each of its axes; r16-qkvo-nf4 in the default study), else the first run."""
     named = sweep.get("noise_reference")
@@ -406,21 +456,21 @@ def noise_reference(sweep: dict[str, Any], runs: dict[str, RunSpec], method_sett
         axes = sweep["grids"][0].get("training", {})
         centre["training"] = {key: [values[(len(values) - 1) // 2]] for key, values in axes.items()}
         entries = _grid_entries(centre, "sweep.grids[0] (centre)")
-        spec = _make_spec(entries[0], shared, method_settings, "sweep.grids[0] (centre)")
+        spec = _make_spec(entries[0], shared, method_settings, "sweep.grids[0] (centre)", patterns)
         if spec.run_id in runs:
             return spec.run_id
     return next(iter(runs))
 
 
 def with_noise_replicates(runs: dict[str, RunSpec], sweep: dict[str, Any], method_settings: dict[str, Any],
-                          shared: dict[str, Any]) -> dict[str, RunSpec]:  # fmt: skip
+                          shared: dict[str, Any], patterns: dict[str, Any]) -> dict[str, RunSpec]:  # fmt: skip
     """The runs plus sweep.noise_replicates - 1 more seeds of the reference configuration
     ('r16-qkvo-nf4-s1', '-s2', seeds training.seed + 1, ...): its seed-to-seed spread is the training noise
     every one-seed configuration's verdicts borrow. The reference's own run keeps its id (nothing retrains)."""
     replicates = sweep.get("noise_replicates", 1)
     if replicates < 2:
         return runs
-    reference = runs[noise_reference(sweep, runs, method_settings, shared)]
+    reference = runs[noise_reference(sweep, runs, method_settings, shared, patterns)]
     assert reference.training is not None
     extra = {}
     for offset in range(1, replicates):

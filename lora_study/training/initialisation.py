@@ -83,13 +83,18 @@ def preprocess(model: nn.Module, lora_config, method: str, batches: Batches, rec
         log.info("LoRA-GA gradients from %d batches", len(batches))
 
 
-def initialize_eva(model: nn.Module, batches: Batches) -> dict[str, int]:
+def initialize_eva(model: nn.Module, batches: Batches, recipe: Recipe) -> dict[str, int]:
     """EVA's initialisation (PEFT): the layer inputs of `batches`, their incremental SVD per adapted layer, A set
     to the top components and the ranks redistributed by explained variance. Returns the per-layer ranks (PEFT's
-    rank_pattern; empty when every layer kept r)."""
+    rank_pattern; empty when every layer kept r).
+
+    The forward passes run as training's do, under the recipe's autocast (16-bit weights behind fp32 norms need
+    it); PEFT's hooks take each layer's inputs in fp32 for the SVD."""
     from peft import initialize_lora_eva_weights
 
-    initialize_lora_eva_weights(model, dataloader=batches, show_progress_bar=False)
+    device_type = batches[0]["input_ids"].device.type if batches else "cpu"
+    with recipe.autocast_context(device_type):
+        initialize_lora_eva_weights(model, dataloader=batches, show_progress_bar=False)
     pattern = dict(model.peft_config[ADAPTER].rank_pattern or {})
     ranks = sorted(pattern.values())
     log.info("EVA initialised on %d batches: per-layer ranks %s", len(batches),

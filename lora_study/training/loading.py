@@ -227,11 +227,13 @@ def add_lora(
     gradient_checkpointing: bool,
     method: str = "lora",
     calibration: Calibration | None = None,
+    patterns: dict[str, dict[str, float]] | None = None,
 ) -> nn.Module:
     """LoRA (or the PEFT variant `method`) on the target modules, with every tensor where the recipe puts it.
 
     CorDA and LoRA-GA read `calibration()` (the run's first training batches) before PEFT builds the adapter;
     EVA reads them afterwards (lora_study.training.initialisation.initialize_eva) and LoftQ the original weights.
+    `patterns`: PEFT's rank_pattern and alpha_pattern (RunSpec.lora_patterns).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -245,16 +247,33 @@ def add_lora(
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                      **targets.lora_kwargs(), **PEFT_FLAGS[method], **peft_config_extras(method))  # fmt: skip
+                      **targets.lora_kwargs(), **PEFT_FLAGS[method], **peft_config_extras(method),
+                      **(patterns or {}))  # fmt: skip
     if method in CALIBRATED_METHODS and method != EVA:
         if calibration is None:
             raise ValueError(f"{method} initialises from training batches: pass `calibration`")
         preprocess(model, lora, method, calibration(), recipe)
     with targets_as_given():
         model = get_peft_model(model, lora)
+    if patterns:
+        check_patterns_match(model, patterns)
     model = apply_recipe(model, recipe)
     log.info("parameters by dtype after the %s recipe: %s", recipe.compute_dtype, dtype_summary(model))
     return model
+
+
+def check_patterns_match(model: nn.Module, patterns: dict[str, dict[str, float]]) -> None:
+    """Every rank or alpha pattern matches an adapted layer the way PEFT matches them (the end of the module
+    name): a pattern matching none would train the uniform rank under the pattern's name."""
+    import re
+
+    adapted = [name for name, module in model.named_modules() if "default" in getattr(module, "lora_A", {})]
+    for kind, pattern in patterns.items():
+        for key in pattern:
+            if not any(re.match(rf"(.*\.)?({key})$", name) for name in adapted):
+                example = adapted[0].removeprefix("base_model.model.") if adapted else "none"
+                raise UserError(f"{kind} '{key}' matches no adapted layer (it must match the end of a module "
+                                f"name, e.g. {example!r}: a layer prefix needs '.*' after it)")  # fmt: skip
 
 
 def prepare_full(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:

@@ -368,7 +368,7 @@ class TrainingSession:
             model = prepare_full(model, training.gradient_checkpointing)
         else:
             model = add_lora(model, self.job.recipe, targets, run.rank, run.alpha, training.lora_dropout,
-                             training.gradient_checkpointing, run.method, calibration)  # fmt: skip
+                             training.gradient_checkpointing, run.method, calibration, run.lora_patterns)  # fmt: skip
         if run.method == LOFTQ:
             initialize_loftq(model, manifest["path"])
         if is_converted(run.method):
@@ -391,7 +391,7 @@ class TrainingSession:
         """Optimizer, schedule and the batch stream, restored from a checkpoint when there is one."""
         training = self.job.training
         if self.job.run.method == EVA:  # before the optimizer and any checkpoint: EVA may change the factors' shapes
-            initialize_eva(model, calibration_batches(train_rows, pad_id, training, self.job.device))
+            initialize_eva(model, calibration_batches(train_rows, pad_id, training, self.job.device), self.job.recipe)
             trainable, total = count_parameters(model)
             self.counts = {"trainable_params": trainable, "total_params": total}
             log.info("trainable params after EVA %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)

@@ -200,19 +200,26 @@ def _four_bit_bytes(size: int, double_quant: bool) -> float:
 _LORA_PARAMS_CACHE: dict[tuple[Any, ...], int] = {}
 
 
-def _planning_flags(method: str) -> dict[str, Any]:
-    """The LoraConfig flags that change memory: DoRA's. (rsLoRA scales; PiSSA/OLoRA only initialise.)"""
-    return {"use_dora": True} if method == DORA else {}
+LayerRanks = tuple[tuple[str, int], ...]  # RunSpec.layer_ranks: a rank pattern's (module regex, rank) pairs
 
 
-def lora_params(model_config, targets: Targets, rank: int, method: str = LORA) -> int:
+def _planning_flags(method: str, layer_ranks: LayerRanks = ()) -> dict[str, Any]:
+    """The LoraConfig flags that change memory: DoRA's and a rank pattern. (rsLoRA and alphas scale;
+    PiSSA/OLoRA only initialise.)"""
+    flags: dict[str, Any] = {"use_dora": True} if method == DORA else {}
+    if layer_ranks:
+        flags["rank_pattern"] = dict(layer_ranks)
+    return flags
+
+
+def lora_params(model_config, targets: Targets, rank: int, method: str = LORA, layer_ranks: LayerRanks = ()) -> int:
     """Trainable parameters PEFT creates for `targets` at `rank`, counted on the meta device.
 
     Counting PEFT's own layers covers every case a formula would have to
     repeat: fused layers, regex scopes, 3-D expert weights.
     """
-    flags = _planning_flags(method)
-    key = (model_config.to_json_string(), targets.key(), rank, tuple(flags))
+    flags = _planning_flags(method, layer_ranks)
+    key = (model_config.to_json_string(), targets.key(), rank, method == DORA, layer_ranks)
     if key not in _LORA_PARAMS_CACHE:
         from peft import LoraConfig, get_peft_model
 
@@ -238,6 +245,7 @@ def saved_activation_bytes(
     seq_len: int,
     method: str = LORA,
     recipe: Recipe | None = None,
+    layer_ranks: LayerRanks = (),
 ) -> tuple[float, float]:
     """(bytes autograd saves in one forward pass, bytes one layer saves without checkpointing).
 
@@ -251,7 +259,7 @@ def saved_activation_bytes(
     what does not change activations share one count.
     """
     key = (model_config.to_json_string(), targets.key(), rank, dropout, dtype_name, gradient_checkpointing,
-           attn_implementation, batch_size, seq_len, method, recipe)  # fmt: skip
+           attn_implementation, batch_size, seq_len, method, recipe, layer_ranks)  # fmt: skip
     if key in _ACTIVATION_CACHE:
         return _ACTIVATION_CACHE[key]
     dtype = getattr(torch, dtype_name) if recipe is None else recipe.load_dtype
@@ -261,7 +269,7 @@ def saved_activation_bytes(
     text = model_config.get_text_config()  # a multimodal checkpoint's language model
     try:
         tensors = _saved_tensors(model_config, targets, rank, dropout, dtype, recipe, gradient_checkpointing,
-                                 attn_implementation, shape, method, autocast_on)  # fmt: skip
+                                 attn_implementation, shape, method, autocast_on, layer_ranks)  # fmt: skip
         widen = None
     except RuntimeError as error:
         if "Expected inputs of BF16" not in str(error):
@@ -269,7 +277,8 @@ def saved_activation_bytes(
         # Experts computed by torch's grouped matmul: on the meta device it takes only bf16. Plan in bf16 (every
         # matmul cast to it, as autocast would) and count each bf16 tensor at the size it has in the run's dtype.
         tensors = _saved_tensors(model_config, targets, rank, dropout, torch.bfloat16, _in_bf16(recipe),
-                                 gradient_checkpointing, attn_implementation, shape, method, True)  # fmt: skip
+                                 gradient_checkpointing, attn_implementation, shape, method, True,
+                                 layer_ranks)  # fmt: skip
         widen = dtype
     saved = sum(t.numel() * (widen.itemsize if widen is not None and t.dtype == torch.bfloat16 else t.element_size())
                 for t in tensors)  # fmt: skip
@@ -277,7 +286,8 @@ def saved_activation_bytes(
         saved += text.num_hidden_layers * batch_size * text.num_attention_heads * seq_len * 4
     if gradient_checkpointing:
         per_layer = saved_activation_bytes(model_config, targets, rank, dropout, dtype_name, False,
-                                           attn_implementation, batch_size, seq_len, method, recipe)[1]  # fmt: skip
+                                           attn_implementation, batch_size, seq_len, method, recipe,
+                                           layer_ranks)[1]  # fmt: skip
     else:
         per_layer = saved / text.num_hidden_layers
     _ACTIVATION_CACHE[key] = (saved, per_layer)
@@ -286,7 +296,8 @@ def saved_activation_bytes(
 
 def _saved_tensors(model_config, targets: Targets, rank: int, dropout: float, dtype: torch.dtype,
                    recipe: Recipe | None, gradient_checkpointing: bool, attn_implementation: str,
-                   shape: tuple[int, int], method: str, autocast_on: bool) -> list[torch.Tensor]:  # fmt: skip
+                   shape: tuple[int, int], method: str, autocast_on: bool,
+                   layer_ranks: LayerRanks = ()) -> list[torch.Tensor]:  # fmt: skip
     """The distinct tensors autograd saves in one meta-device forward pass of a (batch, length) `shape` batch
     (weights and, with fused attention, T x T matrices left out)."""
     from peft import LoraConfig, get_peft_model
@@ -309,7 +320,7 @@ def _saved_tensors(model_config, targets: Targets, rank: int, dropout: float, dt
             model.enable_input_require_grads()
     if method != FULL:
         lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, **targets.lora_kwargs(),
-                          **_planning_flags(method))  # fmt: skip
+                          **_planning_flags(method, layer_ranks))  # fmt: skip
         with targets_as_given():
             model = get_peft_model(model, lora)
     if recipe is not None:
@@ -562,6 +573,7 @@ def plan_run(
         batch.padded_length,
         run.method,
         recipe,
+        run.layer_ranks,
     )
     logits = logits_bytes(batch.loss_positions, facts.vocab_size, DTYPE_BYTES[recipe.compute_dtype])
     gpus = training.gpus
@@ -577,7 +589,7 @@ def plan_run(
         copies = trainable * DTYPE_BYTES[recipe.compute_dtype] if recipe.autocast else 0
         gradients_optimizer = trainable * (4 + OPTIMIZER_STATE_BYTES[training.optimizer]) + copies
     else:
-        trainable = lora_params(model_config, targets, run.rank, run.method)
+        trainable = lora_params(model_config, targets, run.rank, run.method, run.layer_ranks)
         weights = weights_bytes(facts, recipe, run.double_quant)
         adapter = trainable * 4.0
         gradients_optimizer = trainable * (4 + OPTIMIZER_STATE_BYTES[training.optimizer])
