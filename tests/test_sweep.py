@@ -193,7 +193,7 @@ def test_rank_patterns_are_an_axis_named_in_the_id_whose_content_is_in_the_param
 @pytest.mark.parametrize(
     "sweep, message",
     [
-        ({"grids": [{"rank_pattern": ["wide"]}]}, r"rank_pattern 'wide' is not in the config's rank_patterns \(early, "),
+        ({"grids": [{"rank_pattern": ["wide"]}]}, r"rank_pattern 'wide' is not in the config's rank_patterns"),
         ({"grids": [{"rank_pattern": ["qheavy"], "method": ["eva"]}]}, "which computes its own per-layer ranks"),
         ({"runs": [{"rank_pattern": "early", "method": "full", "quantization": "16bit"}]}, "which trains every weight"),
     ],
