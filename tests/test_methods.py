@@ -532,14 +532,19 @@ def test_methods_study_tables(methods_study):
     assert list(methods.index) == ["lora", "pissa", "eva", "corda", "lora_ga", "lora+rpqwide"]
     assert methods.loc["lora+rpqwide", "compared_with"] == "r4-qv-fp32"
     assert pd.isna(methods.loc["lora", "verdict"])  # the reference itself
-    # PiSSA against LoRA at the same rank: the verdict the per-row scores give (one variant judged, the report's
-    # default tolerance), recomputed from the study's examples table.
-    from lora_study.stats.verdicts import Judge, evidence_from_examples
+    # PiSSA against LoRA at the same rank: the verdict the per-row scores give (m = the block's 5 variants, the
+    # report's default tolerances), recomputed from the study's examples tables, on learning and on general text.
+    from lora_study.stats.verdicts import GENERAL, Judge, evidence_from_examples
 
-    judge = Judge(evidence_from_examples(pd.read_csv(methods_study / "results/tables/examples.csv")))
+    tables = methods_study / "results/tables"
+    judge = Judge(evidence_from_examples(pd.read_csv(tables / "examples.csv")),
+                  general=evidence_from_examples(pd.read_csv(tables / "general_examples.csv")))  # fmt: skip
     assert methods.loc["pissa", "compared_with"] == "r4-qv-fp32"
-    expected = judge.compare("r4-qv-fp32-pissa", "r4-qv-fp32", "perplexity", 0.01, 1)
+    expected = judge.compare("r4-qv-fp32-pissa", "r4-qv-fp32", "perplexity", 0.01, 5)
     assert methods.loc["pissa", "verdict"] == expected.verdict.value
+    forgetting = judge.compare("r4-qv-fp32-pissa", "r4-qv-fp32", GENERAL, 0.02, 5)
+    assert methods.loc["pissa", "general_verdict"] == forgetting.verdict.value
+    assert "; on general text " in (methods_study / "results/report/findings.md").read_text()
 
     shares = derived(methods_study, "full_finetuning").set_index("run_id")
     base, full = runs.loc["base-fp32", "perplexity"], runs.loc["full-fp32", "perplexity"]

@@ -17,9 +17,7 @@ from lora_study.questions.common import (
     with_verdicts,
 )
 from lora_study.report.question import FindingSettings, Question, Study
-from lora_study.stats.verdicts import (
-    Judge,
-)
+from lora_study.stats.verdicts import GENERAL, Judge
 from lora_study.study.methods import FULL, LORA, lora_scale
 
 
@@ -68,7 +66,26 @@ def methods_table(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -
                 else None
             )
     table.insert(1, "compared_with", references)
-    return with_verdicts(table, comparisons)
+    table = with_verdicts(table, comparisons)
+    return _with_forgetting(table, group, judge, settings)
+
+
+def _with_forgetting(table: pd.DataFrame, group: pd.DataFrame, judge: Judge,
+                     settings: FindingSettings) -> pd.DataFrame:  # fmt: skip
+    """With evaluation.forgetting: each variant against the same plain LoRA run on general text too (the paired
+    test on its rows, tolerance sweet_spot_tolerance like the forgetting table; m = the block's variants)."""
+    if "general_perplexity" not in group or group["general_perplexity"].isna().all():
+        return table
+    variants = table.groupby("compared_with")["compared_with"].transform("size")
+    general = [
+        judge.compare(run_id, reference, GENERAL, settings.sweet_spot_tolerance, int(m)) if reference else None
+        for run_id, reference, m in zip(table["run_id"], table["compared_with"], variants, strict=True)
+    ]
+    comparisons = table.attrs["comparisons"]
+    table = table.assign(general_perplexity=group["general_perplexity"].to_numpy(),
+                         general_verdict=[c.verdict.value if c else "" for c in general])  # fmt: skip
+    table.attrs["comparisons"], table.attrs["general"] = comparisons, general
+    return table
 
 
 def methods_finding(table: pd.DataFrame | None) -> str | None:
@@ -79,12 +96,14 @@ def methods_finding(table: pd.DataFrame | None) -> str | None:
     sentences = []
     for reference, rows in table.groupby("compared_with", sort=False):
         comparisons = table.attrs["comparisons"]
-        judged = [(row, comparisons[i]) for i, row in rows.iterrows() if comparisons[i] is not None]
+        judged = [(i, row, comparisons[i]) for i, row in rows.iterrows() if comparisons[i] is not None]
         if not reference or not judged:
             continue
         lora = by_id.loc[reference]
+        general = table.attrs.get("general")
         parts = [f"{row['method']} {sig(row['perplexity'])}{_params_note(row, lora)}: {c.describe()}"
-                 for row, c in judged]  # fmt: skip
+                 + (f"; on general text {general[i].describe()}" if general and general[i] else "")
+                 for i, row, c in judged]  # fmt: skip
         sentences.append(
             f"Methods at rank {int(lora['rank'])}, {lora['modules']}, {lora['quantization']} against plain LoRA "
             f"({reference}, perplexity {sig(lora['perplexity'])}): " + "; ".join(parts) + "."
@@ -117,6 +136,8 @@ QUESTION = Question(
     definitions={
         "methods": "each LoRA variant against the plain LoRA run of its block (same rank, target modules, weight "
         "format and training settings; tolerance min_relative_gain, m = the number of variants in the block); "
-        "scale = alpha/r (rslora: alpha/sqrt(r)).",
+        "scale = alpha/r (rslora: alpha/sqrt(r)); with evaluation.forgetting, general_verdict is the same "
+        "comparison on general text (forgetting; tolerance sweet_spot_tolerance); a rank pattern's run is "
+        "method+rp<name>.",
     },
 )
