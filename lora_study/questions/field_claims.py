@@ -22,9 +22,9 @@ from lora_study.questions.reference_claims import (
     NOT_TESTED,
     SUPPORTED,
     Claim,
-    _one_sided,
-    _side,
-    _untested,
+    claim_answer,
+    one_sided,
+    untested,
 )
 from lora_study.questions.training_axes import (
     best_per_rank,
@@ -71,7 +71,7 @@ def learning_rate_ratio_claim(runs: pd.DataFrame, judge: Judge, settings: Findin
                 "each best shown better than its sweep's other learning rates?")  # fmt: skip
     lora, full = (_best_learning_rate(runs, method, judge, settings) for method in (LORA, FULL))
     if lora is None or full is None:
-        return _untested(claim, question, "learning-rate sweep of both LoRA and full fine-tuning")
+        return untested(claim, question, "learning-rate sweep of both LoRA and full fine-tuning")
     ratio = lora[0][LR] / full[0][LR]
     evidence = f"best LoRA {lora[0][LR]:g} ({lora[0]['run_id']}), best full {full[0][LR]:g} ({full[0]['run_id']}): " \
                f"{ratio:.3g}x"  # fmt: skip
@@ -102,7 +102,7 @@ def learning_rate_rank_claim(runs: pd.DataFrame, judge: Judge, settings: Finding
                 "to every other rank's best?")  # fmt: skip
     cells = fixed_alpha_cells(runs)
     if cells is None:
-        return _untested(claim, question, "rank x learning-rate grid at one alpha for every rank")
+        return untested(claim, question, "rank x learning-rate grid at one alpha for every rank")
     alphas = set(cells["alpha"])
     best = best_per_rank(cells)
     listed = ", ".join(f"rank {int(r)}: {best.loc[r, 'learning_rate']:g}" for r in best.index)
@@ -166,12 +166,12 @@ def all_layers_claim(runs: pd.DataFrame, judge: Judge) -> Claim:
             if same and 0.8 <= ratio <= 1.25 and everywhere.get(LR) == attention.get(LR):
                 pairs.append((abs(math.log(ratio)), everywhere, attention, ratio))
     if not pairs:
-        return _untested(claim, question, "attention-only and all-layer runs with about equal trainable parameters")
+        return untested(claim, question, "attention-only and all-layer runs with about equal trainable parameters")
     _, everywhere, attention, ratio = min(pairs, key=lambda pair: pair[0])
     result = judge.compare(everywhere["run_id"], attention["run_id"], "perplexity", 0.0)
-    answer = _side(result, 0.0, below_is_claimed=True) if result else INCONCLUSIVE
+    answer = claim_answer(result, 0.0, below_is_claimed=True) if result else INCONCLUSIVE
     return Claim(claim, question, answer, f"{everywhere['run_id']} vs {attention['run_id']} ({ratio:.2f}x the "
-                 f"parameters): {_one_sided(result) if result else 'no per-row scores'}")  # fmt: skip
+                 f"parameters): {one_sided(result) if result else 'no per-row scores'}")  # fmt: skip
 
 
 def _same(first, second) -> bool:
@@ -190,11 +190,11 @@ def forgetting_claim(forgetting: pd.DataFrame | None, runs: pd.DataFrame, judge:
                 "fine-tuning (equivalent or better validation perplexity) forget less (lower general-text "
                 "perplexity)?")  # fmt: skip
     if forgetting is None or not (forgetting["method"] == FULL).any() or not (forgetting["method"] == LORA).any():
-        return _untested(claim, question, "full fine-tuning and LoRA runs scored on general text "
+        return untested(claim, question, "full fine-tuning and LoRA runs scored on general text "
                          "(evaluation.forgetting)")  # fmt: skip
     pairs = _learning_pairs(forgetting, runs)
     if not pairs:
-        return _untested(claim, question, "LoRA run beside a full fine-tuning run in the same format and training "
+        return untested(claim, question, "LoRA run beside a full fine-tuning run in the same format and training "
                          "settings (learning rate aside)")  # fmt: skip
     learned = []
     for lora, full in pairs:
@@ -210,11 +210,11 @@ def forgetting_claim(forgetting: pd.DataFrame | None, runs: pd.DataFrame, judge:
     # Every LoRA run that learned as much is judged (m = all of them), none picked for its forgetting.
     judged = [(lora, full, learning, judge.compare(lora["run_id"], full["run_id"], GENERAL, 0.0, len(learned)))
               for lora, full, learning in learned]  # fmt: skip
-    answers = [_side(result, 0.0, below_is_claimed=True) if result else INCONCLUSIVE for *_, result in judged]
+    answers = [claim_answer(result, 0.0, below_is_claimed=True) if result else INCONCLUSIVE for *_, result in judged]
     answer = (CONTRADICTED if CONTRADICTED in answers else SUPPORTED if set(answers) == {SUPPORTED}
               else INCONCLUSIVE)  # fmt: skip
     evidence = "; ".join(f"{lora['run_id']} vs {full['run_id']}: learning {learning.describe()}; general text "
-                         f"{_one_sided(result) if result else 'no per-row scores'}"
+                         f"{one_sided(result) if result else 'no per-row scores'}"
                          for lora, full, learning, result in judged)  # fmt: skip
     return Claim(claim, question, answer, evidence)
 
@@ -245,7 +245,7 @@ def batch_claim(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -> 
     for method in (LORA, FULL):
         group = sweep_slice(_fitting(runs, method), BATCH, FIXED) if BATCH in runs else None
         if group is None:
-            return _untested(claim, question, "batch-size sweep of both LoRA and full fine-tuning")
+            return untested(claim, question, "batch-size sweep of both LoRA and full fine-tuning")
         small, large = group.loc[group[BATCH].idxmin()], group.loc[group[BATCH].idxmax()]
         result = judge.compare(large["run_id"], small["run_id"], "perplexity", settings.sweet_spot_tolerance, 2)
         changes[method] = (small, large, result)

@@ -37,7 +37,7 @@ class Claim:
         return {"claim": self.claim, "question": self.question, "answer": self.answer, "evidence": self.evidence}
 
 
-def _side(comparison: Comparison, threshold: float, below_is_claimed: bool) -> str:
+def claim_answer(comparison: Comparison, threshold: float, below_is_claimed: bool) -> str:
     """Supported / contradicted / inconclusive: where the one-sided bounds lie against `threshold`."""
     low, high = comparison.eq_low, comparison.eq_high
     if (high < threshold) if below_is_claimed else (low > threshold):
@@ -47,7 +47,7 @@ def _side(comparison: Comparison, threshold: float, below_is_claimed: bool) -> s
     return INCONCLUSIVE
 
 
-def _one_sided(comparison: Comparison) -> str:
+def one_sided(comparison: Comparison) -> str:
     return (
         f"change {100 * comparison.change:+.1f}% [{100 * comparison.eq_low:+.1f}, {100 * comparison.eq_high:+.1f}] "
         f"(one-sided bounds at {1 - 0.05:.0%} each, {comparison.sources})"
@@ -61,7 +61,7 @@ def _by(table: pd.DataFrame | None, column: str, value) -> pd.Series | None:
     return match.iloc[0] if len(match) else None
 
 
-def _untested(claim: str, question: str, missing: str) -> Claim:
+def untested(claim: str, question: str, missing: str) -> Claim:
     return Claim(claim, question, NOT_TESTED, f"the study has no {missing}")
 
 
@@ -74,22 +74,22 @@ def rank_claims(ranks: pd.DataFrame | None, judge: Judge, settings: FindingSetti
     r16, r32, r64 = (_by(ranks, "rank", r) for r in (16, 32, 64))
     claims = []
     if r16 is None or r64 is None:
-        claims.append(_untested(a_claim, a_question, "rank 16 and rank 64 runs in one rank sweep"))
+        claims.append(untested(a_claim, a_question, "rank 16 and rank 64 runs in one rank sweep"))
     else:
         result = judge.compare(r16["run_id"], r64["run_id"], "perplexity", tolerance)
         ratio = r16["peak_memory_gb"] / r64["peak_memory_gb"]
-        answer = _side(result, tolerance, below_is_claimed=True) if result else INCONCLUSIVE
+        answer = claim_answer(result, tolerance, below_is_claimed=True) if result else INCONCLUSIVE
         if answer == SUPPORTED and ratio >= 1:
             answer = CONTRADICTED  # close in quality, but no memory saved
-        evidence = (_one_sided(result) if result else "no per-row scores") + f"; memory {ratio:.0%} of rank 64's"
+        evidence = (one_sided(result) if result else "no per-row scores") + f"; memory {ratio:.0%} of rank 64's"
         claims.append(Claim(a_claim, a_question, answer, f"rank 16 vs 64: {evidence}"))
     if r32 is None or r64 is None:
-        claims.append(_untested(b_claim, b_question, "rank 32 and rank 64 runs in one rank sweep"))
+        claims.append(untested(b_claim, b_question, "rank 32 and rank 64 runs in one rank sweep"))
     else:
         result = judge.compare(r64["run_id"], r32["run_id"], "perplexity", 0.02)
-        answer = _side(result, -0.02, below_is_claimed=False) if result else INCONCLUSIVE
+        answer = claim_answer(result, -0.02, below_is_claimed=False) if result else INCONCLUSIVE
         claims.append(Claim(b_claim, b_question, answer,
-                            f"rank 64 vs 32: {_one_sided(result) if result else 'no per-row scores'}"))  # fmt: skip
+                            f"rank 64 vs 32: {one_sided(result) if result else 'no per-row scores'}"))  # fmt: skip
     return claims
 
 
@@ -101,20 +101,20 @@ def module_claims(modules: pd.DataFrame | None, judge: Judge) -> list[Claim]:
     qv, qkvo, mlp = (_by(modules, "modules", label) for label in ("qv", "qkvo", "qkvo-mlp"))
     claims = []
     if qv is None or qkvo is None:
-        claims.append(_untested(c_claim, c_question, "q,v and q,k,v,o runs in one module sweep"))
+        claims.append(untested(c_claim, c_question, "q,v and q,k,v,o runs in one module sweep"))
     else:
         result = judge.compare(qkvo["run_id"], qv["run_id"], "perplexity", 0.0)
-        answer = _side(result, 0.0, below_is_claimed=True) if result else INCONCLUSIVE
+        answer = claim_answer(result, 0.0, below_is_claimed=True) if result else INCONCLUSIVE
         claims.append(Claim(c_claim, c_question, answer,
-                            f"q,k,v,o vs q,v: {_one_sided(result) if result else 'no per-row scores'}"))  # fmt: skip
+                            f"q,k,v,o vs q,v: {one_sided(result) if result else 'no per-row scores'}"))  # fmt: skip
     if qkvo is None or mlp is None:
-        claims.append(_untested(d_claim, d_question, "q,k,v,o and q,k,v,o+mlp runs in one module sweep"))
+        claims.append(untested(d_claim, d_question, "q,k,v,o and q,k,v,o+mlp runs in one module sweep"))
     else:
         ratio = mlp["trainable_params"] / qkvo["trainable_params"]
         result = judge.compare(mlp["run_id"], qkvo["run_id"], "perplexity", 0.02)
-        small_gain = _side(result, -0.02, below_is_claimed=False) if result else INCONCLUSIVE
+        small_gain = claim_answer(result, -0.02, below_is_claimed=False) if result else INCONCLUSIVE
         answer = small_gain if 2 <= ratio <= 4 else CONTRADICTED
-        evidence = f"{ratio:.1f}x the parameters; {_one_sided(result) if result else 'no per-row scores'}"
+        evidence = f"{ratio:.1f}x the parameters; {one_sided(result) if result else 'no per-row scores'}"
         claims.append(Claim(d_claim, d_question, answer, f"+MLP vs q,k,v,o: {evidence}"))
     return claims
 
@@ -136,12 +136,12 @@ def quantization_claims(
     reference = reference_row(quant[quant["perplexity"].notna()]) if quant is not None else None
     if nf4 is None or reference is None:
         missing = "nf4 and unquantized runs in one quantization sweep"
-        return [_untested(e_claim, e_question, missing), _untested(f_claim, f_question, missing)]
+        return [untested(e_claim, e_question, missing), untested(f_claim, f_question, missing)]
     result = judge.compare(nf4["run_id"], reference["run_id"], "perplexity", 0.03)
-    answer = _side(result, 0.03, below_is_claimed=True) if result else INCONCLUSIVE
+    answer = claim_answer(result, 0.03, below_is_claimed=True) if result else INCONCLUSIVE
     against = f"nf4 vs {reference['quantization']}"
     quality = Claim(e_claim, e_question, answer,
-                    f"{against}: {_one_sided(result) if result else 'no per-row scores'}")  # fmt: skip
+                    f"{against}: {one_sided(result) if result else 'no per-row scores'}")  # fmt: skip
     return [quality, _memory_claim(f_claim, f_question, nf4, reference, memory_text, predicted_gpu_gb or {})]
 
 
@@ -154,7 +154,7 @@ def _memory_claim(claim: str, question: str, nf4: pd.Series, reference: pd.Serie
         return Claim(claim, question, answer, f"{against}: {_saving(saved)} peak memory; {memory_text}")
     nf4_gb, reference_gb = predicted_gpu_gb.get(nf4["run_id"]), predicted_gpu_gb.get(reference["run_id"])
     if nf4_gb is None or reference_gb is None or pd.isna(nf4_gb) or pd.isna(reference_gb):
-        return _untested(claim, question, "GPU measurement (CPU RSS cannot test a GPU-memory claim) and no "
+        return untested(claim, question, "GPU measurement (CPU RSS cannot test a GPU-memory claim) and no "
                          "predicted GPU memory")  # fmt: skip
     saved = 1 - nf4_gb / reference_gb
     answer = (SUPPORTED if 0.4 <= saved <= 0.6 else CONTRADICTED) + " (predicted)"
@@ -190,16 +190,16 @@ def full_claim(shares: pd.DataFrame | None, judge: Judge, claimed_share: float =
     question = "Does the best LoRA run recover at least 90% of full fine-tuning's perplexity improvement?"
     lora = shares[shares["method"] == LORA].dropna(subset=["share_of_full_pct"]) if shares is not None else None
     if lora is None or lora.empty:
-        return _untested(claim, question, "full fine-tuning run beside LoRA runs and an unquantized base model")
+        return untested(claim, question, "full fine-tuning run beside LoRA runs and an unquantized base model")
     best = lora.iloc[0]
     base, full = shares.attrs["base_perplexity"], shares.attrs["full_perplexity"]
     threshold = (1 - claimed_share) * (base - full) / full
     result = judge.compare(best["run_id"], shares.attrs["full_id"], "perplexity", threshold, len(lora))  # best of k
-    answer = _side(result, threshold, below_is_claimed=True) if result else INCONCLUSIVE
+    answer = claim_answer(result, threshold, below_is_claimed=True) if result else INCONCLUSIVE
     evidence = (
         f"{best['run_id']} recovers {best['share_of_full_pct']:.0f}% of {shares.attrs['full_id']}'s improvement over "
         f"{shares.attrs['base_id']}; at least {claimed_share:.0%} means a perplexity change against full "
-        f"fine-tuning of at most {100 * threshold:+.1f}%: " + (_one_sided(result) if result else "no per-row scores")
+        f"fine-tuning of at most {100 * threshold:+.1f}%: " + (one_sided(result) if result else "no per-row scores")
     )
     return Claim(claim, question, answer, evidence)
 
