@@ -202,11 +202,14 @@ def test_initialisations_a_weight_format_cannot_take_are_refused_with_the_fix():
         assert method_problem(method, "fp32") is None
 
 
-def test_a_resumed_pissa_run_rebuilds_its_initialisation_and_converts_the_same(manifest, tmp_path):
+@pytest.mark.parametrize("method", ["pissa", "lora_ga"])
+def test_a_resumed_converted_run_rebuilds_its_initialisation_and_converts_the_same(manifest, tmp_path, method):
+    """LoRA-GA's randomised SVD draws from the RNG that train_run seeds before every load (here: by hand)."""
     from lora_study.training.checkpoints import Checkpointer, Progress
 
     def session():
-        model = adapted(manifest, "pissa")
+        torch.manual_seed(0)
+        model = adapted(manifest, method)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         return model, optimizer, scheduler, save_initial_adapter(model)
