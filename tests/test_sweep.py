@@ -295,3 +295,21 @@ def test_noise_replicates_replicate_the_named_or_centre_configuration_only():
     # With seeds for every configuration the replicates are not needed: each configuration gets its seeds only.
     config["sweep"]["noise_reference"], config["sweep"]["seeds"] = None, [0, 1]
     assert len(expand_study(config)) == 2 * 10
+
+
+def test_every_run_id_of_the_shipped_configs_fits_the_run_wildcards_pattern():
+    """Rule wildcards take {run} by RUN_ID_PATTERN (no "/"): every generated id fits it, and named ids are held to
+    the same pattern by the schema."""
+    import re
+
+    from lora_study.study.config import load_schema
+    from lora_study.study.sweep import RUN_ID_PATTERN
+
+    named = load_schema()["properties"]["sweep"]["properties"]["runs"]["items"]["properties"]["id"]["pattern"]
+    assert named == f"^{RUN_ID_PATTERN}$"
+    configs = sorted((REPO / "config").glob("*.yaml"))
+    ids = [run_id for path in configs if path.name != "schema.yaml"
+           for run_id in all_evaluated(validate_config(yaml.safe_load(path.read_text())))]  # fmt: skip
+    assert len(ids) > 100 and all(re.fullmatch(RUN_ID_PATTERN, run_id) for run_id in ids)
+    patterned = expand_study(config_with_patterns({"grids": [{"rank_pattern": ["qheavy"], "alpha": [0.5]}]}))
+    assert all(re.fullmatch(RUN_ID_PATTERN, run_id) for run_id in patterned)

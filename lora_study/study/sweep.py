@@ -259,6 +259,8 @@ class Entry:
     rank_pattern: str | None = None  # a name of the config's rank_patterns
 
 
+# Every run id, generated or named (the schema's pattern for sweep.runs[].id).
+RUN_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_+.-]*"
 # A rank pattern's part of a run id: r16-qkvo-nf4-rp<name>.
 RANK_PATTERN_PREFIX = "rp"
 
