@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from lora_study.core.errors import UserError
-from lora_study.study.methods import CALIBRATION_BATCHES, CORDA, CORDA_MODE, EVA_RHO, LORA_GA
+from lora_study.study.methods import CALIBRATION_BATCHES, CORDA, CORDA_MODE, EVA, EVA_RHO, LORA_GA
 from lora_study.training.precision import Recipe
 
 log = logging.getLogger("lora_study")
 
 Batches = list[dict[str, torch.Tensor]]
+Calibration = Callable[[], Batches]  # the run's first training batches, built only when a method reads them
 ADAPTER = "default"
 
 
@@ -36,7 +37,7 @@ def calibration_batches(train_rows, pad_id: int, training, device: torch.device)
 
 def peft_config_extras(method: str) -> dict[str, Any]:
     """The LoraConfig sub-configuration a method needs (PEFT's defaults otherwise)."""
-    if method == "eva":
+    if method == EVA:
         from peft import EvaConfig
 
         return {"eva_config": EvaConfig(rho=EVA_RHO)}
@@ -158,6 +159,3 @@ class OriginalWeights:
                             "on this model")  # fmt: skip
         with safe_open(self.files[key], framework="pt") as handle:
             return handle.get_tensor(key)
-
-
-Calibration = Callable[[], Batches]
