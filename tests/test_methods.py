@@ -136,6 +136,17 @@ def test_lora_ga_starts_at_the_gradients_top_singular_directions_and_corda_at_th
     assert corda.abs().max() > 1e-3 and not torch.allclose(corda, pissa, atol=1e-3)
 
 
+def test_a_lora_ga_layer_peft_left_at_plain_initialisation_stops_the_run(manifest):
+    """PEFT starts a LoRA-GA layer whose weight got no gradient like plain LoRA (B = 0), silently; the check
+    passes a real LoRA-GA model and stops one whose layers hold LoRA's initialisation."""
+    from lora_study.core.errors import UserError
+    from lora_study.training.initialisation import check_initialised
+
+    check_initialised(adapted(manifest, "lora_ga"), "lora_ga")
+    with pytest.raises(UserError, match=r"4 adapted layer\(s\) got no gradient on the calibration batches"):
+        check_initialised(adapted(manifest, "lora"), "lora_ga")
+
+
 def test_loftq_starts_the_4bit_model_nearer_the_original_weights(manifest, tiny_llama):
     """LoftQ on an NF4 base: scale * B A is the top-r part of each layer's quantization error whatever alpha is,
     so every adapted weight and the model's logits start nearer the unquantized model than plain LoRA's."""

@@ -84,6 +84,18 @@ def preprocess(model: nn.Module, lora_config, method: str, batches: Batches, rec
         log.info("LoRA-GA gradients from %d batches", len(batches))
 
 
+def check_initialised(model: nn.Module, method: str) -> None:
+    """PEFT builds a LoRA-GA layer whose weight got no gradient with LoRA's own initialisation (B = 0), silently:
+    such a run would train something other than LoRA-GA, so it stops, naming the layers."""
+    if method != LORA_GA:
+        return
+    plain = [name for name, module in model.named_modules()
+             if ADAPTER in getattr(module, "lora_B", {}) and not module.lora_B[ADAPTER].weight.any()]  # fmt: skip
+    if plain:
+        raise UserError(f"lora_ga: {len(plain)} adapted layer(s) got no gradient on the calibration batches and "
+                        f"would start as plain LoRA ({plain[0]}, ...): target modules the forward uses")  # fmt: skip
+
+
 def initialize_eva(model: nn.Module, batches: Batches, recipe: Recipe) -> dict[str, int]:
     """EVA's initialisation (PEFT): the layer inputs of `batches`, their incremental SVD per adapted layer, A set
     to the top components and the ranks redistributed by explained variance. Returns the per-layer ranks (PEFT's
@@ -129,6 +141,10 @@ def initialize_loftq(model: nn.Module, weights_dir: str) -> dict[str, float]:
         errors[name] = float(after.norm() / residual.norm()) if residual.norm() > 0 else 0.0
     if not errors:
         raise UserError("loftq: the model has no 4-bit layer with an adapter (loftq needs nf4 or fp4 weights)")
+    adapted = sum(ADAPTER in getattr(module, "lora_A", {}) for module in model.modules())
+    if adapted > len(errors):  # layers bitsandbytes left unquantized have no quantization error to start from
+        log.warning("LoftQ: %d of %d adapted layers are not 4-bit and start as plain LoRA", adapted - len(errors),
+                    adapted)  # fmt: skip
     kept = sorted(errors.values())
     log.info("LoftQ initialised %d layers: quantization error left %.3f-%.3f of W - Q(W)", len(errors), kept[0],
              kept[-1])  # fmt: skip

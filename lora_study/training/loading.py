@@ -237,7 +237,7 @@ def add_lora(
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from lora_study.training.initialisation import peft_config_extras, preprocess
+    from lora_study.training.initialisation import check_initialised, peft_config_extras, preprocess
 
     if recipe.quantized:
         # Freezes the base, upcasts everything unquantized to fp32; apply_recipe then casts
@@ -255,6 +255,7 @@ def add_lora(
         preprocess(model, lora, method, calibration(), recipe)
     with targets_as_given():
         model = get_peft_model(model, lora)
+    check_initialised(model, method)
     if patterns:
         check_patterns_match(model, patterns)
     model = apply_recipe(model, recipe)
