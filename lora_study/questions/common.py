@@ -34,8 +34,7 @@ def sweep_slice(runs: pd.DataFrame, axis: str, fixed: list[str]) -> pd.DataFrame
     if trained.empty:
         return None
     # Runs of different methods (or rank patterns) are only compared along the method axis itself.
-    design = ["method", *(["rank_pattern"] if "rank_pattern" in trained else [])]
-    keys = [key for key in [*fixed, *design, *training_columns(trained)] if key != axis]
+    keys = [key for key in [*fixed, "method", "rank_pattern", *training_columns(trained)] if key != axis]
 
     def rank_of(group: pd.DataFrame) -> tuple[int, float]:
         best_perplexity = group["perplexity"].where(group["fits"]).min()

@@ -43,7 +43,7 @@ FIXED = ["rank", "alpha", "modules_label", "quant_label"]
 
 def _fitting(runs: pd.DataFrame, method: str) -> pd.DataFrame:
     trained = trained_runs(runs)
-    uniform = trained["rank_pattern"].eq("") if "rank_pattern" in trained else True  # the claims are about uniform r
+    uniform = trained["rank_pattern"].eq("")  # the claims are about one rank for every layer
     return trained[(trained["method"] == method) & uniform & trained["fits"]].dropna(subset=["perplexity"])
 
 

@@ -27,8 +27,6 @@ def methods_table(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -
     block's variants). A variant trained with its own settings (methods.<method>) forms its own block."""
     trained = trained_runs(runs)
     adapters = trained[trained["method"] != FULL]
-    if "variant" not in adapters:  # a table from before rank patterns
-        adapters = adapters.assign(variant=adapters["method"])
     keys = ["rank", "modules_label", "quant_label", *training_columns(adapters)]
     blocks = [group for _, group in adapters.groupby(keys, dropna=False, sort=False) if group["variant"].nunique() > 1]
     if not blocks:
@@ -52,39 +50,27 @@ def methods_table(runs: pd.DataFrame, judge: Judge, settings: FindingSettings) -
         }
     ).reset_index(drop=True)
     table = table[with_accuracy(list(table.columns), table)]
-    references, comparisons = [], []
+    # With evaluation.forgetting each variant is also judged against the same run on general text (the paired
+    # test on its rows, tolerance sweet_spot_tolerance like the forgetting table).
+    forgetting = "general_perplexity" in group and group["general_perplexity"].notna().any()
+    pairs = []  # per row: (run, the plain LoRA run it is judged against or "", m = its block's variants)
     for block in blocks:
         lora = block[block["variant"] == LORA]  # uniform rank
         reference = lora.iloc[0]["run_id"] if len(lora) else ""
         variants = (block["variant"] != LORA).sum()
-        for run_id, variant in zip(block["run_id"], block["variant"], strict=True):
-            compared = bool(reference) and variant != LORA
-            references.append(reference if compared else "")
-            comparisons.append(
-                judge.compare(run_id, reference, "perplexity", settings.min_relative_gain, variants)
-                if compared
-                else None
-            )
+        pairs += [(run_id, reference if reference and variant != LORA else "", variants)
+                  for run_id, variant in zip(block["run_id"], block["variant"], strict=True)]  # fmt: skip
+    references = [reference for _, reference, _ in pairs]
+    comparisons = [judge.compare(run_id, reference, "perplexity", settings.min_relative_gain, m) if reference
+                   else None for run_id, reference, m in pairs]  # fmt: skip
+    general = [judge.compare(run_id, reference, GENERAL, settings.sweet_spot_tolerance, m)
+               if reference and forgetting else None for run_id, reference, m in pairs]  # fmt: skip
     table.insert(1, "compared_with", references)
     table = with_verdicts(table, comparisons)
-    return _with_forgetting(table, group, judge, settings)
-
-
-def _with_forgetting(table: pd.DataFrame, group: pd.DataFrame, judge: Judge,
-                     settings: FindingSettings) -> pd.DataFrame:  # fmt: skip
-    """With evaluation.forgetting: each variant against the same plain LoRA run on general text too (the paired
-    test on its rows, tolerance sweet_spot_tolerance like the forgetting table; m = the block's variants)."""
-    if "general_perplexity" not in group or group["general_perplexity"].isna().all():
-        return table
-    variants = table.groupby("compared_with")["compared_with"].transform("size")
-    general = [
-        judge.compare(run_id, reference, GENERAL, settings.sweet_spot_tolerance, int(m)) if reference else None
-        for run_id, reference, m in zip(table["run_id"], table["compared_with"], variants, strict=True)
-    ]
-    comparisons = table.attrs["comparisons"]
-    table = table.assign(general_perplexity=group["general_perplexity"].to_numpy(),
-                         general_verdict=[c.verdict.value if c else "" for c in general])  # fmt: skip
-    table.attrs["comparisons"], table.attrs["general"] = comparisons, general
+    if forgetting:
+        table["general_perplexity"] = group["general_perplexity"].to_numpy()
+        table["general_verdict"] = [c.verdict.value if c else "" for c in general]
+        table.attrs["general"] = general
     return table
 
 

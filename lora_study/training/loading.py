@@ -264,14 +264,14 @@ def add_lora(
 
 
 def check_patterns_match(model: nn.Module, patterns: dict[str, dict[str, float]]) -> None:
-    """Every rank or alpha pattern matches an adapted layer the way PEFT matches them (the end of the module
-    name): a pattern matching none would train the uniform rank under the pattern's name."""
-    import re
+    """Every rank or alpha pattern matches an adapted layer by PEFT's own rule (get_pattern_key: the end of the
+    module name): a pattern matching none would train the uniform rank under the pattern's name."""
+    from peft.utils.other import get_pattern_key
 
     adapted = [name for name, module in model.named_modules() if "default" in getattr(module, "lora_A", {})]
     for kind, pattern in patterns.items():
         for key in pattern:
-            if not any(re.match(rf"(.*\.)?({key})$", name) for name in adapted):
+            if not any(get_pattern_key([key], name) == key for name in adapted):
                 example = adapted[0].removeprefix("base_model.model.") if adapted else "none"
                 raise UserError(f"{kind} '{key}' matches no adapted layer (it must match the end of a module "
                                 f"name, e.g. {example!r}: a layer prefix needs '.*' after it)")  # fmt: skip
