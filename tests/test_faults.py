@@ -228,6 +228,9 @@ def test_what_counts_as_out_of_memory():
     # A thread that cannot start is an allocation failure only under a memory cap.
     thread = RuntimeError("can't start new thread")
     assert is_out_of_memory(thread, memory_capped=True) and not is_out_of_memory(thread)
+    # oneDNN cannot map the memory for a kernel it generates: under a cap that is the cap, without one a bug.
+    primitive = RuntimeError("could not create a primitive")
+    assert is_out_of_memory(primitive, memory_capped=True) and not is_out_of_memory(primitive)
     assert not is_out_of_memory(FloatingPointError("training loss is nan at step 2"))
     assert not is_out_of_memory(ValueError("target modules ['x'] not found"))
     # cuBLAS says it with a status: an allocation that failed, or a handle it had no memory to create.

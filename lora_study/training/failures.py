@@ -54,9 +54,15 @@ def reads_as_out_of_memory(text: str) -> bool:
             or all(s in message for s in CUBLAS_CREATE_FAILED))  # fmt: skip
 
 
-# Under an address-space cap a new thread's stack cannot be mapped either, and a C function whose allocation the
-# cap refused can return without raising (CPython then reports that, as a SystemError).
-CAPPED_ONLY_MESSAGES = ("can't start new thread", "returned NULL without setting an exception")
+# Under an address-space cap a new thread's stack cannot be mapped either, a C function whose allocation the cap
+# refused can return without raising (CPython then reports that, as a SystemError), and oneDNN, whose kernels are
+# generated into freshly mapped memory, reports a refused mapping as a primitive it could not create (seen in a
+# bf16 linear layer on an AVX2 machine and reproduced under RLIMIT_AS here).
+CAPPED_ONLY_MESSAGES = (
+    "can't start new thread",
+    "returned NULL without setting an exception",
+    "could not create a primitive",
+)
 
 
 def is_out_of_memory(error: BaseException | None, memory_capped: bool = False) -> bool:
