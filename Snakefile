@@ -22,6 +22,18 @@ include: "rules/report.smk"
 include: "rules/track.smk"
 
 
+onstart:
+    start_preload()
+
+
+onsuccess:
+    stop_preload()
+
+
+onerror:
+    stop_preload()
+
+
 rule all:
     default_target: True
     input:

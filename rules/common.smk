@@ -3,6 +3,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
@@ -214,3 +215,38 @@ def deploy_params(wildcards):
     evaluation = config["evaluation"]
     keys = ("merge_check", "serving", "save_merged", "batch_size")
     return canonical_json({key: evaluation[key] for key in keys})
+
+
+# One interpreter with the ML stack imported, each local job forked from it (lora_study.core.preload).
+PRELOAD = {}
+
+
+def start_preload():
+    from snakemake.logging import logger
+    from snakemake.settings.types import DeploymentMethod
+
+    from lora_study.core import preload
+
+    stack_jobs = sum(job.rule.name in preload.PRELOADED_RULES for job in workflow.dag.needrun_jobs())
+    why_not = preload.reason_not_to_start(
+        enabled=config["execution"]["preload"],
+        device=config["execution"]["device"],
+        local=workflow.local_exec and not workflow.remote_exec,
+        isolated_envs=bool(workflow.deployment_settings.deployment_method),
+        stack_jobs=stack_jobs,
+    )
+    if why_not:
+        logger.info(f"preloaded interpreter: off ({why_not})")
+        return
+    server, socket_path = preload.start_server(Path.cwd(), Path(".snakemake") / "preload.log")
+    PRELOAD.update(server=server, socket_path=socket_path)
+    os.environ[preload.SOCKET_VARIABLE] = str(socket_path)
+    logger.info(f"preloaded interpreter: {stack_jobs} jobs fork from one that imported the ML stack once")
+
+
+def stop_preload():
+    from lora_study.core import preload
+
+    if PRELOAD:
+        os.environ.pop(preload.SOCKET_VARIABLE, None)
+        preload.stop_server(PRELOAD.pop("server"), PRELOAD.pop("socket_path"))

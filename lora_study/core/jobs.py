@@ -26,22 +26,26 @@ def job(snakemake: Any, gpu: bool = False, work: str = "compute", devices: int =
     """
     import time
 
-    from lora_study.core import gpu_slots, phases
+    from lora_study.core import gpu_slots, phases, preload
 
     entered, age_s = time.perf_counter(), phases.process_age_s()
+    # Byte-level progress bars make unreadable logs (our own progress lines remain), and transformers' warnings
+    # down to errors: set before anything imports the libraries, which read them then (importing them here
+    # would cost every job seconds, also the jobs that never use them).
+    for name, value in preload.QUIET_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    # Run in a child of the preloaded interpreter where one serves this workflow (returns here otherwise).
+    preload.hand_over(age_s)
+    age_s += preload.handed_over_age_s()
 
     if gpu:
         if (getattr(snakemake, "config", None) or {}).get("execution", {}).get("device") == "cpu":
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # execution.device: cpu hides the GPUs before anything sees them
         gpu_slots.claim_job_gpu(devices)
-    # Byte-level progress bars make unreadable logs (our own progress lines remain), and transformers' warnings
-    # down to errors: set before anything imports the libraries, which read them then (importing them here
-    # would cost every job seconds, also the jobs that never use them).
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     log = setup_logging(snakemake.log[0] if snakemake.log else None)
     clock = phases.start(age_s, entered)
+    if os.environ.get(preload.CHILD_VARIABLE):
+        log.info("forked from the preloaded interpreter (lora_study.core.preload)")
     try:
         yield log
     except UserError as error:
