@@ -106,6 +106,15 @@ def reason_not_to_start(enabled: bool, device: str, local: bool, isolated_envs: 
     return None
 
 
+def import_environment(environment: dict[str, str]) -> dict[str, str]:
+    """The watched variables a job's imports would see: its environment with job()'s defaults."""
+    return watched_environment({**QUIET_DEFAULTS, **environment})
+
+
+# The server's environment before its imports (which set some variables themselves, e.g. torch's inductor cache).
+_served_environment: dict[str, str] = {}
+
+
 def refusal(request: dict[str, Any]) -> str | None:
     """Why this server cannot run the job `request` describes, or None."""
     import lora_study
@@ -114,7 +123,7 @@ def refusal(request: dict[str, Any]) -> str | None:
         return f"the job's interpreter {request['executable']} is not the server's {sys.executable}"
     if request["package"] != str(Path(lora_study.__file__).resolve().parent):
         return f"the job imports lora_study from {request['package']}, the server from another checkout"
-    mine, theirs = watched_environment(dict(os.environ)), watched_environment(request["env"])
+    mine, theirs = import_environment(_served_environment), import_environment(request["env"])
     if differing := sorted(set(mine.items()) ^ set(theirs.items())):
         return f"environment variables read at import differ: {sorted({name for name, _ in differing})}"
     return None
@@ -122,6 +131,7 @@ def refusal(request: dict[str, Any]) -> str | None:
 
 def serve(socket_path: Path, parent_pid: int) -> None:
     """Import the stack, then fork a child per job request until the workflow (`parent_pid`) is gone."""
+    _served_environment.update(os.environ)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # serves CPU jobs only; nothing here may start CUDA
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)
