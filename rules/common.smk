@@ -241,6 +241,7 @@ def start_preload():
     server, socket_path = preload.start_server(Path.cwd(), Path(".snakemake") / "preload.log")
     PRELOAD.update(server=server, socket_path=socket_path)
     os.environ[preload.SOCKET_VARIABLE] = str(socket_path)
+    os.environ[preload.PID_VARIABLE] = str(server.pid)
     logger.info(f"preloaded interpreter: {stack_jobs} jobs fork from one that imported the ML stack once")
 
 
@@ -249,4 +250,5 @@ def stop_preload():
 
     if PRELOAD:
         os.environ.pop(preload.SOCKET_VARIABLE, None)
+        os.environ.pop(preload.PID_VARIABLE, None)
         preload.stop_server(PRELOAD.pop("server"), PRELOAD.pop("socket_path"))

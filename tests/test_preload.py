@@ -166,3 +166,17 @@ def test_when_the_workflow_does_without_the_server():
     assert "--sdm" in reason(isolated_envs=True)
     assert "1 job(s)" in reason(stack_jobs=1)
     assert (reason(device="auto") is None) != preload.gpus_present()  # a GPU machine keeps one process per job
+
+
+def test_a_job_waits_for_a_server_that_is_still_importing(tmp_path):
+    """Every job of a study then runs the same way (a forked job's CPU resident set differs from a fresh one's)."""
+    process, socket_path = preload.start_server(tmp_path, tmp_path / "server.log")
+    try:
+        assert "serving on" not in (tmp_path / "server.log").read_text()  # still importing the stack
+        out = tmp_path / "record.json"
+        job = client(tmp_path, socket_path, "record", str(out), **{preload.PID_VARIABLE: str(process.pid)})
+        _, stderr = job.communicate(timeout=300)
+        assert job.returncode == 3, stderr
+        assert json.loads(out.read_text())["child"] == "1"
+    finally:
+        preload.stop_server(process, socket_path)

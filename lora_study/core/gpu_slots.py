@@ -138,11 +138,15 @@ def claim_job_gpu(count: int = 1) -> GpuSlot | None:
 
 
 def job_environment(slot: GpuSlot | None) -> dict[str, str | None]:
-    """Where the job ran: SLURM job id and node, the devices it saw, the slot it held."""
+    """Where the job ran: SLURM job id and node, the devices it saw, the slot it held, and whether its process
+    was forked from the preloaded interpreter (lora_study.core.preload: it changes a CPU job's resident set)."""
+    from lora_study.core.preload import process_kind
+
     return {
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_node": os.environ.get("SLURMD_NODENAME"),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "hostname": os.uname().nodename,
         "gpu_slot": slot.device if slot else None,
+        "process": process_kind(),
     }

@@ -46,7 +46,7 @@ VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "dat
 # runs.csv columns that describe where and on what a run ran: tags env.<column>, not metrics.
 ENVIRONMENT_PREFIXES = (
     "capability.", "hostname", "device", "slurm_", "cuda_visible_devices", "gpu_slot", "torch_threads",
-    "eval_hostname", "eval_slurm", "eval_cuda_visible", "eval_gpu_slot",
+    "eval_hostname", "eval_slurm", "eval_cuda_visible", "eval_gpu_slot", "process", "eval_process",
 )  # fmt: skip
 MAX_BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's log_batch limits
 
