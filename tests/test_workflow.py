@@ -136,6 +136,37 @@ def test_the_training_jobs_evaluation_is_exactly_the_evaluate_jobs(tiny_study, t
             assert first[key] == second[key], (run, key)
 
 
+def test_jobs_forked_from_the_preloaded_interpreter_compute_what_fresh_ones_do(tiny_study, tmp_path):
+    """The tiny study's jobs ran in children of the preloaded interpreter (lora_study.core.preload); training two
+    runs again with execution.preload off, each job in its own interpreter, gives the same adapter and
+    evaluation bytes."""
+    import json
+    import shutil
+
+    forked = [log for log in (tiny_study / "logs").rglob("*.log") if "forked from the preloaded" in log.read_text()]
+    assert {log.parent.name for log in forked} >= {"train", "evaluate", "anatomy", "check"}
+    table = pd.read_csv(tiny_study / "results/tables/runs.csv")
+    assert set(table[~table["is_baseline"]]["process"]) == set(table["eval_process"]) == {"preloaded"}
+    study = tmp_path / "study"
+    shutil.copytree(tiny_study, study, symlinks=True)
+    config = yaml.safe_load((study / "config.yaml").read_text())
+    config.setdefault("execution", {})["preload"] = False
+    (study / "config.yaml").write_text(yaml.safe_dump(config))
+    again = ["r4-qv-nf4", "r4-qv-fp32"]
+    targets = [f"results/runs/{run}/eval_metrics.json" for run in again]
+    result = run_snakemake(study, "--cores", "2", "--forcerun", "train", *targets)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "preloaded interpreter: off (execution.preload is false)" in result.stderr
+    for run in again:
+        assert "forked from the preloaded" not in (study / f"logs/train/{run}.log").read_text()
+        kinds = [json.loads((root / f"results/runs/{run}/train_metrics.json").read_text())["environment"]["process"]
+                 for root in (tiny_study, study)]  # fmt: skip
+        assert kinds == ["preloaded", "fresh"]
+        for name in ("adapter/adapter_model.safetensors", "predictions.jsonl", "examples.csv", "general.csv"):
+            first, second = (root / f"results/runs/{run}/{name}" for root in (tiny_study, study))
+            assert first.read_bytes() == second.read_bytes(), (run, name)
+
+
 def test_report_is_built_by_the_same_run(tiny_study):
     results = tiny_study / "results"
     findings = (results / "report/findings.md").read_text()
