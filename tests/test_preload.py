@@ -119,13 +119,16 @@ def test_signals_to_the_script_process_reach_the_job(server, tmp_path):
     assert gone(job_pid, 10)
 
 
-def test_a_job_whose_script_process_died_is_stopped(server, tmp_path):
+def test_a_job_whose_script_process_was_killed_outright_is_killed_too(server, tmp_path):
+    """SIGKILL cannot be forwarded: the job dies as the script process did, without running its SIGTERM handler
+    (a training job would otherwise save a checkpoint a killed one never saves)."""
     out = tmp_path / "pid"
-    process = client(tmp_path, server, "sleep", str(out))
+    process = client(tmp_path, server, "term", str(out))
     job_pid = int(wait_for(out))
-    process.kill()  # SIGKILL: nothing can forward it
+    process.kill()
     process.communicate(timeout=60)
-    assert gone(job_pid, preload.STOP_GRACE_S + 10), "the orphaned job kept running"
+    assert gone(job_pid, 10), "the orphaned job kept running"
+    assert not (tmp_path / "pid.stopped").exists()
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,10 @@ and bitsandbytes first: about 3 s of CPU per job, a third of the default study's
 With local execution on a machine without GPUs, the Snakefile starts one server (`serve`) that imports them once
 and stops it when the workflow ends. A rule script's `job()` then hands its whole run to a child the server
 forks (`hand_over`): the same script file, arguments, environment, working directory, stdin, stdout and stderr.
-The script's process waits, forwards the signals it gets, and exits with the child's status; the server stops a
-child whose script process died. A job that cannot be handed over runs in its own process as before: no server
-(yet), another interpreter or checkout (`--sdm conda`), a SLURM job, or an environment variable that the
-preloaded libraries read at import differing from the server's.
+The script's process waits, forwards the signals it gets, and exits with the child's status; a child whose
+script process was killed outright (SIGKILL) is killed too. A job that cannot be handed over runs in its own
+process as before: no server, another interpreter or checkout (`--sdm conda`), a SLURM job, or an environment
+variable that the preloaded libraries read at import differing from the server's.
 
 Only without GPUs: a GPU job must claim its device before anything initialises CUDA, and importing the stack
 already queries the devices (lora_study.core.gpu_slots); a forked child cannot use CUDA its parent started.
@@ -80,7 +80,6 @@ MESSAGE_BYTES = 1 << 20
 # matters on CPU: a forked job's resident set lacks the library pages the server mapped but the job never
 # touched (about 0.1 GB less peak RSS for a training job than in its own interpreter).
 SERVER_START_WAIT_S = 120.0
-STOP_GRACE_S = 30.0
 
 
 def watched_environment(environment: dict[str, str]) -> dict[str, str]:
@@ -208,18 +207,11 @@ def monitor(connection: socket.socket) -> None:
             send(connection, {"status": status})
             return
         message = connection.recv(MESSAGE_BYTES)
-        if not message:  # the script process died (SIGKILL): its job must not go on writing outputs
-            stop(child, process)
+        if not message:  # the script process was killed outright: so is the job, as if it were that process
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
             return
         os.kill(child, json.loads(message)["signal"])
-
-
-def stop(child: int, process: int) -> None:
-    os.kill(child, signal.SIGTERM)
-    ready, _, _ = select.select([process], [], [], STOP_GRACE_S)
-    if not ready:
-        os.kill(child, signal.SIGKILL)
-    os.waitpid(child, 0)
 
 
 def run_job(request: dict[str, Any], fds: list[int]) -> None:
