@@ -304,7 +304,8 @@ def hand_over(age_s: float, connect_timeout_s: float = 2.0) -> None:
     import lora_study
 
     connection = connect(socket_path, os.environ.get(PID_VARIABLE), connect_timeout_s)
-    if connection is None:
+    if connection is None:  # said, since the job's process kind (and a CPU job's resident set) then differs
+        print(f"preload: no server answers at {socket_path}; running in this process", file=sys.stderr)
         return
     request = {
         "argv": sys.argv,
