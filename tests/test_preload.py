@@ -183,3 +183,30 @@ def test_a_job_waits_for_a_server_that_is_still_importing(tmp_path):
         assert json.loads(out.read_text())["child"] == "1"
     finally:
         preload.stop_server(process, socket_path)
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling (a kernel before 5.3)"])
+def test_the_monitor_reports_the_exit_status_and_kills_the_job_when_its_script_is_gone(monkeypatch, pidfd):
+    import socket
+
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open")
+    for script_killed in (False, True):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        child = os.fork()
+        if child == 0:  # a job: exits 5 after a moment, unless killed first
+            ours.close()
+            theirs.close()  # the job holds no end of the script's connection, as in the server
+            time.sleep(0.3)
+            os._exit(5)
+        if script_killed:
+            theirs.close()
+        started = time.monotonic()
+        preload.watch(child, ours)
+        if script_killed:
+            assert time.monotonic() - started < 0.25  # killed at once, not left to finish
+            with pytest.raises(ChildProcessError):
+                os.waitpid(child, os.WNOHANG)  # and reaped
+        else:
+            assert os.waitstatus_to_exitcode(json.loads(theirs.recv(1024))["status"]) == 5
+        ours.close()

@@ -18,6 +18,7 @@ job's, its memory and CPU columns are not (the job's own metrics record its peak
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -198,14 +199,32 @@ def monitor(connection: socket.socket) -> None:
         run_job(request, fds)  # never returns
     for fd in fds:
         os.close(fd)
-    send(connection, {"pid": child})
-    process = os.pidfd_open(child)
+    try:
+        send(connection, {"pid": child})
+        watch(child, connection)
+    except BaseException:  # a job nobody waits for must not go on writing outputs
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        raise
+
+
+def watch(child: int, connection: socket.socket) -> None:
+    """Report the child's exit status to the script process, forward its signals, and kill the child when the
+    script process was killed outright."""
+    try:
+        exited: Any = os.pidfd_open(child)  # readable once the child exits (Linux 5.3)
+        poll_s = None
+    except (AttributeError, OSError):
+        exited, poll_s = None, 0.05  # an older kernel: look every 50 ms
     while True:
-        ready, _, _ = select.select([connection, process], [], [])
-        if process in ready:
-            _, status = os.waitpid(child, 0)
-            send(connection, {"status": status})
+        ready, _, _ = select.select([connection] + ([exited] if exited is not None else []), [], [], poll_s)
+        done, status = os.waitpid(child, os.WNOHANG) if exited is None or exited in ready else (0, 0)
+        if done:
+            with contextlib.suppress(OSError):  # the script process may be gone by now: nothing left to tell
+                send(connection, {"status": status})
             return
+        if connection not in ready:
+            continue
         message = connection.recv(MESSAGE_BYTES)
         if not message:  # the script process was killed outright: so is the job, as if it were that process
             os.kill(child, signal.SIGKILL)
