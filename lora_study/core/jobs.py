@@ -44,7 +44,7 @@ def job(snakemake: Any, gpu: bool = False, work: str = "compute", devices: int =
         gpu_slots.claim_job_gpu(devices)
     log = setup_logging(snakemake.log[0] if snakemake.log else None)
     clock = phases.start(age_s, entered)
-    if os.environ.get(preload.CHILD_VARIABLE):
+    if preload.process_kind() == "preloaded":
         log.info("forked from the preloaded interpreter (lora_study.core.preload)")
     try:
         yield log

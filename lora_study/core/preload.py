@@ -117,19 +117,16 @@ def import_environment(environment: dict[str, str]) -> dict[str, str]:
     return watched_environment({**QUIET_DEFAULTS, **environment})
 
 
-# The server's environment before its imports (which set some variables themselves, e.g. torch's inductor cache).
-_served_environment: dict[str, str] = {}
-
-
-def refusal(request: dict[str, Any]) -> str | None:
-    """Why this server cannot run the job `request` describes, or None."""
+def refusal(request: dict[str, Any], served_environment: dict[str, str]) -> str | None:
+    """Why this server cannot run the job `request` describes, or None. `served_environment`: the server's
+    environment before its imports (which set some variables themselves, e.g. torch's inductor cache)."""
     import lora_study
 
     if request["executable"] != sys.executable:
         return f"the job's interpreter {request['executable']} is not the server's {sys.executable}"
     if request["package"] != str(Path(lora_study.__file__).resolve().parent):
         return f"the job imports lora_study from {request['package']}, the server from another checkout"
-    mine, theirs = import_environment(_served_environment), import_environment(request["env"])
+    mine, theirs = import_environment(served_environment), import_environment(request["env"])
     if differing := sorted(set(mine.items()) ^ set(theirs.items())):
         return f"environment variables read at import differ: {sorted({name for name, _ in differing})}"
     return None
@@ -137,7 +134,7 @@ def refusal(request: dict[str, Any]) -> str | None:
 
 def serve(socket_path: Path, parent_pid: int) -> None:
     """Import the stack, then fork a child per job request until the workflow (`parent_pid`) is gone."""
-    _served_environment.update(os.environ)
+    served_environment = dict(os.environ)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # serves CPU jobs only; nothing here may start CUDA
     for name, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)
@@ -165,7 +162,7 @@ def serve(socket_path: Path, parent_pid: int) -> None:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             code = 0
             try:
-                monitor(connection)
+                monitor(connection, served_environment)
             except BaseException as error:  # a monitor must never return into the server loop
                 print(f"preload: monitor failed: {error!r}", file=sys.stderr, flush=True)
                 code = 1
@@ -182,7 +179,7 @@ def send(connection: socket.socket, message: dict[str, Any]) -> None:
     connection.send(json.dumps(message).encode())
 
 
-def monitor(connection: socket.socket) -> None:
+def monitor(connection: socket.socket, served_environment: dict[str, str]) -> None:
     """One job: check it, fork its child, report the child's pid and exit status; forward the signals the script
     process sends; stop the child when the script process is gone."""
     payload, fds, _, _ = socket.recv_fds(connection, MESSAGE_BYTES, 3)
@@ -190,7 +187,7 @@ def monitor(connection: socket.socket) -> None:
     if peer_uid(connection) != os.getuid():
         send(connection, {"refused": "another user's process"})
         return
-    if reason := refusal(request):
+    if reason := refusal(request, served_environment):
         send(connection, {"refused": reason})
         return
     child = os.fork()
@@ -261,9 +258,11 @@ def run_job(request: dict[str, Any], fds: list[int]) -> None:
     try:
         runpy.run_path(request["argv"][0], run_name="__main__")
     except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        if exit_.code is not None and not isinstance(exit_.code, int):
+        if exit_.code is None or isinstance(exit_.code, int):
+            code = exit_.code or 0
+        else:  # sys.exit("message"): printed, status 1
             print(exit_.code, file=sys.stderr)
+            code = 1
     except BaseException:  # what an uncaught exception does in a fresh interpreter
         traceback.print_exc()
         code = 1
@@ -358,8 +357,9 @@ def hand_over(age_s: float, connect_timeout_s: float = 2.0) -> None:
     os._exit(128 - code if code < 0 else code)  # killed by signal n: 128 + n, as a shell reports it
 
 
-def start_server(directory: Path, log_path: Path) -> tuple[Any, Path] | None:
-    """Start `serve` for this workflow process (its sockets under a private folder); None where it cannot run."""
+def start_server(directory: Path, log_path: Path) -> tuple[Any, Path]:
+    """Start `serve` for this workflow process, in `directory`; returns the process and its socket (in a private
+    folder)."""
     import subprocess
     import tempfile
 
