@@ -22,6 +22,7 @@ from lora_study.core.gpu_slots import claim_job_gpu, job_environment
 from lora_study.core.io import atomic_path, write_json
 from lora_study.core.metrics import IN_TRAINING, STATUS_OK, EvalMetrics, PeakMemory, perplexity
 from lora_study.core.paths import EvalOutputs
+from lora_study.measure.inference import SharedPrefixCheck, common_prefix_length, dequantized_once, prefix_cache
 from lora_study.prepare.data import load_split
 from lora_study.study.modules import resolve_attention
 from lora_study.study.sweep import RunSpec
@@ -34,7 +35,7 @@ from lora_study.training.loading import (
     pick_device,
     set_threads,
 )
-from lora_study.training.loss import ResponseLoss
+from lora_study.training.loss import ResponseLoss, causal_lm
 from lora_study.training.precision import Recipe, detect_capability, quiet_int8_casts, recipe_for
 
 log = logging.getLogger("lora_study")
@@ -72,23 +73,73 @@ def response_nll(
 def greedy_answers(
     model, rows, batch_size: int, max_new_tokens: int, tokenizer, pad_id: int, device, recipe: Recipe
 ) -> list[str]:
-    """Greedy completions of each row's prompt, batched with left padding."""
-    prompts = [{"input_ids": r["input_ids"][: r["prompt_length"]], "prompt_length": 0} for r in rows]
+    """Greedy completions of each row's prompt, batched by length. A prompt prefix all prompts of a batch share
+    runs once for the batch, and on CPU 4-bit weights are dequantized once for all decoding steps
+    (lora_study.measure.inference)."""
+    prompts = [r["input_ids"][: r["prompt_length"]] for r in rows]
     answers: list[str] = [""] * len(rows)
-    for indices in batches_by_length([len(p["input_ids"]) for p in prompts], batch_size):
-        batch = collate([prompts[i] for i in indices], pad_id, padding_side="left")
-        with recipe.autocast_context(device.type):
-            generated = _generate(model, batch, max_new_tokens, tokenizer, pad_id, device)
-        new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        for index, tokens in zip(indices, new_tokens, strict=True):
-            answers[index] = tokenizer.decode(tokens, skip_special_tokens=True)
+    check = SharedPrefixCheck("greedy generation")
+    with dequantized_once(model):
+        for indices in batches_by_length([len(p) for p in prompts], batch_size):
+            batch = [prompts[i] for i in indices]
+            with recipe.autocast_context(device.type):
+                generated, width = _generate_batch(model, batch, max_new_tokens, tokenizer, pad_id, device, check)
+            for index, tokens in zip(indices, generated[:, width:], strict=True):
+                answers[index] = tokenizer.decode(tokens, skip_special_tokens=True)
     return answers
 
 
-def _generate(model, batch, max_new_tokens: int, tokenizer, pad_id: int, device):
+def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tokenizer, pad_id: int, device,
+                    check: SharedPrefixCheck) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """The batch's generated sequences and the width of its padded prompts (new tokens start there)."""
+    prefix = 0 if check.usable is False else common_prefix_length(prompts, min(map(len, prompts)) - 1)
+    if prefix and check.usable is None:
+        _check_shared_generation(model, prompts, prefix, tokenizer, pad_id, device, check)
+    if prefix and check.usable:
+        ids, mask = _prefix_then_left_padded(prompts, prefix, pad_id)
+        cache = prefix_cache(causal_lm(model).base_model, ids[:1, :prefix].to(device), len(prompts))
+        if cache is not None:
+            return _generate(model, ids, mask, max_new_tokens, tokenizer, pad_id, device, cache=cache), ids.shape[1]
+    batch = collate([{"input_ids": p, "prompt_length": 0} for p in prompts], pad_id, padding_side="left")
+    return _generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer, pad_id,
+                     device), batch["input_ids"].shape[1]  # fmt: skip
+
+
+def _prefix_then_left_padded(prompts: list[list[int]], prefix: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared prefix, then each prompt's rest left-padded: the padding sits between them, masked, so every
+    row's tokens keep the positions they have unpadded (generation counts positions from the mask)."""
+    width = prefix + max(len(p) - prefix for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, :prefix], mask[row, :prefix] = torch.tensor(prompt[:prefix]), 1
+        start = width - (len(prompt) - prefix)
+        ids[row, start:], mask[row, start:] = torch.tensor(prompt[prefix:]), 1
+    return ids, mask
+
+
+def _check_shared_generation(model, prompts: list[list[int]], prefix: int, tokenizer, pad_id: int, device,
+                             check: SharedPrefixCheck) -> None:  # fmt: skip
+    """First-step logits of the shortest and the longest prompt, each way (their padding differs most)."""
+    started = time.perf_counter()
+    pair = [min(prompts, key=len), max(prompts, key=len)]
+    first_step = {"output_logits": True, "return_dict_in_generate": True}
+    left = collate([{"input_ids": p, "prompt_length": 0} for p in pair], pad_id, padding_side="left")
+    reference = _generate(model, left["input_ids"], left["attention_mask"], 1, tokenizer, pad_id, device,
+                          **first_step).logits[0]  # fmt: skip
+    ids, mask = _prefix_then_left_padded(pair, prefix, pad_id)
+    cache = prefix_cache(causal_lm(model).base_model, ids[:1, :prefix].to(device), len(pair))
+    shared = None
+    if cache is not None:
+        shared = _generate(model, ids, mask, 1, tokenizer, pad_id, device, cache=cache, **first_step).logits[0]
+    check.decide(reference, shared)
+    phases.carve("checks", time.perf_counter() - started)
+
+
+def _generate(model, input_ids, attention_mask, max_new_tokens: int, tokenizer, pad_id: int, device, **extra):
     return model.generate(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad_id,
@@ -96,6 +147,7 @@ def _generate(model, batch, max_new_tokens: int, tokenizer, pad_id: int, device)
         # Only the first line is scored (normalize_answer): stop there.
         stop_strings=["\n"],
         tokenizer=tokenizer,
+        **extra,
     )
 
 
@@ -174,8 +226,8 @@ def score(model, loss: ResponseLoss, data: EvalData, evaluation: dict[str, Any],
         general = response_nll(loss, data.general, batch_size, data.pad_id, device, recipe)
         log.info("general-text perplexity %.4f over %d tokens", perplexity(math.fsum(general[0]), sum(general[1])),
                  sum(general[1]))  # fmt: skip
-    predictions = greedy_answers(model, data.scored, batch_size, evaluation["max_new_tokens"], data.tokenizer,
-                                 data.pad_id, device, recipe)  # fmt: skip
+    predictions = greedy_answers(model, data.scored, evaluation["generation_batch_size"],
+                                 evaluation["max_new_tokens"], data.tokenizer, data.pad_id, device, recipe)  # fmt: skip
     phases.end("compute")
     return {"row_nll": row_nll, "row_tokens": row_tokens, "nll_seconds": nll_seconds, "predictions": predictions,
             "general": general}  # fmt: skip

@@ -78,7 +78,7 @@ class MeasurementSettings:
 
 # The settings an evaluate job uses, one definition for the rule's params and for the training job that
 # evaluates its own model (lora_study.measure.handoff).
-EVALUATION_KEYS = ("batch_size", "exact_match_examples", "max_new_tokens")
+EVALUATION_KEYS = ("batch_size", "generation_batch_size", "exact_match_examples", "max_new_tokens")
 
 
 def evaluation_settings(config: dict[str, Any]) -> dict[str, Any]:

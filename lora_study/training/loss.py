@@ -43,10 +43,14 @@ class ResponseLoss:
     """Summed next-token cross-entropy (fp32) over response tokens, and their count."""
 
     def __init__(self, model, path: str | None = None) -> None:
+        from lora_study.measure.inference import SharedPrefixCheck
+
         self.model = model
         # SHORTCUT or FULL_LOGITS; None: decided (checked) on the first batch. A run's evaluation takes the
         # path its training checked: the same model, so the same answer, without a second full-logits pass.
         self.path = path
+        # Without gradients (evaluation), rows that open alike share their prefix's forward pass.
+        self.prefix_check = SharedPrefixCheck("response loss")
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         labels = batch["labels"][:, 1:]
@@ -68,7 +72,13 @@ class ResponseLoss:
             started = time.perf_counter()
             self.path = self._choose_path(batch, keep)
             phases.carve("checks", time.perf_counter() - started)
-        return self._full_logits(batch, keep) if self.path == FULL_LOGITS else self._shortcut_logits(batch, keep)
+        if self.path == FULL_LOGITS:
+            return self._full_logits(batch, keep)
+        prefix = self._shareable_prefix(batch, keep)
+        if prefix and self.prefix_check.usable is None:
+            self._check_shared_prefix(batch, keep, prefix)
+        shared = self._shared_prefix_logits(batch, keep, prefix) if prefix and self.prefix_check.usable else None
+        return self._shortcut_logits(batch, keep) if shared is None else shared
 
     def _full_logits(self, batch, keep) -> torch.Tensor:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -78,6 +88,43 @@ class ResponseLoss:
         lm = causal_lm(self.model)
         hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         return lm.get_output_embeddings()(hidden[:, :-1][keep])
+
+    def _shareable_prefix(self, batch, keep: torch.Tensor) -> int:
+        """Leading tokens every row of `batch` shares before its first loss position (0: none worth sharing);
+        only in evaluation: with gradients or dropout each row's prefix computes differently."""
+        from lora_study.measure.inference import common_prefix_length
+
+        if torch.is_grad_enabled() or self.model.training or self.prefix_check.usable is False:
+            return 0
+        ids = batch["input_ids"]
+        first_loss = torch.where(keep.any(dim=1), keep.int().argmax(dim=1), ids.shape[1] - 1)
+        limit = int(first_loss.min())
+        return common_prefix_length(ids[:, :limit].tolist(), limit)
+
+    def _shared_prefix_logits(self, batch, keep, prefix: int) -> torch.Tensor | None:
+        """The shortcut's logits with the prefix run once for all rows (None: the cache cannot be shared)."""
+        from lora_study.measure.inference import prefix_cache
+
+        lm = causal_lm(self.model)
+        ids = batch["input_ids"]
+        cache = prefix_cache(lm.base_model, ids[:1, :prefix], ids.shape[0])
+        if cache is None:
+            return None
+        rest = ids[:, prefix:]
+        hidden = lm.base_model(input_ids=rest, attention_mask=batch["attention_mask"], cache=cache).last_hidden_state
+        return lm.get_output_embeddings()(hidden[:, :-1][keep[:, prefix:]])
+
+    def _check_shared_prefix(self, batch, keep: torch.Tensor, prefix: int) -> None:
+        """Shared against full computation on two rows of the first batch: the fewest and most loss positions."""
+        started = time.perf_counter()
+        counts = keep.sum(dim=1)
+        rows = sorted({int(counts.argmin()), int(counts.argmax())})
+        if len(rows) == 1:  # all rows alike: the first and the last (a shareable batch has two at least)
+            rows = [0, keep.shape[0] - 1]
+        pair = {name: value[rows] for name, value in batch.items()}
+        reference = self._shortcut_logits(pair, keep[rows])
+        self.prefix_check.decide(reference, self._shared_prefix_logits(pair, keep[rows], prefix))
+        phases.carve("checks", time.perf_counter() - started)
 
     def _choose_path(self, batch, keep: torch.Tensor) -> str:
         config = causal_lm(self.model).config

@@ -1,0 +1,152 @@
+"""Evaluation's forward passes without repeated work: a prompt prefix every row of a batch shares is run once,
+and on CPU a 4-bit model's weights are dequantized once for greedy generation instead of at every step.
+
+Shared prefix: the rows of a chat-formatted data set open with the same system turn (24 of the default data's
+53 tokens per row). Evaluation runs without gradients or dropout, so every row's keys and values over that
+prefix are the same: the prefix runs once per batch and every row continues from its cache. That is the same
+function; only rounding differs (other matrix shapes). It is checked once per evaluation against the full
+computation on two rows and used only where the model's cache is the plain per-layer key/value cache
+(sliding-window and recurrent layers keep state this does not copy).
+
+Dequantized once: bitsandbytes on CPU dequantizes a 4-bit weight at every call, then multiplies; a decoding
+step of a few tokens is mostly that dequantization. `dequantized_once` does the same two operations, the first
+once per layer: the same numbers bit for bit (tested against bitsandbytes' own forward), with each layer's
+dequantized copy held while it is in force (CPU memory, the model's unquantized size in the compute dtype).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("lora_study")
+
+# Shorter common prefixes are not worth a second forward call.
+MIN_SHARED_PREFIX = 8
+# Largest relative difference between shared-prefix and full logits that is rounding, per compute dtype.
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]], limit: int) -> int:
+    """Tokens all `sequences` open with, at most `limit`; 0 when below MIN_SHARED_PREFIX or for one sequence."""
+    if len(sequences) < 2:
+        return 0
+    first, longest = sequences[0], min(limit, *(len(s) for s in sequences))
+    length = 0
+    while length < longest and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def plain_kv_cache(cache) -> bool:
+    """Whether `cache` is transformers' dynamic cache of full-attention key/value layers only."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def prefix_cache(body, prefix_ids: torch.Tensor, rows: int):
+    """The key/value cache of `prefix_ids` (one row) repeated for `rows` rows; None where the cache is not plain."""
+    cache = body(input_ids=prefix_ids, use_cache=True).cache
+    if not plain_kv_cache(cache):
+        return None
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:
+    reference, other = reference.float(), other.float()
+    return float((reference - other).abs().max() / reference.abs().max().clamp_min(1e-6))
+
+
+class SharedPrefixCheck:
+    """Whether shared-prefix computation reproduces the full computation for one model: decided on first use."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.usable: bool | None = None
+
+    def decide(self, reference: torch.Tensor, shared: torch.Tensor | None) -> bool:
+        """Compare `shared` (None: the cache could not be shared) with `reference`; logs the outcome once."""
+        if shared is None:
+            self.usable = False
+            log.info("%s: each row computed in full (the model's cache is not a plain key/value cache)", self.what)
+            return False
+        difference = relative_difference(reference, shared)
+        tolerance = CHECK_TOLERANCE.get(reference.dtype, CHECK_TOLERANCE[torch.float32])
+        self.usable = difference <= tolerance
+        if self.usable:
+            log.info("%s: shared prompt prefix computed once per batch (checked against full rows: %.2g)",
+                     self.what, difference)  # fmt: skip
+        else:
+            log.warning("%s: a shared prefix does not reproduce full rows (relative difference %.3g > %.g): "
+                        "each row computed in full", self.what, difference, tolerance)  # fmt: skip
+        return self.usable
+
+
+def _dequantizing_forward(layer, weights: dict[torch.dtype, torch.Tensor], absmax: torch.Tensor):
+    """bitsandbytes' Linear4bit.forward on CPU (no packed format): cast the input to the compute dtype,
+    dequantize the weight to it, linear, cast back; the dequantized weight kept per dtype."""
+    state = layer.weight.quant_state
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not layer.compute_type_is_set:
+            layer.set_compute_type(x)
+            layer.compute_type_is_set = True
+        input_dtype = x.dtype
+        if layer.compute_dtype is not None:
+            x = x.to(layer.compute_dtype)
+        bias = layer.bias
+        if bias is not None:
+            if bias.dtype != x.dtype:
+                bias.data = bias.data.to(x.dtype)
+            bias = bias.to(layer.compute_dtype)
+        weight = weights.get(x.dtype)
+        if weight is None:
+            weight = weights[x.dtype] = torch.ops.bitsandbytes.dequantize_4bit.default(
+                layer.weight.data.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, x.dtype
+            )
+        return F.linear(x, weight, bias).to(input_dtype)
+
+    return forward
+
+
+def _absmax(state) -> torch.Tensor | None:
+    """The per-block scales bitsandbytes' gemm_4bit computes with (nested ones dequantized as it does)."""
+    if not state.nested:
+        return state.absmax
+    if state.state2.blocksize != 256:  # bitsandbytes itself refuses these
+        return None
+    scales = torch.ops.bitsandbytes.dequantize_blockwise.default(
+        state.absmax, state.state2.absmax, state.state2.code, 256, torch.float32
+    )
+    return scales + state.offset
+
+
+@contextlib.contextmanager
+def dequantized_once(model: torch.nn.Module) -> Iterator[int]:
+    """On CPU, every bitsandbytes 4-bit layer of `model` dequantizes its weight once while in force (yields how
+    many layers); elsewhere, and for layers in bitsandbytes' packed CPU format, nothing changes."""
+    from bitsandbytes.nn import Linear4bit
+
+    patched = []
+    for layer in model.modules():
+        if not isinstance(layer, Linear4bit) or layer.weight.device.type != "cpu":
+            continue
+        state = layer.weight.quant_state
+        if state is None or getattr(state, "packing_format_for_cpu", False) or layer.support_avx512bf16_for_cpu:
+            continue
+        absmax = _absmax(state)
+        if absmax is None:
+            continue
+        layer.forward = _dequantizing_forward(layer, {}, absmax)
+        patched.append(layer)
+    try:
+        yield len(patched)
+    finally:
+        for layer in patched:
+            del layer.forward  # back to the class's forward; the dequantized copies go with the closures
