@@ -16,37 +16,7 @@ from lora_study.measure.downstream import (
     write_local_tasks,
 )
 from lora_study.measure.evaluate import greedy_answers, normalize_answer
-from lora_study.prepare.data import tokenize_record
-from lora_study.prepare.datagen import generate_examples
-from lora_study.training.batching import collate
 from lora_study.training.precision import detect_capability, recipe_for
-
-
-@pytest.fixture(scope="module")
-def answering_model(tiny_llama, tmp_path_factory):
-    """The tiny Llama after 80 steps of plain next-token training: it answers with varied, non-empty text
-    (the untrained model answers every prompt with a newline, which would make agreement trivial)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    rows = [tokenize_record(r, "chat", tokenizer) for r in generate_examples(440, 3)]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train = rows[40:]
-    for step in range(80):
-        start = (step * 16) % (len(train) - 16)
-        batch = collate(train[start : start + 16], tokenizer.pad_token_id)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    out = tmp_path_factory.mktemp("answering")
-    model.save_pretrained(out)
-    for name in tiny_llama.iterdir():
-        if name.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(name, out / name.name)
-    return out, rows[:40]
 
 
 def test_lm_eval_answers_the_studys_prompts_as_the_study_does(answering_model, tmp_path):

@@ -3,6 +3,7 @@ exact-match accuracy of greedy answers."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -71,15 +72,26 @@ def response_nll(
 
 @torch.inference_mode()
 def greedy_answers(
-    model, rows, batch_size: int, max_new_tokens: int, tokenizer, pad_id: int, device, recipe: Recipe
+    model,
+    rows,
+    batch_size: int,
+    max_new_tokens: int,
+    tokenizer,
+    pad_id: int,
+    device,
+    recipe: Recipe,
+    share_prefix: bool = True,
+    dequantize_once: bool = True,
 ) -> list[str]:
     """Greedy completions of each row's prompt, batched by length. A prompt prefix all prompts of a batch share
     runs once for the batch, and on CPU 4-bit weights are dequantized once for all decoding steps
-    (lora_study.measure.inference)."""
+    (lora_study.measure.inference); either can be turned off (a benchmark's or a test's full computation)."""
     prompts = [r["input_ids"][: r["prompt_length"]] for r in rows]
     answers: list[str] = [""] * len(rows)
-    check = SharedPrefixCheck("greedy generation")
-    with dequantized_once(model):
+    check = SharedPrefixCheck("greedy generation", model)
+    if not share_prefix:
+        check.usable = False
+    with dequantized_once(model) if dequantize_once else contextlib.nullcontext():
         for indices in batches_by_length([len(p) for p in prompts], batch_size):
             batch = [prompts[i] for i in indices]
             with recipe.autocast_context(device.type):

@@ -50,7 +50,7 @@ class ResponseLoss:
         # path its training checked: the same model, so the same answer, without a second full-logits pass.
         self.path = path
         # Without gradients (evaluation), rows that open alike share their prefix's forward pass.
-        self.prefix_check = SharedPrefixCheck("response loss")
+        self.prefix_check = SharedPrefixCheck("response loss", model)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         labels = batch["labels"][:, 1:]

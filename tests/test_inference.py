@@ -1,0 +1,148 @@
+"""Evaluation's shortcuts against the full computation (lora_study.measure.inference): a prompt prefix a batch
+shares runs once, and on CPU 4-bit weights are dequantized once, on a real trained model and real
+bitsandbytes layers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from lora_study.measure.evaluate import greedy_answers, normalize_answer, response_nll
+from lora_study.measure.inference import MIN_SHARED_PREFIX, common_prefix_length, dequantized_once
+from lora_study.training.loss import SHORTCUT, ResponseLoss
+from lora_study.training.precision import detect_capability, recipe_for
+
+CPU = torch.device("cpu")
+# A system turn every row opens with, as chat-formatted data sets (the default data included) have.
+SYSTEM_TURN = "<|im_start|>system\nAnswer with the result only, exactly as asked.<|im_end|>\n"
+
+
+def with_system_turn(rows: list[dict], tokenizer) -> list[dict]:
+    prefix = tokenizer(SYSTEM_TURN, add_special_tokens=False)["input_ids"]
+    assert len(prefix) >= MIN_SHARED_PREFIX
+    return [{**r, "input_ids": prefix + list(r["input_ids"]), "prompt_length": len(prefix) + r["prompt_length"]}
+            for r in rows]  # fmt: skip
+
+
+def fp32_recipe():
+    return recipe_for("fp32", "fp32", detect_capability(CPU))
+
+
+def test_common_prefix_length() -> None:
+    shared = list(range(100, 112))
+    assert common_prefix_length([[*shared, 1, 2], [*shared, 3], [*shared, 1]], limit=50) == 12
+    assert common_prefix_length([[*shared, 1, 2], [*shared, 1, 2, 3]], limit=50) == 14
+    assert common_prefix_length([[*shared, 1], [*shared, 1]], limit=10) == 10  # never past the limit
+    assert common_prefix_length([shared, shared[:-5] + [0] * 5], limit=50) == 0  # 7 tokens: not worth it
+    assert common_prefix_length([shared], limit=50) == 0  # one row shares with nobody
+
+
+@pytest.fixture(scope="module")
+def trained(answering_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, rows = answering_model
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return model, tokenizer, with_system_turn(rows, tokenizer)
+
+
+def test_perplexity_with_a_shared_prefix_is_the_full_computation(trained, caplog) -> None:
+    model, tokenizer, rows = trained
+    full = ResponseLoss(model, SHORTCUT)
+    full.prefix_check.usable = False
+    expected, tokens = response_nll(full, rows, 8, tokenizer.pad_token_id, CPU, fp32_recipe())
+    with caplog.at_level(logging.INFO, logger="lora_study"):
+        shared, shared_tokens = response_nll(ResponseLoss(model, SHORTCUT), rows, 8, tokenizer.pad_token_id, CPU,
+                                             fp32_recipe())  # fmt: skip
+    assert "response loss: shared prompt prefix computed once per batch" in caplog.text
+    assert shared_tokens == tokens and sum(tokens) > 100
+    assert shared == pytest.approx(expected, rel=1e-5)
+
+
+def test_greedy_answers_with_a_shared_prefix_are_the_full_computations(trained, caplog) -> None:
+    model, tokenizer, rows = trained
+    arguments = (model, rows, 16, 8, tokenizer, tokenizer.pad_token_id, CPU, fp32_recipe())
+    full = greedy_answers(*arguments, share_prefix=False)
+    with caplog.at_level(logging.INFO, logger="lora_study"):
+        shared = greedy_answers(*arguments)
+    assert "greedy generation: shared prompt prefix computed once per batch" in caplog.text
+    # Prompts of different lengths in one batch: the padding sits between the prefix and each prompt's rest.
+    assert len({r["prompt_length"] for r in rows[:16]}) > 3
+    assert len({normalize_answer(a) for a in full}) > 5  # varied answers: agreement is not trivial
+    assert shared == full
+
+
+def test_a_cache_that_is_not_plain_keys_and_values_is_never_shared(tiny_llama, tmp_path, caplog) -> None:
+    """Qwen3.5's linear-attention layers keep a recurrent state: rows are computed in full, as before."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import build_tiny_family
+    from lora_study.prepare.data import tokenize_record
+    from lora_study.prepare.datagen import generate_examples
+
+    model_dir = build_tiny_family(tmp_path / "qwen3_5", "qwen3_5_text", tiny_llama)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = with_system_turn([tokenize_record(r, "chat", tokenizer) for r in generate_examples(8, 5)], tokenizer)
+    full = ResponseLoss(model, SHORTCUT)
+    full.prefix_check.usable = False
+    expected, _ = response_nll(full, rows, 8, tokenizer.pad_token_id, CPU, fp32_recipe())
+    loss = ResponseLoss(model, SHORTCUT)
+    with caplog.at_level(logging.INFO, logger="lora_study"):
+        got, _ = response_nll(loss, rows, 8, tokenizer.pad_token_id, CPU, fp32_recipe())
+        answers = greedy_answers(model, rows, 8, 4, tokenizer, tokenizer.pad_token_id, CPU, fp32_recipe())
+    assert loss.prefix_check.usable is False
+    assert "response loss: each row computed in full (the model's cache is not a plain key/value cache)" in caplog.text
+    assert "greedy generation: each row computed in full" in caplog.text
+    assert got == expected  # the same computation, bit for bit
+    full_answers = greedy_answers(model, rows, 8, 4, tokenizer, tokenizer.pad_token_id, CPU, fp32_recipe(),
+                                  share_prefix=False)  # fmt: skip
+    assert answers == full_answers
+
+
+def four_bit_layer(nested: bool, compute_dtype: torch.dtype):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 96, bias=True, compute_dtype=compute_dtype, compress_statistics=nested,
+                              quant_type="nf4")  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(torch.randn(96, 128), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=nested)  # fmt: skip
+    layer.bias = torch.nn.Parameter(torch.randn(96))
+    layer = layer.to("cpu")  # quantizes
+    layer.support_avx512bf16_for_cpu = False  # evaluation's setting (loading.compute_4bit_as_in_training)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double-quantized"])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dequantized_once_is_bitsandbytes_arithmetic_bit_for_bit(nested: bool, compute_dtype: torch.dtype) -> None:
+    layer = four_bit_layer(nested, compute_dtype)
+    assert layer.weight.quant_state.nested is nested
+    inputs = [torch.randn(3, 5, 128), torch.randn(7, 1, 128)]  # a prompt, then decoding steps
+    with torch.inference_mode():
+        expected = [layer(x) for x in inputs]
+        with dequantized_once(layer) as patched:
+            got = [layer(x) for x in inputs + inputs]
+        after = layer(inputs[0])
+    assert patched == 1
+    assert all(torch.equal(e, g) for e, g in zip(expected + expected, got, strict=True))
+    assert got[0].dtype == torch.float32  # cast back to the input's dtype, as bitsandbytes does
+    assert "forward" not in vars(layer) and torch.equal(after, expected[0])  # bitsandbytes' own forward again
+
+
+def test_int8_layers_never_share_a_prefix(caplog) -> None:
+    """bitsandbytes' int8 layers pick outlier columns over the whole batch: a row's numbers depend on its batch."""
+    import bitsandbytes as bnb
+
+    from lora_study.measure.inference import SharedPrefixCheck
+
+    int8 = torch.nn.Sequential(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False, threshold=6.0))
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with caplog.at_level(logging.INFO, logger="lora_study"):
+        assert SharedPrefixCheck("greedy generation", int8).usable is False
+        assert SharedPrefixCheck("greedy generation", plain).usable is None  # decided by the check on first use
+    assert "each row computed in full (int8 layers split each batch's columns by its outliers)" in caplog.text
