@@ -1,5 +1,5 @@
 """Evaluation with and without its shortcuts, side by side in one process: a prompt prefix the batch shares run
-once and 4-bit weights dequantized once on CPU for generation (lora_study.measure.inference) against every row in
+once and 4-bit weights dequantized once on CPU for generation (lora_study.training.inference) against every row in
 full and dequantization at every call (the evaluation before them); both generate in batches of the study's
 evaluation.generation_batch_size unless --generation-batch sets the shortcuts' side.
 

@@ -1,4 +1,4 @@
-"""Evaluation's shortcuts against the full computation (lora_study.measure.inference): a prompt prefix a batch
+"""Evaluation's shortcuts against the full computation (lora_study.training.inference): a prompt prefix a batch
 shares runs once, and on CPU 4-bit weights are dequantized once, on a real trained model and real
 bitsandbytes layers."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lora_study.measure.evaluate import greedy_answers, normalize_answer, response_nll
-from lora_study.measure.inference import MIN_SHARED_PREFIX, common_prefix_length, dequantized_once
+from lora_study.training.inference import MIN_SHARED_PREFIX, common_prefix_length, dequantized_once
 from lora_study.training.loss import SHORTCUT, ResponseLoss
 from lora_study.training.precision import detect_capability, recipe_for
 
@@ -138,7 +138,7 @@ def test_int8_layers_never_share_a_prefix(caplog) -> None:
     """bitsandbytes' int8 layers pick outlier columns over the whole batch: a row's numbers depend on its batch."""
     import bitsandbytes as bnb
 
-    from lora_study.measure.inference import SharedPrefixCheck
+    from lora_study.training.inference import SharedPrefixCheck
 
     int8 = torch.nn.Sequential(bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False, threshold=6.0))
     plain = torch.nn.Sequential(torch.nn.Linear(64, 64))

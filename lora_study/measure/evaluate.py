@@ -23,12 +23,12 @@ from lora_study.core.gpu_slots import claim_job_gpu, job_environment
 from lora_study.core.io import atomic_path, write_json
 from lora_study.core.metrics import IN_TRAINING, STATUS_OK, EvalMetrics, PeakMemory, perplexity
 from lora_study.core.paths import EvalOutputs
-from lora_study.measure.inference import SharedPrefixCheck, common_prefix_length, dequantized_once, prefix_cache
 from lora_study.prepare.data import load_split
 from lora_study.study.modules import resolve_attention
 from lora_study.study.sweep import RunSpec
 from lora_study.training.batching import collate
 from lora_study.training.failures import STATUS_OOM, is_out_of_memory, memory_cap, memory_in_use_gb
+from lora_study.training.inference import SharedPrefixCheck, common_prefix_length, dequantized_once, prefix_cache
 from lora_study.training.loading import (
     compute_4bit_as_in_training,
     load_for_evaluation,
@@ -85,7 +85,7 @@ def greedy_answers(
 ) -> list[str]:
     """Greedy completions of each row's prompt, batched by length. A prompt prefix all prompts of a batch share
     runs once for the batch, and on CPU 4-bit weights are dequantized once for all decoding steps
-    (lora_study.measure.inference); either can be turned off (a benchmark's or a test's full computation)."""
+    (lora_study.training.inference); either can be turned off (a benchmark's or a test's full computation)."""
     prompts = [r["input_ids"][: r["prompt_length"]] for r in rows]
     answers: list[str] = [""] * len(rows)
     check = SharedPrefixCheck("greedy generation", model)

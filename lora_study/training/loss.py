@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from lora_study.core import phases
 from lora_study.training.batching import IGNORE_INDEX
+from lora_study.training.inference import SharedPrefixCheck, common_prefix_length, prefix_cache
 
 log = logging.getLogger("lora_study")
 
@@ -43,8 +44,6 @@ class ResponseLoss:
     """Summed next-token cross-entropy (fp32) over response tokens, and their count."""
 
     def __init__(self, model, path: str | None = None) -> None:
-        from lora_study.measure.inference import SharedPrefixCheck
-
         self.model = model
         # SHORTCUT or FULL_LOGITS; None: decided (checked) on the first batch. A run's evaluation takes the
         # path its training checked: the same model, so the same answer, without a second full-logits pass.
@@ -92,8 +91,6 @@ class ResponseLoss:
     def _shareable_prefix(self, batch, keep: torch.Tensor) -> int:
         """Leading tokens every row of `batch` shares before its first loss position (0: none worth sharing);
         only in evaluation: with gradients or dropout each row's prefix computes differently."""
-        from lora_study.measure.inference import common_prefix_length
-
         if torch.is_grad_enabled() or self.model.training or self.prefix_check.usable is False:
             return 0
         ids = batch["input_ids"]
@@ -103,8 +100,6 @@ class ResponseLoss:
 
     def _shared_prefix_logits(self, batch, keep, prefix: int) -> torch.Tensor | None:
         """The shortcut's logits with the prefix run once for all rows (None: the cache cannot be shared)."""
-        from lora_study.measure.inference import prefix_cache
-
         lm = causal_lm(self.model)
         ids = batch["input_ids"]
         cache = prefix_cache(lm.base_model, ids[:1, :prefix], ids.shape[0])
