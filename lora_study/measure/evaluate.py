@@ -107,14 +107,30 @@ def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, tokeni
     prefix = 0 if check.usable is False else common_prefix_length(prompts, min(map(len, prompts)) - 1)
     if prefix and check.usable is None:
         _check_shared_generation(model, prompts, prefix, tokenizer, pad_id, device, check)
+    shared = None
     if prefix and check.usable:
-        ids, mask = _prefix_then_left_padded(prompts, prefix, pad_id)
-        cache = prefix_cache(causal_lm(model).base_model, ids[:1, :prefix].to(device), len(prompts))
-        if cache is not None:
-            return _generate(model, ids, mask, max_new_tokens, tokenizer, pad_id, device, cache=cache), ids.shape[1]
+        shared = _generate_shared(model, prompts, prefix, max_new_tokens, tokenizer, pad_id, device)
+    return shared or _generate_left_padded(model, prompts, max_new_tokens, tokenizer, pad_id, device)
+
+
+def _generate_left_padded(model, prompts: list[list[int]], max_new_tokens: int, tokenizer, pad_id: int, device,
+                          **extra) -> tuple[Any, int]:  # fmt: skip
+    """Every prompt in full, left-padded: (generate's output, padded width)."""
     batch = collate([{"input_ids": p, "prompt_length": 0} for p in prompts], pad_id, padding_side="left")
-    return _generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer, pad_id,
-                     device), batch["input_ids"].shape[1]  # fmt: skip
+    output = _generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens, tokenizer, pad_id,
+                       device, **extra)  # fmt: skip
+    return output, batch["input_ids"].shape[1]
+
+
+def _generate_shared(model, prompts: list[list[int]], prefix: int, max_new_tokens: int, tokenizer, pad_id: int,
+                     device, **extra) -> tuple[Any, int] | None:  # fmt: skip
+    """The prefix run once, each prompt's rest after it: (generate's output, padded width); None where the
+    model's cache cannot be shared."""
+    ids, mask = _prefix_then_left_padded(prompts, prefix, pad_id)
+    cache = prefix_cache(causal_lm(model).base_model, ids[:1, :prefix].to(device), len(prompts))
+    if cache is None:
+        return None
+    return _generate(model, ids, mask, max_new_tokens, tokenizer, pad_id, device, cache=cache, **extra), ids.shape[1]
 
 
 def _prefix_then_left_padded(prompts: list[list[int]], prefix: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,15 +152,9 @@ def _check_shared_generation(model, prompts: list[list[int]], prefix: int, token
     started = time.perf_counter()
     pair = [min(prompts, key=len), max(prompts, key=len)]
     first_step = {"output_logits": True, "return_dict_in_generate": True}
-    left = collate([{"input_ids": p, "prompt_length": 0} for p in pair], pad_id, padding_side="left")
-    reference = _generate(model, left["input_ids"], left["attention_mask"], 1, tokenizer, pad_id, device,
-                          **first_step).logits[0]  # fmt: skip
-    ids, mask = _prefix_then_left_padded(pair, prefix, pad_id)
-    cache = prefix_cache(causal_lm(model).base_model, ids[:1, :prefix].to(device), len(pair))
-    shared = None
-    if cache is not None:
-        shared = _generate(model, ids, mask, 1, tokenizer, pad_id, device, cache=cache, **first_step).logits[0]
-    check.decide(reference, shared)
+    reference, _ = _generate_left_padded(model, pair, 1, tokenizer, pad_id, device, **first_step)
+    shared = _generate_shared(model, pair, prefix, 1, tokenizer, pad_id, device, **first_step)
+    check.decide(reference.logits[0], None if shared is None else shared[0].logits[0])
     phases.carve("checks", time.perf_counter() - started)
 
 

@@ -28,7 +28,8 @@ log = logging.getLogger("lora_study")
 
 # Shorter common prefixes are not worth a second forward call.
 MIN_SHARED_PREFIX = 8
-# Largest relative difference between shared-prefix and full logits that is rounding, per compute dtype.
+# Largest relative difference between two computations' logits that is rounding, per compute dtype (the
+# shared-prefix checks here and the output-head check in lora_study.training.loss).
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 

@@ -17,7 +17,13 @@ import torch.nn.functional as F
 
 from lora_study.core import phases
 from lora_study.training.batching import IGNORE_INDEX
-from lora_study.training.inference import SharedPrefixCheck, common_prefix_length, prefix_cache
+from lora_study.training.inference import (
+    CHECK_TOLERANCE,
+    SharedPrefixCheck,
+    common_prefix_length,
+    prefix_cache,
+    relative_difference,
+)
 
 log = logging.getLogger("lora_study")
 
@@ -26,8 +32,6 @@ log = logging.getLogger("lora_study")
 LOGIT_POST_PROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 SHORTCUT = "head_at_loss_positions"
 FULL_LOGITS = "full_logits"
-# Largest relative difference between the two paths' logits that is rounding, per compute dtype.
-CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 def scored_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -140,9 +144,8 @@ class ResponseLoss:
             full_logits = self._full_logits(batch, keep)
             torch.manual_seed(0)
             short = self._shortcut_logits(batch, keep).float()
-        full = full_logits.float()
-        difference = float((full - short).abs().max() / full.abs().max().clamp_min(1e-6))
-        device_type = full.device.type
+        difference = relative_difference(full_logits, short)
+        device_type = full_logits.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else full_logits.dtype
         tolerance = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE[torch.float32])
         if difference > tolerance:
