@@ -1,14 +1,15 @@
 """This project's training loop vs a plain transformers.Trainer + PEFT script,
 side by side in one run.
 
-    python bench/trainer_vs_loop.py [--rounds 3] [--steps 24] [--run r16-qkvo-nf4]
+    python bench/trainer_vs_loop.py [--rounds 3] [--steps 24] [--run r16-qkvo-nf4] [--sides ours ours-full trainer]
 
 Both train the same LoRA configuration of the default config (model, data,
 quantization, learning rate, batch size, steps, seed) from the same prepared
 split, each in its own process (so peak RSS is each one's own), alternating
 A, B, A, B. The Trainer side is what a user would write otherwise: the usual
 padding collator (DataCollatorForSeq2Seq), full-vocabulary logits, no length
-grouping. Printed per side: useful tokens/s (tokens that carry a loss, per
+grouping. The side `ours-full` is this loop computing every row in full (no
+prompt prefix shared by a batch's rows). Printed per side: useful tokens/s (tokens that carry a loss, per
 second of training), peak memory, validation perplexity of the trained
 adapter; then the ratios. Needs results/model and results/data from a study run
 (`snakemake --cores 2 results/data/summary.json`).
@@ -57,6 +58,13 @@ def perplexity_of(model, recipe, manifest, splits: Path, batch_size: int) -> flo
     rows = list(load_split(splits, "validation"))
     nll, tokens = response_nll(ResponseLoss(model), rows, batch_size, pad_id, model.device, recipe)
     return perplexity(sum(nll), sum(tokens))
+
+
+def worker_ours_full(run_id: str, steps: int, out: Path, threads: int) -> dict:
+    from lora_study.training.loss import ResponseLoss
+
+    ResponseLoss.shares_prefix_in_training = False
+    return worker_ours(run_id, steps, out, threads)
 
 
 def worker_ours(run_id: str, steps: int, out: Path, threads: int) -> dict:
@@ -173,18 +181,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--run", default="r16-qkvo-nf4")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", choices=["ours", "trainer"])
+    parser.add_argument("--sides", nargs="+", choices=list(WORKERS), default=["ours", "trainer"])
+    parser.add_argument("--worker", choices=list(WORKERS))
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.worker:
-        worker = worker_ours if args.worker == "ours" else worker_trainer
-        print(json.dumps(worker(args.run, args.steps, Path(args.out), args.threads)))
+        print(json.dumps(WORKERS[args.worker](args.run, args.steps, Path(args.out), args.threads)))
         return
 
     print(cpu_line(), flush=True)
-    results: dict[str, list[dict]] = {"ours": [], "trainer": []}
+    results: dict[str, list[dict]] = {side: [] for side in args.sides}
     for round_index in range(args.rounds):
-        for side in ("ours", "trainer") if round_index % 2 == 0 else ("trainer", "ours"):
+        for side in args.sides if round_index % 2 == 0 else reversed(args.sides):
             outcome = run_side(side, args)
             outcome["useful_tokens_per_s"] = outcome["loss_tokens"] / outcome["train_s"]
             results[side].append(outcome)
@@ -199,14 +207,19 @@ def main() -> None:
 
     print(f"\n{args.run}, {args.steps} steps, {args.rounds} rounds: median [min, max]")
     print(f"{'':10s}{'useful tok/s':>24s}{'peak RSS GB':>22s}{'perplexity':>28s}")
-    for side in ("ours", "trainer"):
+    for side in args.sides:
         print(f"{side:10s}{spread(side, 'useful_tokens_per_s', 1):>24s}{spread(side, 'peak_rss_gb', 2):>22s}"
-              f"{spread(side, 'perplexity', 4):>28s}")  # fmt: skip
-    speed = median("ours", "useful_tokens_per_s") / median("trainer", "useful_tokens_per_s")
-    memory = median("ours", "peak_rss_gb") / median("trainer", "peak_rss_gb")
-    quality = median("ours", "perplexity") / median("trainer", "perplexity")
-    print(f"ratio ours/trainer: useful tokens/s x{speed:.2f}, peak memory x{memory:.2f}, perplexity x{quality:.3f}")
+              f"{spread(side, 'perplexity', 6):>28s}")  # fmt: skip
+    reference = args.sides[-1]
+    for side in args.sides[:-1]:
+        speed = median(side, "useful_tokens_per_s") / median(reference, "useful_tokens_per_s")
+        memory = median(side, "peak_rss_gb") / median(reference, "peak_rss_gb")
+        quality = median(side, "perplexity") / median(reference, "perplexity")
+        print(f"ratio {side}/{reference}: useful tokens/s x{speed:.2f}, peak memory x{memory:.2f}, "
+              f"perplexity x{quality:.6f}")  # fmt: skip
 
+
+WORKERS = {"ours": worker_ours, "ours-full": worker_ours_full, "trainer": worker_trainer}
 
 if __name__ == "__main__":
     main()

@@ -146,3 +146,58 @@ def test_int8_layers_never_share_a_prefix(caplog) -> None:
         assert SharedPrefixCheck("greedy generation", int8).usable is False
         assert SharedPrefixCheck("greedy generation", plain).usable is None  # decided by the check on first use
     assert "each row computed in full (int8 layers split each batch's columns by its outliers)" in caplog.text
+
+
+def lora_step(model, batch: dict, share: bool, dropout: float = 0.0, checkpointing: bool = False):
+    """One training forward and backward of a fresh LoRA (both factors random, so every factor has a gradient)
+    on a copy of `model`: (summed loss, LoRA gradients, the loss object)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = copy.deepcopy(model)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=dropout,
+                        init_lora_weights=False)  # fmt: skip
+    lora = get_peft_model(base, config).train()
+    loss = ResponseLoss(lora, SHORTCUT)
+    loss.shares_prefix_in_training = share
+    total, _ = loss(batch)
+    total.backward()
+    gradients = {name: p.grad.clone() for name, p in lora.named_parameters() if p.requires_grad}
+    return total.item(), gradients, loss
+
+
+def test_a_training_step_with_a_shared_prefix_is_the_full_computation(trained, caplog) -> None:
+    from lora_study.training.batching import collate
+
+    model, tokenizer, rows = trained
+    batch = collate(rows[:8], tokenizer.pad_token_id)
+    expected, expected_gradients, full = lora_step(model, batch, share=False)
+    with caplog.at_level(logging.INFO, logger="lora_study"):
+        shared, gradients, loss = lora_step(model, batch, share=True)
+    assert "training loss: shared prompt prefix computed once per batch" in caplog.text
+    assert loss.prefix_check.usable is True and full.prefix_check.usable is None  # one shared, one never asked
+    assert shared == pytest.approx(expected, rel=1e-5)
+    assert len(gradients) == 6 * model.config.num_hidden_layers
+    for name, gradient in gradients.items():
+        reference = expected_gradients[name]
+        assert reference.abs().max() > 0, name
+        assert float((gradient - reference).abs().max() / reference.abs().max()) < 1e-4, name
+
+
+@pytest.mark.parametrize(("dropout", "checkpointing", "reason"), [
+    (0.1, False, "dropout draws each row its own mask"),
+    (0.0, True, "gradient checkpointing is on"),
+])  # fmt: skip
+def test_training_computes_every_row_in_full_where_rows_differ(trained, caplog, dropout, checkpointing, reason):
+    from lora_study.training.batching import collate
+
+    model, tokenizer, rows = trained
+    batch = collate(rows[:8], tokenizer.pad_token_id)
+    with caplog.at_level(logging.INFO, logger="lora_study"):
+        _, _, loss = lora_step(model, batch, share=True, dropout=dropout, checkpointing=checkpointing)
+    assert f"each row computed in full in training ({reason})" in caplog.text
+    assert loss.prefix_check.usable is None and "shared prompt prefix" not in caplog.text

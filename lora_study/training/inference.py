@@ -1,12 +1,14 @@
-"""Evaluation's forward passes without repeated work: a prompt prefix every row of a batch shares is run once,
-and on CPU a 4-bit model's weights are dequantized once for greedy generation instead of at every step.
+"""Forward passes without repeated work: a prompt prefix every row of a batch shares is run once, and on CPU a
+4-bit model's weights are dequantized once for greedy generation instead of at every step.
 
 Shared prefix: the rows of a chat-formatted data set open with the same system turn (24 of the default data's
-53 tokens per row). Evaluation runs without gradients or dropout, so every row's keys and values over that
-prefix are the same: the prefix runs once per batch and every row continues from its cache. That is the same
-function; only rounding differs (other matrix shapes). It is checked once per evaluation against the full
-computation on two rows and used only where the model's cache is the plain per-layer key/value cache
-(sliding-window and recurrent layers keep state this does not copy).
+53 tokens per row). Without dropout every row's keys and values over that prefix are the same, so the prefix
+runs once per batch: for the loss (training and perplexity) the batch is packed into one sequence, the prefix
+then each row's rest without its padding, each rest attending to the prefix and to itself at its own positions
+(`pack_after_prefix`); greedy generation continues every row from the prefix's key/value cache
+(`prefix_cache`). That is the same function; only rounding differs (other matrix shapes). It is checked once
+per use against the full computation on two rows and used only where the model's cache is the plain per-layer
+key/value cache (sliding-window and recurrent layers keep state that packing would carry from row to row).
 
 Dequantized once: bitsandbytes on CPU dequantizes a 4-bit weight at every call, then multiplies; a decoding
 step of a few tokens is mostly that dequantization. `dequantized_once` does the same two operations, the first
@@ -58,6 +60,30 @@ def prefix_cache(body, prefix_ids: torch.Tensor, rows: int):
         return None
     cache.batch_repeat_interleave(rows)
     return cache
+
+
+def pack_after_prefix(ids: torch.Tensor, mask: torch.Tensor, prefix: int, attention: str):
+    """A right-padded batch whose rows open with the same `prefix` tokens as one sequence: the prefix once, then
+    each row's remaining tokens. Returns (ids, 4-D mask, position ids, where each row's rest starts), or None
+    where rows are not right-padded or the attention takes no custom mask. Each rest attends causally to the
+    prefix and to itself, at the positions it has in its own row: the rows' function, without padding and
+    without computing the prefix once per row."""
+    lengths = mask.sum(dim=1)
+    if attention not in ("sdpa", "eager") or not bool((mask[:, 1:] <= mask[:, :-1]).all() and mask[:, 0].all()):
+        return None
+    device, rests = ids.device, (lengths - prefix).tolist()
+    tokens = torch.cat([ids[0, :prefix], *(ids[row, prefix : prefix + rest] for row, rest in enumerate(rests))])
+    positions = torch.cat([torch.arange(prefix, device=device),
+                           *(torch.arange(prefix, prefix + rest, device=device) for rest in rests)])  # fmt: skip
+    # Segment 0 is the prefix, row r's rest is segment r + 1.
+    segment = torch.repeat_interleave(torch.arange(len(rests) + 1, device=device),
+                                      torch.tensor([prefix, *rests], device=device))  # fmt: skip
+    index = torch.arange(len(tokens), device=device)
+    allowed = (index[:, None] >= index[None, :]) & ((segment[:, None] == segment[None, :]) | (segment[None, :] == 0))
+    if attention == "eager":  # eager attention adds its mask to the scores
+        allowed = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    starts = prefix + torch.cumsum(torch.tensor([0, *rests[:-1]], device=device), dim=0)
+    return tokens[None], allowed[None, None], positions[None], starts
 
 
 def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:

@@ -5,10 +5,17 @@ model's own logits only when the model does nothing after its head. Families
 that scale or cap logits (Granite's logits_scaling, Gemma 2's soft-capping,
 Cohere's logit_scale) would silently train on a wrong loss, so the shortcut is
 checked once per run against the model's own logits and dropped when they differ.
+
+Rows that open alike (a chat template's system turn) share their prefix's forward pass, packed into one
+sequence after it without padding (lora_study.training.inference.pack_after_prefix): in evaluation always (no
+gradients, no dropout), in training where nothing draws a row its own randomness (no dropout) and without
+gradient checkpointing. The gradient through the shared prefix is the sum of the rows' gradients through their
+copies, so the step is the same function; it is checked once per run against full rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -21,7 +28,8 @@ from lora_study.training.inference import (
     CHECK_TOLERANCE,
     SharedPrefixCheck,
     common_prefix_length,
-    prefix_cache,
+    pack_after_prefix,
+    plain_kv_cache,
     relative_difference,
 )
 
@@ -47,13 +55,17 @@ def causal_lm(model):
 class ResponseLoss:
     """Summed next-token cross-entropy (fp32) over response tokens, and their count."""
 
+    # Off: training computes every row in full even where sharing is exact (a benchmark's reference side).
+    shares_prefix_in_training = True
+
     def __init__(self, model, path: str | None = None) -> None:
         self.model = model
         # SHORTCUT or FULL_LOGITS; None: decided (checked) on the first batch. A run's evaluation takes the
         # path its training checked: the same model, so the same answer, without a second full-logits pass.
         self.path = path
-        # Without gradients (evaluation), rows that open alike share their prefix's forward pass.
+        # Rows that open alike share their prefix's forward pass (see the module's docstring).
         self.prefix_check = SharedPrefixCheck("response loss", model)
+        self._training_reason: str | None = None  # why training computes every row in full; decided once
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         labels = batch["labels"][:, 1:]
@@ -93,9 +105,9 @@ class ResponseLoss:
         return lm.get_output_embeddings()(hidden[:, :-1][keep])
 
     def _shareable_prefix(self, batch, keep: torch.Tensor) -> int:
-        """Leading tokens every row of `batch` shares before its first loss position (0: none worth sharing);
-        only in evaluation: with gradients or dropout each row's prefix computes differently."""
-        if torch.is_grad_enabled() or self.model.training or self.prefix_check.usable is False:
+        """Leading tokens every row of `batch` shares before its first loss position (0: none worth sharing,
+        or a training step whose rows compute their prefix differently)."""
+        if self.prefix_check.usable is False or (self.model.training and self._training_computes_full_rows()):
             return 0
         ids = batch["input_ids"]
         first_loss = torch.where(keep.any(dim=1), keep.int().argmax(dim=1), ids.shape[1] - 1)
@@ -103,26 +115,45 @@ class ResponseLoss:
         return common_prefix_length(ids[:, :limit].tolist(), limit)
 
     def _shared_prefix_logits(self, batch, keep, prefix: int) -> torch.Tensor | None:
-        """The shortcut's logits with the prefix run once for all rows (None: the cache cannot be shared)."""
+        """The shortcut's logits with the batch packed into one sequence: the shared prefix once, then each row's
+        rest without its padding, attending to the prefix and to itself (None: no such mask for the model's
+        attention, or rows not right-padded)."""
         lm = causal_lm(self.model)
-        ids = batch["input_ids"]
-        cache = prefix_cache(lm.base_model, ids[:1, :prefix], ids.shape[0])
-        if cache is None:
+        packed = pack_after_prefix(batch["input_ids"], batch["attention_mask"], prefix,
+                                   lm.config._attn_implementation)  # fmt: skip
+        if packed is None:
             return None
-        rest = ids[:, prefix:]
-        hidden = lm.base_model(input_ids=rest, attention_mask=batch["attention_mask"], cache=cache).last_hidden_state
-        return lm.get_output_embeddings()(hidden[:, :-1][keep[:, prefix:]])
+        ids, mask, positions, starts = packed
+        hidden = lm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state[0]
+        rows, columns = keep.nonzero(as_tuple=True)  # row-major: the order of labels[keep]
+        return lm.get_output_embeddings()(hidden[starts[rows] + columns - prefix])
+
+    def _training_computes_full_rows(self) -> bool:
+        """Whether training must compute each row in full (logged once, with the reason)."""
+        if self._training_reason is None:
+            self._training_reason = rows_differ_in_training(self.model) or ""
+            if self._training_reason:
+                log.info("response loss: each row computed in full in training (%s)", self._training_reason)
+        return bool(self._training_reason) or not self.shares_prefix_in_training
 
     def _check_shared_prefix(self, batch, keep: torch.Tensor, prefix: int) -> None:
-        """Shared against full computation on two rows of the first batch: the fewest and most loss positions."""
+        """Shared against full computation on two rows of the first batch: the fewest and most loss positions.
+        In training, without gradients in the run's own mode (no dropout to fork the RNG for; see _choose_path)."""
         started = time.perf_counter()
         counts = keep.sum(dim=1)
         rows = sorted({int(counts.argmin()), int(counts.argmax())})
         if len(rows) == 1:  # all rows alike: the first and the last (a shareable batch has two at least)
             rows = [0, keep.shape[0] - 1]
         pair = {name: value[rows] for name, value in batch.items()}
-        reference = self._shortcut_logits(pair, keep[rows])
-        self.prefix_check.decide(reference, self._shared_prefix_logits(pair, keep[rows], prefix))
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            reference = self._shortcut_logits(pair, keep[rows])
+            # Layers that keep state beyond keys and values (sliding windows, recurrent layers) would carry it
+            # from one packed row into the next: such a model's cache says so.
+            body = causal_lm(self.model).base_model
+            plain = plain_kv_cache(body(input_ids=pair["input_ids"][:1, :prefix], use_cache=True).cache)
+            shared = self._shared_prefix_logits(pair, keep[rows], prefix) if plain else None
+        self.prefix_check.what = "training loss" if self.model.training else "response loss"
+        self.prefix_check.decide(reference, shared)
         phases.carve("checks", time.perf_counter() - started)
 
     def _choose_path(self, batch, keep: torch.Tensor) -> str:
@@ -157,3 +188,22 @@ class ResponseLoss:
             return FULL_LOGITS
         log.info("loss: output head at loss positions only (checked against full logits: %.2g)", difference)
         return SHORTCUT
+
+
+# Config attributes holding an attention-probability dropout (applied inside the attention kernel, no module).
+ATTENTION_DROPOUT = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
+
+def rows_differ_in_training(model) -> str | None:
+    """Why the rows of a training batch cannot share their prefix's forward pass, or None."""
+    lm = causal_lm(model)
+    modules = list(model.modules())
+    # Checkpointed training keeps no cache, which the check of packing reads; transformers marks each
+    # checkpointed layer (its own property for this has changed names).
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in modules):
+        return "gradient checkpointing is on"
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in modules):
+        return "dropout draws each row its own mask"
+    if any(float(getattr(lm.config, name, 0) or 0) > 0 for name in ATTENTION_DROPOUT):
+        return "attention dropout draws each row its own mask"
+    return None
