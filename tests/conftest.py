@@ -184,7 +184,7 @@ def tiny_study_config(model_dir: Path) -> dict:
             "template": "chat",
             "max_length": 128,
         },
-        # No dropout, as the default study: training packs each batch after its shared system turn.
+        # No dropout, as the default study.
         "training": {"max_steps": 3, "batch_size": 4, "warmup_steps": 0, "log_every": 1, "lora_dropout": 0.0},
         "evaluation": {"batch_size": 8, "exact_match_examples": 8, "max_new_tokens": 8},
         "sweep": {

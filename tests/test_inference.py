@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lora_study.measure.evaluate import greedy_answers, normalize_answer, response_nll
-from lora_study.training.inference import MIN_SHARED_PREFIX, common_prefix_length, dequantized_once
+from lora_study.training.inference import MIN_SHARED_PREFIX, common_prefix_length, dequantized_once, packing_pays
 from lora_study.training.loss import SHORTCUT, ResponseLoss
 from lora_study.training.precision import detect_capability, recipe_for
 
@@ -37,6 +37,14 @@ def test_common_prefix_length() -> None:
     assert common_prefix_length([[*shared, 1], [*shared, 1]], limit=10) == 10  # never past the limit
     assert common_prefix_length([shared, shared[:-5] + [0] * 5], limit=50) == 0  # 7 tokens: not worth it
     assert common_prefix_length([shared], limit=50) == 0  # one row shares with nobody
+
+
+def test_packing_pays_for_short_rows_only() -> None:
+    """The default data (8 rows of up to 70 tokens after a 24-token system turn, hidden size 576) packs; rows of
+    2,048 tokens would attend over 32,000 and do not, nor does anything past the mask's size limit."""
+    assert packing_pays(rows=8, width=70, packed=24 + 8 * 30, hidden_size=576)
+    assert not packing_pays(rows=16, width=2048, packed=24 + 16 * 2000, hidden_size=2560)
+    assert not packing_pays(rows=2, width=6000, packed=9000, hidden_size=8192)
 
 
 @pytest.fixture(scope="module")

@@ -402,10 +402,13 @@ class InTrainingEvaluation:
     handoff_dir: Path
     threads: int  # the job's threads, as the evaluate job's key counts its own
 
-    def __call__(self, model, job, loss_path: str, adapter_dir: Path) -> bool:
+    def __call__(self, model, job, trained: ResponseLoss, adapter_dir: Path) -> bool:
         """Score `model` (trained, saved at `adapter_dir`); True if a hand-off was left. Any failure (out of
-        memory included) leaves none: the evaluate job then evaluates, and records what happens there."""
+        memory included) leaves none: the evaluate job then evaluates, and records what happens there. The loss
+        takes what `trained` (training's loss on the same model) checked: its path and its prefix sharing."""
         from lora_study.measure import handoff
+
+        loss_path = trained.path
 
         started = time.perf_counter()
         staging = None
@@ -415,7 +418,9 @@ class InTrainingEvaluation:
             data = EvalData.load(self.splits_dir, self.manifest, self.evaluation)
             phases.end("load")
             with quiet_int8_casts():
-                scores = score(model, ResponseLoss(model, loss_path), data, self.evaluation, job.device, job.recipe)
+                loss = ResponseLoss(model, loss_path)
+                loss.prefix_check.take(trained.prefix_check)
+                scores = score(model, loss, data, self.evaluation, job.device, job.recipe)
             outputs = EvalOutputs(
                 staging / "eval_metrics.json", staging / "predictions.jsonl", staging / "examples.csv",
                 staging / "general.csv" if data.general is not None else None,

@@ -62,16 +62,32 @@ def prefix_cache(body, prefix_ids: torch.Tensor, rows: int):
     return cache
 
 
-def pack_after_prefix(ids: torch.Tensor, mask: torch.Tensor, prefix: int, attention: str):
+# Longest packed sequence: its attention mask holds this many squared booleans.
+MAX_PACKED_TOKENS = 8192
+
+
+def packing_pays(rows: int, width: int, packed: int, hidden_size: int) -> bool:
+    """Whether one packed sequence of `packed` tokens costs less than `rows` padded rows of `width`. Packing
+    saves the linear layers' work on padding and on the prefix's copies (about 2 x 12 hidden^2 FLOPs per token
+    and layer) but attends over the whole sequence (4 x hidden FLOPs per query-key pair and layer, masked or
+    not): short rows gain, long ones would lose."""
+    saved_linear = 24 * hidden_size * (rows * width - packed)
+    extra_attention = 4 * (packed * packed - rows * width * width)
+    return packed <= MAX_PACKED_TOKENS and extra_attention < saved_linear
+
+
+def pack_after_prefix(ids: torch.Tensor, mask: torch.Tensor, prefix: int, attention: str, hidden_size: int):
     """A right-padded batch whose rows open with the same `prefix` tokens as one sequence: the prefix once, then
     each row's remaining tokens. Returns (ids, 4-D mask, position ids, where each row's rest starts), or None
-    where rows are not right-padded or the attention takes no custom mask. Each rest attends causally to the
-    prefix and to itself, at the positions it has in its own row: the rows' function, without padding and
-    without computing the prefix once per row."""
+    where rows are not right-padded, the attention takes no custom mask or packing would cost more
+    (`packing_pays`). Each rest attends causally to the prefix and to itself, at the positions it has in its own
+    row: the rows' function, without padding and without computing the prefix once per row."""
     lengths = mask.sum(dim=1)
     if attention not in ("sdpa", "eager") or not bool((mask[:, 1:] <= mask[:, :-1]).all() and mask[:, 0].all()):
         return None
     device, rests = ids.device, (lengths - prefix).tolist()
+    if not packing_pays(len(rests), ids.shape[1], prefix + sum(rests), hidden_size):
+        return None
     tokens = torch.cat([ids[0, :prefix], *(ids[row, prefix : prefix + rest] for row, rest in enumerate(rests))])
     positions = torch.cat([torch.arange(prefix, device=device),
                            *(torch.arange(prefix, prefix + rest, device=device) for rest in rests)])  # fmt: skip
@@ -118,11 +134,20 @@ class SharedPrefixCheck:
             self.usable = False
             log.info("%s: each row computed in full (%s)", what, reason)
 
-    def decide(self, reference: torch.Tensor, shared: torch.Tensor | None) -> bool:
-        """Compare `shared` (None: the cache could not be shared) with `reference`; logs the outcome once."""
+    def take(self, checked: SharedPrefixCheck) -> None:
+        """Take the decision `checked` made on the same model (training's, for its own evaluation), if any."""
+        if self.usable is None and checked.usable is not None:
+            self.usable = checked.usable
+            log.info("%s: %s, as %s checked", self.what,
+                     "shared prompt prefix computed once per batch" if self.usable else "each row computed in full",
+                     checked.what)  # fmt: skip
+
+    def decide(self, reference: torch.Tensor, shared: torch.Tensor | None,
+               why_not: str = "the model's cache is not a plain key/value cache") -> bool:  # fmt: skip
+        """Compare `shared` (None: it could not be computed, `why_not`) with `reference`; logs the outcome once."""
         if shared is None:
             self.usable = False
-            log.info("%s: each row computed in full (the model's cache is not a plain key/value cache)", self.what)
+            log.info("%s: each row computed in full (%s)", self.what, why_not)
             return False
         difference = relative_difference(reference, shared)
         tolerance = CHECK_TOLERANCE.get(reference.dtype, CHECK_TOLERANCE[torch.float32])

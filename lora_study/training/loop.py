@@ -130,8 +130,9 @@ class TrainOutputs:
         return metrics
 
 
-# Called with the trained model, its job, the loss path training checked, and the saved adapter's folder.
-AfterTraining = Callable[[torch.nn.Module, "Job", str, Path], Any]
+# Called with the trained model, its job, the loss training computed (its checked path and prefix sharing), and
+# the saved adapter's folder.
+AfterTraining = Callable[[torch.nn.Module, "Job", ResponseLoss, Path], Any]
 
 
 @dataclass
@@ -304,7 +305,7 @@ def train_run(
         phases.end("write")
         session.release()
         with signals_as_errors():  # a time limit's SIGTERM now ends the extra work, not the finished run
-            after_training(model, job, session.loss.path, outputs.adapter_dir)
+            after_training(model, job, session.loss, outputs.adapter_dir)
     return metrics
 
 

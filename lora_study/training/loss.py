@@ -100,9 +100,12 @@ class ResponseLoss:
         return logits[:, :-1][keep]
 
     def _shortcut_logits(self, batch, keep) -> torch.Tensor:
+        return self._shortcut_logits_and_cache(batch, keep)[0]
+
+    def _shortcut_logits_and_cache(self, batch, keep, **cache_flag) -> tuple[torch.Tensor, object]:
         lm = causal_lm(self.model)
-        hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return lm.get_output_embeddings()(hidden[:, :-1][keep])
+        output = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **cache_flag)
+        return lm.get_output_embeddings()(output.last_hidden_state[:, :-1][keep]), output.cache
 
     def _shareable_prefix(self, batch, keep: torch.Tensor) -> int:
         """Leading tokens every row of `batch` shares before its first loss position (0: none worth sharing,
@@ -117,10 +120,11 @@ class ResponseLoss:
     def _shared_prefix_logits(self, batch, keep, prefix: int) -> torch.Tensor | None:
         """The shortcut's logits with the batch packed into one sequence: the shared prefix once, then each row's
         rest without its padding, attending to the prefix and to itself (None: no such mask for the model's
-        attention, or rows not right-padded)."""
+        attention, rows not right-padded, or rows too long for packing to pay)."""
         lm = causal_lm(self.model)
-        packed = pack_after_prefix(batch["input_ids"], batch["attention_mask"], prefix,
-                                   lm.config._attn_implementation)  # fmt: skip
+        config = lm.config
+        packed = pack_after_prefix(batch["input_ids"], batch["attention_mask"], prefix, config._attn_implementation,
+                                   config.get_text_config().hidden_size)  # fmt: skip
         if packed is None:
             return None
         ids, mask, positions, starts = packed
@@ -146,14 +150,16 @@ class ResponseLoss:
             rows = [0, keep.shape[0] - 1]
         pair = {name: value[rows] for name, value in batch.items()}
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-            reference = self._shortcut_logits(pair, keep[rows])
             # Layers that keep state beyond keys and values (sliding windows, recurrent layers) would carry it
             # from one packed row into the next: such a model's cache says so.
-            body = causal_lm(self.model).base_model
-            plain = plain_kv_cache(body(input_ids=pair["input_ids"][:1, :prefix], use_cache=True).cache)
+            reference, cache = self._shortcut_logits_and_cache(pair, keep[rows], use_cache=True)
+            plain = plain_kv_cache(cache)
             shared = self._shared_prefix_logits(pair, keep[rows], prefix) if plain else None
+            lm = causal_lm(self.model)
+        why_not = (f"packing needs sdpa or eager attention (here {lm.config._attn_implementation}), right-padded "
+                   "rows and rows short enough for it to pay") if plain else None  # fmt: skip
         self.prefix_check.what = "training loss" if self.model.training else "response loss"
-        self.prefix_check.decide(reference, shared)
+        self.prefix_check.decide(reference, shared, *([why_not] if why_not else []))
         phases.carve("checks", time.perf_counter() - started)
 
     def _choose_path(self, batch, keep: torch.Tensor) -> str:
