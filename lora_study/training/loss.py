@@ -154,10 +154,15 @@ class ResponseLoss:
             # from one packed row into the next: such a model's cache says so.
             reference, cache = self._shortcut_logits_and_cache(pair, keep[rows], use_cache=True)
             plain = plain_kv_cache(cache)
-            shared = self._shared_prefix_logits(pair, keep[rows], prefix) if plain else None
             lm = causal_lm(self.model)
-        why_not = (f"packing needs sdpa or eager attention (here {lm.config._attn_implementation}), right-padded "
-                   "rows and rows short enough for it to pay") if plain else None  # fmt: skip
+            why_not = (f"packing needs sdpa or eager attention (here {lm.config._attn_implementation}), "
+                       "right-padded rows and rows short enough for it to pay") if plain else None  # fmt: skip
+            try:
+                shared = self._shared_prefix_logits(pair, keep[rows], prefix) if plain else None
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # a forward that takes no custom mask or position ids: full rows
+                shared, why_not = None, f"the packed forward failed: {type(error).__name__}: {str(error)[:200]}"
         self.prefix_check.what = "training loss" if self.model.training else "response loss"
         self.prefix_check.decide(reference, shared, *([why_not] if why_not else []))
         phases.carve("checks", time.perf_counter() - started)
