@@ -72,6 +72,23 @@ def test_a_model_that_scales_its_logits_trains_on_its_own_logits(monkeypatch, kn
     assert float(loss_sum) / count == pytest.approx(float(model(**batch).loss), rel=1e-5)
 
 
+def test_the_output_head_check_takes_both_sides_from_one_pass_of_the_body():
+    """The check compares the model's logits with the head applied to the hidden states its body produced in
+    that same pass: the body runs once for the check, once more for the batch's loss."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    calls = []
+    model.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    batch = collate([{"input_ids": [5, 6, 7, 8, 9, 10], "prompt_length": 3}], pad_id=0)
+    loss = ResponseLoss(model)
+    loss_sum, count = loss(batch)
+    assert loss.path == SHORTCUT
+    assert len(calls) == 2
+    assert float(loss_sum) / count == pytest.approx(float(model(**batch).loss), rel=1e-5)
+
+
 def test_the_training_phase_has_its_own_peak_beside_the_whole_jobs():
     import torch
 

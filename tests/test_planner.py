@@ -274,3 +274,25 @@ def test_auto_takes_the_fewest_devices_whose_prediction_fits_the_budget(tiny_lla
     assert too_small.gpus == 4 and too_small.skip  # the least any layout needs, still over: skipped
     # A method that trains on one device only is never sharded by auto.
     assert plan("auto", budget, method="pissa").gpus == 1
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_the_activation_pass_counts_the_trainable_parameters_as_lora_params(tiny_llama, method, checkpointing):
+    """A plan's activation pass builds the run's LoRA model anyway; the trainable parameters it records (so the
+    plan builds no second one) are the count lora_params makes on its own model."""
+    from lora_study.training import planner
+    from lora_study.training.precision import DeviceCapability, recipe_for
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    targets = Targets(["q_proj", "v_proj", "down_proj"])
+    recipe = recipe_for("nf4", "fp32", DeviceCapability("cpu", "test", "AVX2", ()))
+    layer_ranks = (("q_proj", 8),)
+    planner._LORA_PARAMS_CACHE.clear()
+    saved_activation_bytes(config, targets, 4, 0.0, "float32", checkpointing, "sdpa", 2, 16, method, recipe,
+                           layer_ranks)  # fmt: skip
+    recorded = dict(planner._LORA_PARAMS_CACHE)
+    planner._LORA_PARAMS_CACHE.clear()
+    counted = lora_params(config, targets, 4, method, layer_ranks)
+    assert recorded == {planner._lora_params_key(config, targets, 4, method, layer_ranks): counted}
+    assert counted > lora_params(config, targets, 4, method) > 0  # the rank pattern is in the count

@@ -99,6 +99,20 @@ class ResponseLoss:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return logits[:, :-1][keep]
 
+    def _full_logits_and_hidden(self, batch, keep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's logits, and the hidden states its body gave its head in that same pass (what the
+        shortcut computes its logits from: one forward for both sides of the output-head check)."""
+        body = causal_lm(self.model).base_model
+        captured: list[torch.Tensor | None] = []
+        handle = body.register_forward_hook(
+            lambda module, args, output: captured.append(getattr(output, "last_hidden_state", None))
+        )
+        try:
+            logits = self._full_logits(batch, keep)
+        finally:
+            handle.remove()
+        return logits, captured[0] if len(captured) == 1 else None
+
     def _shortcut_logits(self, batch, keep) -> torch.Tensor:
         return self._shortcut_logits_and_cache(batch, keep)[0]
 
@@ -183,9 +197,12 @@ class ResponseLoss:
         device = batch["input_ids"].device
         with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)
-            full_logits = self._full_logits(batch, keep)
-            torch.manual_seed(0)
-            short = self._shortcut_logits(batch, keep).float()
+            full_logits, hidden = self._full_logits_and_hidden(batch, keep)
+            if hidden is None:  # the model's forward did not run its body once: the shortcut's own pass
+                torch.manual_seed(0)
+                short = self._shortcut_logits(batch, keep).float()
+            else:
+                short = causal_lm(self.model).get_output_embeddings()(hidden[:, :-1][keep]).float()
         difference = relative_difference(full_logits, short)
         device_type = full_logits.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else full_logits.dtype

@@ -218,16 +218,25 @@ def lora_params(model_config, targets: Targets, rank: int, method: str = LORA, l
     Counting PEFT's own layers covers every case a formula would have to
     repeat: fused layers, regex scopes, 3-D expert weights.
     """
-    flags = _planning_flags(method, layer_ranks)
-    key = (model_config.to_json_string(), targets.key(), rank, method == DORA, layer_ranks)
-    if key not in _LORA_PARAMS_CACHE:
+    key = _lora_params_key(model_config, targets, rank, method, layer_ranks)
+    if key not in _LORA_PARAMS_CACHE:  # a plan counts them on its activation pass's model (_saved_tensors)
         from peft import LoraConfig, get_peft_model
 
+        flags = _planning_flags(method, layer_ranks)
         model = meta_causal_lm(model_config, torch.float32, "eager")
         with targets_as_given():
             model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, **targets.lora_kwargs(), **flags))
-        _LORA_PARAMS_CACHE[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _LORA_PARAMS_CACHE[key] = trainable_count(model)
     return _LORA_PARAMS_CACHE[key]
+
+
+def _lora_params_key(model_config, targets: Targets, rank: int, method: str, layer_ranks: LayerRanks
+                     ) -> tuple[Any, ...]:  # fmt: skip
+    return (model_config.to_json_string(), targets.key(), rank, method == DORA, layer_ranks)
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 _ACTIVATION_CACHE: dict[tuple[Any, ...], tuple[float, float]] = {}
@@ -323,6 +332,9 @@ def _saved_tensors(model_config, targets: Targets, rank: int, dropout: float, dt
                           **_planning_flags(method, layer_ranks))  # fmt: skip
         with targets_as_given():
             model = get_peft_model(model, lora)
+        # The same layers lora_params would create: counted here, a second meta model is not built for them.
+        _LORA_PARAMS_CACHE.setdefault(_lora_params_key(model_config, targets, rank, method, layer_ranks),
+                                      trainable_count(model))  # fmt: skip
     if recipe is not None:
         apply_recipe(model, recipe)
     model.train()
