@@ -206,10 +206,10 @@ def main() -> None:
         return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
 
     print(f"\n{args.run}, {args.steps} steps, {args.rounds} rounds: median [min, max]")
-    print(f"{'':10s}{'useful tok/s':>24s}{'peak RSS GB':>22s}{'perplexity':>28s}")
+    print(f"{'':10s}{'useful tok/s':>24s}{'peak RSS GB':>22s}{'perplexity':>32s}")
     for side in args.sides:
         print(f"{side:10s}{spread(side, 'useful_tokens_per_s', 1):>24s}{spread(side, 'peak_rss_gb', 2):>22s}"
-              f"{spread(side, 'perplexity', 6):>28s}")  # fmt: skip
+              f"{spread(side, 'perplexity', 6):>32s}")  # fmt: skip
     reference = args.sides[-1]
     for side in args.sides[:-1]:
         speed = median(side, "useful_tokens_per_s") / median(reference, "useful_tokens_per_s")
