@@ -117,9 +117,13 @@ class ResponseLoss:
         return self._shortcut_logits_and_cache(batch, keep)[0]
 
     def _shortcut_logits_and_cache(self, batch, keep, **cache_flag) -> tuple[torch.Tensor, object]:
-        lm = causal_lm(self.model)
-        output = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **cache_flag)
-        return lm.get_output_embeddings()(output.last_hidden_state[:, :-1][keep]), output.cache
+        body = causal_lm(self.model).base_model
+        output = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **cache_flag)
+        return self._head_at_loss_positions(output.last_hidden_state, keep), output.cache
+
+    def _head_at_loss_positions(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The output head on the hidden states that predict a scored token (the shortcut's logits)."""
+        return causal_lm(self.model).get_output_embeddings()(hidden[:, :-1][keep])
 
     def _shareable_prefix(self, batch, keep: torch.Tensor) -> int:
         """Leading tokens every row of `batch` shares before its first loss position (0: none worth sharing,
@@ -202,7 +206,7 @@ class ResponseLoss:
                 torch.manual_seed(0)
                 short = self._shortcut_logits(batch, keep).float()
             else:
-                short = causal_lm(self.model).get_output_embeddings()(hidden[:, :-1][keep]).float()
+                short = self._head_at_loss_positions(hidden, keep).float()
         difference = relative_difference(full_logits, short)
         device_type = full_logits.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else full_logits.dtype
