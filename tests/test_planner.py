@@ -288,7 +288,10 @@ def test_the_activation_pass_counts_the_trainable_parameters_as_lora_params(tiny
     targets = Targets(["q_proj", "v_proj", "down_proj"])
     recipe = recipe_for("nf4", "fp32", DeviceCapability("cpu", "test", "AVX2", ()))
     layer_ranks = (("q_proj", 8),)
+    # Both caches empty: a pass cached by an earlier test (a checkpointed plan computes the plain one too) would
+    # build no model, and record nothing.
     planner._LORA_PARAMS_CACHE.clear()
+    planner._ACTIVATION_CACHE.clear()
     saved_activation_bytes(config, targets, 4, 0.0, "float32", checkpointing, "sdpa", 2, 16, method, recipe,
                            layer_ranks)  # fmt: skip
     recorded = dict(planner._LORA_PARAMS_CACHE)
