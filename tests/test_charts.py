@@ -7,11 +7,12 @@ import json
 import re
 from collections.abc import Iterator
 
+import altair as alt
 import pandas as pd
 import pytest
 
 from lora_study.questions.memory_plan import MEMORY_TERMS, OVERHEAD_TERMS, memory_terms
-from lora_study.report.style import QUANT_COLOURS, RANK_TITLE
+from lora_study.report.style import CHART_FORMATS, QUANT_COLOURS, RANK_TITLE, save_chart
 
 QUALITY = {"perplexity", "accuracy"}
 
@@ -118,3 +119,18 @@ def test_memory_breakdown_terms_add_up_to_the_prediction(tiny_study):
         assert sum(terms.values()) == pytest.approx(run["plan_predicted_cpu_gb"])
         assert terms["LoRA weights"] * 1024**3 == pytest.approx(run["trainable_params"] * 4)
         assert all(value >= 0 for value in terms.values()), terms
+
+
+def test_each_chart_file_is_what_altair_itself_saves(tmp_path):
+    """save_chart builds the spec once for its three formats; each file must equal chart.save's own."""
+    frame = pd.DataFrame({"rank": [4, 8, 16], "perplexity": [6.0, 5.2, 5.1], "run_id": ["a", "b", "c"]})
+    points = alt.Chart(frame).mark_point().encode(x="rank:Q", y="perplexity:Q", tooltip=["run_id"])
+    chart = alt.layer(points, points.mark_line())
+    written = save_chart(chart, tmp_path, "chart")
+    assert [path.suffix[1:] for path in written] == list(CHART_FORMATS)
+    for path in written:
+        fmt = path.suffix[1:]
+        options = {"inline": True} if fmt == "html" else {"scale_factor": 2} if fmt == "png" else {}
+        expected = tmp_path / f"expected.{fmt}"
+        chart.save(str(expected), format=fmt, **options)
+        assert path.read_bytes() == expected.read_bytes(), fmt

@@ -107,7 +107,8 @@ def matrices(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     trained = trained_runs(runs)
     if trained.empty:
         return {}
-    axes = [*DESIGN_AXES, *training_columns(trained)]
+    # A matrix needs two values on each axis: axes with one value (most training keys) pair with none.
+    axes = [axis for axis in [*DESIGN_AXES, *training_columns(trained)] if trained[axis].nunique(dropna=False) > 1]
     found = {}
     for first, second in itertools.combinations(axes, 2):
         if first == "method" and second.startswith("training."):

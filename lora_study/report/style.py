@@ -14,6 +14,7 @@ from pathlib import Path
 
 import altair as alt
 import pandas as pd
+from altair.utils.save import save as save_spec
 
 from lora_study.analysis.runs import trained_runs
 from lora_study.core.io import atomic_path
@@ -199,16 +200,29 @@ def metric_points(frame: pd.DataFrame, x: alt.X | str, metric: str, style: Style
 
 
 def save_chart(chart: alt.Chart, out_dir: Path, stem: str) -> list[Path]:
-    """HTML with the Vega libraries inlined (renders offline), SVG and PNG."""
+    """HTML with the Vega libraries inlined (renders offline), SVG and PNG, as `chart.save` writes them.
+
+    The spec is built once for the three (`chart.save` sanitises the data and validates the spec again for
+    each format, most of a report's time).
+    """
+    with alt.data_transformers.disable_max_rows():  # as chart.save does: large data is no error
+        built = _BuiltSpec(chart.to_dict(context={"pre_transform": False}))
     written = []
     for fmt in CHART_FORMATS:
         target = out_dir / f"{stem}.{fmt}"
         with atomic_path(target) as tmp:
-            if fmt == "html":
-                chart.save(str(tmp), format="html", inline=True)
-            elif fmt == "png":
-                chart.save(str(tmp), format="png", scale_factor=2)
-            else:
-                chart.save(str(tmp), format=fmt)
+            options = {"inline": True} if fmt == "html" else {"scale_factor": 2} if fmt == "png" else {}
+            save_spec(built, str(tmp), format=fmt, vegalite_version=alt.VEGALITE_VERSION,
+                      vega_version=alt.VEGA_VERSION, vegaembed_version=alt.VEGAEMBED_VERSION, **options)  # fmt: skip
         written.append(target)
     return written
+
+
+@dataclass(frozen=True)
+class _BuiltSpec:
+    """A chart's finished spec, handed to altair's save in the chart's place (save reads only to_dict)."""
+
+    spec: dict
+
+    def to_dict(self, **_: object) -> dict:
+        return self.spec
