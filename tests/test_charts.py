@@ -123,9 +123,13 @@ def test_memory_breakdown_terms_add_up_to_the_prediction(tiny_study):
 
 def test_each_chart_file_is_what_altair_itself_saves(tmp_path):
     """save_chart builds the spec once for its three formats; each file must equal chart.save's own."""
-    frame = pd.DataFrame({"rank": [4, 8, 16], "perplexity": [6.0, 5.2, 5.1], "run_id": ["a", "b", "c"]})
-    points = alt.Chart(frame).mark_point().encode(x="rank:Q", y="perplexity:Q", tooltip=["run_id"])
-    chart = alt.layer(points, points.mark_line())
+    points = pd.DataFrame({"rank": [4, 8, 16], "perplexity": [6.0, 5.2, 5.1], "run_id": ["a", "b", "c"]})
+    # A line over more rows than altair's default limit (5,000): saving must not refuse them, as chart.save doesn't.
+    curve = pd.DataFrame({"rank": range(5001), "perplexity": [5 + i % 7 / 10 for i in range(5001)]})
+    chart = alt.layer(
+        alt.Chart(points).mark_point().encode(x="rank:Q", y="perplexity:Q", tooltip=["run_id"]),
+        alt.Chart(curve).mark_line().encode(x="rank:Q", y="perplexity:Q"),
+    )
     written = save_chart(chart, tmp_path, "chart")
     assert [path.suffix[1:] for path in written] == list(CHART_FORMATS)
     for path in written:

@@ -205,7 +205,8 @@ def save_chart(chart: alt.Chart, out_dir: Path, stem: str) -> list[Path]:
     The spec is built once for the three (`chart.save` sanitises the data and validates the spec again for
     each format, most of a report's time).
     """
-    with alt.data_transformers.disable_max_rows():  # as chart.save does: large data is no error
+    # Under the data transformer altair's save builds specs with: all data inlined, large data no error.
+    with alt.data_transformers.enable("default"), alt.data_transformers.disable_max_rows():
         built = _BuiltSpec(chart.to_dict(context={"pre_transform": False}))
     written = []
     for fmt in CHART_FORMATS:
