@@ -5,7 +5,7 @@ side by side in one run.
 
 Both train the same LoRA configuration of the default config (model, data,
 quantization, learning rate, batch size, steps, seed) from the same prepared
-split, each in its own process (so peak RSS is each one's own), alternating
+split, each in its own process (so peak memory is each one's own), alternating
 A, B, A, B. The Trainer side is what a user would write otherwise: the usual
 padding collator (DataCollatorForSeq2Seq), full-vocabulary logits, no length
 grouping. The side `ours-full` is this loop computing every row in full (no
@@ -43,7 +43,9 @@ sys.path.insert(0, str(REPO))
 
 
 # Files of a model's weights, left out of a kit (the rest of the model folder is a few MB).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx")
+# What a model folder loads from: one file, or an index naming its shards (moved in last when weights are drawn).
+WHOLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def setup_paths(kit: Path | None) -> tuple[Path, Path, Path]:
@@ -87,7 +89,9 @@ def make_kit(out: Path, config_path: Path, manifest_path: Path, splits: Path) ->
         raise SystemExit(f"{out} exists: choose a new folder for the kit")
     (out / "model").mkdir(parents=True)
     for item in Path(manifest["path"]).iterdir():
-        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and not item.name.endswith(".index.json"):
+        if item.is_dir():
+            print(f"kit: {item.name}/ left out (a model folder's subfolder)")
+        elif not item.name.endswith(WEIGHT_SUFFIXES) and not item.name.endswith(".index.json"):
             shutil.copy2(item, out / "model" / item.name)
     shutil.copytree(splits, out / "splits")
     shutil.copy2(config_path, out / "config.yaml")
@@ -97,18 +101,36 @@ def make_kit(out: Path, config_path: Path, manifest_path: Path, splits: Path) ->
 
 
 def ensure_weights(kit: Path) -> bool:
-    """Random weights (seed 0, fp32) of the kit's architecture, saved once; True when the kit's are random."""
+    """Random weights (seed 0) of the kit's architecture in its config's dtype, saved once; True when the kit's
+    weights are random. Drawn into a scratch folder and moved in (an index last), so an interrupted draw leaves
+    nothing that looks like weights."""
+    import os
+    import shutil
+    import tempfile
+
+    from lora_study.core.io import read_json
+
     folder = kit / "model"
     marker = folder / "random_weights.txt"
-    if any(item.name.endswith(WEIGHT_SUFFIXES) for item in folder.iterdir()):
+    if any(item.name in WHOLE_WEIGHTS or item.name.endswith(".index.json") for item in folder.iterdir()):
         return marker.exists()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    trust = bool(read_json(kit / "model.json").get("trust_remote_code"))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dtype = getattr(torch, str(dtype).removeprefix("torch.")) if not isinstance(dtype, torch.dtype) else dtype
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), torch_dtype=torch.float32)
-    model.save_pretrained(folder)
-    marker.write_text("weights drawn at random (seed 0) by bench/trainer_vs_loop.py\n")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust)
+    with tempfile.TemporaryDirectory(dir=kit) as scratch:
+        model.save_pretrained(scratch)
+        drawn = sorted(Path(scratch).iterdir(), key=lambda item: item.name.endswith(".index.json"))
+        for item in drawn:
+            if item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(".index.json"):
+                os.replace(item, folder / item.name)
+        shutil.rmtree(scratch, ignore_errors=True)
+    marker.write_text(f"weights drawn at random (seed 0, {dtype}) by bench/trainer_vs_loop.py\n")
     return True
 
 
@@ -150,6 +172,7 @@ def worker_ours_full(run_id: str, steps: int, out: Path, threads: int, kit: Path
 
 
 def worker_ours(run_id: str, steps: int, out: Path, threads: int, kit: Path | None) -> dict:
+    from lora_study.core.metrics import STATUS_OK
     from lora_study.study.modules import resolve_attention
     from lora_study.training.loading import load_for_evaluation, pick_device
     from lora_study.training.loop import TrainOutputs, train_run
@@ -159,6 +182,8 @@ def worker_ours(run_id: str, steps: int, out: Path, threads: int, kit: Path | No
         run, manifest, splits, TrainOutputs(out / "adapter", out / "m.json", out / "c.csv"), threads,
         checkpoint_dir=out / "ckpt",
     )  # fmt: skip
+    if metrics.status != STATUS_OK:
+        raise SystemExit(f"the loop's run ended with status {metrics.status}: {metrics.failure}")
     device = pick_device()
     peak, kind = peak_memory(device, metrics.memory)
     recipe = local_recipe(run)

@@ -4,6 +4,8 @@
 #
 #   bash bench/with_stack.sh [--wheels DIR] bench/trainer_vs_loop.py --kit bench/kit --steps 16
 #
+# It runs from the repository's root: relative paths in the arguments are read from there. The installed torch is
+# a constraint of the install, so a package that wants another torch fails to install instead of replacing it.
 # bench/gpu_check.sh runs its check through it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,10 +47,14 @@ PY
 )
 if ((${#missing[@]})); then
     echo "$name: installing ${missing[*]}" >&2
+    keep_torch="$(mktemp)"
+    trap 'rm -f "$keep_torch"' EXIT
+    "$PYTHON" -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
     if [[ -n "$wheels" ]]; then
-        "$PYTHON" -m pip install --no-index --find-links "$wheels" "${missing[@]}"
+        "$PYTHON" -m pip install --constraint "$keep_torch" --no-index --find-links "$wheels" "${missing[@]}"
     else
-        "$PYTHON" -m pip install "${missing[@]}"
+        "$PYTHON" -m pip install --constraint "$keep_torch" "${missing[@]}"
     fi
+    rm -f "$keep_torch"
 fi
 exec "$PYTHON" "$@"

@@ -33,7 +33,11 @@ def test_a_kit_without_weights_trains_both_sides_from_random_weights(tiny_llama,
     result = run_guarded([sys.executable, str(BENCH), "--kit", str(kit), "--run", "r4-qv-nf4", "--steps", "2",
                           "--rounds", "1", "--sides", "ours", "trainer", "--threads", "1"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (kit / "model" / "random_weights.txt").exists() and list((kit / "model").glob("*.safetensors"))
+    weights = kit / "model" / "model.safetensors"
+    assert (kit / "model" / "random_weights.txt").exists() and weights.exists()
+    drawn_at = weights.stat().st_mtime_ns
+    assert bench_module().ensure_weights(kit) and weights.stat().st_mtime_ns == drawn_at, "drawn once, then reused"
+    assert not [item for item in kit.iterdir() if item.name.startswith("tmp")], "no scratch folder left"
     out = result.stdout
     assert "weights: random (seed 0)" in out and "get_cpu_capability()" in out
     rounds = [json.loads(line.split(maxsplit=3)[3]) for line in out.splitlines() if line.startswith("round 1 ")]
