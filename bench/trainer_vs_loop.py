@@ -105,7 +105,6 @@ def ensure_weights(kit: Path) -> bool:
     weights are random. Drawn into a scratch folder and moved in (an index last), so an interrupted draw leaves
     nothing that looks like weights."""
     import os
-    import shutil
     import tempfile
 
     from lora_study.core.io import read_json
@@ -129,7 +128,6 @@ def ensure_weights(kit: Path) -> bool:
         for item in drawn:
             if item.name.endswith(WEIGHT_SUFFIXES) or item.name.endswith(".index.json"):
                 os.replace(item, folder / item.name)
-        shutil.rmtree(scratch, ignore_errors=True)
     marker.write_text(f"weights drawn at random (seed 0, {dtype}) by bench/trainer_vs_loop.py\n")
     return True
 

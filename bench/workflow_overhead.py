@@ -58,8 +58,10 @@ def sweep_config(size: int) -> dict:
     }
 
 
-def time_snakemake(workdir: Path, *args: str) -> tuple[float, subprocess.CompletedProcess]:
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir)]
+def time_snakemake(
+    workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile"
+) -> tuple[float, subprocess.CompletedProcess]:
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir)]
     start = time.perf_counter()
     result = subprocess.run([*command, *args], capture_output=True, text=True)
     elapsed = time.perf_counter() - start
@@ -109,14 +111,8 @@ def time_floor(workdir: Path, runs: int, per_run_rules: int) -> float:
     (workdir / "Snakefile").write_text(floor_snakefile(runs, per_run_rules))
     (workdir / "job.py").write_text("pass\n")
     (workdir / "model.json").write_text("{}\n")
-    command = [sys.executable, "-m", "snakemake", "--directory", str(workdir), "--snakefile",
-               str(workdir / "Snakefile"), "--cores", "2", "--dry-run", "--quiet", "rules"]  # fmt: skip
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(result.stderr[-3000:])
-    return elapsed
+    args = ("--cores", "2", "--dry-run", "--quiet", "rules")
+    return time_snakemake(workdir, *args, snakefile=workdir / "Snakefile")[0]
 
 
 def cpu_line() -> str:
